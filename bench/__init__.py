@@ -1,0 +1,1 @@
+"""bench: see shared/DESIGN.md. Import direction: plots -> bench -> ndif_compat -> hybrid -> swarm."""

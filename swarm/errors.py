@@ -1,0 +1,122 @@
+"""Errors of the span swarm, named by who must act.
+
+Every error has a stable ``code`` so it can cross the wire as ``{code, message}`` and be raised again on the
+caller's side as the same type (see :func:`error_from_wire`).
+
+- :class:`BadRequestError` and subclasses: the caller sent something wrong; fix the request.
+- :class:`PeerUnreachableError`: the outside broke (a node died or timed out); the client may reroute.
+- :class:`CapacityError`: the node is healthy but full; retry later or elsewhere.
+- :class:`MissingBlocksError`: no node serves some blocks; someone must serve them.
+- :class:`ModelNotFoundError`: the ``--model`` argument does not name a usable checkpoint.
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Root of every error raised by :mod:`swarm`."""
+
+    code = "swarm_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_wire(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+class BadRequestError(SwarmError):
+    """The request is malformed: wrong dtype/shape, unknown fields, bad span. The caller must fix it."""
+
+    code = "bad_request"
+
+
+class PayloadTooLargeError(BadRequestError):
+    """A tensor or message is larger than the node accepts."""
+
+    code = "payload_too_large"
+
+
+class SequenceTooLongError(BadRequestError):
+    """The sequence (including the session's history) is longer than the node's limit."""
+
+    code = "sequence_too_long"
+
+
+class UnknownSessionError(BadRequestError):
+    """An inference step names a session the node does not hold (expired, closed or never opened)."""
+
+    code = "unknown_session"
+
+
+class HookError(BadRequestError):
+    """The span hook payload was rejected (unknown kind or version, or the hook raised)."""
+
+    code = "hook_error"
+
+
+class CapacityError(SwarmError):
+    """The node is healthy but cannot take this request now (KV-cache memory cap, too many sessions)."""
+
+    code = "capacity"
+
+
+class PeerUnreachableError(SwarmError):
+    """A peer did not answer in time or its connection broke. The client may retry elsewhere."""
+
+    code = "peer_unreachable"
+
+
+class MissingBlocksError(SwarmError):
+    """No online node serves some blocks of the model."""
+
+    code = "missing_blocks"
+
+    def __init__(self, model_name: str, missing: list[tuple[int, int]], hint: str = ""):
+        spans = ", ".join(f"{s}:{e}" for s, e in missing)
+        message = (
+            f"No online node serves blocks {spans} of model {model_name!r}. "
+            f"Check coverage with `swarm-node status --initial-peers ...`; to help, run "
+            f"`swarm-node serve --model {model_name} --blocks {missing[0][0]}:{missing[0][1]} --initial-peers ...`."
+        )
+        if hint:
+            message += " " + hint
+        super().__init__(message)
+        self.missing = missing
+
+
+class ModelNotFoundError(SwarmError):
+    """``--model`` is neither a known alias nor a directory holding a safetensors checkpoint."""
+
+    code = "model_not_found"
+
+
+class InternalNodeError(SwarmError):
+    """The node failed while serving a valid request (a bug on the node). The node keeps serving."""
+
+    code = "internal"
+
+
+_BY_CODE: dict[str, type[SwarmError]] = {}
+
+
+def _register(cls: type[SwarmError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(SwarmError)
+
+
+def error_from_wire(payload: dict) -> SwarmError:
+    """Rebuild the error a node sent as ``{code, message}``; unknown codes become :class:`SwarmError`."""
+    code = str(payload.get("code", SwarmError.code))
+    message = str(payload.get("message", "remote error without a message"))
+    cls = _BY_CODE.get(code, SwarmError)
+    err = SwarmError.__new__(cls)
+    SwarmError.__init__(err, message)
+    if cls is MissingBlocksError:
+        err.missing = []
+    return err
