@@ -1,0 +1,137 @@
+"""Client-side inference sessions: a KV cache on every node of the route, rebuilt elsewhere when a node dies.
+
+The client keeps, for every hop, the inputs it sent there. When a hop's node becomes unreachable, the layers it
+ran are rerouted to other nodes and the hop's whole history is replayed through the new nodes as one prefill
+step (each new node's outputs form the next new node's history); then the current step continues. The result
+is the same as if nothing had failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PeerUnreachableError
+from .remote_sequence import RemoteSequence, _extras
+from .routing import Hop
+from .span_server import INFERENCE
+from .transport import call
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _HopState:
+    hop: Hop
+    embed: bool
+    head: bool
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    history: list[torch.Tensor] = field(default_factory=list)
+    """Inputs this hop received, one tensor per step, each (B, T_step, ...)."""
+    opened: bool = False
+
+
+class InferenceSession:
+    """Step through the model with server-side KV caches. Use :meth:`RemoteSequence`-backed :meth:`create`."""
+
+    def __init__(self, sequence: RemoteSequence, hops: list[Hop], *, batch_size: int, max_length: int,
+                 embed: bool, head: bool):
+        self.sequence = sequence
+        self.batch_size, self.max_length = batch_size, max_length
+        self.embed, self.head = embed, head
+        n = sequence.num_layers
+        self._hops = [_HopState(h, embed and h.start == 0, head and h.end == n) for h in hops]
+        self._positions: list[torch.Tensor] = []
+        self.length = 0
+        self.closed = False
+
+    @classmethod
+    async def create(cls, sequence: RemoteSequence, *, batch_size: int, max_length: int, embed: bool = False,
+                     head: bool = False) -> "InferenceSession":
+        hops = await sequence.route(embed=embed, head=head)
+        return cls(sequence, hops, batch_size=batch_size, max_length=max_length, embed=embed, head=head)
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self._hops]
+
+    async def step(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new tokens (ids when ``embed``, else hidden states ``(B, T, D)``) through every hop.
+
+        Args:
+            attention_mask: the full 2D mask ``(B, past + T)``, or None for no padding.
+            position_ids: ``(B or 1, T)``; default continues from the session's length.
+        """
+        length = inputs.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(self.length, self.length + length).unsqueeze(0)
+        position_ids = position_ids.expand(inputs.shape[0], -1)
+        extras = _extras(attention_mask, position_ids)
+        x, i, retries, failed_at = inputs, 0, 0, None
+        while i < len(self._hops):
+            state = self._hops[i]
+            t0 = time.perf_counter()
+            try:
+                out = await self._send(state, x, extras)
+            except PeerUnreachableError as e:
+                retries += 1
+                if retries > self.sequence.config.max_retries:
+                    raise
+                failed_at = failed_at or t0
+                logger.warning("%s; rebuilding layers %d:%d elsewhere", e, state.hop.start, state.hop.end)
+                self.sequence.ban(state.hop.peer_id)
+                await self._replace(i, attention_mask)
+                continue
+            state.history.append(x)
+            x = out
+            i += 1
+        if failed_at is not None:
+            self.sequence.stats.reroutes += 1
+            self.sequence.stats.reroute_s.append(time.perf_counter() - failed_at)
+        self._positions.append(position_ids)
+        self.length += length
+        return x
+
+    async def _send(self, state: _HopState, x: torch.Tensor, extras: dict) -> torch.Tensor:
+        meta = {"session_id": state.session_id, "start": state.hop.start, "end": state.hop.end,
+                "embed": state.embed, "head": state.head}
+        if not state.opened:
+            meta["open"] = {"max_length": self.max_length, "batch_size": self.batch_size}
+        out, _ = await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {"inputs": x, **extras}, meta,
+                            timeout_s=self.sequence.config.step_timeout_s)
+        state.opened = True
+        return out["outputs"]
+
+    async def _replace(self, index: int, attention_mask: torch.Tensor | None) -> None:
+        """Reroute hop ``index``'s layers and replay its history through the new hops."""
+        old = self._hops[index]
+        hops = await self.sequence.route(old.hop.start, old.hop.end, embed=old.embed, head=old.head, refresh=True)
+        n = self.sequence.num_layers
+        new = [_HopState(h, old.embed and h.start == 0, old.head and h.end == n) for h in hops]
+        if old.history:
+            past_mask = attention_mask[:, :self.length] if attention_mask is not None else None
+            extras = _extras(past_mask, torch.cat(self._positions, dim=1))
+            x = torch.cat(old.history, dim=1)
+            for state in new:
+                out = await self._send(state, x, extras)
+                state.history.append(x)
+                x = out
+        self._hops[index:index + 1] = new
+
+    async def close(self) -> None:
+        """Free the caches on the nodes (best effort: they also expire when idle)."""
+        if self.closed:
+            return
+        self.closed = True
+        for state in self._hops:
+            if state.opened:
+                try:
+                    await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {}, {"session_id": state.session_id,
+                               "close": True}, timeout_s=self.sequence.config.ping_timeout_s)
+                except Exception as e:  # the node may be gone; its cache then expires
+                    logger.debug("Closing session on %s failed: %s", state.hop.peer_id, e)

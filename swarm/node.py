@@ -1,0 +1,187 @@
+"""A volunteer node: join the DHT, load a span, serve it, announce it until stopped.
+
+Life cycle (:func:`run_node`): start the DHT → resolve the checkpoint and choose the span → load only the span's
+tensors → register the RPC handlers → announce ``online`` every ``announce_period_s`` with a record that
+expires after ``record_ttl_s`` → on stop (SIGINT/SIGTERM) announce ``offline`` and shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+
+from . import __version__
+from .checkpoint import checkpoint_hash, load_config, resolve_checkpoint
+from .errors import BadRequestError
+from .records import MODELS_KEY, STATE_OFFLINE, STATE_ONLINE, ServerRecord, model_key, records_from_dht_value
+from .span_hook import HookRegistry, install_dispatch
+from .span_selection import choose_span
+from .span_server import ServerLimits, SpanServer
+from .stages import DTYPES, Span, SpanModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything ``swarm-node serve`` takes; the CLI maps its flags 1:1 onto these fields."""
+
+    model: str = "smollm2-135m"
+    """Alias of an embedded model or a local Hugging Face checkpoint directory (safetensors)."""
+    blocks: tuple[int, int] | None = None
+    """Layers to serve, half-open ``(start, end)``; None picks the least-covered span of ``num_blocks``."""
+    num_blocks: int | None = None
+    """Span size when ``blocks`` is None; None derives it from free memory."""
+    serve_embed: bool = True
+    """Also serve the embedding when the span starts at layer 0."""
+    serve_head: bool = True
+    """Also serve the final norm + LM head when the span ends at the last layer."""
+    initial_peers: tuple[str, ...] = ()
+    """Multiaddrs of peers already in the swarm; empty with ``new_swarm``."""
+    new_swarm: bool = False
+    """Start a new swarm (no initial peers)."""
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = 0
+    """TCP port to listen on (0 = any free port)."""
+    announce_host: str | None = None
+    """Public address others should dial, if it differs from ``host``."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda``."""
+    dtype: str = "float32"
+    """Weight and activation dtype: float32, bfloat16 or float16."""
+    num_threads: int | None = None
+    """torch intra-op threads (None = torch's default)."""
+    cache_dir: Path | None = None
+    """Where embedded models are prepared."""
+    record_ttl_s: float = 30.0
+    """A DHT record expires this long after its last refresh."""
+    announce_period_s: float = 10.0
+    """How often the record is refreshed."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """Request limits the node enforces."""
+    ready_file: Path | None = None
+    """If set, a JSON file with peer id, addresses and span is written here once the node serves."""
+
+
+def _auto_num_blocks(per_layer_bytes: int, num_layers: int, device: str) -> int:
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = psutil.virtual_memory().available
+    return max(1, min(num_layers, int(0.5 * free // max(per_layer_bytes, 1))))
+
+
+async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGINT/SIGTERM arrives."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    if not config.new_swarm and not config.initial_peers:
+        raise BadRequestError("Give --initial-peers of a running swarm, or --new-swarm to start one.")
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    maddr = f"/ip4/{config.host}/tcp/{config.port}"
+    announce = [f"/ip4/{config.announce_host}/tcp/{config.port}"] if config.announce_host else None
+    dht = DHT(initial_peers=list(config.initial_peers), start=True, host_maddrs=[maddr],
+              **({"announce_maddrs": announce} if announce else {}))
+    server = None
+    try:
+        path = resolve_checkpoint(config.model, config.cache_dir, progress=True)
+        model_config = load_config(path)
+        num_layers = model_config.num_hidden_layers
+        digest = checkpoint_hash(path)
+        key = model_key(digest)
+        name = config.model if not Path(config.model).exists() else Path(config.model).resolve().name
+        if config.blocks is not None:
+            start, end = config.blocks
+        else:
+            found = await dht.get(key, latest=True, return_future=True)
+            peers = records_from_dht_value(found)
+            dtype_bytes = torch.empty((), dtype=DTYPES[config.dtype]).element_size()
+            per_layer = _layer_params(model_config) * dtype_bytes
+            size = config.num_blocks or _auto_num_blocks(per_layer, num_layers, config.device)
+            start, end = choose_span(peers, num_layers, size)
+            logger.info("Chose layers %d:%d (least covered, %d known nodes)", start, end, len(peers))
+        span = Span(start, end, embed=config.serve_embed and start == 0, head=config.serve_head and end == num_layers)
+        t0 = time.perf_counter()
+        model = SpanModel.load(path, span, dtype=DTYPES[config.dtype], device=config.device)
+        install_dispatch(model)
+        logger.info("Loaded %s of %s in %.1f s (%.1f MB of weights)", span, name, time.perf_counter() - t0,
+                    model.weight_bytes() / 1e6)
+        throughput = _measure_throughput(model)
+        hooks = hooks or HookRegistry()
+        base = dict(peer_id=dht.peer_id.to_base58(), start=start, end=end, model_name=name, checkpoint_hash=digest,
+                    num_layers=num_layers, embed=span.embed, head=span.head, dtype=config.dtype,
+                    version=__version__, throughput=throughput, hooks=tuple(hooks.kinds()))
+        server = SpanServer(model, limits=config.limits, hooks=hooks,
+                            info={**base, "hooks": list(base["hooks"]), "weight_bytes": model.weight_bytes()})
+        p2p = await dht.replicate_p2p()
+        await server.register(p2p)
+        expire = asyncio.create_task(server.expire_sessions_forever())
+
+        async def announce_state(state: str, ttl: float) -> None:
+            record = ServerRecord(**base, load=server.load, state=state)
+            now = get_dht_time()
+            await asyncio.gather(
+                dht.store(key, record.to_dict(), expiration_time=now + ttl, subkey=record.peer_id, return_future=True),
+                dht.store(MODELS_KEY, {"name": name, "num_layers": num_layers, "hash": digest},
+                          expiration_time=now + ttl, subkey=key, return_future=True))
+
+        await announce_state(STATE_ONLINE, config.record_ttl_s)
+        maddrs = [str(a) for a in dht.get_visible_maddrs()]
+        print(f"Serving {span} of {name} as {base['peer_id']}", flush=True)
+        print("Others can join with: --initial-peers " + " ".join(maddrs), flush=True)
+        if config.ready_file is not None:
+            ready = {**base, "hooks": list(base["hooks"]), "maddrs": maddrs, "pid": os.getpid(),
+                     "weight_bytes": model.weight_bytes()}
+            tmp = Path(str(config.ready_file) + ".tmp")
+            tmp.write_text(json.dumps(ready))
+            os.replace(tmp, config.ready_file)
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=config.announce_period_s)
+                except asyncio.TimeoutError:
+                    await announce_state(STATE_ONLINE, config.record_ttl_s)
+        finally:
+            expire.cancel()
+            logger.info("Stopping: announcing offline")
+            try:
+                await asyncio.wait_for(announce_state(STATE_OFFLINE, config.record_ttl_s), timeout=3)
+            except Exception as e:  # the DHT may already be gone; the record then simply expires
+                logger.warning("Could not announce offline: %s", e)
+    finally:
+        if server is not None:
+            server.shutdown()
+        dht.shutdown()
+
+
+def _layer_params(config) -> int:
+    d, f = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    return d * (d + 2 * kv) + config.num_attention_heads * head_dim * d + 3 * d * f + 2 * d
+
+
+def _measure_throughput(model: SpanModel, tokens: int = 16) -> float:
+    """Tokens per second of one forward over the span (batch 1), a rough number for routing."""
+    x = torch.zeros(1, tokens, model.config.hidden_size, dtype=next(model.parameters()).dtype,
+                    device=next(model.parameters()).device)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(x)
+        return tokens / max(time.perf_counter() - t0, 1e-6)

@@ -1,0 +1,187 @@
+"""The client's view of the swarm for one model: discovery, routing, forward/backward with failover.
+
+Hidden states travel client → node → client → next node (as in Petals). When a node fails with
+:class:`PeerUnreachableError`, it is excluded for ``ban_s`` and the remaining layers are rerouted; errors the
+node *answered* with (bad input, capacity) are raised to the caller unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.dht import DHT
+from hivemind.p2p import P2P
+
+from ._loop import BackgroundLoop
+from .errors import PeerUnreachableError
+from .records import ServerRecord, records_from_dht_value
+from .routing import Hop, plan_route
+from .span_server import BACKWARD, FORWARD
+from .transport import call, ping
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How the client talks to the swarm."""
+
+    request_timeout_s: float = 60.0
+    """Deadline for one forward/backward call to one node."""
+    step_timeout_s: float = 20.0
+    """Deadline for one inference step on one node."""
+    ping_timeout_s: float = 3.0
+    """Deadline for measuring a node's latency."""
+    records_max_age_s: float = 5.0
+    """Re-read the DHT when the cached records are older than this."""
+    ban_s: float = 60.0
+    """A node that failed is avoided for this long."""
+    max_retries: int = 5
+    """Reroutes allowed within one call before giving up."""
+
+
+@dataclass
+class RouteStats:
+    """What the client observed (for benchmarks and the failover test)."""
+
+    reroutes: int = 0
+    reroute_s: list[float] = field(default_factory=list)
+    """Seconds from the failed call's start to the rerouted call's success, per reroute."""
+
+
+class RemoteSequence:
+    """Layers ``[0, num_layers)`` of one model, served by the swarm."""
+
+    def __init__(self, dht: DHT, p2p: P2P, loop: BackgroundLoop, *, key: str, model_name: str, num_layers: int,
+                 checkpoint_hash: str, config: ClientConfig = ClientConfig()):
+        self.dht, self.p2p, self.loop = dht, p2p, loop
+        self.key, self.model_name, self.num_layers = key, model_name, num_layers
+        self.checkpoint_hash = checkpoint_hash
+        self.config = config
+        self.stats = RouteStats()
+        self._records: list[ServerRecord] = []
+        self._records_at = 0.0
+        self._latency_s: dict[str, float] = {}
+        self._banned: dict[str, float] = {}
+
+    # ---- discovery and routing --------------------------------------------------------------------------
+
+    async def records(self, *, refresh: bool = False) -> list[ServerRecord]:
+        if refresh or time.monotonic() - self._records_at > self.config.records_max_age_s:
+            found = await self.dht.get(self.key, latest=True, return_future=True)
+            records = [r for r in records_from_dht_value(found) if r.checkpoint_hash == self.checkpoint_hash]
+            self._records, self._records_at = records, time.monotonic()
+            unknown = [r.peer_id for r in records if r.online and r.peer_id not in self._latency_s]
+            if unknown:
+                await asyncio.gather(*(self._measure(p) for p in unknown))
+        return self._records
+
+    async def _measure(self, peer_id: str) -> None:
+        try:
+            self._latency_s[peer_id], _ = await ping(self.p2p, peer_id, timeout_s=self.config.ping_timeout_s)
+        except PeerUnreachableError:
+            self.ban(peer_id)
+
+    def ban(self, peer_id: str) -> None:
+        self._banned[peer_id] = time.monotonic() + self.config.ban_s
+
+    def _excluded(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(p for p, until in self._banned.items() if until > now)
+
+    async def route(self, start: int = 0, end: int | None = None, *, embed: bool = False, head: bool = False,
+                    refresh: bool = False) -> list[Hop]:
+        """Raises MissingBlocksError when no usable nodes cover ``[start, end)``."""
+        end = self.num_layers if end is None else end
+        records = await self.records(refresh=refresh)
+        return plan_route(records, start, end, latency_s=self._latency_s, exclude=self._excluded(),
+                          model_name=self.model_name, embed=embed, head=head)
+
+    # ---- forward / backward -----------------------------------------------------------------------------
+
+    async def forward(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, embed: bool = False, head: bool = False,
+                      keep_hop_inputs: bool = False) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        """Run the whole model body; return outputs and (if asked) each hop with the input it received."""
+        extras = _extras(attention_mask, position_ids)
+        hops = await self.route(embed=embed, head=head)
+        trail: list[tuple[Hop, torch.Tensor]] = []
+        x, i, retries, reroute_started = inputs, 0, 0, None
+        while i < len(hops):
+            hop = hops[i]
+            first, last = hop.start == 0 and embed, hop.end == self.num_layers and head
+            t0 = time.perf_counter()
+            try:
+                out, _ = await call(self.p2p, hop.peer_id, FORWARD, {"inputs": x, **extras},
+                                    {"start": hop.start, "end": hop.end, "embed": first, "head": last},
+                                    timeout_s=self.config.request_timeout_s)
+            except PeerUnreachableError as e:
+                retries += 1
+                if retries > self.config.max_retries:
+                    raise
+                logger.warning("%s; rerouting layers %d:%d", e, hop.start, self.num_layers)
+                self.ban(hop.peer_id)
+                hops = hops[:i] + await self.route(hop.start, embed=first, head=head, refresh=True)
+                self.stats.reroutes += 1
+                reroute_started = reroute_started or t0
+                continue
+            if reroute_started is not None:
+                self.stats.reroute_s.append(time.perf_counter() - reroute_started)
+                reroute_started = None
+            if keep_hop_inputs:
+                trail.append((hop, x))
+            x = out["outputs"]
+            i += 1
+        return x, trail
+
+    async def backward(self, trail: list[tuple[Hop, torch.Tensor]], grad_outputs: torch.Tensor, *,
+                       attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Gradients w.r.t. the first hop's hidden-state inputs, given the forward ``trail``."""
+        extras = _extras(attention_mask, position_ids)
+        grad = grad_outputs
+        for hop, x in reversed(trail):
+            for attempt in range(self.config.max_retries + 1):
+                try:
+                    out, _ = await call(self.p2p, hop.peer_id, BACKWARD,
+                                        {"inputs": x, "grad_outputs": grad, **extras},
+                                        {"start": hop.start, "end": hop.end},
+                                        timeout_s=self.config.request_timeout_s)
+                    grad = out["outputs"]
+                    break
+                except PeerUnreachableError:
+                    if attempt == self.config.max_retries:
+                        raise
+                    self.ban(hop.peer_id)
+                    grad = await self._backward_rerouted(hop, x, grad, extras)
+                    break
+        return grad
+
+    async def _backward_rerouted(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, extras: dict) -> torch.Tensor:
+        """Backward through ``hop``'s layers on other nodes: re-run their forward to get each sub-hop's input."""
+        self.stats.reroutes += 1
+        sub = await self.route(hop.start, hop.end, refresh=True)
+        inputs = []
+        for h in sub:
+            inputs.append(x)
+            out, _ = await call(self.p2p, h.peer_id, FORWARD, {"inputs": x, **extras}, {"start": h.start, "end": h.end},
+                                timeout_s=self.config.request_timeout_s)
+            x = out["outputs"]
+        for h, xi in zip(reversed(sub), reversed(inputs)):
+            out, _ = await call(self.p2p, h.peer_id, BACKWARD, {"inputs": xi, "grad_outputs": grad, **extras},
+                                {"start": h.start, "end": h.end}, timeout_s=self.config.request_timeout_s)
+            grad = out["outputs"]
+        return grad
+
+
+def _extras(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    extras = {}
+    if attention_mask is not None:
+        extras["attention_mask"] = attention_mask.to(torch.int64)
+    if position_ids is not None:
+        extras["position_ids"] = position_ids.to(torch.int64)
+    return extras

@@ -1,0 +1,128 @@
+"""The span hook: the node's one extension point for per-request code around its submodules.
+
+``swarm`` knows nothing about tracing. A request may name a hook *kind* and *version* and carry an opaque
+payload (bytes); the node looks the kind up in the :class:`HookRegistry` it was started with (``hybrid`` fills
+it at the entry point), builds a :class:`SpanHook` for that request only, and runs the span with it active.
+Each submodule call of the span then passes through the hook's :meth:`SpanHook.before` and
+:meth:`SpanHook.after`. The hook's :meth:`SpanHook.result` bytes travel back with the response.
+
+Dispatch is per thread: hooks are installed once on every submodule (:func:`install_dispatch`) and do nothing
+unless a request's hook is active on the calling thread, so concurrent requests never see each other's hooks.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from .errors import HookError
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """What a hook factory learns about the request it serves."""
+
+    model: nn.Module
+    """The node's :class:`~swarm.stages.SpanModel` (read-only use)."""
+    start: int
+    """First layer this request runs (inclusive)."""
+    end: int
+    """Last layer this request runs (exclusive)."""
+    embed: bool
+    """The request runs the embedding here."""
+    head: bool
+    """The request runs the head here."""
+    step: int
+    """Index of the inference step within its session (0 for plain forward/backward)."""
+
+
+class SpanHook(Protocol):
+    """Per-request interposer. Called on the node's compute thread."""
+
+    def before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Called before ``path`` runs; return replacement ``(args, kwargs)`` or None to keep them."""
+
+    def after(self, path: str, output: Any) -> Any:
+        """Called after ``path`` ran; return the (possibly replaced) output."""
+
+    def result(self) -> bytes:
+        """Bytes to send back with the response once the span has run."""
+
+
+HookFactory = Callable[[bytes, HookContext], SpanHook]
+
+
+class HookRegistry:
+    """Maps ``(kind, version)`` to a factory that builds a :class:`SpanHook` from the request's payload."""
+
+    def __init__(self) -> None:
+        self._factories: dict[tuple[str, int], HookFactory] = {}
+
+    def register(self, kind: str, version: int, factory: HookFactory) -> None:
+        self._factories[(kind, int(version))] = factory
+
+    def kinds(self) -> list[str]:
+        return sorted(f"{k}/v{v}" for k, v in self._factories)
+
+    def build(self, kind: str, version: int, payload: bytes, context: HookContext) -> SpanHook:
+        """Raises HookError for an unknown kind/version or a payload the factory rejects."""
+        factory = self._factories.get((str(kind), int(version)))
+        if factory is None:
+            raise HookError(f"This node has no span hook {kind!r} v{version}; it serves {self.kinds() or 'none'}. "
+                            f"Upgrade the node or the client so their versions match.")
+        return factory(payload, context)
+
+
+_active = threading.local()
+
+
+@contextmanager
+def active_hook(hook: SpanHook | None) -> Iterator[None]:
+    """Make ``hook`` the one that submodule calls on this thread pass through."""
+    previous = getattr(_active, "hook", None)
+    _active.hook = hook
+    try:
+        yield
+    finally:
+        _active.hook = previous
+
+
+def install_dispatch(model: nn.Module) -> None:
+    """Register pass-through hooks on every submodule of ``model`` (once, at load time)."""
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        module.register_forward_pre_hook(_make_pre(path), with_kwargs=True)
+        module.register_forward_hook(_make_post(path))
+
+
+def _make_pre(path: str):
+    def pre(module: nn.Module, args: tuple, kwargs: dict):
+        hook = getattr(_active, "hook", None)
+        if hook is None:
+            return None
+        return _guard(path, lambda: hook.before(path, args, kwargs))
+    return pre
+
+
+def _make_post(path: str):
+    def post(module: nn.Module, args: tuple, output: Any):
+        hook = getattr(_active, "hook", None)
+        if hook is None:
+            return None
+        return _guard(path, lambda: hook.after(path, output))
+    return post
+
+
+def _guard(path: str, call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except HookError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, torch.cuda.OutOfMemoryError) as e:
+        raise HookError(f"Span hook failed at {path}: {type(e).__name__}: {e}") from e

@@ -1,0 +1,287 @@
+"""The node's RPC surface: forward, backward and inference steps over its span, on hivemind P2P.
+
+Every RPC is one request frame in, one response frame out (see :mod:`swarm.wire`); frames stream, so payloads
+over hivemind's 4 MiB message cap are fine. Handle names are explicit versioned constants.
+
+Request metadata (all RPCs):
+    ``names``: names of the frame's tensors, from ``inputs``, ``attention_mask``, ``position_ids``,
+    ``grad_outputs``, ``hook_payload``; ``start``/``end``: the layers to run (within the node's span);
+    ``embed``/``head``: run those stages too; ``hook``: ``{"kind", "version"}`` or absent.
+Inference adds ``session_id`` and, on its first step, ``open: {"max_length", "batch_size"}``; ``close: true``
+ends it.
+
+Any failure is answered with an error frame (typed, with a message); the node never dies of a bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import msgpack
+import torch
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from .errors import BadRequestError, InternalNodeError, SwarmError, UnknownSessionError
+from .sessions import SessionManager
+from .span_hook import HookContext, HookRegistry, SpanHook, active_hook
+from .stages import SpanModel
+from .wire import encode_error, encode_frame, read_frame
+
+logger = logging.getLogger(__name__)
+
+FORWARD = "swarm.v1.forward"
+BACKWARD = "swarm.v1.backward"
+INFERENCE = "swarm.v1.inference"
+INFO = "swarm.v1.info"
+TENSOR_NAMES = frozenset({"inputs", "attention_mask", "position_ids", "grad_outputs", "hook_payload"})
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one node accepts. Violations are answered with typed errors."""
+
+    max_request_bytes: int = 256 << 20
+    """Largest request (sum of tensor bytes)."""
+    max_batch_tokens: int = 16384
+    """Largest batch × sequence in one call."""
+    max_length: int = 4096
+    """Longest sequence (a session's whole history included)."""
+    max_cache_bytes: int = 1 << 30
+    """KV-cache memory shared by all open sessions."""
+    session_timeout_s: float = 300.0
+    """An inference session idle for this long is dropped."""
+
+
+@dataclass
+class _Request:
+    tensors: dict[str, torch.Tensor]
+    start: int
+    end: int
+    embed: bool
+    head: bool
+    hook: SpanHook | None
+
+
+class SpanServer:
+    """Serves one :class:`SpanModel`. Call :meth:`register` on a running P2P instance."""
+
+    def __init__(self, model: SpanModel, *, limits: ServerLimits = ServerLimits(),
+                 hooks: HookRegistry | None = None, info: dict | None = None):
+        self.model = model
+        self.limits = limits
+        self.hooks = hooks or HookRegistry()
+        self.info = info or {}
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        itemsize = next(model.parameters()).element_size()
+        self.sessions = SessionManager(limits.max_cache_bytes, 2 * config.num_key_value_heads * head_dim * itemsize,
+                                       min(limits.max_length, config.max_position_embeddings))
+        self.inflight = 0
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="span-compute")
+        self._device = next(model.parameters()).device
+        self._dtype = next(model.parameters()).dtype
+
+    @property
+    def load(self) -> int:
+        return self.inflight + len(self.sessions.sessions)
+
+    async def register(self, p2p: P2P) -> None:
+        for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (INFERENCE, self._inference)):
+            await p2p.add_protobuf_handler(name, self._framed(handler), runtime_pb2.ExpertRequest,
+                                           stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(INFO, self._info, runtime_pb2.ExpertRequest)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def expire_sessions_forever(self, period_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            for sid, session in list(self.sessions.sessions.items()):
+                if now - session.last_used > self.limits.session_timeout_s:
+                    logger.info("Dropping idle session %s", sid)
+                    self.sessions.close(sid)
+
+    async def _info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=msgpack.packb({**self.info, "load": self.load}))
+
+    def _framed(self, handler):
+        async def serve(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+            self.inflight += 1
+            try:
+                frame = await read_frame(requests, max_bytes=self.limits.max_request_bytes)
+                if frame is None:
+                    raise BadRequestError("Empty request stream.")
+                tensors, meta = await handler(*frame)
+                messages = encode_frame(tensors, meta, runtime_pb2.ExpertResponse)
+            except SwarmError as e:
+                logger.info("Rejected %s from %s: %s", context.handle_name, context.remote_id, e)
+                messages = encode_error(e)
+            except Exception as e:  # a bug on our side: report it, keep serving
+                logger.exception("Internal error in %s", context.handle_name)
+                messages = encode_error(InternalNodeError(f"{type(e).__name__}: {e}"))
+            finally:
+                self.inflight -= 1
+            for message in messages:
+                yield message
+        return serve
+
+    # ---- parsing and validation -------------------------------------------------------------------------
+
+    def _parse(self, tensors: list[torch.Tensor], meta: dict, *, step: int = 0) -> _Request:
+        names = meta.get("names")
+        if not isinstance(names, list) or len(names) != len(tensors) or not set(names) <= TENSOR_NAMES:
+            raise BadRequestError(f"meta['names'] must list one name per tensor from {sorted(TENSOR_NAMES)}; got {names!r}.")
+        if len(set(names)) != len(names):
+            raise BadRequestError(f"Duplicate tensor names: {names}.")
+        named = dict(zip(names, tensors))
+        span = self.model.span
+        start, end = meta.get("start", span.start), meta.get("end", span.end)
+        embed, head = meta.get("embed", False), meta.get("head", False)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
+            raise BadRequestError(f"start/end must be integers; got {start!r}, {end!r}.")
+        if not (span.start <= start <= end <= span.end) or (start == end and not (embed or head)):
+            raise BadRequestError(f"Layers {start}:{end} are not within this node's span {span.start}:{span.end}.")
+        if embed and not (span.embed and start == 0):
+            raise BadRequestError("This node does not serve the embedding for this request (needs start == 0 and an embed span).")
+        if head and not (span.head and end == span.end):
+            raise BadRequestError("This node does not serve the head for this request (needs end == num_layers and a head span).")
+        if "inputs" not in named:
+            raise BadRequestError("The request has no 'inputs' tensor.")
+        x = named["inputs"]
+        config = self.model.config
+        if embed:
+            if x.dtype not in (torch.int64, torch.int32) or x.ndim != 2:
+                raise BadRequestError(f"Token ids must be a 2D int64 tensor (B, T); got {x.dtype} {tuple(x.shape)}.")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= config.vocab_size):
+                raise BadRequestError(f"Token ids must be in [0, {config.vocab_size}); got [{int(x.min())}, {int(x.max())}].")
+        else:
+            if x.ndim != 3 or x.shape[-1] != config.hidden_size:
+                raise BadRequestError(f"Hidden states must be (B, T, {config.hidden_size}); got {tuple(x.shape)}.")
+            if x.dtype != self._dtype:
+                raise BadRequestError(f"Hidden states must be {self._dtype} on this node; got {x.dtype}.")
+        batch, length = x.shape[0], x.shape[1]
+        if batch == 0 or length == 0:
+            raise BadRequestError(f"Empty input of shape {tuple(x.shape)}.")
+        if batch * length > self.limits.max_batch_tokens:
+            raise BadRequestError(f"Batch × length = {batch * length} exceeds this node's limit of "
+                                  f"{self.limits.max_batch_tokens} tokens per call; split the batch.")
+        if length > self.sessions.max_length:
+            raise BadRequestError(f"Sequence of length {length} exceeds this node's limit of {self.sessions.max_length}.")
+        mask = named.get("attention_mask")
+        if mask is not None:
+            if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] < length or mask.dtype not in (torch.int64, torch.int32, torch.bool):
+                raise BadRequestError(f"attention_mask must be an integer (B={batch}, past+T≥{length}) tensor; got {mask.dtype} {tuple(mask.shape)}.")
+        pos = named.get("position_ids")
+        if pos is not None:
+            if pos.dtype != torch.int64 or pos.ndim != 2 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
+                raise BadRequestError(f"position_ids must be int64 (1 or B, T={length}); got {pos.dtype} {tuple(pos.shape)}.")
+            if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.sessions.max_length):
+                raise BadRequestError(f"position_ids must be in [0, {self.sessions.max_length}).")
+        hook = None
+        if meta.get("hook") is not None:
+            spec = meta["hook"]
+            if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or not isinstance(spec.get("version"), int):
+                raise BadRequestError("meta['hook'] must be {'kind': str, 'version': int}.")
+            payload = named.get("hook_payload")
+            if payload is None or payload.dtype != torch.uint8 or payload.ndim != 1:
+                raise BadRequestError("A hook request must carry 'hook_payload' as a 1D uint8 tensor.")
+            context = HookContext(self.model, start, end, bool(embed), bool(head), step)
+            hook = self.hooks.build(spec["kind"], spec["version"], payload.numpy().tobytes(), context)
+        return _Request({k: v.to(self._device) for k, v in named.items()}, start, end, bool(embed), bool(head), hook)
+
+    async def _compute(self, fn):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _run(self, request: _Request, inputs: torch.Tensor, cache=None) -> torch.Tensor:
+        with active_hook(request.hook):
+            return self.model(inputs, start=request.start, end=request.end, embed=request.embed, head=request.head,
+                              attention_mask=request.tensors.get("attention_mask"),
+                              position_ids=request.tensors.get("position_ids"), cache=cache)
+
+    @staticmethod
+    def _reply(output: torch.Tensor, request: _Request, extra: dict | None = None):
+        tensors, names = [output.cpu()], ["outputs"]
+        if request.hook is not None:
+            tensors.append(torch.frombuffer(bytearray(request.hook.result()), dtype=torch.uint8))
+            names.append("hook_result")
+        return tensors, {"names": names, **(extra or {})}
+
+    # ---- handlers ---------------------------------------------------------------------------------------
+
+    async def _forward(self, tensors, meta):
+        request = self._parse(tensors, meta)
+
+        def work():
+            with torch.no_grad():
+                return self._run(request, request.tensors["inputs"])
+        return self._reply(await self._compute(work), request)
+
+    async def _backward(self, tensors, meta):
+        request = self._parse(tensors, meta)
+        if request.embed:
+            raise BadRequestError("Backward through the embedding is not served; send hidden states.")
+        grad_outputs = request.tensors.get("grad_outputs")
+        if grad_outputs is None:
+            raise BadRequestError("Backward needs a 'grad_outputs' tensor.")
+
+        def work():
+            inputs = request.tensors["inputs"].detach().requires_grad_(True)
+            with torch.enable_grad():
+                outputs = self._run(request, inputs)
+                if grad_outputs.shape != outputs.shape or grad_outputs.dtype != outputs.dtype:
+                    raise BadRequestError(f"grad_outputs must be {outputs.dtype} {tuple(outputs.shape)}; "
+                                          f"got {grad_outputs.dtype} {tuple(grad_outputs.shape)}.")
+                (grad_inputs,) = torch.autograd.grad(outputs, inputs, grad_outputs)
+            return grad_inputs
+        return self._reply(await self._compute(work), request)
+
+    async def _inference(self, tensors, meta):
+        session_id = meta.get("session_id")
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= 128:
+            raise BadRequestError("Inference needs meta['session_id'] as a non-empty string (≤128 chars).")
+        if meta.get("close"):
+            self.sessions.close(session_id)
+            return [], {"names": [], "closed": True}
+        session = self.sessions.sessions.get(session_id)
+        step = session.steps if session is not None else 0
+        request = self._parse(tensors, meta, step=step)
+        batch, length = request.tensors["inputs"].shape[:2]
+        if session is None:
+            spec = meta.get("open")
+            if not isinstance(spec, dict):
+                raise UnknownSessionError(f"Session {session_id!r} is not open on this node (expired after "
+                                          f"{self.limits.session_timeout_s:.0f} s idle, closed, or never opened); "
+                                          f"open it again with meta['open'] and replay its history.")
+            max_length = spec.get("max_length")
+            if not isinstance(max_length, int) or max_length <= 0:
+                raise BadRequestError("meta['open']['max_length'] must be a positive integer.")
+            session = self.sessions.open(session_id, start=request.start, end=request.end, embed=request.embed,
+                                         head=request.head, batch_size=batch, max_length=max_length)
+        elif batch != session.batch_size:
+            raise BadRequestError(f"Session {session_id!r} was opened with batch size {session.batch_size}; got {batch}.")
+        elif (session.start, session.end, session.embed, session.head) != (request.start, request.end, request.embed, request.head):
+            raise BadRequestError(f"Session {session_id!r} was opened for layers {session.start}:{session.end}; "
+                                  f"steps must use the same layers.")
+        session.check_room(length)
+
+        def work():
+            with torch.no_grad():
+                return self._run(request, request.tensors["inputs"], cache=session.cache)
+        try:
+            output = await self._compute(work)
+        except BaseException:
+            self.sessions.close(session_id)  # the cache may be half-updated: never reuse it
+            raise
+        session.length += length
+        session.steps += 1
+        session.last_used = time.monotonic()
+        return self._reply(output, request, {"length": session.length})
+

@@ -1,0 +1,76 @@
+"""The client's side of the wire: one call = one request frame out, one response frame back, with a deadline.
+
+A broken connection or a missed deadline becomes :class:`PeerUnreachableError` (the caller may reroute); an
+error frame from the node is raised as its own type (the caller must not retry the same request elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+import msgpack
+import torch
+from hivemind.p2p import PeerID
+from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+
+from .errors import BadRequestError, PeerUnreachableError
+from .span_server import INFO
+from .wire import encode_frame, read_frame
+
+
+async def _aiter(messages) -> AsyncIterator:
+    for message in messages:
+        yield message
+
+
+async def call(p2p: P2P, peer_id: str, handle: str, tensors: dict[str, torch.Tensor], meta: dict,
+               *, timeout_s: float) -> tuple[dict[str, torch.Tensor], dict]:
+    """Send named ``tensors`` + ``meta`` to ``handle`` on ``peer_id``; return the named response tensors + meta.
+
+    Raises:
+        PeerUnreachableError: connection failed or broke, or no answer within ``timeout_s``.
+        SwarmError subclasses: the node answered with an error.
+    """
+    meta = {**meta, "names": list(tensors)}
+    messages = encode_frame(list(tensors.values()), meta)
+
+    async def exchange():
+        stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), handle, _aiter(messages),
+                                                    runtime_pb2.ExpertResponse)
+        try:
+            frame = await read_frame(stream)
+        finally:
+            await stream.aclose()
+        if frame is None:
+            raise PeerUnreachableError(f"Peer {peer_id} closed the stream of {handle} without answering.")
+        return frame
+
+    try:
+        out, reply = await asyncio.wait_for(exchange(), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        raise PeerUnreachableError(f"Peer {peer_id} did not answer {handle} within {timeout_s:.1f} s.") from None
+    except (ConnectionError, OSError, asyncio.IncompleteReadError, EOFError) as e:
+        raise PeerUnreachableError(f"Connection to peer {peer_id} broke during {handle}: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        if type(e).__name__ in ("P2PDaemonError", "P2PHandlerError", "ControlFailure", "DispatchFailure"):
+            raise PeerUnreachableError(f"Peer {peer_id} failed {handle}: {e}") from e
+        raise
+    names = reply.get("names", [])
+    if len(names) != len(out):
+        raise BadRequestError(f"Peer {peer_id} sent a response whose names do not match its tensors.")
+    return dict(zip(names, out)), reply
+
+
+async def ping(p2p: P2P, peer_id: str, *, timeout_s: float = 5.0) -> tuple[float, dict]:
+    """Round-trip time of the node's info RPC, and the info it returned."""
+    t0 = time.perf_counter()
+    try:
+        response = await asyncio.wait_for(
+            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), INFO, runtime_pb2.ExpertRequest(),
+                                      runtime_pb2.ExpertResponse), timeout=timeout_s)
+    except Exception as e:
+        raise PeerUnreachableError(f"Peer {peer_id} did not answer a ping: {type(e).__name__}: {e}") from e
+    return time.perf_counter() - t0, msgpack.unpackb(response.metadata, raw=False)

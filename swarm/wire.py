@@ -1,0 +1,124 @@
+"""Frames: tensors plus a small metadata dict, carried as a run of hivemind protobuf messages.
+
+hivemind caps one message at 4 MiB, so a frame is sent as one metadata message followed by each tensor's
+serialized bytes cut into chunks of at most :data:`CHUNK_BYTES`:
+
+    message 0:  metadata = msgpack({"v": WIRE_VERSION, "meta": {...}, "parts": [n_0, n_1, ...]})
+    message 1.. tensors = [one chunk]    (n_0 chunks of tensor 0, then n_1 of tensor 1, ...)
+
+An error travels as a frame with no tensors and ``meta = {"error": {"code", "message"}}``; the receiving side
+raises it again as the same :class:`~swarm.errors.SwarmError` subclass. Nothing here pickles.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterator, Sequence, Type
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+from .errors import BadRequestError, PayloadTooLargeError, SwarmError, error_from_wire
+
+WIRE_VERSION = 1
+CHUNK_BYTES = 1 << 20
+ALLOWED_DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8"})
+
+Message = runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse
+
+
+def encode_frame(tensors: Sequence[torch.Tensor], meta: dict,
+                 message_type: Type[Message] = runtime_pb2.ExpertRequest) -> Iterator[Message]:
+    """Yield the messages of one frame. ``meta`` must be msgpack-serializable (dicts, lists, str, numbers)."""
+    serialized = [serialize_torch_tensor(t.detach().cpu().contiguous()) for t in tensors]
+    chunked = [_split(s) for s in serialized]
+    header = {"v": WIRE_VERSION, "meta": meta, "parts": [len(c) for c in chunked]}
+    yield message_type(metadata=msgpack.packb(header, use_bin_type=True))
+    for chunks in chunked:
+        for chunk in chunks:
+            yield message_type(tensors=[chunk])
+
+
+def encode_error(error: SwarmError, message_type: Type[Message] = runtime_pb2.ExpertResponse) -> Iterator[Message]:
+    return encode_frame([], {"error": error.to_wire()}, message_type)
+
+
+def _split(tensor: runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
+    buffer = memoryview(tensor.buffer)
+    count = max(1, -(-len(buffer) // CHUNK_BYTES))
+    first = runtime_pb2.Tensor(compression=tensor.compression, buffer=buffer[:CHUNK_BYTES].tobytes(), chunks=count,
+                               size=tensor.size, dtype=tensor.dtype, requires_grad=tensor.requires_grad)
+    rest = [runtime_pb2.Tensor(buffer=buffer[i:i + CHUNK_BYTES].tobytes()) for i in range(CHUNK_BYTES, len(buffer), CHUNK_BYTES)]
+    return [first] + rest
+
+
+async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None = None,
+                     max_tensors: int = 64) -> tuple[list[torch.Tensor], dict] | None:
+    """Read one frame; return ``(tensors, meta)``, or None when the stream ended before a frame began.
+
+    Raises:
+        BadRequestError: malformed header, wrong number of chunks, unknown dtype, shape/bytes mismatch.
+        PayloadTooLargeError: the frame's tensor bytes exceed ``max_bytes``.
+        SwarmError (subclass): the frame is an error sent by the other side.
+    """
+    try:
+        first = await anext(messages)
+    except StopAsyncIteration:
+        return None
+    try:
+        header = msgpack.unpackb(first.metadata, raw=False, strict_map_key=False)
+        meta, parts = header["meta"], header["parts"]
+        if not isinstance(meta, dict) or not isinstance(parts, list) or not all(isinstance(p, int) and p > 0 for p in parts):
+            raise TypeError("bad header layout")
+    except Exception as e:
+        raise BadRequestError(f"Malformed frame header ({type(e).__name__}: {e}); expected msgpack "
+                              f"{{'v', 'meta': dict, 'parts': [int]}}.") from None
+    if "error" in meta:
+        raise error_from_wire(meta["error"])
+    if header.get("v") != WIRE_VERSION:
+        raise BadRequestError(f"Wire version {header.get('v')!r} is not supported; this node speaks {WIRE_VERSION}.")
+    if len(parts) > max_tensors:
+        raise BadRequestError(f"Frame carries {len(parts)} tensors; at most {max_tensors} are allowed.")
+    tensors, total = [], 0
+    for count in parts:
+        chunks = []
+        for _ in range(count):
+            try:
+                message = await anext(messages)
+            except StopAsyncIteration:
+                raise BadRequestError("Frame ended early: fewer tensor chunks than its header announced.") from None
+            if len(message.tensors) != 1:
+                raise BadRequestError("Each tensor chunk message must carry exactly one tensor part.")
+            total += len(message.tensors[0].buffer)
+            if max_bytes is not None and total > max_bytes:
+                raise PayloadTooLargeError(f"Request tensors exceed this node's limit of {max_bytes} bytes; "
+                                           f"send a smaller batch or sequence.")
+            chunks.append(message.tensors[0])
+        tensors.append(_combine(chunks))
+    return tensors, meta
+
+
+def _combine(chunks: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    head = chunks[0]
+    if head.compression != runtime_pb2.CompressionType.NONE:
+        raise BadRequestError("Only uncompressed tensors are accepted.")
+    if head.dtype not in ALLOWED_DTYPES:
+        raise BadRequestError(f"Tensor dtype {head.dtype!r} is not accepted; use one of {sorted(ALLOWED_DTYPES)}.")
+    if head.chunks != len(chunks):
+        raise BadRequestError(f"Tensor announced {head.chunks} chunks but {len(chunks)} arrived.")
+    whole = runtime_pb2.Tensor()
+    whole.CopyFrom(head)
+    whole.buffer = b"".join(c.buffer for c in chunks)
+    numel = 1
+    for s in whole.size:
+        numel *= s
+    # hivemind carries bfloat16 as float32 bytes
+    itemsize = 4 if whole.dtype == "bfloat16" else torch.empty((), dtype=getattr(torch, whole.dtype)).element_size()
+    if numel * itemsize != len(whole.buffer):
+        raise BadRequestError(f"Tensor of shape {list(whole.size)} and dtype {whole.dtype} needs {numel * itemsize} "
+                              f"bytes but {len(whole.buffer)} arrived.")
+    try:
+        return deserialize_torch_tensor(whole)
+    except Exception as e:
+        raise BadRequestError(f"Could not decode tensor: {type(e).__name__}: {e}") from None

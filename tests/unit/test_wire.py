@@ -1,0 +1,60 @@
+"""Frames round-trip exactly, split above the message cap, and reject malformed input with typed errors."""
+
+import asyncio
+
+import msgpack
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from swarm.errors import BadRequestError, CapacityError, PayloadTooLargeError
+from swarm.wire import CHUNK_BYTES, encode_error, encode_frame, read_frame
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
+
+
+def roundtrip(messages, **kw):
+    return asyncio.run(read_frame(_aiter(list(messages)), **kw))
+
+
+def test_roundtrip_exact_for_every_dtype_and_large_tensors():
+    big = torch.randn(3, 700, 576)  # ~4.8 MB: over hivemind's 4 MiB message cap
+    tensors = [big, torch.arange(10), torch.ones(2, 3, dtype=torch.bfloat16), torch.zeros(0, 4), torch.tensor([True, False])]
+    messages = list(encode_frame(tensors, {"k": [1, "x"]}))
+    assert all(m.ByteSize() < 4 * 1024 * 1024 for m in messages)
+    assert len(messages) > 1 + len(tensors)
+    out, meta = roundtrip(messages)
+    assert meta == {"k": [1, "x"]}
+    for a, b in zip(tensors, out):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_error_frames_come_back_as_the_same_type():
+    with pytest.raises(CapacityError, match="full"):
+        roundtrip(encode_error(CapacityError("cache full")))
+
+
+def test_malformed_frames_are_bad_requests():
+    with pytest.raises(BadRequestError, match="header"):
+        roundtrip([runtime_pb2.ExpertRequest(metadata=b"\xff\x00garbage")])
+    header = msgpack.packb({"v": 1, "meta": {}, "parts": [2]})
+    with pytest.raises(BadRequestError, match="ended early"):
+        roundtrip([runtime_pb2.ExpertRequest(metadata=header)])
+    messages = list(encode_frame([torch.ones(4)], {}))
+    messages[1].tensors[0].size[:] = [5]
+    with pytest.raises(BadRequestError, match="needs"):
+        roundtrip(messages)
+    messages = list(encode_frame([torch.ones(4)], {}))
+    messages[1].tensors[0].dtype = "complex128"
+    with pytest.raises(BadRequestError, match="dtype"):
+        roundtrip(messages)
+    assert roundtrip([]) is None
+
+
+def test_oversize_payload_is_refused_before_it_is_assembled():
+    messages = encode_frame([torch.zeros(CHUNK_BYTES)], {})  # 4 MiB
+    with pytest.raises(PayloadTooLargeError, match="limit"):
+        roundtrip(messages, max_bytes=CHUNK_BYTES)
