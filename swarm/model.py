@@ -69,6 +69,10 @@ class SwarmModel:
         return cls(sequence, local, loop, dht, path, remote_stages=remote_stages)
 
     def close(self) -> None:
+        try:
+            self.loop.run(self.sequence.p2p.shutdown(), timeout_s=5)
+        except Exception as e:  # closing is best effort; the daemon dies with the DHT anyway
+            logger.debug("P2P shutdown failed: %s", e)
         self.dht.shutdown()
         self.loop.close()
 

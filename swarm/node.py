@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -147,7 +148,7 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         print("Others can join with: --initial-peers " + " ".join(maddrs), flush=True)
         if config.ready_file is not None:
             ready = {**base, "hooks": list(base["hooks"]), "maddrs": maddrs, "pid": os.getpid(),
-                     "weight_bytes": model.weight_bytes()}
+                     "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss_bytes()}
             tmp = Path(str(config.ready_file) + ".tmp")
             tmp.write_text(json.dumps(ready))
             os.replace(tmp, config.ready_file)
@@ -168,6 +169,11 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         if server is not None:
             server.shutdown()
         dht.shutdown()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _layer_params(config) -> int:

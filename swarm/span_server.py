@@ -129,6 +129,7 @@ class SpanServer:
                 messages = encode_error(InternalNodeError(f"{type(e).__name__}: {e}"))
             finally:
                 self.inflight -= 1
+            await _drain(requests)
             for message in messages:
                 yield message
         return serve
@@ -284,4 +285,19 @@ class SpanServer:
         session.steps += 1
         session.last_used = time.monotonic()
         return self._reply(output, request, {"length": session.length})
+
+
+async def _drain(requests: AsyncIterator, timeout_s: float = 10.0) -> None:
+    """Read the request stream to its end before answering.
+
+    Answering (and closing) while the caller still writes its end-of-stream marker breaks the caller's pipe, and
+    asyncio then fails its reads even though our answer has arrived.
+    """
+    async def consume():
+        async for _ in requests:
+            pass
+    try:
+        await asyncio.wait_for(consume(), timeout=timeout_s)
+    except Exception as e:  # a caller that never ends its stream gets its answer anyway
+        logger.debug("Request stream not drained: %s", e)
 
