@@ -1,8 +1,9 @@
 """Client-side inference sessions: a KV cache on every node of the route, rebuilt elsewhere when a node dies.
 
 The client keeps, for every hop, the inputs it sent there. When a hop's node becomes unreachable, the layers it
-ran are rerouted to other nodes and the hop's whole history is replayed through the new nodes as one prefill
-step (each new node's outputs form the next new node's history); then the current step continues. The result
+ran are rerouted to other nodes and the hop's whole history is replayed through the new nodes in one call per
+node, step by step as originally sent, so the rebuilt caches are bit-identical (each new node's outputs form the
+next new node's history); then the current step continues. The result
 is the same as if nothing had failed.
 """
 
@@ -97,9 +98,12 @@ class InferenceSession:
         self.length += length
         return x
 
-    async def _send(self, state: _HopState, x: torch.Tensor, extras: dict) -> torch.Tensor:
+    async def _send(self, state: _HopState, x: torch.Tensor, extras: dict,
+                    chunks: list[int] | None = None) -> torch.Tensor:
         meta = {"session_id": state.session_id, "start": state.hop.start, "end": state.hop.end,
                 "embed": state.embed, "head": state.head}
+        if chunks is not None:
+            meta["chunks"] = chunks
         if not state.opened:
             meta["open"] = {"max_length": self.max_length, "batch_size": self.batch_size}
         out, _ = await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {"inputs": x, **extras}, meta,
@@ -116,10 +120,11 @@ class InferenceSession:
         if old.history:
             past_mask = attention_mask[:, :self.length] if attention_mask is not None else None
             extras = _extras(past_mask, torch.cat(self._positions, dim=1))
+            chunks = [h.shape[1] for h in old.history]
             x = torch.cat(old.history, dim=1)
             for state in new:
-                out = await self._send(state, x, extras)
-                state.history.append(x)
+                out = await self._send(state, x, extras, chunks=chunks)
+                state.history.extend(x.split(chunks, dim=1))
                 x = out
         self._hops[index:index + 1] = new
 

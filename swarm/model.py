@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from hivemind.dht import DHT
@@ -44,6 +44,8 @@ class SwarmModel:
         self.config = load_config(path)
         self.num_layers = self.config.num_hidden_layers
         self.remote_stages = remote_stages
+        self.active_session: InferenceSession | None = None
+        """The inference session of the generation in progress (its ``route`` shows the nodes in use)."""
 
     @classmethod
     def from_pretrained(cls, model: str = "smollm2-135m", initial_peers: Sequence[str] = (), *,
@@ -128,11 +130,13 @@ class SwarmModel:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, *, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None,
+                 on_token: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Greedy or sampled continuation through server-side KV caches; returns prompt + new tokens ``(B, T+N)``.
 
         Positions follow transformers: with a left-padded ``attention_mask``, ``position = cumsum(mask) - 1``.
-        Rows that produced ``eos_token_id`` keep emitting it.
+        Rows that produced ``eos_token_id`` keep emitting it. ``on_token(step, tokens)`` is called with each new
+        column of tokens ``(B,)`` as it is produced (for streaming output).
         """
         batch, length = input_ids.shape
         mask = attention_mask.to(torch.int64) if attention_mask is not None else None
@@ -140,7 +144,7 @@ class SwarmModel:
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         else:
             positions = torch.arange(length).unsqueeze(0).expand(batch, -1)
-        session = self.inference_session(batch, length + max_new_tokens)
+        session = self.active_session = self.inference_session(batch, length + max_new_tokens)
         out, done = input_ids, torch.zeros(batch, dtype=torch.bool)
         try:
             logits = self._step(session, input_ids, mask, positions)
@@ -150,6 +154,8 @@ class SwarmModel:
                     token = torch.where(done, torch.full_like(token, eos_token_id), token)
                     done |= token == eos_token_id
                 out = torch.cat([out, token[:, None]], dim=1)
+                if on_token is not None:
+                    on_token(out.shape[1] - length - 1, token)
                 if done.all() or out.shape[1] == length + max_new_tokens:
                     break
                 positions = positions[:, -1:] + 1
@@ -157,6 +163,7 @@ class SwarmModel:
                     mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
                 logits = self._step(session, token[:, None], mask, positions)
         finally:
+            self.active_session = None
             self.loop.run(session.close())
         return out
 

@@ -8,7 +8,7 @@ Request metadata (all RPCs):
     ``grad_outputs``, ``hook_payload``; ``start``/``end``: the layers to run (within the node's span);
     ``embed``/``head``: run those stages too; ``hook``: ``{"kind", "version"}`` or absent.
 Inference adds ``session_id`` and, on its first step, ``open: {"max_length", "batch_size"}``; ``close: true``
-ends it.
+ends it; ``chunks: [T_1, T_2, ...]`` runs the inputs as consecutive steps of those lengths (history replay).
 
 Any failure is answered with an error frame (typed, with a message); the node never dies of a bad request.
 """
@@ -27,7 +27,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from .errors import BadRequestError, InternalNodeError, SwarmError, UnknownSessionError
+from .errors import BadRequestError, InternalNodeError, SequenceTooLongError, SwarmError, UnknownSessionError
 from .sessions import SessionManager
 from .span_hook import HookContext, HookRegistry, SpanHook, active_hook
 from .stages import SpanModel
@@ -118,7 +118,7 @@ class SpanServer:
         async def serve(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
             self.inflight += 1
             try:
-                frame = await read_frame(requests, max_bytes=self.limits.max_request_bytes)
+                frame = await read_frame(requests, max_bytes=self.limits.max_request_bytes, accept_error=False)
                 if frame is None:
                     raise BadRequestError("Empty request stream.")
                 tensors, meta = await handler(*frame)
@@ -140,9 +140,10 @@ class SpanServer:
 
     # ---- parsing and validation -------------------------------------------------------------------------
 
-    def _parse(self, tensors: list[torch.Tensor], meta: dict, *, step: int = 0) -> _Request:
+    def _parse(self, tensors: list[torch.Tensor], meta: dict, *, step: int = 0, past: int = 0) -> _Request:
         names = meta.get("names")
-        if not isinstance(names, list) or len(names) != len(tensors) or not set(names) <= TENSOR_NAMES:
+        if (not isinstance(names, list) or len(names) != len(tensors) or not all(isinstance(n, str) for n in names)
+                or not set(names) <= TENSOR_NAMES):
             raise BadRequestError(f"meta['names'] must list one name per tensor from {sorted(TENSOR_NAMES)}; got {names!r}.")
         if len(set(names)) != len(names):
             raise BadRequestError(f"Duplicate tensor names: {names}.")
@@ -179,17 +180,20 @@ class SpanServer:
             raise BadRequestError(f"Batch × length = {batch * length} exceeds this node's limit of "
                                   f"{self.limits.max_batch_tokens} tokens per call; split the batch.")
         if length > self.sessions.max_length:
-            raise BadRequestError(f"Sequence of length {length} exceeds this node's limit of {self.sessions.max_length}.")
+            raise SequenceTooLongError(f"Sequence of length {length} exceeds this node's limit of {self.sessions.max_length}.")
         mask = named.get("attention_mask")
         if mask is not None:
-            if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] < length or mask.dtype not in (torch.int64, torch.int32, torch.bool):
-                raise BadRequestError(f"attention_mask must be an integer (B={batch}, past+T≥{length}) tensor; got {mask.dtype} {tuple(mask.shape)}.")
+            if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] != past + length or mask.dtype not in (torch.int64, torch.int32, torch.bool):
+                raise BadRequestError(f"attention_mask must be an integer (B={batch}, past+T={past + length}) tensor; got {mask.dtype} {tuple(mask.shape)}.")
         pos = named.get("position_ids")
         if pos is not None:
             if pos.dtype != torch.int64 or pos.ndim != 2 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
                 raise BadRequestError(f"position_ids must be int64 (1 or B, T={length}); got {pos.dtype} {tuple(pos.shape)}.")
-            if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.sessions.max_length):
-                raise BadRequestError(f"position_ids must be in [0, {self.sessions.max_length}).")
+            if int(pos.min()) < 0:
+                raise BadRequestError(f"position_ids must be in [0, {self.sessions.max_length}); got min {int(pos.min())}.")
+            if int(pos.max()) >= self.sessions.max_length:
+                raise SequenceTooLongError(f"position_ids must be in [0, {self.sessions.max_length}) on this node; "
+                                           f"got max {int(pos.max())}.")
         hook = None
         if meta.get("hook") is not None:
             spec = meta["hook"]
@@ -257,7 +261,7 @@ class SpanServer:
             return [], {"names": [], "closed": True}
         session = self.sessions.sessions.get(session_id)
         step = session.steps if session is not None else 0
-        request = self._parse(tensors, meta, step=step)
+        request = self._parse(tensors, meta, step=step, past=session.length if session is not None else 0)
         batch, length = request.tensors["inputs"].shape[:2]
         if session is None:
             spec = meta.get("open")
@@ -277,9 +281,25 @@ class SpanServer:
                                   f"steps must use the same layers.")
         session.check_room(length)
 
+        chunks = meta.get("chunks", [length])
+        if not isinstance(chunks, list) or not all(isinstance(c, int) and c > 0 for c in chunks) or sum(chunks) != length:
+            raise BadRequestError(f"meta['chunks'] must be positive step lengths summing to {length}; got {chunks!r}.")
+
         def work():
-            with torch.no_grad():
-                return self._run(request, request.tensors["inputs"], cache=session.cache)
+            # A replayed history arrives as several steps in one call; running them one by one recomputes the
+            # KV cache exactly as the original steps did, so a rebuilt session matches bit for bit.
+            outputs, offset = [], 0
+            mask, positions = request.tensors.get("attention_mask"), request.tensors.get("position_ids")
+            with torch.no_grad(), active_hook(request.hook):
+                for size in chunks:
+                    part = slice(offset, offset + size)
+                    seen = mask.shape[1] - length + offset + size if mask is not None else None
+                    outputs.append(self.model(
+                        request.tensors["inputs"][:, part], start=request.start, end=request.end, embed=request.embed,
+                        head=request.head, attention_mask=mask[:, :seen] if mask is not None else None,
+                        position_ids=positions[:, part] if positions is not None else None, cache=session.cache))
+                    offset += size
+            return torch.cat(outputs, dim=1)
         try:
             output = await self._compute(work)
         except BaseException:

@@ -53,12 +53,15 @@ def _split(tensor: runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
     return [first] + rest
 
 
-async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None = None,
-                     max_tensors: int = 64) -> tuple[list[torch.Tensor], dict] | None:
+async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None = None, max_tensors: int = 64,
+                     accept_error: bool = True) -> tuple[list[torch.Tensor], dict] | None:
     """Read one frame; return ``(tensors, meta)``, or None when the stream ended before a frame began.
 
+    ``accept_error=False`` (a server reading requests) refuses error frames instead of raising them.
+
     Raises:
-        BadRequestError: malformed header, wrong number of chunks, unknown dtype, shape/bytes mismatch.
+        BadRequestError: malformed header, wrong number of chunks, unknown dtype, shape/bytes mismatch, or an
+            error frame when ``accept_error`` is False.
         PayloadTooLargeError: the frame's tensor bytes exceed ``max_bytes``.
         SwarmError (subclass): the frame is an error sent by the other side.
     """
@@ -75,6 +78,9 @@ async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None 
         raise BadRequestError(f"Malformed frame header ({type(e).__name__}: {e}); expected msgpack "
                               f"{{'v', 'meta': dict, 'parts': [int]}}.") from None
     if "error" in meta:
+        if not accept_error:
+            raise BadRequestError(f"A request frame must not carry meta['error'] (got {meta['error']!r:.200}); "
+                                  f"send tensors and request fields.")
         raise error_from_wire(meta["error"])
     if header.get("v") != WIRE_VERSION:
         raise BadRequestError(f"Wire version {header.get('v')!r} is not supported; this node speaks {WIRE_VERSION}.")

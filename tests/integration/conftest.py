@@ -38,6 +38,14 @@ def local_model(path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def local_generate(ref: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """transformers' greedy generation with EOS switched off, so exactly ``max_new_tokens`` come out unaltered
+    (``min_new_tokens`` would instead mask EOS out of the logits and change the argmax)."""
+    ref.generation_config.eos_token_id = None
+    with torch.no_grad():
+        return ref.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+
+
 @pytest.fixture
 def client_factory():
     clients = []

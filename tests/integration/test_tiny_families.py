@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.integration.conftest import local_model, start_split
+from tests.integration.conftest import local_generate, local_model, start_split
 from tests.tiny_checkpoints import FAMILIES
 
 SPLITS = {1: [(0, 6)], 2: [(0, 3), (3, 6)], 3: [(0, 2), (2, 4), (4, 6)]}
@@ -28,8 +28,7 @@ def test_split_equals_local(family, nodes, tiny_checkpoint_factory, swarm_factor
     assert (got - want).abs().max().item() <= 1e-5
 
     prompt = ids[:1, :8]
-    with torch.no_grad():
-        want_tokens = ref.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    want_tokens = local_generate(ref, prompt, 20)
     assert torch.equal(client.generate(prompt, max_new_tokens=20), want_tokens)
 
     embeds = ref.model.embed_tokens(ids).detach()
@@ -49,7 +48,7 @@ def test_remote_embedding_and_head(tiny_checkpoint_factory, swarm_factory, clien
     ids = torch.randint(3, 128, (3, 10))
     with torch.no_grad():
         want = ref(ids).logits
-        want_tokens = ref.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    want_tokens = local_generate(ref, ids, 12)
     assert (client(ids).logits - want).abs().max().item() <= 1e-5
     assert torch.equal(client.generate(ids, max_new_tokens=12), want_tokens)
 

@@ -1,0 +1,59 @@
+"""A node killed with SIGKILL mid-generation / between forwards: the client reroutes to a replica and replays
+the session's history, and the output is identical to a run without the failure."""
+
+import json
+import signal
+
+import torch
+
+from tests.integration.conftest import local_generate, local_model
+
+
+def test_kill_mid_generation_gives_identical_tokens(tiny_checkpoint_factory, swarm_factory, client_factory, tmp_path):
+    path = tiny_checkpoint_factory("llama", num_layers=6)
+    swarm = swarm_factory()
+    swarm.start(path, "--blocks", "0:3")
+    replicas = [swarm.start(path, "--blocks", "3:6", initial_peers=swarm.initial_peers) for _ in range(2)]
+    client = client_factory(path, swarm)
+    ref = local_model(path)
+    prompt = torch.randint(3, 128, (2, 7))
+    want = local_generate(ref, prompt, 20)
+
+    killed = []
+
+    def kill_the_serving_replica(step, tokens):
+        if step == 5:
+            [session_peer] = [p for p in [h.peer_id for h in client.active_session.route] if p in {r.peer_id for r in replicas}]
+            victim = next(r for r in replicas if r.peer_id == session_peer)
+            victim.kill(signal.SIGKILL)
+            killed.append(victim.peer_id)
+
+    got = client.generate(prompt, max_new_tokens=20, on_token=kill_the_serving_replica)
+    assert killed, "the test did not kill anything"
+    assert torch.equal(got, want)
+    assert client.sequence.stats.reroutes >= 1
+
+    # A plain forward after the kill avoids the dead node too.
+    with torch.no_grad():
+        want_logits = ref(prompt).logits
+    assert (client(prompt).logits - want_logits).abs().max().item() <= 1e-5
+    (tmp_path / "reroute.json").write_text(json.dumps({"reroute_s": client.sequence.stats.reroute_s}))
+    print("reroute seconds:", client.sequence.stats.reroute_s)
+
+
+def test_forward_reroutes_when_the_routed_node_died(tiny_checkpoint_factory, swarm_factory, client_factory):
+    path = tiny_checkpoint_factory("qwen2", num_layers=6)
+    swarm = swarm_factory()
+    first = swarm.start(path, "--blocks", "0:6")
+    second = swarm.start(path, "--blocks", "0:6", initial_peers=swarm.initial_peers)
+    client = client_factory(path, swarm)
+    ids = torch.randint(3, 128, (1, 9))
+    with torch.no_grad():
+        want = local_model(path)(ids).logits
+    [hop] = client.route()
+    victim = first if hop.peer_id == first.peer_id else second
+    victim.kill(signal.SIGKILL)
+    assert (client(ids).logits - want).abs().max().item() <= 1e-5
+    assert client.sequence.stats.reroutes == 1
+    [hop] = client.route()
+    assert hop.peer_id != victim.peer_id
