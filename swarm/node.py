@@ -172,7 +172,17 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far."""
+    """Peak resident memory of this process so far.
+
+    Reads VmHWM on Linux: ``ru_maxrss`` survives fork + exec, so a node started by a big parent would report
+    the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
