@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarm import SwarmModel
-from tests.integration.nodes import Swarm
+from swarm.local_swarm import LocalSwarm as Swarm
 
 
 @pytest.fixture

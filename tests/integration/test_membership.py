@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from swarm.errors import MissingBlocksError
-from tests.integration.nodes import REPO
+from swarm.local_swarm import REPO
 
 
 def status(swarm) -> str:

@@ -1,4 +1,7 @@
-"""Start real ``swarm-node serve`` processes on 127.0.0.1 and always clean them up."""
+"""Start real ``swarm-node serve`` processes on this machine and always clean them up (demo, tests, benchmarks).
+
+Each node runs in its own process group, so killing it also ends its DHT process and p2p daemon.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -51,15 +54,21 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-class Swarm:
-    """A set of node processes started by a test; :meth:`close` kills every one of them."""
+class LocalSwarm:
+    """A set of node processes on 127.0.0.1; :meth:`close` (or leaving the ``with`` block) kills every one."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.nodes: list[NodeProcess] = []
 
     def start(self, model: str | Path, *args: str, initial_peers: list[str] | None = None,
-              timeout_s: float = 120.0, threads: int = 1) -> NodeProcess:
+              timeout_s: float = 180.0, threads: int = 1) -> NodeProcess:
+        """Start ``swarm-node serve`` with extra CLI ``args`` and wait until it serves.
+
+        Raises:
+            RuntimeError: the node exited before it was ready (its log tail is in the message).
+            TimeoutError: the node was not ready within ``timeout_s``.
+        """
         index = len(self.nodes)
         ready = self.workdir / f"node{index}.ready.json"
         log_path = self.workdir / f"node{index}.log"
@@ -86,6 +95,12 @@ class Swarm:
     @property
     def initial_peers(self) -> list[str]:
         return self.nodes[0].maddrs
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         for node in self.nodes:
