@@ -26,11 +26,11 @@ from hivemind.proto import runtime_pb2
 from swarm import SwarmModel
 from swarm.errors import (BadRequestError, HookError, PayloadTooLargeError, PeerUnreachableError,
                           SequenceTooLongError, SwarmError, UnknownSessionError)
+from swarm.local_swarm import LocalSwarm, NodeProcess
 from swarm.span_server import BACKWARD, FORWARD, INFERENCE, TENSOR_NAMES
 from swarm.transport import call
 from swarm.wire import ALLOWED_DTYPES, WIRE_VERSION, encode_frame, read_frame
 from tests.integration.conftest import local_model, start_split
-from tests.integration.nodes import NodeProcess, Swarm
 
 SPLIT = [(0, 3), (3, 6)]
 LIMITED_REQUEST_BYTES = 100_000
@@ -43,8 +43,8 @@ MiB = 1 << 20
 @dataclass
 class Env:
     path: Path
-    main: Swarm
-    limited_swarm: Swarm
+    main: LocalSwarm
+    limited_swarm: LocalSwarm
     client: SwarmModel
     limited_client: SwarmModel
     ref: torch.nn.Module
@@ -70,7 +70,7 @@ class Env:
 def env(tiny_checkpoint_factory, tmp_path_factory):
     path = tiny_checkpoint_factory("llama", num_layers=6)
     root = tmp_path_factory.mktemp("bad_input")
-    main, limited = Swarm(root / "main"), Swarm(root / "limited")
+    main, limited = LocalSwarm(root / "main"), LocalSwarm(root / "limited")
     main.workdir.mkdir()
     limited.workdir.mkdir()
     clients: list[SwarmModel] = []
