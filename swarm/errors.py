@@ -98,23 +98,25 @@ class InternalNodeError(SwarmError):
     code = "internal"
 
 
-_BY_CODE: dict[str, type[SwarmError]] = {}
-
-
-def _register(cls: type[SwarmError]) -> None:
-    _BY_CODE[cls.code] = cls
+def _by_code(cls: type[SwarmError], code: str) -> type[SwarmError] | None:
+    if cls.__dict__.get("code") == code:
+        return cls
     for sub in cls.__subclasses__():
-        _register(sub)
-
-
-_register(SwarmError)
+        found = _by_code(sub, code)
+        if found is not None:
+            return found
+    return None
 
 
 def error_from_wire(payload: dict) -> SwarmError:
-    """Rebuild the error a node sent as ``{code, message}``; unknown codes become :class:`SwarmError`."""
+    """Rebuild the error a node sent as ``{code, message}``.
+
+    Subclasses defined by other packages (e.g. ``hybrid``'s graph errors) resolve too once imported; unknown
+    codes become :class:`SwarmError`.
+    """
     code = str(payload.get("code", SwarmError.code))
     message = str(payload.get("message", "remote error without a message"))
-    cls = _BY_CODE.get(code, SwarmError)
+    cls = _by_code(SwarmError, code) or SwarmError
     err = SwarmError.__new__(cls)
     SwarmError.__init__(err, message)
     if cls is MissingBlocksError:

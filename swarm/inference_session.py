@@ -19,7 +19,7 @@ import torch
 from .errors import PeerUnreachableError
 from .remote_sequence import RemoteSequence, _extras
 from .routing import Hop
-from .span_server import INFERENCE
+from .handles import INFERENCE
 from .transport import call
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from ._loop import BackgroundLoop
 from .errors import PeerUnreachableError
 from .records import ServerRecord, records_from_dht_value
 from .routing import Hop, plan_route
-from .span_server import BACKWARD, FORWARD
+from .handles import BACKWARD, FORWARD
 from .transport import call, ping
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,57 @@ class RemoteSequence:
             x = out["outputs"]
             i += 1
         return x, trail
+
+    async def forward_chain(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                            position_ids: torch.Tensor | None = None, embed: bool = False, head: bool = False,
+                            hook: tuple[str, int, bytes] | None = None, return_outputs: bool = True,
+                            ) -> tuple[torch.Tensor, bytes, list[Hop]]:
+        """Push the inputs through the whole route node → node; only the last node's answer comes back.
+
+        Args:
+            hook: ``(kind, version, payload)`` given to every hop's span hook; each hop's result is the next
+                hop's ``carry`` and the last hop's result is returned.
+            return_outputs: False to get an empty tensor instead of the final hidden states / logits.
+        Returns:
+            ``(outputs, hook_result, route)``.
+        """
+        extras = _extras(attention_mask, position_ids)
+        for attempt in range(self.config.max_retries + 1):
+            hops = await self.route(embed=embed, head=head, refresh=attempt > 0)
+            chain = [{"peer": h.peer_id, "start": h.start, "end": h.end, "head": head and h.end == self.num_layers}
+                     for h in hops]
+            tensors = {"inputs": inputs, **extras}
+            meta = {"start": hops[0].start, "end": hops[0].end, "embed": embed, "head": chain[0]["head"],
+                    "next": chain[1:], "return_outputs": return_outputs}
+            if hook is not None:
+                kind, version, payload = hook
+                tensors["hook_payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                meta["hook"] = {"kind": kind, "version": version}
+            t0 = time.perf_counter()
+            try:
+                out, _ = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
+                                    timeout_s=self.config.request_timeout_s * len(hops))
+            except PeerUnreachableError as e:
+                if attempt == self.config.max_retries:
+                    raise
+                logger.warning("Chained forward failed (%s); checking the route's nodes", e)
+                await self._ban_unreachable(hops)
+                self.stats.reroutes += 1
+                continue
+            if attempt:
+                self.stats.reroute_s.append(time.perf_counter() - t0)
+            result = out.get("hook_result")
+            return out["outputs"], (result.numpy().tobytes() if result is not None else b""), hops
+        raise AssertionError("unreachable")
+
+    async def _ban_unreachable(self, hops: list[Hop]) -> None:
+        """Ping every node of a failed route and exclude those that do not answer."""
+        async def check(peer_id: str) -> None:
+            try:
+                await ping(self.p2p, peer_id, timeout_s=self.config.ping_timeout_s)
+            except PeerUnreachableError:
+                self.ban(peer_id)
+        await asyncio.gather(*(check(h.peer_id) for h in hops))
 
     async def backward(self, trail: list[tuple[Hop, torch.Tensor]], grad_outputs: torch.Tensor, *,
                        attention_mask: torch.Tensor | None = None,

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
-from .errors import HookError
+from .errors import HookError, SwarmError
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class HookContext:
     """The request runs the head here."""
     step: int
     """Index of the inference step within its session (0 for plain forward/backward)."""
+    hop: int = 0
+    """Position of this node in a chained forward (0 = the node the client called)."""
+    carry: bytes = b""
+    """The previous hop's :meth:`SpanHook.result` in a chained forward (empty on the first hop)."""
 
 
 class SpanHook(Protocol):
@@ -122,7 +126,7 @@ def _make_post(path: str):
 def _guard(path: str, call: Callable[[], Any]) -> Any:
     try:
         return call()
-    except HookError:
+    except SwarmError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, torch.cuda.OutOfMemoryError) as e:
         raise HookError(f"Span hook failed at {path}: {type(e).__name__}: {e}") from e

@@ -5,10 +5,14 @@ over hivemind's 4 MiB message cap are fine. Handle names are explicit versioned 
 
 Request metadata (all RPCs):
     ``names``: names of the frame's tensors, from ``inputs``, ``attention_mask``, ``position_ids``,
-    ``grad_outputs``, ``hook_payload``; ``start``/``end``: the layers to run (within the node's span);
+    ``grad_outputs``, ``hook_payload``, ``hook_carry``; ``start``/``end``: the layers to run (within the node's span);
     ``embed``/``head``: run those stages too; ``hook``: ``{"kind", "version"}`` or absent.
 Inference adds ``session_id`` and, on its first step, ``open: {"max_length", "batch_size"}``; ``close: true``
 ends it; ``chunks: [T_1, T_2, ...]`` runs the inputs as consecutive steps of those lengths (history replay).
+Forward may be *chained*: ``next: [{"peer", "start", "end", "head"}, ...]`` makes this node send its outputs
+(with ``hook_payload`` and its hook's result as ``hook_carry``, ``hop`` + 1) to the next node itself and relay
+that node's answer back; ``return_outputs: false`` makes the last node answer an empty tensor instead of its
+hidden states (the caller only wants the hook's result).
 
 Any failure is answered with an error frame (typed, with a message); the node never dies of a bad request.
 """
@@ -31,15 +35,13 @@ from .errors import BadRequestError, InternalNodeError, SequenceTooLongError, Sw
 from .sessions import SessionManager
 from .span_hook import HookContext, HookRegistry, SpanHook, active_hook
 from .stages import SpanModel
+from .handles import BACKWARD, FORWARD, INFERENCE, INFO
+from .transport import call
 from .wire import encode_error, encode_frame, read_frame
 
 logger = logging.getLogger(__name__)
 
-FORWARD = "swarm.v1.forward"
-BACKWARD = "swarm.v1.backward"
-INFERENCE = "swarm.v1.inference"
-INFO = "swarm.v1.info"
-TENSOR_NAMES = frozenset({"inputs", "attention_mask", "position_ids", "grad_outputs", "hook_payload"})
+TENSOR_NAMES = frozenset({"inputs", "attention_mask", "position_ids", "grad_outputs", "hook_payload", "hook_carry"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class ServerLimits:
     """An inference session idle for this long is dropped."""
     linger_s: float = 30.0
     """After answering, wait up to this long for the caller to close the stream."""
+    chain_timeout_s: float = 120.0
+    """Deadline for the rest of a chained forward, as seen from this node."""
+    max_chain: int = 64
+    """Most onward hops a chained forward may name."""
 
 
 @dataclass
@@ -68,6 +74,7 @@ class _Request:
     embed: bool
     head: bool
     hook: SpanHook | None
+    hop: int = 0
 
 
 class SpanServer:
@@ -85,6 +92,7 @@ class SpanServer:
         self.sessions = SessionManager(limits.max_cache_bytes, 2 * config.num_key_value_heads * head_dim * itemsize,
                                        min(limits.max_length, config.max_position_embeddings))
         self.inflight = 0
+        self._p2p: P2P | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="span-compute")
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
@@ -94,6 +102,7 @@ class SpanServer:
         return self.inflight + len(self.sessions.sessions)
 
     async def register(self, p2p: P2P) -> None:
+        self._p2p = p2p
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (INFERENCE, self._inference)):
             await p2p.add_protobuf_handler(name, self._framed(handler), runtime_pb2.ExpertRequest,
                                            stream_input=True, stream_output=True)
@@ -202,9 +211,17 @@ class SpanServer:
             payload = named.get("hook_payload")
             if payload is None or payload.dtype != torch.uint8 or payload.ndim != 1:
                 raise BadRequestError("A hook request must carry 'hook_payload' as a 1D uint8 tensor.")
-            context = HookContext(self.model, start, end, bool(embed), bool(head), step)
+            hop = meta.get("hop", 0)
+            if not isinstance(hop, int) or isinstance(hop, bool) or hop < 0:
+                raise BadRequestError(f"meta['hop'] must be a non-negative integer; got {hop!r}.")
+            carry = named.get("hook_carry")
+            if carry is not None and (carry.dtype != torch.uint8 or carry.ndim != 1):
+                raise BadRequestError("'hook_carry' must be a 1D uint8 tensor.")
+            context = HookContext(self.model, start, end, bool(embed), bool(head), step, hop,
+                                  carry.numpy().tobytes() if carry is not None else b"")
             hook = self.hooks.build(spec["kind"], spec["version"], payload.numpy().tobytes(), context)
-        return _Request({k: v.to(self._device) for k, v in named.items()}, start, end, bool(embed), bool(head), hook)
+        return _Request({k: v.to(self._device) for k, v in named.items()}, start, end, bool(embed), bool(head), hook,
+                        meta.get("hop", 0) if hook is not None else 0)
 
     async def _compute(self, fn):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -227,11 +244,31 @@ class SpanServer:
 
     async def _forward(self, tensors, meta):
         request = self._parse(tensors, meta)
+        chain = _parse_chain(meta.get("next", []), self.limits.max_chain)
+        keep_outputs = meta.get("return_outputs", True)
+        if not isinstance(keep_outputs, bool):
+            raise BadRequestError("meta['return_outputs'] must be a boolean.")
 
         def work():
             with torch.no_grad():
                 return self._run(request, request.tensors["inputs"])
-        return self._reply(await self._compute(work), request)
+        output = await self._compute(work)
+        if not chain:
+            return self._reply(output if keep_outputs else output.new_empty(0), request)
+        # Chained forward: pass the hidden states (and the hook's carry) straight to the next node.
+        hop, rest = chain[0], chain[1:]
+        onward = {"inputs": output}
+        onward.update({k: request.tensors[k].cpu() for k in ("attention_mask", "position_ids") if k in request.tensors})
+        onward_meta = {"start": hop["start"], "end": hop["end"], "head": hop["head"], "next": rest,
+                       "return_outputs": keep_outputs}
+        if request.hook is not None:
+            onward["hook_payload"] = tensors[meta["names"].index("hook_payload")]
+            onward["hook_carry"] = torch.frombuffer(bytearray(request.hook.result()), dtype=torch.uint8)
+            onward_meta.update(hook=meta["hook"], hop=request.hop + 1)
+        out, reply = await call(self._p2p, hop["peer"], FORWARD, onward, onward_meta,
+                                timeout_s=self.limits.chain_timeout_s)
+        names = reply.get("names", list(out))
+        return [out[n] for n in names], {"names": names}
 
     async def _backward(self, tensors, meta):
         request = self._parse(tensors, meta)
@@ -309,4 +346,19 @@ class SpanServer:
         session.steps += 1
         session.last_used = time.monotonic()
         return self._reply(output, request, {"length": session.length})
+
+
+def _parse_chain(chain, max_chain: int) -> list[dict]:
+    """Validate ``meta['next']``: the onward hops of a chained forward."""
+    if not isinstance(chain, list) or len(chain) > max_chain:
+        raise BadRequestError(f"meta['next'] must be a list of at most {max_chain} hops.")
+    hops = []
+    for hop in chain:
+        ok = (isinstance(hop, dict) and isinstance(hop.get("peer"), str)
+              and all(isinstance(hop.get(k), int) and not isinstance(hop.get(k), bool) for k in ("start", "end"))
+              and isinstance(hop.get("head", False), bool))
+        if not ok:
+            raise BadRequestError(f"Each onward hop must be {{'peer': str, 'start': int, 'end': int, 'head': bool}}; got {hop!r}.")
+        hops.append({"peer": hop["peer"], "start": hop["start"], "end": hop["end"], "head": hop.get("head", False)})
+    return hops
 

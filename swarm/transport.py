@@ -17,7 +17,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from .errors import BadRequestError, PeerUnreachableError
-from .span_server import INFO
+from .handles import INFO
 from .wire import encode_frame, read_frame
 
 
