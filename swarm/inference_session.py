@@ -107,7 +107,7 @@ class InferenceSession:
         if not state.opened:
             meta["open"] = {"max_length": self.max_length, "batch_size": self.batch_size}
         out, _ = await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {"inputs": x, **extras}, meta,
-                            timeout_s=self.sequence.config.step_timeout_s)
+                            timeout_s=self.sequence.config.step_timeout_s, traffic=self.sequence.traffic)
         state.opened = True
         return out["outputs"]
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from hivemind.dht import DHT
@@ -21,7 +22,7 @@ from .errors import PeerUnreachableError
 from .records import ServerRecord, records_from_dht_value
 from .routing import Hop, plan_route
 from .handles import BACKWARD, FORWARD
-from .transport import call, ping
+from .transport import Traffic, call, ping
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class RemoteSequence:
         self.checkpoint_hash = checkpoint_hash
         self.config = config
         self.stats = RouteStats()
+        self.traffic = Traffic()
+        """Bytes and calls over this client's links (every call of this sequence credits it)."""
         self._records: list[ServerRecord] = []
         self._records_at = 0.0
         self._latency_s: dict[str, float] = {}
@@ -105,10 +108,12 @@ class RemoteSequence:
 
     async def forward(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, embed: bool = False, head: bool = False,
-                      keep_hop_inputs: bool = False) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-        """Run the whole model body; return outputs and (if asked) each hop with the input it received."""
+                      keep_hop_inputs: bool = False, start: int = 0, end: int | None = None,
+                      ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        """Run layers ``[start, end)`` (default: all); return outputs and (if asked) each hop with its input."""
         extras = _extras(attention_mask, position_ids)
-        hops = await self.route(embed=embed, head=head)
+        end = self.num_layers if end is None else end
+        hops = await self.route(start, end, embed=embed, head=head)
         trail: list[tuple[Hop, torch.Tensor]] = []
         x, i, retries, reroute_started = inputs, 0, 0, None
         while i < len(hops):
@@ -118,14 +123,14 @@ class RemoteSequence:
             try:
                 out, _ = await call(self.p2p, hop.peer_id, FORWARD, {"inputs": x, **extras},
                                     {"start": hop.start, "end": hop.end, "embed": first, "head": last},
-                                    timeout_s=self.config.request_timeout_s)
+                                    timeout_s=self.config.request_timeout_s, traffic=self.traffic)
             except PeerUnreachableError as e:
                 retries += 1
                 if retries > self.config.max_retries:
                     raise
                 logger.warning("%s; rerouting layers %d:%d", e, hop.start, self.num_layers)
                 self.ban(hop.peer_id)
-                hops = hops[:i] + await self.route(hop.start, embed=first, head=head, refresh=True)
+                hops = hops[:i] + await self.route(hop.start, end, embed=first, head=head, refresh=True)
                 self.stats.reroutes += 1
                 reroute_started = reroute_started or t0
                 continue
@@ -140,16 +145,19 @@ class RemoteSequence:
 
     async def forward_chain(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                             position_ids: torch.Tensor | None = None, embed: bool = False, head: bool = False,
-                            hook: tuple[str, int, bytes] | None = None, return_outputs: bool = True,
-                            ) -> tuple[torch.Tensor, bytes, list[Hop]]:
+                            hook: tuple[str, int, Callable[[list[Hop]], bytes]] | None = None, carry: bytes = b"",
+                            return_outputs: bool = True) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
         """Push the inputs through the whole route node → node; only the last node's answer comes back.
 
         Args:
-            hook: ``(kind, version, payload)`` given to every hop's span hook; each hop's result is the next
-                hop's ``carry`` and the last hop's result is returned.
+            hook: ``(kind, version, make_payload)``: ``make_payload(route)`` builds the payload every hop's span hook
+                gets (called again if the route changes); each hop's result is the next hop's ``carry`` and the
+                last hop's result is returned.
+            carry: the first hop's carry (values the client computed before the route).
             return_outputs: False to get an empty tensor instead of the final hidden states / logits.
         Returns:
-            ``(outputs, hook_result, route)``.
+            ``(outputs, hook_result, route, reply meta)``; the meta has ``compute_s`` per peer and ``node_bytes``
+            (bytes that crossed node → node links).
         """
         extras = _extras(attention_mask, position_ids)
         for attempt in range(self.config.max_retries + 1):
@@ -160,13 +168,16 @@ class RemoteSequence:
             meta = {"start": hops[0].start, "end": hops[0].end, "embed": embed, "head": chain[0]["head"],
                     "next": chain[1:], "return_outputs": return_outputs}
             if hook is not None:
-                kind, version, payload = hook
+                kind, version, make_payload = hook
+                payload = make_payload(hops)
                 tensors["hook_payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                if carry:
+                    tensors["hook_carry"] = torch.frombuffer(bytearray(carry), dtype=torch.uint8)
                 meta["hook"] = {"kind": kind, "version": version}
             t0 = time.perf_counter()
             try:
-                out, _ = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
-                                    timeout_s=self.config.request_timeout_s * len(hops))
+                out, reply = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
+                                    timeout_s=self.config.request_timeout_s * len(hops), traffic=self.traffic)
             except PeerUnreachableError as e:
                 if attempt == self.config.max_retries:
                     raise
@@ -177,7 +188,7 @@ class RemoteSequence:
             if attempt:
                 self.stats.reroute_s.append(time.perf_counter() - t0)
             result = out.get("hook_result")
-            return out["outputs"], (result.numpy().tobytes() if result is not None else b""), hops
+            return out["outputs"], (result.numpy().tobytes() if result is not None else b""), hops, reply
         raise AssertionError("unreachable")
 
     async def _ban_unreachable(self, hops: list[Hop]) -> None:
@@ -201,7 +212,7 @@ class RemoteSequence:
                     out, _ = await call(self.p2p, hop.peer_id, BACKWARD,
                                         {"inputs": x, "grad_outputs": grad, **extras},
                                         {"start": hop.start, "end": hop.end},
-                                        timeout_s=self.config.request_timeout_s)
+                                        timeout_s=self.config.request_timeout_s, traffic=self.traffic)
                     grad = out["outputs"]
                     break
                 except PeerUnreachableError:
@@ -220,11 +231,11 @@ class RemoteSequence:
         for h in sub:
             inputs.append(x)
             out, _ = await call(self.p2p, h.peer_id, FORWARD, {"inputs": x, **extras}, {"start": h.start, "end": h.end},
-                                timeout_s=self.config.request_timeout_s)
+                                timeout_s=self.config.request_timeout_s, traffic=self.traffic)
             x = out["outputs"]
         for h, xi in zip(reversed(sub), reversed(inputs)):
             out, _ = await call(self.p2p, h.peer_id, BACKWARD, {"inputs": xi, "grad_outputs": grad, **extras},
-                                {"start": h.start, "end": h.end}, timeout_s=self.config.request_timeout_s)
+                                {"start": h.start, "end": h.end}, timeout_s=self.config.request_timeout_s, traffic=self.traffic)
             grad = out["outputs"]
         return grad
 

@@ -36,7 +36,7 @@ from .sessions import SessionManager
 from .span_hook import HookContext, HookRegistry, SpanHook, active_hook
 from .stages import SpanModel
 from .handles import BACKWARD, FORWARD, INFERENCE, INFO
-from .transport import call
+from .transport import Traffic, call
 from .wire import encode_error, encode_frame, read_frame
 
 logger = logging.getLogger(__name__)
@@ -252,9 +252,11 @@ class SpanServer:
         def work():
             with torch.no_grad():
                 return self._run(request, request.tensors["inputs"])
+        t0 = time.perf_counter()
         output = await self._compute(work)
+        stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
         if not chain:
-            return self._reply(output if keep_outputs else output.new_empty(0), request)
+            return self._reply(output if keep_outputs else output.new_empty(0), request, stats)
         # Chained forward: pass the hidden states (and the hook's carry) straight to the next node.
         hop, rest = chain[0], chain[1:]
         onward = {"inputs": output}
@@ -265,10 +267,14 @@ class SpanServer:
             onward["hook_payload"] = tensors[meta["names"].index("hook_payload")]
             onward["hook_carry"] = torch.frombuffer(bytearray(request.hook.result()), dtype=torch.uint8)
             onward_meta.update(hook=meta["hook"], hop=request.hop + 1)
+        traffic = Traffic()
         out, reply = await call(self._p2p, hop["peer"], FORWARD, onward, onward_meta,
-                                timeout_s=self.limits.chain_timeout_s)
+                                timeout_s=self.limits.chain_timeout_s, traffic=traffic)
         names = reply.get("names", list(out))
-        return [out[n] for n in names], {"names": names}
+        downstream = reply.get("compute_s", {}) if isinstance(reply.get("compute_s"), dict) else {}
+        stats["compute_s"].update(downstream)
+        stats["node_bytes"] = int(reply.get("node_bytes", 0)) + traffic.bytes_sent + traffic.bytes_received
+        return [out[n] for n in names], {"names": names, **stats}
 
     async def _backward(self, tensors, meta):
         request = self._parse(tensors, meta)

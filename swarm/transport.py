@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import msgpack
@@ -21,14 +22,39 @@ from .handles import INFO
 from .wire import encode_frame, read_frame
 
 
-async def _aiter(messages) -> AsyncIterator:
+@dataclass
+class Traffic:
+    """Bytes and calls on one side of a link (serialized message sizes, metadata included)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    calls: int = 0
+
+    def add(self, other: "Traffic") -> None:
+        self.bytes_sent += other.bytes_sent
+        self.bytes_received += other.bytes_received
+        self.calls += other.calls
+
+
+async def _counted(messages, traffic: Traffic | None) -> AsyncIterator:
     for message in messages:
+        if traffic is not None:
+            traffic.bytes_sent += message.ByteSize()
+        yield message
+
+
+async def _counting(stream: AsyncIterator, traffic: Traffic | None) -> AsyncIterator:
+    async for message in stream:
+        if traffic is not None:
+            traffic.bytes_received += message.ByteSize()
         yield message
 
 
 async def call(p2p: P2P, peer_id: str, handle: str, tensors: dict[str, torch.Tensor], meta: dict,
-               *, timeout_s: float) -> tuple[dict[str, torch.Tensor], dict]:
+               *, timeout_s: float, traffic: Traffic | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Send named ``tensors`` + ``meta`` to ``handle`` on ``peer_id``; return the named response tensors + meta.
+
+    ``traffic``, if given, is credited with the bytes sent and received and one call.
 
     Raises:
         PeerUnreachableError: connection failed or broke, or no answer within ``timeout_s``.
@@ -38,10 +64,12 @@ async def call(p2p: P2P, peer_id: str, handle: str, tensors: dict[str, torch.Ten
     messages = encode_frame(list(tensors.values()), meta)
 
     async def exchange():
-        stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), handle, _aiter(messages),
+        if traffic is not None:
+            traffic.calls += 1
+        stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), handle, _counted(messages, traffic),
                                                     runtime_pb2.ExpertResponse)
         try:
-            frame = await read_frame(stream)
+            frame = await read_frame(_counting(stream, traffic))
         finally:
             await stream.aclose()
         if frame is None:

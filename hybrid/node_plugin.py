@@ -1,0 +1,74 @@
+"""The span hook that runs intervention graphs on a node. ``swarm-node serve`` loads it through the entry point
+``swarm.span_hooks: hybrid = hybrid.node_plugin:register``, so every volunteer node serves it by default."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from swarm.span_hook import HookContext, HookRegistry
+
+from .errors import InvalidGraphError, UnknownModuleError
+from .interpreter import Interpreter, validate
+from .ir import Limits
+from .request import HOOK_KIND, HOOK_VERSION, decode_request
+from .values import pack_values, unpack_values
+
+#: The most a request may ask of a node, whatever its own limits say.
+NODE_LIMITS = Limits()
+
+
+def cap_limits(limits: Limits) -> Limits:
+    return replace(limits, max_ops=min(limits.max_ops, NODE_LIMITS.max_ops),
+                   max_attachment_bytes=min(limits.max_attachment_bytes, NODE_LIMITS.max_attachment_bytes),
+                   max_elements=min(limits.max_elements, NODE_LIMITS.max_elements),
+                   max_wall_s=min(limits.max_wall_s, NODE_LIMITS.max_wall_s))
+
+
+class InterpreterHook:
+    """A :class:`swarm.span_hook.SpanHook` that feeds module events to an :class:`Interpreter`."""
+
+    def __init__(self, interpreter: Interpreter, call: int = 0):
+        self.interpreter, self.call = interpreter, call
+
+    def before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self.interpreter.wants(path):
+            return None
+        if args:
+            new = self.interpreter.on_event(path, "input", self.call, args[0])
+            return None if new is args[0] else ((new, *args[1:]), kwargs)
+        if kwargs:
+            name = next(iter(kwargs))
+            new = self.interpreter.on_event(path, "input", self.call, kwargs[name])
+            return None if new is kwargs[name] else (args, {**kwargs, name: new})
+        return None
+
+    def after(self, path: str, output: Any) -> Any:
+        if not self.interpreter.wants(path):
+            return output
+        return self.interpreter.on_event(path, "output", self.call, output)
+
+    def result(self) -> bytes:
+        return pack_values(self.interpreter.finish())
+
+
+def build_graph_hook(payload: bytes, context: HookContext) -> InterpreterHook:
+    """Decode and check a hybrid request, and build the hook running this node's share of it."""
+    graph, plan, hop_offset = decode_request(payload, max_attachment_bytes=NODE_LIMITS.max_attachment_bytes)
+    validate(graph, cap_limits)
+    me = hop_offset + context.hop
+    if not 0 <= me < len(plan.executors):
+        raise InvalidGraphError(f"plan has no executor for chain position {context.hop}")
+    modules = dict(context.model.named_modules())
+    for node in graph.nodes:
+        if plan.assignment[node.id] == me and node.op in ("getter", "setter") and node.module not in modules:
+            raise UnknownModuleError(f"Module {node.module!r} is not served by this node (span "
+                                     f"{context.start}:{context.end}); the plan does not match the route.")
+    device = next(context.model.parameters()).device
+    interpreter = Interpreter(graph, plan, me, unpack_values(context.carry), device=device,
+                              limits=cap_limits(graph.limits))
+    return InterpreterHook(interpreter, context.step)
+
+
+def register(registry: HookRegistry) -> None:
+    registry.register(HOOK_KIND, HOOK_VERSION, build_graph_hook)

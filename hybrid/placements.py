@@ -1,0 +1,196 @@
+"""Placements: where one traced graph runs. The same graph runs in each, so results and costs compare.
+
+- ``local`` (HPC): the whole model is loaded in this process; the graph runs on module hooks here.
+- ``hybrid``: the graph is planned over the route and pushed with the hidden states, node → node
+  (:meth:`swarm.remote_sequence.RemoteSequence.forward_chain`); only saved values come back. Stages the swarm
+  does not serve (embedding, head) run on the client as executors of their own.
+- ``centralized``: ``hybrid`` on a deployment where one node serves every stage (a one-hop route).
+- ``swarm`` (Petals-style comparator): the graph runs on the client; the client pulls the hidden state at every
+  intervened layer boundary, runs the graph there, and sends the (possibly changed) state onward. Like Petals it
+  can only reach decoder-layer inputs/outputs, the embedding and the head.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from swarm.model import SwarmModel
+from swarm.span_hook import active_hook
+from swarm.stages import SpanModel
+
+from .errors import DisallowedOpError, HybridError
+from .interpreter import Interpreter, validate
+from .ir import Graph
+from .node_plugin import InterpreterHook
+from .planner import Executor, Plan, plan_graph
+from .request import HOOK_KIND, HOOK_VERSION, encode_request
+from .values import pack_values, unpack_values
+
+PLACEMENTS = ("local", "hybrid", "centralized", "swarm")
+_LAYER_BOUNDARY = re.compile(r"^model\.layers\.(\d+)$")
+
+
+@dataclass
+class TraceStats:
+    """What one trace cost. The benchmarks are built on these numbers."""
+
+    placement: str
+    client_bytes_sent: int = 0
+    """Serialized bytes the client sent to nodes."""
+    client_bytes_received: int = 0
+    """Serialized bytes the client received from nodes."""
+    node_bytes: int = 0
+    """Bytes that crossed node → node links (both directions)."""
+    round_trips: int = 0
+    """Calls the client made."""
+    compute_s: dict[str, float] = field(default_factory=dict)
+    """Seconds of span compute per node (peer id)."""
+    wall_s: float = 0.0
+    route: list[str] = field(default_factory=list)
+    """Executors in order: ``client`` or peer ids."""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _run_local_stage(model: SpanModel, interpreter: Interpreter, inputs: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad(), active_hook(InterpreterHook(interpreter)):
+        return model(inputs, **kwargs)
+
+
+class LocalRunner:
+    """HPC placement: the whole model in this process."""
+
+    def __init__(self, model: SpanModel):
+        self.model = model
+
+    def run(self, graph: Graph, events, input_ids, attention_mask) -> tuple[dict[int, Any], TraceStats]:
+        t0 = time.perf_counter()
+        validate(graph)
+        num_layers = self.model.config.num_hidden_layers
+        plan = plan_graph(graph, events, num_layers, [Executor("local", 0, num_layers + 1)])
+        interpreter = Interpreter(graph, plan, 0, {}, device=next(self.model.parameters()).device)
+        _run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask)
+        saves = {k: v for k, v in interpreter.finish().items() if graph.nodes[k].save}
+        return saves, TraceStats("local", wall_s=time.perf_counter() - t0, route=["local"])
+
+
+class SwarmRunner:
+    """Runs graphs on a swarm, pushed (``hybrid``/``centralized``) or pulled (``swarm``)."""
+
+    def __init__(self, client: SwarmModel):
+        self.client = client
+        self.sequence = client.sequence
+        self.local = client.local  # embedding + head, with span-hook dispatch installed
+        self.num_layers = client.num_layers
+
+    def run(self, placement: str, graph: Graph, events, input_ids, attention_mask) -> tuple[dict[int, Any], TraceStats]:
+        validate(graph)
+        before = _snapshot(self.sequence.traffic)
+        t0 = time.perf_counter()
+        if placement == "swarm":
+            saves, stats = self._pulled(graph, events, input_ids, attention_mask)
+        else:
+            saves, stats = self._pushed(graph, events, input_ids, attention_mask, single_hop=placement == "centralized")
+            stats.placement = placement
+        after = self.sequence.traffic
+        stats.client_bytes_sent = after.bytes_sent - before[0]
+        stats.client_bytes_received = after.bytes_received - before[1]
+        stats.round_trips = after.calls - before[2]
+        stats.wall_s = time.perf_counter() - t0
+        return saves, stats
+
+    # ---- pushed: hybrid / centralized ---------------------------------------------------------------------
+
+    def _executors(self, hops, remote_embed: bool, remote_head: bool) -> list[Executor]:
+        n = self.num_layers
+        executors = [] if remote_embed else [Executor("client", 0, 0)]
+        for hop in hops:
+            first = 0 if remote_embed and hop.start == 0 else hop.start + 1
+            last = n + 1 if remote_head and hop.end == n else hop.end
+            executors.append(Executor(hop.peer_id, first, last))
+        return executors + ([] if remote_head else [Executor("client", n + 1, n + 1)])
+
+    def _pushed(self, graph, events, input_ids, attention_mask, *, single_hop: bool):
+        records = self.client.loop.run(self.sequence.records())
+        remote_embed = any(r.embed and r.online for r in records)
+        remote_head = any(r.head and r.online for r in records)
+        hops = self.client.loop.run(self.sequence.route(embed=remote_embed, head=remote_head))
+        if single_hop and len(hops) != 1:
+            raise HybridError(f"placement='centralized' needs one node serving all {self.num_layers} layers; "
+                              f"this swarm's route has {len(hops)} hops. Use placement='hybrid'.")
+        n = self.num_layers
+
+        def plan_for(route) -> Plan:
+            return plan_graph(graph, events, n, self._executors(route, remote_embed, remote_head))
+
+        plan = plan_for(hops)
+        offset = 0 if remote_embed else 1
+        carry, inputs, values = b"", input_ids, {}
+        if not remote_embed:  # the client's embedding is executor 0
+            embed_interp = Interpreter(graph, plan, 0, {})
+            inputs = _run_local_stage(self.local, embed_interp, input_ids, start=0, end=0, embed=True)
+            values = embed_interp.finish()
+            carry = pack_values(values)
+        used: list = []
+
+        def payload(route) -> bytes:
+            used[:] = route
+            return encode_request(graph, plan_for(route), offset)
+
+        outputs, result, route, reply = self.client.loop.run(self.sequence.forward_chain(
+            inputs, attention_mask=attention_mask, embed=remote_embed, head=remote_head,
+            hook=(HOOK_KIND, HOOK_VERSION, payload), carry=carry, return_outputs=not remote_head))
+        values = unpack_values(result)
+        plan = plan_for(route)
+        if not remote_head:  # the client's head is the last executor
+            head_interp = Interpreter(graph, plan, len(plan.executors) - 1, values)
+            _run_local_stage(self.local, head_interp, outputs, start=0, end=0, head=True)
+            values = head_interp.finish()
+        saves = {k: v for k, v in values.items() if graph.nodes[k].save}
+        stats = TraceStats("hybrid", node_bytes=int(reply.get("node_bytes", 0)),
+                           compute_s=dict(reply.get("compute_s", {})), route=[e.name for e in plan.executors])
+        return saves, stats
+
+    # ---- pulled: swarm (Petals-style) -----------------------------------------------------------------------
+
+    def _pulled(self, graph, events, input_ids, attention_mask):
+        n = self.num_layers
+        boundaries = set()
+        for node in graph.nodes:
+            if node.op in ("getter", "setter"):
+                match = _LAYER_BOUNDARY.match(node.module)
+                if match:
+                    layer = int(match.group(1))
+                    boundaries.add(layer if node.kind == "input" else layer + 1)
+                elif not node.module.startswith(("model.embed_tokens", "model.norm", "lm_head")):
+                    raise DisallowedOpError(
+                        f"placement='swarm' (Petals-style) reaches only decoder-layer inputs/outputs, the embedding "
+                        f"and the head; {node.module!r} is inside a layer. Use placement='hybrid'.")
+        plan = plan_graph(graph, events, n, [Executor("client", 0, n + 1)])
+        interpreter = Interpreter(graph, plan, 0, {})
+        hidden = _run_local_stage(self.local, interpreter, input_ids, start=0, end=0, embed=True)
+        cuts = sorted(b for b in boundaries if 0 < b < n)
+        start = 0
+        for end in cuts + [n]:
+            if start == 0 and 0 in boundaries:
+                hidden = interpreter.on_event("model.layers.0", "input", 0, hidden)
+            hidden, _ = self.client.loop.run(self.sequence.forward(hidden, attention_mask=attention_mask,
+                                                                  start=start, end=end))
+            hidden = interpreter.on_event(f"model.layers.{end - 1}", "output", 0, hidden)
+            if end < n:
+                hidden = interpreter.on_event(f"model.layers.{end}", "input", 0, hidden)
+            start = end
+        _run_local_stage(self.local, interpreter, hidden, start=0, end=0, head=True)
+        values = interpreter.finish()
+        saves = {k: v for k, v in values.items() if graph.nodes[k].save}
+        return saves, TraceStats("swarm", route=["client"])
+
+
+def _snapshot(traffic) -> tuple[int, int, int]:
+    return traffic.bytes_sent, traffic.bytes_received, traffic.calls

@@ -1,0 +1,149 @@
+"""The planner: cut a graph over the executors of a route, each node at the earliest stage holding its inputs.
+
+Stages of a decoder LM: ``0`` = embedding, ``1..L`` = layers ``0..L-1``, ``L+1`` = head (final norm + LM head).
+An *executor* runs a contiguous range of stages: the client (its local embedding or head) or one node of the
+route. Time is the position of a module event in forward order (``(call, index in ShapeInfo.events)``):
+
+- a getter happens at its module event; a setter must happen at its module event too;
+- any other node happens as soon as its last input exists (max of its inputs' times), so it runs on the
+  executor that produces that input — the earliest stage holding all its inputs;
+- a value computed on executor *k* and read on executor *j > k* is *carried* from *k* to *j* with the hidden
+  states (node → node), and saved values travel on to the end of the route and back to the client.
+
+A setter (or an in-place write into a module's value) fed by a later module is refused (:class:`OrderError`):
+the model has already moved past that module when the value exists (NDIF paper §3.1).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import OrderError, UnknownModuleError
+from .ir import Graph, Node
+
+#: Methods and operators that write into their first argument.
+INPLACE_METHODS = frozenset({"add_", "sub_", "mul_", "div_", "zero_", "fill_", "copy_", "clamp_", "masked_fill_",
+                             "__setitem__"})
+INPLACE_OPERATORS = frozenset({"setitem", "iadd", "isub", "imul", "itruediv"})
+#: Ops whose result shares memory with their first argument (writes through them reach the module's value).
+VIEW_METHODS = frozenset({"view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "flatten",
+                          "expand", "expand_as", "view_as", "t", "__getitem__", "contiguous", "detach"})
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)(\.|$)")
+
+
+def module_stage(path: str, num_layers: int) -> int:
+    """Stage index of a module path. Raises UnknownModuleError for modules outside embed/layers/norm/head."""
+    if path == "model.embed_tokens" or path.startswith("model.embed_tokens."):
+        return 0
+    match = _LAYER.match(path)
+    if match and int(match.group(1)) < num_layers:
+        return int(match.group(1)) + 1
+    if path in ("model.norm", "lm_head") or path.startswith(("model.norm.", "lm_head.")):
+        return num_layers + 1
+    raise UnknownModuleError(f"Module {path!r} cannot be intervened on: only model.embed_tokens, model.layers.<i>"
+                             f"[.<submodule>] (i < {num_layers}), model.norm and lm_head run on the swarm.")
+
+
+def is_inplace(node: Node) -> bool:
+    return (node.op == "method" and node.target in INPLACE_METHODS) or (
+        node.op == "operator" and node.target in INPLACE_OPERATORS)
+
+
+@dataclass(frozen=True)
+class Executor:
+    """One place that runs part of the graph: a contiguous range of stages ``[first, last]``."""
+
+    name: str
+    """``client`` or a peer id."""
+    first: int
+    last: int
+
+
+@dataclass
+class Plan:
+    executors: list[Executor]
+    assignment: list[int]
+    """Executor index of every graph node."""
+    carry: list[list[int]]
+    """carry[k]: node ids whose values leave executor k onward (needed later, or saved)."""
+    times: list[tuple[int, int]]
+
+    def to_json(self) -> dict:
+        return {"executors": [[e.name, e.first, e.last] for e in self.executors], "assignment": self.assignment,
+                "carry": self.carry}
+
+
+def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, executors: list[Executor]) -> Plan:
+    """Assign every node to an executor; raise OrderError / UnknownModuleError for graphs that cannot run.
+
+    Args:
+        events: forward order of module events ``(path, kind)`` for one call of the model.
+    """
+    index = {event: i for i, event in enumerate(events)}
+    times: list[tuple[int, int]] = []
+    stages: list[int] = []
+    alias_root: list[int | None] = []
+    for node in graph.nodes:
+        refs = node.refs()
+        if node.op in ("getter", "setter"):
+            key = (node.module, node.kind)
+            if key not in index:
+                raise UnknownModuleError(f"The model never calls {node.module!r} ({node.kind}); check the module path.")
+            time = (node.call or 0, index[key])
+            stage = module_stage(node.module, num_layers)
+            if node.op == "setter":
+                late = [r for r in refs if times[r] > time]
+                if late:
+                    raise OrderError(_late_message(graph, node, late[0]))
+        else:
+            time = max((times[r] for r in refs), default=(-1, -1))
+            stage = max((stages[r] for r in refs), default=0)
+        if is_inplace(node) and node.args:
+            root = alias_root[node.args[0].id] if hasattr(node.args[0], "id") else None
+            if root is not None and time > times[root]:
+                culprit = max(refs, key=lambda r: times[r])
+                raise OrderError(_late_message(graph, graph.nodes[root], culprit, write=True))
+        times.append(time)
+        stages.append(stage)
+        if node.op == "getter":
+            alias_root.append(node.id)
+        elif node.op == "method" and node.target in VIEW_METHODS or node.op == "operator" and node.target == "getitem":
+            first = node.args[0] if node.args else None
+            alias_root.append(alias_root[first.id] if hasattr(first, "id") else None)
+        else:
+            alias_root.append(None)
+
+    def owner(stage: int) -> int:
+        for k, ex in enumerate(executors):
+            if ex.first <= stage <= ex.last:
+                return k
+        raise UnknownModuleError(f"No executor of the route runs stage {stage}.")
+
+    assignment = [owner(s) for s in stages]
+    carry: list[list[int]] = [[] for _ in executors]
+    for k in range(len(executors)):
+        needed = set()
+        for node in graph.nodes:
+            if assignment[node.id] > k:
+                needed.update(r for r in node.refs() if assignment[r] <= k)
+        needed.update(n.id for n in graph.nodes if n.save and assignment[n.id] <= k)
+        carry[k] = sorted(needed)
+    return Plan(list(executors), assignment, carry, times)
+
+
+def _late_message(graph: Graph, node: Node, late: int, write: bool = False) -> str:
+    source = _origin(graph, late)
+    what = f"writes into {node.module}.{node.kind}" if write else f"sets {node.module}.{node.kind}"
+    return (f"Node {node.id} {what} with a value that depends on {source}, which the model computes later. "
+            f"A module's value can only be changed with values available when the module runs.")
+
+
+def _origin(graph: Graph, node_id: int) -> str:
+    """The latest module a value depends on, for error messages."""
+    node = graph.nodes[node_id]
+    if node.op == "getter":
+        return f"{node.module}.{node.kind}"
+    refs = node.refs()
+    return _origin(graph, max(refs)) if refs else "a constant"

@@ -1,0 +1,45 @@
+"""What a node receives for a hybrid request: the graph and its plan, as one opaque span-hook payload.
+
+Wire form: ``b"HYRQ" + u64 len(plan json) + plan json + graph bytes (hybrid.ir)``. The plan JSON is
+``{"executors": [[name, first_stage, last_stage], ...], "assignment": [...], "carry": [[...], ...],
+"hop_offset": k}``: the node at chain position ``hop`` is executor ``hop_offset + hop``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from .errors import InvalidGraphError
+from .ir import Graph
+from .planner import Executor, Plan
+
+MAGIC = b"HYRQ"
+HOOK_KIND = "hybrid.graph"
+HOOK_VERSION = 1
+
+
+def encode_request(graph: Graph, plan: Plan, hop_offset: int) -> bytes:
+    doc = {**plan.to_json(), "hop_offset": hop_offset}
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<Q", len(text)) + text + graph.to_bytes()
+
+
+def decode_request(data: bytes, *, max_attachment_bytes: int | None = None) -> tuple[Graph, Plan, int]:
+    """Raises InvalidGraphError (or LimitExceededError) on anything malformed."""
+    if len(data) < 12 or data[:4] != MAGIC:
+        raise InvalidGraphError("span hook payload is not a hybrid request (bad magic)")
+    (length,) = struct.unpack("<Q", data[4:12])
+    try:
+        doc = json.loads(data[12:12 + length])
+        executors = [Executor(str(n), int(a), int(b)) for n, a, b in doc["executors"]]
+        assignment = [int(x) for x in doc["assignment"]]
+        carry = [[int(x) for x in c] for c in doc["carry"]]
+        hop_offset = int(doc["hop_offset"])
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise InvalidGraphError(f"malformed plan in hybrid request: {e}") from None
+    graph = Graph.from_bytes(data[12 + length:], max_attachment_bytes=max_attachment_bytes)
+    if len(assignment) != len(graph.nodes) or len(carry) != len(executors) or not all(
+            0 <= a < len(executors) for a in assignment):
+        raise InvalidGraphError("plan does not match the graph (assignment/carry sizes or executor indices)")
+    return graph, Plan(executors, assignment, carry, []), hop_offset

@@ -1,0 +1,75 @@
+"""Packing graph values (tensors, tuples of them, Python scalars) into bytes: saves and carried values.
+
+Same encoding as the IR's arguments (:func:`hybrid.ir.encode_value`), tensors as safetensors attachments.
+Wire form: ``b"HYVL" + u64 len(json) + json + safetensors``, where json = ``{"<node id>": encoded value}``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import InvalidGraphError
+from .ir import Attachment, decode_value, encode_value
+
+MAGIC = b"HYVL"
+
+
+def _lift(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """Replace tensors by attachment markers (namedtuples and torch.Size become tuples)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value.detach().cpu().contiguous())
+        return Attachment(len(tensors) - 1)
+    if isinstance(value, (tuple, list)):
+        items = [_lift(v, tensors) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def _lower(value: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(value, Attachment):
+        if not 0 <= value.index < len(tensors):
+            raise InvalidGraphError(f"value refers to missing tensor {value.index}")
+        return tensors[value.index]
+    if isinstance(value, (tuple, list)):
+        items = [_lower(v, tensors) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def pack_values(values: dict[int, Any]) -> bytes:
+    tensors: list[torch.Tensor] = []
+    doc = {str(k): encode_value(_lift(v, tensors)) for k, v in values.items()}
+    text = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    blob = st_save({str(i): t for i, t in enumerate(tensors)}) if tensors else b""
+    return MAGIC + struct.pack("<Q", len(text)) + text + blob
+
+
+def unpack_values(data: bytes) -> dict[int, Any]:
+    """Raises InvalidGraphError if ``data`` is not a packed value set."""
+    if not data:
+        return {}
+    if data[:4] != MAGIC or len(data) < 12:
+        raise InvalidGraphError("carried values are malformed (bad magic)")
+    (length,) = struct.unpack("<Q", data[4:12])
+    try:
+        doc = json.loads(data[12:12 + length])
+        raw = st_load(data[12 + length:]) if len(data) > 12 + length else {}
+    except Exception as e:
+        raise InvalidGraphError(f"carried values do not parse: {e}") from None
+    tensors = [raw[str(i)] for i in range(len(raw))]
+    return {int(k): _lower(decode_value(v), tensors) for k, v in doc.items()}
+
+
+def value_nbytes(value: Any) -> int:
+    """Bytes of the tensors inside ``value`` (for accounting)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(value_nbytes(v) for v in value)
+    return 0
