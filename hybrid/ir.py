@@ -128,11 +128,13 @@ class Graph:
     # ---- JSON + attachments ---------------------------------------------------------------------------
 
     def to_json(self) -> dict:
-        return {"version": IR_VERSION, "limits": self.limits.to_json(), "nodes": [
-            {k: v for k, v in (("id", n.id), ("op", n.op), ("target", n.target), ("args", encode_value(n.args)),
-                               ("kwargs", encode_value(n.kwargs)), ("module", n.module), ("kind", n.kind),
-                               ("call", n.call), ("save", n.save)) if v not in (None, False, [], {})}
-            for n in self.nodes]}
+        nodes = []
+        for n in self.nodes:
+            optional = (("target", n.target), ("args", encode_value(n.args)), ("kwargs", encode_value(n.kwargs)),
+                        ("module", n.module), ("kind", n.kind), ("call", n.call), ("save", n.save))
+            nodes.append({"id": n.id, "op": n.op, **{k: v for k, v in optional
+                                                      if v is not None and v is not False and v != [] and v != {}}})
+        return {"version": IR_VERSION, "limits": self.limits.to_json(), "nodes": nodes}
 
     def to_bytes(self) -> bytes:
         text = json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
