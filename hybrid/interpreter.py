@@ -18,56 +18,8 @@ import torch
 
 from . import ops
 from .errors import DisallowedOpError, InvalidGraphError, LimitExceededError, OrderError
-from .ir import KINDS, OPS, Attachment, Graph, Node, Ref
+from .ir import Attachment, Graph, Node, Ref
 from .planner import Plan
-
-
-def validate(graph: Graph, limits_cap=None) -> None:
-    """Structural and whitelist checks of a graph received from the network.
-
-    Raises:
-        InvalidGraphError: malformed structure (bad refs, fields).
-        DisallowedOpError: an op, function or method outside the whitelist.
-        LimitExceededError: more nodes than the limits allow.
-    """
-    limits = graph.limits
-    if limits_cap is not None:
-        limits = limits_cap(limits)
-    if len(graph.nodes) > limits.max_ops:
-        raise LimitExceededError(f"The graph has {len(graph.nodes)} ops; the limit is {limits.max_ops}.")
-    for node in graph.nodes:
-        if node.op not in OPS:
-            raise DisallowedOpError(f"Op {node.op!r} of node {node.id} is not allowed; ops are {', '.join(OPS)}.")
-        if node.op in ("getter", "setter"):
-            if not isinstance(node.module, str) or node.kind not in KINDS or not isinstance(node.call, int) or node.call < 0:
-                raise InvalidGraphError(f"Node {node.id}: a {node.op} needs module (str), kind in {KINDS}, call >= 0.")
-        elif node.op == "function":
-            ops.function(str(node.target))
-        elif node.op == "method":
-            ops.check_method(str(node.target))
-        elif node.op == "operator":
-            ops.operator_fn(str(node.target))
-        if node.op == "setter" and len(node.args) != 1:
-            raise InvalidGraphError(f"Node {node.id}: a setter takes exactly one argument.")
-        if node.op == "method" and (not node.args or not isinstance(node.args[0], Ref)):
-            raise InvalidGraphError(f"Node {node.id}: a method call needs the tensor it is called on as args[0].")
-        for ref in node.refs():
-            if not 0 <= ref < node.id:
-                raise InvalidGraphError(f"Node {node.id} refers to node {ref}, which does not come before it.")
-        _check_attachments(node.args, len(graph.attachments), node.id)
-        _check_attachments(node.kwargs, len(graph.attachments), node.id)
-
-
-def _check_attachments(value: Any, count: int, node_id: int) -> None:
-    if isinstance(value, Attachment):
-        if not 0 <= value.index < count:
-            raise InvalidGraphError(f"Node {node_id} refers to attachment {value.index}; the graph has {count}.")
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _check_attachments(v, count, node_id)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _check_attachments(v, count, node_id)
 
 
 class Interpreter:

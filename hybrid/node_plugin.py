@@ -9,7 +9,8 @@ from typing import Any
 from swarm.span_hook import HookContext, HookRegistry
 
 from .errors import InvalidGraphError, UnknownModuleError
-from .interpreter import Interpreter, validate
+from .interpreter import Interpreter
+from .validation import validate
 from .ir import Limits
 from .request import HOOK_KIND, HOOK_VERSION, decode_request
 from .values import pack_values, unpack_values

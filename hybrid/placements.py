@@ -24,7 +24,7 @@ from swarm.span_hook import active_hook
 from swarm.stages import SpanModel
 
 from .errors import DisallowedOpError, HybridError
-from .interpreter import Interpreter, validate
+from .interpreter import Interpreter
 from .ir import Graph
 from .node_plugin import InterpreterHook
 from .planner import Executor, Plan, plan_graph
@@ -71,7 +71,6 @@ class LocalRunner:
 
     def run(self, graph: Graph, events, input_ids, attention_mask) -> tuple[dict[int, Any], TraceStats]:
         t0 = time.perf_counter()
-        validate(graph)
         num_layers = self.model.config.num_hidden_layers
         plan = plan_graph(graph, events, num_layers, [Executor("local", 0, num_layers + 1)])
         interpreter = Interpreter(graph, plan, 0, {}, device=next(self.model.parameters()).device)
@@ -90,7 +89,6 @@ class SwarmRunner:
         self.num_layers = client.num_layers
 
     def run(self, placement: str, graph: Graph, events, input_ids, attention_mask) -> tuple[dict[int, Any], TraceStats]:
-        validate(graph)
         before = _snapshot(self.sequence.traffic)
         t0 = time.perf_counter()
         if placement == "swarm":

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .errors import OrderError, UnknownModuleError
 from .ir import Graph, Node
+from .validation import validate
 
 #: Methods and operators that write into their first argument.
 INPLACE_METHODS = frozenset({"add_", "sub_", "mul_", "div_", "zero_", "fill_", "copy_", "clamp_", "masked_fill_",
@@ -81,6 +82,7 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
     Args:
         events: forward order of module events ``(path, kind)`` for one call of the model.
     """
+    validate(graph)
     index = {event: i for i, event in enumerate(events)}
     times: list[tuple[int, int]] = []
     stages: list[int] = []

@@ -1,0 +1,262 @@
+"""The model's module tree while tracing: a weightless skeleton, the order and fake values of its module calls, and
+the :class:`Envoy` tree a user addresses modules by.
+
+:class:`ModelSkeleton` builds the causal LM from its config on the ``meta`` device (no weights, no I/O) and runs it
+once per input shape with hooks on every submodule, giving a :class:`ShapeInfo`: the forward order of module
+*events* (``(path, "input")`` when a module is entered, ``(path, "output")`` when it returns) and a meta value of the
+same structure as each module's first input / output. Tracing uses the order to reject out-of-order access and the
+fake values to check shapes before anything is sent.
+
+Meta forward workaround (transformers 5.23): building the causal mask from a 2-D ``attention_mask`` (or from none,
+via the packed-sequence check on ``position_ids``) calls ``.item()`` / ``.all()`` on tensors, which meta tensors
+refuse. :meth:`ModelSkeleton.shapes` therefore always passes an already expanded 4-D boolean mask
+``(B, 1, T, T)``: ``masking_utils`` returns a 4-D mask as it is, before any data-dependent check, and sdpa/eager
+attention accept it. The mask's values never matter on meta; only shapes do. Nothing global is patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import transformers
+
+from .errors import DisallowedOpError, TraceError, UnknownModuleError
+
+KINDS = ("input", "output")
+
+
+@dataclass
+class ShapeInfo:
+    """What one forward of the skeleton showed: event order and fake values (of each module's first call)."""
+
+    events: list[tuple[str, str]]
+    """``(path, "input" | "output")`` in forward order; a module's input event comes when it is entered."""
+    values: dict[tuple[str, str], Any] = field(default_factory=dict)
+    """Meta value per event: the first positional argument (else the first keyword argument, as nnsight's
+    ``.input``) for ``"input"``, the return value for ``"output"`` (a tensor, a tuple, or a ``ModelOutput``)."""
+
+    def __post_init__(self) -> None:
+        self._order = {event: i for i, event in enumerate(self.events)}
+
+    def index(self, path: str, kind: str) -> int:
+        """Position of the event in forward order.
+
+        Raises:
+            TraceError: the module never runs (so it has no such event) in a forward of this model.
+        """
+        try:
+            return self._order[(path, kind)]
+        except KeyError:
+            raise TraceError(f"module {path!r} has no {kind} event: it is not called in a forward of this model, "
+                             "so its .input/.output cannot be used") from None
+
+    def fake(self, path: str, kind: str) -> Any:
+        """The meta value of ``path``'s first input or output (see :attr:`values`). Raises TraceError like
+        :meth:`index`."""
+        self.index(path, kind)
+        return self.values[(path, kind)]
+
+
+class ModelSkeleton:
+    """A causal LM built from its config on the meta device: the module tree and shapes, never weights.
+
+    Args:
+        config: a transformers config of a causal LM.
+        dtype: floating dtype of the fake values (the dtype the executing model runs in); default float32, which is
+            what ``from_config`` builds.
+    """
+
+    def __init__(self, config: transformers.PretrainedConfig, *, dtype: torch.dtype | None = None) -> None:
+        self.config = config
+        with torch.device("meta"):
+            kwargs = {} if dtype is None else {"dtype": dtype}
+            self.model = transformers.AutoModelForCausalLM.from_config(config, **kwargs).eval()
+        self._cache: dict[tuple, ShapeInfo] = {}
+
+    def module_paths(self) -> list[str]:
+        """HF names of every submodule, root excluded (``model.embed_tokens``, ``model.layers.7.mlp``, ``lm_head``)."""
+        return [name for name, _ in self.model.named_modules() if name]
+
+    def module(self, path: str) -> torch.nn.Module:
+        """The meta submodule at ``path`` (``""`` is the root). Raises UnknownModuleError."""
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            raise UnknownModuleError(f"the model has no module {path!r}; see ModelSkeleton.module_paths()") from None
+
+    def shapes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ShapeInfo:
+        """Run the meta model once on inputs of this shape and report every module event (cached per shape and mask
+        presence).
+
+        Args:
+            input_ids: ``(B, T)`` token ids (any device; only the shape is used).
+            attention_mask: ``(B, T)`` or None; only its presence keys the cache (see the module docstring).
+        """
+        if input_ids.ndim != 2:
+            raise TraceError(f"input_ids must be (batch, tokens); got shape {tuple(input_ids.shape)}")
+        key = (tuple(input_ids.shape), attention_mask is not None)
+        if key not in self._cache:
+            self._cache[key] = self._run(*input_ids.shape)
+        return self._cache[key]
+
+    def _run(self, batch: int, tokens: int) -> ShapeInfo:
+        events: list[tuple[str, str]] = []
+        values: dict[tuple[str, str], Any] = {}
+
+        def on_enter(path: str) -> Callable:
+            def hook(module, args, kwargs):
+                if (path, "input") not in values:
+                    events.append((path, "input"))
+                    values[(path, "input")] = first_input(args, kwargs)
+            return hook
+
+        def on_return(path: str) -> Callable:
+            def hook(module, args, kwargs, output):
+                if (path, "output") not in values:
+                    events.append((path, "output"))
+                    values[(path, "output")] = output
+            return hook
+
+        handles = []
+        try:
+            for path, module in self.model.named_modules():
+                if path:
+                    handles.append(module.register_forward_pre_hook(on_enter(path), with_kwargs=True))
+                    handles.append(module.register_forward_hook(on_return(path), with_kwargs=True))
+            ids = torch.zeros((batch, tokens), dtype=torch.long, device="meta")
+            mask = torch.ones((batch, 1, tokens, tokens), dtype=torch.bool, device="meta")
+            with torch.no_grad():
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return ShapeInfo(events=events, values=values)
+
+
+def first_input(args: tuple, kwargs: dict) -> Any:
+    """nnsight 0.8's ``.input``: the first positional argument, else the first keyword argument, else None."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()), None)
+
+
+class Envoy:
+    """A module of the traced model: children as attributes (``lm.model.layers``), ``layers[i]`` indexing and
+    iteration over containers, and ``.output`` / ``.input`` to read or (by assignment) replace the module's value.
+
+    Envoys record nothing themselves: they ask the active tracer (``tracer_getter()``), which must provide
+    ``read_module(path, kind)`` and ``write_module(path, kind, value)``.
+    """
+
+    def __init__(self, path: str, module: torch.nn.Module, tracer_getter: Callable[[], Any]) -> None:
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_tracer_getter", tracer_getter)
+        object.__setattr__(self, "_children", {
+            name: Envoy(f"{path}.{name}" if path else name, child, tracer_getter)
+            for name, child in module.named_children()})
+
+    @property
+    def path(self) -> str:
+        """HF module path (``model.layers.7.mlp``); the root is ``""``."""
+        return self._path
+
+    @property
+    def output(self) -> Any:
+        """The module's output in this invoke (a Proxy, or a TupleProxy of per-invoke rows of a tuple)."""
+        return self._tracer("output").read_module(self._path, "output")
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._tracer("output").write_module(self._path, "output", value)
+
+    @property
+    def input(self) -> Any:
+        """The module's first positional argument (else first keyword argument), like nnsight 0.8 ``.input``."""
+        return self._tracer("input").read_module(self._path, "input")
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        self._tracer("input").write_module(self._path, "input", value)
+
+    @property
+    def inputs(self) -> Any:
+        raise DisallowedOpError(f"{self._name('inputs')}: the full (args, kwargs) of a module is not addressable "
+                                "in a graph; use .input (its first argument)")
+
+    def _tracer(self, kind: str) -> Any:
+        tracer = self._tracer_getter()
+        if tracer is None:
+            raise TraceError(f"{self._name(kind)} can only be used inside `with lm.trace(...)`")
+        if not self._path:
+            raise TraceError("the root model's input/output is not addressable; use lm.lm_head.output for logits")
+        return tracer
+
+    def _name(self, attr: str) -> str:
+        return f"{self._path or '<root>'}.{attr}"
+
+    def __getattr__(self, name: str) -> Any:
+        children = self.__dict__["_children"]
+        if name in children:
+            return children[name]
+        if name.startswith("_"):
+            raise AttributeError(name)
+        module = self.__dict__["_module"]
+        if name in module._parameters or name in module._buffers:
+            raise DisallowedOpError(f"{self._name(name)}: weights and buffers live on the serving nodes and are not "
+                                    "addressable in a graph")
+        value = getattr(module, name, None)
+        if isinstance(value, (bool, int, float, str, type(None))) and hasattr(module, name):
+            return value
+        raise AttributeError(f"module {self._path or '<root>'!r} ({type(module).__name__}) has no submodule {name!r}; "
+                             f"submodules: {', '.join(children) or 'none'}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input"):
+            object.__setattr__(self, name, value)  # dispatches to the property setter
+            return
+        raise TraceError(f"cannot set {self._name(name)}: only .output and .input of a module can be assigned")
+
+    def __getitem__(self, key: int | str | slice) -> "Envoy | list[Envoy]":
+        items = list(self._children.values())
+        if isinstance(key, str):
+            if key not in self._children:
+                raise KeyError(f"module {self._path!r} has no child {key!r}")
+            return self._children[key]
+        if isinstance(key, slice):
+            return items[key]
+        if not isinstance(self._module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            raise TypeError(f"module {self._path!r} ({type(self._module).__name__}) is not a list of modules")
+        if not -len(items) <= key < len(items):
+            raise IndexError(f"module {self._path!r} has {len(items)} entries; index {key} is out of range")
+        return items[key]
+
+    def __iter__(self) -> Iterator["Envoy"]:
+        return iter(self._children.values())
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise DisallowedOpError(f"calling module {self._path!r} inside a graph is not supported; read its .output")
+
+    def __repr__(self) -> str:
+        return f"Envoy({self._path or '<root>'!r}: {type(self._module).__name__})"
+
+
+def root_envoy(skeleton: ModelSkeleton, tracer_getter: Callable[[], Any] | None = None) -> Envoy:
+    """The envoy of the skeleton's root module (the causal LM): ``root.model``, ``root.lm_head``...
+
+    Args:
+        skeleton: the model skeleton.
+        tracer_getter: returns the tracer recording now, or None outside a trace. Default: the innermost active
+            :class:`hybrid.tracing.Tracer` of this skeleton on this thread.
+    """
+    if tracer_getter is None:
+        from .tracing import current_tracer
+
+        def tracer_getter() -> Any:
+            return current_tracer(skeleton)
+    return Envoy("", skeleton.model, tracer_getter)

@@ -1,0 +1,131 @@
+"""Planner placement and refusals, and the interpreter's whitelist and limits, on hand-built graphs."""
+
+import pytest
+import torch
+
+from hybrid.errors import DisallowedOpError, InvalidGraphError, LimitExceededError, OrderError, UnknownModuleError
+from hybrid.interpreter import Interpreter
+from hybrid.validation import validate
+from hybrid.ir import Graph, Limits, Ref
+from hybrid.planner import Executor, module_stage, plan_graph
+from hybrid.values import pack_values, unpack_values
+
+L = 4
+EVENTS = [("model.embed_tokens", "input"), ("model.embed_tokens", "output")]
+for i in range(L):
+    EVENTS += [(f"model.layers.{i}", "input"), (f"model.layers.{i}.self_attn", "input"),
+               (f"model.layers.{i}.self_attn", "output"), (f"model.layers.{i}.mlp", "input"),
+               (f"model.layers.{i}.mlp", "output"), (f"model.layers.{i}", "output")]
+EVENTS += [("model.norm", "input"), ("model.norm", "output"), ("lm_head", "input"), ("lm_head", "output")]
+ROUTE = [Executor("client", 0, 0), Executor("a", 1, 2), Executor("b", 3, 4), Executor("client", 5, 5)]
+
+
+def getter(g, module, kind="output"):
+    return g.add("getter", module=module, kind=kind, call=0)
+
+
+def test_nodes_go_to_the_earliest_executor_holding_their_inputs_and_values_are_carried():
+    g = Graph()
+    h1 = getter(g, "model.layers.0")               # executor a
+    h3 = getter(g, "model.layers.3.mlp")           # executor b
+    diff = g.add("operator", target="sub", args=[Ref(h3.id), Ref(h1.id)])      # needs both: b
+    scaled = g.add("operator", target="mul", args=[Ref(h1.id), 2.0])           # only h1: a
+    logits = getter(g, "lm_head")
+    metric = g.add("method", target="sum", args=[Ref(logits.id)], save=True)  # client head
+    g.nodes[diff.id].save = True
+    plan = plan_graph(g, EVENTS, L, ROUTE)
+    assert plan.assignment == [1, 2, 2, 1, 3, 3]
+    assert plan.carry[1] == [h1.id]                   # a → b: only what b needs (scaled is not needed later)
+    assert plan.carry[2] == [diff.id]                 # b → client: the saved difference
+    assert metric.id in plan.carry[3]
+    assert module_stage("model.layers.3.self_attn.q_proj", L) == 4
+
+
+def test_a_setter_fed_by_a_later_module_is_refused():
+    g = Graph()
+    later = getter(g, "model.layers.3")
+    g.add("setter", module="model.layers.1", kind="output", call=0, args=[Ref(later.id)])
+    with pytest.raises(OrderError, match="model.layers.1.output.*model.layers.3.output"):
+        plan_graph(g, EVENTS, L, ROUTE)
+    g = Graph()  # the same through an in-place write into an earlier module's value
+    early, later = getter(g, "model.layers.0"), getter(g, "model.layers.2.mlp")
+    g.add("operator", target="setitem", args=[Ref(early.id), 0, Ref(later.id)])
+    with pytest.raises(OrderError, match="writes into model.layers.0.output"):
+        plan_graph(g, EVENTS, L, ROUTE)
+    g = Graph()  # an input setter fed by the same module's output
+    out = getter(g, "model.layers.2.mlp")
+    g.add("setter", module="model.layers.2.mlp", kind="input", call=0, args=[Ref(out.id)])
+    with pytest.raises(OrderError):
+        plan_graph(g, EVENTS, L, ROUTE)
+
+
+def test_unknown_modules_are_refused():
+    g = Graph()
+    getter(g, "model.layers.9")
+    with pytest.raises(UnknownModuleError):
+        plan_graph(g, EVENTS, L, ROUTE)
+    g = Graph()
+    getter(g, "model.rotary_emb")
+    with pytest.raises(UnknownModuleError, match="rotary_emb"):
+        plan_graph(g, EVENTS, L, ROUTE)
+
+
+def test_validate_refuses_what_the_whitelist_does_not_name():
+    for op, target in (("function", "torch.load"), ("method", "numpy"), ("operator", "call"), ("exec", None),
+                       ("method", "__class__")):
+        g = Graph()
+        h = getter(g, "model.layers.0")
+        g.add(op, target=target, args=[Ref(h.id)])
+        with pytest.raises(DisallowedOpError):
+            validate(g)
+    g = Graph()
+    g.add("method", target="sum", args=[Ref(3)])
+    with pytest.raises(InvalidGraphError, match="refers to node 3"):
+        validate(g)
+    g = Graph(limits=Limits(max_ops=2))
+    for _ in range(3):
+        getter(g, "model.layers.0")
+    with pytest.raises(LimitExceededError, match="3 ops; the limit is 2"):
+        validate(g)
+
+
+def test_interpreter_enforces_element_limits_and_reports_failed_ops():
+    g = Graph(limits=Limits(max_elements=100))
+    h = getter(g, "model.layers.0")
+    g.add("method", target="expand", args=[Ref(h.id), 50, 10])
+    g.add("operator", target="add", args=[Ref(1), 1])
+    plan = plan_graph(g, EVENTS, L, [Executor("x", 0, 5)])
+    interp = Interpreter(g, plan, 0, {})
+    with pytest.raises(LimitExceededError, match="500 elements; the limit is 100"):
+        interp.on_event("model.layers.0", "output", 0, torch.ones(1, 10))
+    g = Graph()
+    h = getter(g, "model.layers.0")
+    g.add("method", target="view", args=[Ref(h.id), 7])
+    interp = Interpreter(g, plan_graph(g, EVENTS, L, [Executor("x", 0, 5)]), 0, {})
+    with pytest.raises(InvalidGraphError, match="view.*failed"):
+        interp.on_event("model.layers.0", "output", 0, torch.ones(2, 3))
+
+
+def test_values_roundtrip_tensors_tuples_and_scalars():
+    values = {0: torch.randn(2, 3), 4: (torch.arange(3), torch.ones(1, dtype=torch.bool)), 7: 3.5, 9: [1, None, "x"]}
+    back = unpack_values(pack_values(values))
+    assert set(back) == set(values)
+    assert torch.equal(back[0], values[0]) and back[7] == 3.5 and back[9] == [1, None, "x"]
+    assert isinstance(back[4], tuple) and torch.equal(back[4][0], values[4][0])
+    with pytest.raises(InvalidGraphError):
+        unpack_values(b"garbage-bytes-here")
+
+
+def test_graph_bytes_roundtrip_exactly():
+    g = Graph()
+    h = getter(g, "model.layers.1")
+    vec = g.attach(torch.randn(64))
+    g.add("operator", target="add", args=[Ref(h.id), vec])
+    g.add("operator", target="getitem", args=[Ref(h.id), (slice(None), -1, Ellipsis)], save=True)
+    g.add("method", target="to", args=[Ref(h.id), torch.float16], kwargs={"non_blocking": False})
+    g.add("operator", target="mul", args=[Ref(h.id), float("inf")])
+    back = Graph.from_bytes(g.to_bytes())
+    assert back.to_json() == g.to_json()
+    assert torch.equal(back.attachments[0], g.attachments[0])
+    with pytest.raises(InvalidGraphError):
+        Graph.from_bytes(b"HYIR" + b"\x01\x00\x00\x00" + b"\xff" * 8)
