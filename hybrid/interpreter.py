@@ -59,12 +59,7 @@ class Interpreter:
         self._run_ready()
         for node in self._setters.get(key, ()):
             (arg,) = node.args
-            new = self._resolve(arg)
-            if isinstance(new, torch.Tensor) and isinstance(value, torch.Tensor):
-                if new.shape != value.shape:
-                    new = new.expand_as(value)
-                new = new.to(dtype=value.dtype, device=value.device)
-            value = new
+            value = _conform(self._resolve(arg), value, f"{path}.{kind}")
             self.done.add(node.id)
         return value
 
@@ -139,6 +134,30 @@ class Interpreter:
         if isinstance(value, dict):
             return {k: self._resolve(v) for k, v in value.items()}
         return value
+
+
+def _conform(new: Any, old: Any, where: str) -> Any:
+    """``new`` shaped like the module's ``old`` value (same structure, broadcast tensors, same dtype/device)."""
+    if isinstance(old, torch.Tensor):
+        if isinstance(new, (int, float, bool)) and not isinstance(new, bool):
+            new = torch.full_like(old, new)
+        if not isinstance(new, torch.Tensor):
+            raise InvalidGraphError(f"Setting {where}: expected a tensor like {tuple(old.shape)}, got {type(new).__name__}.")
+        try:
+            new = new.expand_as(old) if new.shape != old.shape else new
+        except RuntimeError:
+            raise InvalidGraphError(f"Setting {where}: a {tuple(new.shape)} tensor does not broadcast to the "
+                                    f"module's {tuple(old.shape)}.") from None
+        return new.to(dtype=old.dtype, device=old.device)
+    if isinstance(old, tuple):
+        if not isinstance(new, (tuple, list)) or len(new) != len(old):
+            raise InvalidGraphError(f"Setting {where}: expected a tuple of {len(old)} like the module's output.")
+        return tuple(_conform(n, o, f"{where}[{i}]") for i, (n, o) in enumerate(zip(new, old)))
+    if old is None:
+        if new is not None:
+            raise InvalidGraphError(f"Setting {where}: the module's value is None here.")
+        return None
+    raise InvalidGraphError(f"Setting {where}: values of type {type(old).__name__} cannot be set.")
 
 
 def _tensors(value: Any):

@@ -41,6 +41,8 @@ def validate(graph: Graph, limits_cap=None) -> None:
         for ref in node.refs():
             if not 0 <= ref < node.id:
                 raise InvalidGraphError(f"Node {node.id} refers to node {ref}, which does not come before it.")
+            if graph.nodes[ref].op == "setter":
+                raise InvalidGraphError(f"Node {node.id} refers to node {ref}, a setter, which has no value.")
         _check_attachments(node.args, len(graph.attachments), node.id)
         _check_attachments(node.kwargs, len(graph.attachments), node.id)
 

@@ -31,7 +31,8 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from .errors import BadRequestError, InternalNodeError, SequenceTooLongError, SwarmError, UnknownSessionError
+from .errors import (BadRequestError, HookError, InternalNodeError, SequenceTooLongError, SwarmError,
+                     UnknownSessionError)
 from .sessions import SessionManager
 from .span_hook import HookContext, HookRegistry, SpanHook, active_hook
 from .stages import SpanModel
@@ -236,7 +237,7 @@ class SpanServer:
     def _reply(output: torch.Tensor, request: _Request, extra: dict | None = None):
         tensors, names = [output.cpu()], ["outputs"]
         if request.hook is not None:
-            tensors.append(torch.frombuffer(bytearray(request.hook.result()), dtype=torch.uint8))
+            tensors.append(torch.frombuffer(bytearray(_hook_result(request.hook)), dtype=torch.uint8))
             names.append("hook_result")
         return tensors, {"names": names, **(extra or {})}
 
@@ -265,7 +266,7 @@ class SpanServer:
                        "return_outputs": keep_outputs}
         if request.hook is not None:
             onward["hook_payload"] = tensors[meta["names"].index("hook_payload")]
-            onward["hook_carry"] = torch.frombuffer(bytearray(request.hook.result()), dtype=torch.uint8)
+            onward["hook_carry"] = torch.frombuffer(bytearray(_hook_result(request.hook)), dtype=torch.uint8)
             onward_meta.update(hook=meta["hook"], hop=request.hop + 1)
         traffic = Traffic()
         out, reply = await call(self._p2p, hop["peer"], FORWARD, onward, onward_meta,
@@ -367,4 +368,14 @@ def _parse_chain(chain, max_chain: int) -> list[dict]:
             raise BadRequestError(f"Each onward hop must be {{'peer': str, 'start': int, 'end': int, 'head': bool}}; got {hop!r}.")
         hops.append({"peer": hop["peer"], "start": hop["start"], "end": hop["end"], "head": hop.get("head", False)})
     return hops
+
+
+def _hook_result(hook: SpanHook) -> bytes:
+    """The hook's result bytes; a failure there is the hook's (a typed HookError), not the node's."""
+    try:
+        return hook.result()
+    except SwarmError:
+        raise
+    except Exception as e:
+        raise HookError(f"Span hook failed to produce its result: {type(e).__name__}: {e}") from e
 

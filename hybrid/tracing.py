@@ -1,0 +1,416 @@
+"""The tracing front end: an nnsight-style ``with`` block becomes a :class:`hybrid.ir.Graph`.
+
+::
+
+    with Tracer(skeleton, tokenize, execute, ["a prompt", "another"]) as tracer:   # lm.trace(prompts)
+        h = root.model.layers[8].output            # getter (B, T, D)
+        h[1, 3, :] = h[0, 3, :]                    # in-place setitem on the module's real output
+        p = root.lm_head.output[:, -1].softmax(-1).save()
+    p                                              # a plain tensor now
+
+What is recorded (see ``hybrid.ir`` for the node ops and ``hybrid.proxy`` for operators, methods and functions):
+
+- A getter: one ``getter`` node per ``(module, kind, call)`` (``call`` is always 0 for now), reused while the
+  module's value is unchanged; a setter on that module makes the next read record a new getter, which the
+  interpreter must run after the setter (nodes anchored at one module event run in graph order).
+- A single implicit invoke (``lm.trace(prompts)``) or an empty ``tracer.invoke()`` sees the whole batch: reads are
+  the getter itself, ``.output = v`` is ``setter [v]``.
+- Invoke *k* of several (``with tracer.invoke(prompts):``) owns rows ``[start, stop)`` of the batch, in invoke
+  order, exactly as nnsight 0.8 narrows: a read is the shared full getter, then ``getitem [Ref(getter),
+  slice(start, stop)]`` for a tensor whose dim 0 is the batch (other tensors pass whole); a tuple value is read as
+  a :class:`~hybrid.proxy.TupleProxy` of ``getitem [Ref(getter), i]`` elements narrowed the same way. In-place
+  writes (``h[:] = 0``) go through that row view, so they touch only these rows. ``.output = v`` records nnsight's
+  ``widen``: ``torch.cat([getter[:start], v, getter[stop:]], dim=0)`` then ``setter [Ref(cat)]`` (element-wise for
+  a tuple: ``setter [(Ref(cat_0), None)]``); ``v`` must have the rows' exact shape.
+
+Batch: each invoke's inputs become rows (a prompt, a list of prompts, token ids ``list[int]`` / ``list[list[int]]``
+or a ``(B, T)`` int tensor). ``tokenize`` is called once per invoke when it starts (to know its rows and tokens for
+the fake shapes) and once at the end on all rows of all invokes in order, which must left-pad them together, as
+nnsight 0.8 does (it tokenizes every prompt and pads all rows of all invokes to the longest, on the left for causal
+LMs). While tracing, shapes use the batch known so far; when a later invoke widens it, every fake is recomputed, and a
+size user code already read that changed is reported (:meth:`~hybrid.proxy.GraphBuilder.repropagate`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import numbers
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .envoy import Envoy, ModelSkeleton, ShapeInfo, first_input, root_envoy
+from .errors import HybridError, TraceError
+from .ir import Graph
+from .proxy import GraphBuilder, Proxy, TracedShape, TupleProxy, at_user_line, describe
+
+__all__ = ["Envoy", "ModelSkeleton", "Proxy", "ShapeInfo", "TracedShape", "Tracer", "TupleProxy", "current_tracer",
+           "first_input", "nnsight_position_ids", "root_envoy", "save"]
+
+Tokenize = Callable[[Any], "tuple[torch.Tensor, torch.Tensor]"]
+Execute = Callable[[Graph, torch.Tensor, torch.Tensor], "dict[int, Any]"]
+
+_HYBRID_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_active = threading.local()
+
+
+def current_tracer(skeleton: ModelSkeleton | None = None) -> "Tracer | None":
+    """The innermost tracer inside its ``with`` block on this thread (of ``skeleton``, if given), else None."""
+    for tracer in reversed(getattr(_active, "stack", [])):
+        if skeleton is None or tracer.skeleton is skeleton:
+            return tracer
+    return None
+
+
+def save(value: Any) -> Any:
+    """nnsight's ``nnsight.save(x)``: mark a traced value (or each traced value in a list/tuple) to come back;
+    returns ``value``. Other values are returned unchanged."""
+    if isinstance(value, (Proxy, TupleProxy)):
+        return value.save()
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            save(item)
+    return value
+
+
+def nnsight_position_ids(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The ``position_ids`` nnsight 0.8 passes for a left-padded batch (``processing.supply_position_ids``): each
+    left-padded row counted from its first real token. None when no row is padded (the model's own count is right).
+    Pass it to the forward to get nnsight's numbers for batches of prompts of different lengths."""
+    mask = attention_mask.long()
+    if bool(mask.all()):
+        return None
+    counted = (mask.cumsum(-1) - 1).clamp(min=0)
+    plain = torch.arange(mask.shape[-1]).expand_as(mask)
+    positions = torch.where((mask.diff(dim=-1) >= 0).all(-1, keepdim=True), counted, plain)
+    return None if bool((positions == torch.arange(mask.shape[-1])).all()) else positions
+
+
+@dataclass
+class _Invoke:
+    rows: list
+    start: int
+    stop: int
+    narrow: bool
+    encoded: tuple | None = None
+    last: tuple[int, str] | None = None
+    """(event index, name) of the latest module event this invoke used."""
+    views: dict = field(default_factory=dict)
+
+
+class Tracer:
+    """Records one traced forward as a graph, runs it with ``execute`` on exit, and binds the saved values.
+
+    Args:
+        skeleton: the model's :class:`ModelSkeleton`.
+        tokenize: ``rows -> (input_ids, attention_mask)``, both ``(B, T)`` int64, left-padded; ``rows`` is a
+            ``list[str]`` or a ``list[list[int]]``.
+        execute: ``(graph, input_ids, attention_mask) -> {node_id: value}`` for every saved node.
+        inputs: prompts for one implicit invoke (``lm.trace(prompts)``); None to use ``tracer.invoke(...)``.
+
+    Attributes:
+        graph: the graph recorded so far.
+        stats: free for the executor's caller (timings, bytes); ``{}`` by default.
+    """
+
+    def __init__(self, skeleton: ModelSkeleton, tokenize: Tokenize, execute: Execute, inputs: Any = None) -> None:
+        self.skeleton = skeleton
+        self.stats: dict = {}
+        self._tokenize, self._execute, self._inputs = tokenize, execute, inputs
+        self._builder = GraphBuilder(self._getter_fake)
+        self._invokes: list[_Invoke] = []
+        self._current: _Invoke | None = None
+        self._row_kind: str | None = None
+        self._batch = self._tokens = 0
+        self._full: dict[tuple, Proxy] = {}
+        self._state = "new"
+
+    @property
+    def graph(self) -> Graph:
+        return self._builder.graph
+
+    # ---- the with block -------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Tracer":
+        if self._state != "new":
+            raise TraceError("a Tracer can be entered only once; call lm.trace(...) again")
+        if current_tracer(self.skeleton) is not None:
+            raise TraceError(at_user_line("traces of one model cannot be nested"))
+        _active.__dict__.setdefault("stack", []).append(self)
+        self._state = "tracing"
+        if self._inputs is not None:
+            try:
+                self._current = self._add_invoke(self._inputs, narrow=False)
+            except BaseException:
+                self._close()
+                raise
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            if exc_type is None:
+                self._run()
+                _bind_locals(_user_frame())
+        finally:
+            self._close()
+        return False
+
+    def invoke(self, inputs: Any = None) -> "_InvokeContext":
+        """A ``with`` block whose module reads and writes see only the rows of ``inputs`` (nnsight's invoker).
+        ``inputs=None`` is an empty invoke that sees the whole batch of the other invokes."""
+        return _InvokeContext(self, inputs)
+
+    def _close(self) -> None:
+        stack = getattr(_active, "stack", [])
+        if self in stack:
+            stack.remove(self)
+        self._state, self._current, self._builder.closed = "done", None, True
+
+    # ---- invokes and the batch ------------------------------------------------------------------------------
+
+    def _enter_invoke(self, inputs: Any) -> None:
+        if self._state != "tracing":
+            raise TraceError(at_user_line("tracer.invoke(...) must be used inside its `with lm.trace()` block"))
+        if self._inputs is not None:
+            raise TraceError(at_user_line("this trace already has inputs (lm.trace(prompts)); to batch several "
+                                          "invokes, call lm.trace() without inputs"))
+        if self._current is not None:
+            raise TraceError(at_user_line("invokes cannot be nested"))
+        self._current = self._add_invoke(inputs, narrow=True)
+
+    def _add_invoke(self, inputs: Any, *, narrow: bool) -> _Invoke:
+        if inputs is None:
+            invoke = _Invoke(rows=[], start=self._batch, stop=self._batch, narrow=False)
+            self._invokes.append(invoke)
+            return invoke
+        rows, kind = _rows(inputs)
+        if self._row_kind not in (None, kind):
+            raise TraceError(at_user_line(f"this invoke passes {kind} but an earlier one passed {self._row_kind}; "
+                                          "use the same kind of input in every invoke"))
+        self._row_kind = kind
+        encoded = self._tokenize_rows(rows)
+        invoke = _Invoke(rows=rows, start=self._batch, stop=self._batch + len(rows), narrow=narrow, encoded=encoded)
+        self._invokes.append(invoke)
+        self._resize(invoke.stop, max(self._tokens, encoded[0].shape[1]), f"invoke {len(self._invokes) - 1}")
+        return invoke
+
+    def _tokenize_rows(self, rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self._tokenize(rows)
+        if not (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and ids.ndim == 2
+                and ids.shape == mask.shape and ids.shape[0] == len(rows)):
+            raise HybridError(f"tokenize must return (input_ids, attention_mask) of shape ({len(rows)}, T) for "
+                              f"{len(rows)} rows; got {describe((ids, mask))}")
+        return ids, mask
+
+    def _resize(self, batch: int, tokens: int, cause: str) -> None:
+        if (batch, tokens) == (self._batch, self._tokens):
+            return
+        self._batch, self._tokens = batch, tokens
+        if self.graph.nodes:
+            try:
+                self._builder.repropagate()
+            except TraceError as e:
+                raise TraceError(at_user_line(f"{cause} made the batch {batch} rows x {tokens} tokens, and the graph "
+                                              f"traced so far no longer fits: {e}")) from None
+
+    def _shape_info(self) -> ShapeInfo:
+        if self._batch == 0:
+            raise TraceError(at_user_line("no inputs yet: modules can be used once an invoke with inputs has started"))
+        ids = torch.empty((self._batch, self._tokens), dtype=torch.long, device="meta")
+        return self.skeleton.shapes(ids, ids)
+
+    def _getter_fake(self, path: str, kind: str, call: int) -> Any:
+        return self._shape_info().fake(path, kind)
+
+    def _run(self) -> None:
+        rows = [row for invoke in self._invokes for row in invoke.rows]
+        if not rows:
+            raise TraceError("the trace has no inputs: pass prompts to lm.trace(...) or add "
+                             "`with tracer.invoke(prompts):` blocks")
+        with_rows = [invoke for invoke in self._invokes if invoke.rows]
+        ids, mask = with_rows[0].encoded if len(with_rows) == 1 else self._tokenize_rows(rows)
+        self._resize(self._batch, ids.shape[1], "tokenizing all invokes together")
+        values = self._execute(self.graph, ids, mask)
+        missing = [i for i in self.graph.saved() if i not in values]
+        if missing:
+            raise HybridError(f"execute returned no value for saved nodes {missing}")
+        self._builder.values = dict(values)
+
+    # ---- module reads and writes (called by Envoy) ----------------------------------------------------------
+
+    def read_module(self, path: str, kind: str, call: int = 0) -> Proxy | TupleProxy:
+        """The value of ``path``'s ``kind`` (``"output"`` / ``"input"``) in the current invoke."""
+        invoke = self._use(path, kind)
+        full = self._full_getter(path, kind, call)
+        if not invoke.narrow:
+            return full
+        key = (path, kind, call)
+        if key not in invoke.views:
+            invoke.views[key] = self._narrow(full, invoke, f"{path}.{kind}")
+        return invoke.views[key]
+
+    def write_module(self, path: str, kind: str, value: Any, call: int = 0) -> None:
+        """Replace ``path``'s ``kind`` with ``value`` (for the current invoke's rows)."""
+        invoke = self._use(path, kind)
+        if invoke.narrow:
+            value = self._widen(self._full_getter(path, kind, call), invoke, value, f"{path}.{kind}")
+        self._builder.record("setter", module=path, kind=kind, call=call, args=(value,))
+        key = (path, kind, call)
+        self._full.pop(key, None)
+        for other in self._invokes:
+            other.views.pop(key, None)
+
+    def _use(self, path: str, kind: str) -> _Invoke:
+        """The current invoke, after checking that ``path.kind`` does not come before what it already used."""
+        if self._state != "tracing":
+            raise TraceError(at_user_line(f"{path}.{kind} can only be used inside `with lm.trace(...)`"))
+        invoke = self._current
+        if invoke is None:
+            raise TraceError(at_user_line(f"{path}.{kind} is used outside any invoke: in `lm.trace()` without "
+                                          "inputs, use modules inside `with tracer.invoke(prompts):`"))
+        index = self._shape_info().index(path, kind)
+        name = f"{path}.{kind}"
+        if invoke.last is not None and index < invoke.last[0]:
+            raise TraceError(at_user_line(
+                f"{name} is computed before {invoke.last[1]}, which this invoke already used; within one invoke, "
+                "use modules in the order the model runs them (or use the earlier module in another invoke)"))
+        if invoke.last is None or index > invoke.last[0]:
+            invoke.last = (index, name)
+        return invoke
+
+    def _full_getter(self, path: str, kind: str, call: int) -> Proxy:
+        key = (path, kind, call)
+        if key not in self._full:
+            self._full[key] = self._builder.record("getter", module=path, kind=kind, call=call)
+        return self._full[key]
+
+    def _batched(self, fake: Any) -> bool:
+        return isinstance(fake, torch.Tensor) and fake.ndim > 0 and fake.shape[0] == self._batch
+
+    def _narrow(self, full: Proxy, invoke: _Invoke, name: str) -> Proxy | TupleProxy:
+        rows = slice(invoke.start, invoke.stop)
+        fake = full.fake
+        if isinstance(fake, torch.Tensor):
+            return full[rows] if self._batched(fake) else full
+        if not isinstance(fake, tuple):
+            raise TraceError(at_user_line(f"{name} is a {type(fake).__name__}, which cannot be split into invoke "
+                                          "rows; use a module whose value is a tensor or a tuple"))
+        items: list = []
+        for i, part in enumerate(fake):
+            items.append(None if part is None else full[i][rows] if self._batched(part) else full[i])
+        return TupleProxy(items)
+
+    def _widen(self, full: Proxy, invoke: _Invoke, value: Any, name: str) -> Any:
+        fake = full.fake
+        if isinstance(fake, torch.Tensor):
+            return self._widen_tensor(full, fake, invoke, value, name)
+        if not isinstance(fake, tuple):
+            raise TraceError(at_user_line(f"{name} is a {type(fake).__name__}; it cannot be replaced per invoke"))
+        parts = _tuple_parts(value, len(fake), name)
+        return tuple(self._widen_tensor(full[i], f, invoke, parts[i], f"{name}[{i}]")
+                     if self._batched(f) else parts[i] for i, f in enumerate(fake))
+
+    def _widen_tensor(self, full: Proxy, fake: torch.Tensor, invoke: _Invoke, value: Any, name: str) -> Any:
+        if not self._batched(fake):
+            return value
+        want = (invoke.stop - invoke.start, *fake.shape[1:])
+        got = value.fake if isinstance(value, Proxy) else value
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
+            raise TraceError(at_user_line(
+                f"inside an invoke, `{name} = value` replaces this invoke's rows {invoke.start}:{invoke.stop}, so "
+                f"the value must have shape {want}; got {describe(got)}. To broadcast a value into the rows, "
+                f"assign in place: `{name}[:] = value`"))
+        pieces = [full[: invoke.start], value, full[invoke.stop:]]
+        return self._builder.record("function", target="torch.cat", args=(pieces,), kwargs={"dim": 0})
+
+
+class _InvokeContext:
+    def __init__(self, tracer: Tracer, inputs: Any) -> None:
+        self.tracer, self.inputs = tracer, inputs
+
+    def __enter__(self) -> "_InvokeContext":
+        self.tracer._enter_invoke(self.inputs)
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.tracer._current = None
+        return False
+
+
+def _rows(inputs: Any) -> tuple[list, str]:
+    """One invoke's inputs as batch rows and their kind (``"text"`` or ``"token ids"``)."""
+    if isinstance(inputs, str):
+        return [inputs], "text"
+    if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() and inputs.dtype != torch.bool \
+            and inputs.ndim in (1, 2) and inputs.numel():
+        return ([inputs.tolist()] if inputs.ndim == 1 else inputs.tolist()), "token ids"
+    if isinstance(inputs, (list, tuple)) and inputs:
+        if all(isinstance(x, str) for x in inputs):
+            return list(inputs), "text"
+        if all(_is_id(x) for x in inputs):
+            return [[int(x) for x in inputs]], "token ids"
+        if all(isinstance(x, (list, tuple, torch.Tensor)) and len(x) and all(_is_id(t) for t in x) for x in inputs):
+            return [[int(t) for t in x] for x in inputs], "token ids"
+    raise TraceError(at_user_line(
+        f"cannot use {type(inputs).__name__} {str(inputs)[:60]!r} as trace inputs; pass a prompt, a list of prompts, "
+        "token ids (list[int] or list[list[int]]) or a (batch, tokens) integer tensor"))
+
+
+def _is_id(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _tuple_parts(value: Any, length: int, name: str) -> list:
+    if isinstance(value, Proxy) and isinstance(value.fake, tuple):
+        value = [value[i] for i in range(len(value.fake))]
+    if isinstance(value, (TupleProxy, tuple, list)) and len(value) == length:
+        return list(value)
+    raise TraceError(at_user_line(f"{name} is a tuple of {length}; assign a tuple of {length} (or write a part in "
+                                  f"place: `{name}[0][:] = value`)"))
+
+
+def _user_frame() -> Any:
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_HYBRID_DIR):
+        frame = frame.f_back
+    return frame
+
+
+def _bind_locals(frame: Any) -> None:
+    """Replace saved proxies in the caller's variables (and in lists, dicts and tuples there) by their values, as
+    nnsight does after a trace."""
+    if frame is None:
+        return
+    f_locals = frame.f_locals
+    changed = False
+    for name, value in list(f_locals.items()):
+        bound = _bound(value, 0)
+        if bound is not value:
+            f_locals[name] = bound
+            changed = True
+    if changed and sys.version_info < (3, 13) and f_locals is not frame.f_globals:
+        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+def _bound(value: Any, depth: int) -> Any:
+    if isinstance(value, (Proxy, TupleProxy)):
+        return value.value if value.saved else value
+    if depth >= 3:
+        return value
+    if type(value) is list:
+        for i, item in enumerate(value):
+            value[i] = _bound(item, depth + 1)
+    elif type(value) is dict:
+        for key, item in value.items():
+            value[key] = _bound(item, depth + 1)
+    elif type(value) is tuple:
+        items = tuple(_bound(item, depth + 1) for item in value)
+        if any(a is not b for a, b in zip(items, value)):
+            return items
+    return value
