@@ -69,12 +69,13 @@ class LocalRunner:
     def __init__(self, model: SpanModel):
         self.model = model
 
-    def run(self, graph: Graph, events, input_ids, attention_mask) -> tuple[dict[int, Any], TraceStats]:
+    def run(self, graph: Graph, events, input_ids, attention_mask, position_ids=None) -> tuple[dict[int, Any], TraceStats]:
         t0 = time.perf_counter()
         num_layers = self.model.config.num_hidden_layers
         plan = plan_graph(graph, events, num_layers, [Executor("local", 0, num_layers + 1)])
         interpreter = Interpreter(graph, plan, 0, {}, device=next(self.model.parameters()).device)
-        _run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask)
+        _run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask,
+                         position_ids=position_ids)
         saves = {k: v for k, v in interpreter.finish().items() if graph.nodes[k].save}
         return saves, TraceStats("local", wall_s=time.perf_counter() - t0, route=["local"])
 
@@ -88,13 +89,15 @@ class SwarmRunner:
         self.local = client.local  # embedding + head, with span-hook dispatch installed
         self.num_layers = client.num_layers
 
-    def run(self, placement: str, graph: Graph, events, input_ids, attention_mask) -> tuple[dict[int, Any], TraceStats]:
+    def run(self, placement: str, graph: Graph, events, input_ids, attention_mask,
+            position_ids=None) -> tuple[dict[int, Any], TraceStats]:
         before = _snapshot(self.sequence.traffic)
         t0 = time.perf_counter()
         if placement == "swarm":
-            saves, stats = self._pulled(graph, events, input_ids, attention_mask)
+            saves, stats = self._pulled(graph, events, input_ids, attention_mask, position_ids)
         else:
-            saves, stats = self._pushed(graph, events, input_ids, attention_mask, single_hop=placement == "centralized")
+            saves, stats = self._pushed(graph, events, input_ids, attention_mask, position_ids,
+                                        single_hop=placement == "centralized")
             stats.placement = placement
         after = self.sequence.traffic
         stats.client_bytes_sent = after.bytes_sent - before[0]
@@ -114,7 +117,7 @@ class SwarmRunner:
             executors.append(Executor(hop.peer_id, first, last))
         return executors + ([] if remote_head else [Executor("client", n + 1, n + 1)])
 
-    def _pushed(self, graph, events, input_ids, attention_mask, *, single_hop: bool):
+    def _pushed(self, graph, events, input_ids, attention_mask, position_ids, *, single_hop: bool):
         records = self.client.loop.run(self.sequence.records())
         remote_embed = any(r.embed and r.online for r in records)
         remote_head = any(r.head and r.online for r in records)
@@ -142,7 +145,7 @@ class SwarmRunner:
             return encode_request(graph, plan_for(route), offset)
 
         outputs, result, route, reply = self.client.loop.run(self.sequence.forward_chain(
-            inputs, attention_mask=attention_mask, embed=remote_embed, head=remote_head,
+            inputs, attention_mask=attention_mask, position_ids=position_ids, embed=remote_embed, head=remote_head,
             hook=(HOOK_KIND, HOOK_VERSION, payload), carry=carry, return_outputs=not remote_head))
         values = unpack_values(result)
         plan = plan_for(route)
@@ -157,7 +160,7 @@ class SwarmRunner:
 
     # ---- pulled: swarm (Petals-style) -----------------------------------------------------------------------
 
-    def _pulled(self, graph, events, input_ids, attention_mask):
+    def _pulled(self, graph, events, input_ids, attention_mask, position_ids):
         n = self.num_layers
         boundaries = set()
         for node in graph.nodes:
@@ -178,8 +181,8 @@ class SwarmRunner:
         for end in cuts + [n]:
             if start == 0 and 0 in boundaries:
                 hidden = interpreter.on_event("model.layers.0", "input", 0, hidden)
-            hidden, _ = self.client.loop.run(self.sequence.forward(hidden, attention_mask=attention_mask,
-                                                                  start=start, end=end))
+            hidden, _ = self.client.loop.run(self.sequence.forward(
+                hidden, attention_mask=attention_mask, position_ids=position_ids, start=start, end=end))
             hidden = interpreter.on_event(f"model.layers.{end - 1}", "output", 0, hidden)
             if end < n:
                 hidden = interpreter.on_event(f"model.layers.{end}", "input", 0, hidden)
