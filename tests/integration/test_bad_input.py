@@ -372,7 +372,7 @@ def test_large_requests_stream_past_the_message_cap(env):
 def test_unknown_hook_kind(env):
     x, payload = hidden(), torch.frombuffer(bytearray(b"opaque"), dtype=torch.uint8)
     meta = {"start": 0, "end": 3}
-    with rejected(HookError, "'no-such-hook' v3", "serves none"):
+    with rejected(HookError, "'no-such-hook' v3", "it serves"):
         rpc(env, env.first, FORWARD, {"inputs": x, "hook_payload": payload}, {**meta, "hook": {"kind": "no-such-hook", "version": 3}})
     with rejected(BadRequestError, "meta['hook'] must be {'kind': str, 'version': int}"):
         rpc(env, env.first, FORWARD, {"inputs": x, "hook_payload": payload}, {**meta, "hook": {"kind": "x", "version": "3"}})
