@@ -55,7 +55,8 @@ def describe(value: Any) -> str:
         return "(" + ", ".join(describe(v) for v in value) + ")"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}={describe(v)}" for k, v in value.items()) + "}"
-    return repr(value) if isinstance(value, (int, float, bool, str, type(None), slice, torch.dtype)) else type(value).__name__
+    plain = isinstance(value, (int, float, bool, str, type(None), slice, torch.dtype))
+    return repr(value) if plain else type(value).__name__
 
 
 def describe_node(node: Node) -> str:
@@ -73,6 +74,34 @@ def _fresh(value: Any) -> Any:
     if type(value) in (tuple, list):
         return type(value)(_fresh(v) for v in value)
     return value
+
+
+def conform_fake(new: Any, old: Any, where: str) -> Any:
+    """The fake of what a module holds after ``where = new``, by the interpreter's rule (``_conform``): a number or
+    a tensor that broadcasts to the module's tensor becomes that tensor's shape and dtype; tuples part by part;
+    None stays None. Raises TraceError for anything else."""
+    if isinstance(old, torch.Tensor):
+        if isinstance(new, (int, float)) and not isinstance(new, bool):
+            return torch.empty_like(old)
+        if not isinstance(new, torch.Tensor):
+            raise TraceError(at_user_line(f"setting {where}: expected a tensor like {describe(old)}, got "
+                                          f"{describe(new)}"))
+        try:
+            new.expand_as(old)
+        except RuntimeError:
+            raise TraceError(at_user_line(f"setting {where}: a {describe(new)} value does not broadcast to the "
+                                          f"module's {describe(old)}")) from None
+        return torch.empty_like(old)
+    if isinstance(old, tuple):
+        if not isinstance(new, (tuple, list)) or len(new) != len(old):
+            raise TraceError(at_user_line(f"setting {where}: expected a tuple of {len(old)} like the module's value "
+                                          f"{describe(old)}, got {describe(new)}"))
+        return tuple(conform_fake(n, o, f"{where}[{i}]") for i, (n, o) in enumerate(zip(new, old)))
+    if old is None:
+        if new is not None:
+            raise TraceError(at_user_line(f"setting {where}: the module's value is None here"))
+        return None
+    raise TraceError(at_user_line(f"setting {where}: a {type(old).__name__} value cannot be replaced"))
 
 
 def _run_op(op: str, target: str, args: list, kwargs: dict) -> Any:
@@ -121,9 +150,14 @@ class GraphBuilder:
         ops, values that cannot enter a graph) or DisallowedOpError; nothing is appended then."""
         if self.closed:
             raise TraceError(at_user_line("this trace has ended; values from it are read with .value after .save()"))
-        node = Node(id=len(self.graph.nodes), op=op, target=target, args=self._to_ir(list(args)),
-                    kwargs=self._to_ir(dict(kwargs or {})), module=module, kind=kind, call=call)
-        fake = self._evaluate(node, self.fakes, self._overrides)
+        attached = len(self.graph.attachments)
+        try:
+            node = Node(id=len(self.graph.nodes), op=op, target=target, args=self._to_ir(list(args)),
+                        kwargs=self._to_ir(dict(kwargs or {})), module=module, kind=kind, call=call)
+            fake = self._evaluate(node, self.fakes, self._overrides)
+        except BaseException:
+            self._forget_attachments(attached)
+            raise
         self.graph.nodes.append(node)
         self.fakes[node.id] = fake
         return Proxy(self, node.id)
@@ -143,6 +177,12 @@ class GraphBuilder:
                     f"which is now {new}: the batch grew, so the tokens dim is only final once every invoke is added. "
                     "Put the longest prompt in the first invoke, or index positions from the right (h[:, -1])")
         self.fakes, self._overrides = fakes, overrides
+
+    def module_fake(self, module: str, kind: str, call: int) -> Any:
+        """The fake of what the module's value is now: after the latest setter recorded for it, else as the model
+        computes it."""
+        key = (module, kind, call)
+        return self._overrides[key] if key in self._overrides else self._getter_fake(*key)
 
     def note_read(self, node_id: int, dim: int, size: int) -> None:
         """User code saw ``size`` as dim ``dim`` of node ``node_id``; :meth:`repropagate` checks it still holds."""
@@ -164,7 +204,9 @@ class GraphBuilder:
             return _fresh(overrides[key] if key in overrides else self._getter_fake(node.module, node.kind, node.call))
         args, kwargs = self._to_fake(node.args, fakes), self._to_fake(node.kwargs, fakes)
         if node.op == "setter":
-            overrides[(node.module, node.kind, node.call)] = args[0]
+            key = (node.module, node.kind, node.call)
+            old = overrides[key] if key in overrides else self._getter_fake(*key)
+            overrides[key] = conform_fake(args[0], old, f"{node.module}.{node.kind}")
             return None
         try:
             return _run_op(node.op, node.target, args, kwargs)
@@ -175,7 +217,8 @@ class GraphBuilder:
             hint = ("; its result's shape would depend on tensor values, which are unknown while tracing"
                     if any(w in text for w in ("meta", "nonzero", "data-dependent", "Scalar")) else "")
             shown = describe(args) + (f" {describe(kwargs)}" if kwargs else "")
-            raise TraceError(at_user_line(f"{describe_node(node)} fails on traced values {shown}: {text}{hint}")) from None
+            message = f"{describe_node(node)} fails on traced values {shown}: {text}{hint}"
+            raise TraceError(at_user_line(message)) from None
 
     def _to_ir(self, value: Any) -> Any:
         """A user value as an IR argument: proxies -> Ref, tensors -> Attachment, containers recursively."""
@@ -216,6 +259,12 @@ class GraphBuilder:
         if isinstance(value, dict):
             return {k: self._to_fake(v, fakes) for k, v in value.items()}
         return value
+
+    def _forget_attachments(self, keep: int) -> None:
+        """Drop attachments made by an op that was refused (all but the first ``keep``)."""
+        del self.graph.attachments[keep:], self._attachment_fakes[keep:]
+        for key in [k for k, (_, marker) in self._attached.items() if marker.index >= keep]:
+            del self._attached[key]
 
     def _attach(self, tensor: torch.Tensor) -> Attachment:
         known = self._attached.get(id(tensor))
@@ -414,7 +463,7 @@ class Proxy:
         if operator_name is not None and not kwargs:  # steer + h: a tensor on the left of an operator
             return builder.record("operator", target=operator_name, args=args)
         method = getattr(func, "__name__", "")
-        if method in ops.METHODS and getattr(torch.Tensor, method, None) is func:
+        if method in ops.METHODS and getattr(torch.Tensor, method, None) is func and isinstance(args[0], Proxy):
             return builder.record("method", target=method, args=args, kwargs=kwargs)
         shown = f"torch.{method}" if method else repr(func)
         raise DisallowedOpError(at_user_line(f"torch function {shown!r} is not in the whitelist; allowed: "

@@ -11,8 +11,11 @@
 What is recorded (see ``hybrid.ir`` for the node ops and ``hybrid.proxy`` for operators, methods and functions):
 
 - A getter: one ``getter`` node per ``(module, kind, call)`` (``call`` is always 0 for now), reused while the
-  module's value is unchanged; a setter on that module makes the next read record a new getter, which the
-  interpreter must run after the setter (nodes anchored at one module event run in graph order).
+  module's value is unchanged. After a setter, a read returns the assigned value itself when it is a traced tensor
+  of exactly the module's shape and dtype (the module then holds that very tensor); otherwise the next read records
+  a new getter, which must read the value as replaced (getters and setters of one module event apply in graph
+  order). A setter's value must conform to the module's value as the interpreter requires (numbers and tensors
+  that broadcast to it, tuples part by part, None for None); this is checked while tracing.
 - A single implicit invoke (``lm.trace(prompts)``) or an empty ``tracer.invoke()`` sees the whole batch: reads are
   the getter itself, ``.output = v`` is ``setter [v]``.
 - Invoke *k* of several (``with tracer.invoke(prompts):``) owns rows ``[start, stop)`` of the batch, in invoke
@@ -132,6 +135,10 @@ class Tracer:
     @property
     def graph(self) -> Graph:
         return self._builder.graph
+
+    def fake(self, node_id: int) -> Any:
+        """The meta value (shape, dtype, structure) node ``node_id`` has for the current batch shape."""
+        return self._builder.fakes[node_id]
 
     # ---- the with block -------------------------------------------------------------------------------------
 
@@ -255,14 +262,23 @@ class Tracer:
 
     def write_module(self, path: str, kind: str, value: Any, call: int = 0) -> None:
         """Replace ``path``'s ``kind`` with ``value`` (for the current invoke's rows)."""
+        last = self._current.last if self._current is not None else None
         invoke = self._use(path, kind)
-        if invoke.narrow:
-            value = self._widen(self._full_getter(path, kind, call), invoke, value, f"{path}.{kind}")
-        self._builder.record("setter", module=path, kind=kind, call=call, args=(value,))
+        try:
+            if invoke.narrow:
+                value = self._widen(self._full_getter(path, kind, call), invoke, value, f"{path}.{kind}")
+            before = self._builder.module_fake(path, kind, call)
+            self._builder.record("setter", module=path, kind=kind, call=call, args=(value,))
+        except TraceError:
+            invoke.last = last  # a refused write does not count as using the module
+            raise
         key = (path, kind, call)
-        self._full.pop(key, None)
         for other in self._invokes:
             other.views.pop(key, None)
+        if isinstance(value, Proxy) and _same_tensor_meta(value.fake, before):
+            self._full[key] = value  # the module now holds this very tensor: later reads use it
+        else:
+            self._full.pop(key, None)  # the next read records a new getter, after the setter
 
     def _use(self, path: str, kind: str) -> _Invoke:
         """The current invoke, after checking that ``path.kind`` does not come before what it already used."""
@@ -364,6 +380,11 @@ def _is_id(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _same_tensor_meta(a: Any, b: Any) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype)
 
 
 def _tuple_parts(value: Any, length: int, name: str) -> list:
