@@ -53,14 +53,16 @@ class Interpreter:
     def on_event(self, path: str, kind: str, call: int, value: Any) -> Any:
         """A module's input (first argument) or output is ``value``; return what the model should use."""
         key = (path, kind, call)
-        for node in self._getters.get(key, ()):
-            self.values[node.id] = value
+        # Getters and setters of one event in graph order: a getter recorded after a setter reads the new value.
+        for node in sorted(self._getters.get(key, []) + self._setters.get(key, []), key=lambda n: n.id):
+            if node.op == "getter":
+                self.values[node.id] = value
+            else:
+                self._run_ready()
+                (arg,) = node.args
+                value = _conform(self._resolve(arg), value, f"{path}.{kind}")
             self.done.add(node.id)
         self._run_ready()
-        for node in self._setters.get(key, ()):
-            (arg,) = node.args
-            value = _conform(self._resolve(arg), value, f"{path}.{kind}")
-            self.done.add(node.id)
         return value
 
     def finish(self) -> dict[int, Any]:

@@ -129,3 +129,16 @@ def test_graph_bytes_roundtrip_exactly():
     assert torch.equal(back.attachments[0], g.attachments[0])
     with pytest.raises(InvalidGraphError):
         Graph.from_bytes(b"HYIR" + b"\x01\x00\x00\x00" + b"\xff" * 8)
+
+
+def test_a_getter_after_a_setter_reads_the_new_value():
+    g = Graph()
+    first = getter(g, "model.layers.1.mlp")
+    doubled = g.add("operator", target="mul", args=[Ref(first.id), 2.0])
+    g.add("setter", module="model.layers.1.mlp", kind="output", call=0, args=[Ref(doubled.id)])
+    second = getter(g, "model.layers.1.mlp")
+    g.add("method", target="clone", args=[Ref(second.id)], save=True)
+    interp = Interpreter(g, plan_graph(g, EVENTS, L, [Executor("x", 0, 5)]), 0, {})
+    out = interp.on_event("model.layers.1.mlp", "output", 0, torch.ones(2, 3))
+    assert torch.equal(out, torch.full((2, 3), 2.0))
+    assert torch.equal(interp.finish()[4], torch.full((2, 3), 2.0))
