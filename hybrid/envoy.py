@@ -240,7 +240,8 @@ class Envoy:
         return len(self._children)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise DisallowedOpError(f"calling module {self._path!r} inside a graph is not supported; read its .output")
+        """Apply this module to traced values, e.g. the logit lens ``lm.lm_head(lm.model.norm(h))``."""
+        return self._tracer("call").call_module(self._path, args, kwargs)
 
     def __repr__(self) -> str:
         return f"Envoy({self._path or '<root>'!r}: {type(self._module).__name__})"

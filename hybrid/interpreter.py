@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from . import ops
-from .errors import DisallowedOpError, InvalidGraphError, LimitExceededError, OrderError
+from swarm.span_hook import active_hook
+
+from .errors import DisallowedOpError, InvalidGraphError, LimitExceededError, OrderError, UnknownModuleError
 from .ir import Attachment, Graph, Node, Ref
 from .planner import Plan
 
@@ -26,10 +28,11 @@ class Interpreter:
     """Executes the nodes assigned to executor ``me`` of ``plan``."""
 
     def __init__(self, graph: Graph, plan: Plan, me: int, carried: dict[int, Any], *, device: torch.device | str = "cpu",
-                 limits=None):
+                 limits=None, modules: dict[str, torch.nn.Module] | None = None):
         self.graph, self.plan, self.me = graph, plan, me
         self.limits = limits or graph.limits
         self.device = torch.device(device)
+        self.modules = modules or {}
         self.values: dict[int, Any] = {k: _to(v, self.device) for k, v in carried.items()}
         self.mine = [n for n in graph.nodes if plan.assignment[n.id] == me]
         self.done: set[int] = set(self.values)
@@ -94,7 +97,13 @@ class Interpreter:
         args = [self._resolve(a) for a in node.args]
         kwargs = {k: self._resolve(v) for k, v in node.kwargs.items()}
         try:
-            if node.op == "function":
+            if node.op == "module":
+                module = self.modules.get(node.module)
+                if module is None:
+                    raise UnknownModuleError(f"Module {node.module!r} is not held here ({self.plan.executors[self.me].name}).")
+                with torch.no_grad(), active_hook(None):  # the module's own span hooks must not fire again
+                    result = module(*args, **kwargs)
+            elif node.op == "function":
                 result = ops.function(node.target)(*args, **kwargs)
             elif node.op == "operator":
                 result = ops.operator_fn(node.target)(*args, **kwargs)
@@ -110,7 +119,7 @@ class Interpreter:
                 result = getattr(target, node.target)(*args[1:], **kwargs)
                 if node.target == "__setitem__":
                     result = target
-        except (DisallowedOpError, LimitExceededError):
+        except (DisallowedOpError, LimitExceededError, UnknownModuleError):
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             raise InvalidGraphError(f"Node {node.id} ({node.op} {node.target}) failed: {type(e).__name__}: {e}") from None

@@ -10,6 +10,8 @@ Node ops
     ``function`` call ``target`` from the torch function whitelist (``"torch.softmax"``) with ``args``/``kwargs``.
     ``method``   call tensor method ``target`` (``"softmax"``) on ``args[0]`` with ``args[1:]``/``kwargs``.
     ``operator`` Python operator ``target`` (``"add"``, ``"getitem"``, ``"setitem"``, ``"neg"``, ...).
+    ``module``   apply the model's own module ``module`` (e.g. ``lm_head``, ``model.norm``) to ``args``: runs on
+                 the executor that holds that module's weights (the logit lens: ``lm_head(norm(h))``).
 A node with ``save=True`` is returned to the client.
 
 Argument encoding (:func:`encode_value` / :func:`decode_value`): JSON scalars as themselves; a node reference
@@ -36,7 +38,7 @@ from .errors import InvalidGraphError, LimitExceededError
 
 IR_VERSION = 1
 MAGIC = b"HYIR"
-OPS = ("getter", "setter", "function", "method", "operator")
+OPS = ("getter", "setter", "function", "method", "operator", "module")
 KINDS = ("output", "input")
 
 

@@ -67,7 +67,7 @@ def build_graph_hook(payload: bytes, context: HookContext) -> InterpreterHook:
                                      f"{context.start}:{context.end}); the plan does not match the route.")
     device = next(context.model.parameters()).device
     interpreter = Interpreter(graph, plan, me, unpack_values(context.carry), device=device,
-                              limits=cap_limits(graph.limits))
+                              limits=cap_limits(graph.limits), modules=modules)
     return InterpreterHook(interpreter, context.step)
 
 

@@ -73,7 +73,8 @@ class LocalRunner:
         t0 = time.perf_counter()
         num_layers = self.model.config.num_hidden_layers
         plan = plan_graph(graph, events, num_layers, [Executor("local", 0, num_layers + 1)])
-        interpreter = Interpreter(graph, plan, 0, {}, device=next(self.model.parameters()).device)
+        interpreter = Interpreter(graph, plan, 0, {}, device=next(self.model.parameters()).device,
+                                  modules=dict(self.model.named_modules()))
         _run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask,
                          position_ids=position_ids)
         saves = {k: v for k, v in interpreter.finish().items() if graph.nodes[k].save}
@@ -87,6 +88,7 @@ class SwarmRunner:
         self.client = client
         self.sequence = client.sequence
         self.local = client.local  # embedding + head, with span-hook dispatch installed
+        self.modules = dict(self.local.named_modules())
         self.num_layers = client.num_layers
 
     def run(self, placement: str, graph: Graph, events, input_ids, attention_mask,
@@ -134,7 +136,7 @@ class SwarmRunner:
         offset = 0 if remote_embed else 1
         carry, inputs, values = b"", input_ids, {}
         if not remote_embed:  # the client's embedding is executor 0
-            embed_interp = Interpreter(graph, plan, 0, {})
+            embed_interp = Interpreter(graph, plan, 0, {}, modules=self.modules)
             inputs = _run_local_stage(self.local, embed_interp, input_ids, start=0, end=0, embed=True)
             values = embed_interp.finish()
             carry = pack_values(values)
@@ -150,7 +152,7 @@ class SwarmRunner:
         values = unpack_values(result)
         plan = plan_for(route)
         if not remote_head:  # the client's head is the last executor
-            head_interp = Interpreter(graph, plan, len(plan.executors) - 1, values)
+            head_interp = Interpreter(graph, plan, len(plan.executors) - 1, values, modules=self.modules)
             _run_local_stage(self.local, head_interp, outputs, start=0, end=0, head=True)
             values = head_interp.finish()
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
@@ -174,7 +176,7 @@ class SwarmRunner:
                         f"placement='swarm' (Petals-style) reaches only decoder-layer inputs/outputs, the embedding "
                         f"and the head; {node.module!r} is inside a layer. Use placement='hybrid'.")
         plan = plan_graph(graph, events, n, [Executor("client", 0, n + 1)])
-        interpreter = Interpreter(graph, plan, 0, {})
+        interpreter = Interpreter(graph, plan, 0, {}, modules=self.modules)
         hidden = _run_local_stage(self.local, interpreter, input_ids, start=0, end=0, embed=True)
         cuts = sorted(b for b in boundaries if 0 < b < n)
         start = 0

@@ -102,6 +102,13 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
         else:
             time = max((times[r] for r in refs), default=(-1, -1))
             stage = max((stages[r] for r in refs), default=0)
+            if node.op == "module":
+                home = module_stage(node.module, num_layers)
+                if stage > home:
+                    raise OrderError(f"Node {node.id} applies {node.module} to a value that depends on "
+                                     f"{_origin(graph, max(refs))}, which the model computes after {node.module}'s "
+                                     f"stage; a module can only be applied to values that exist when it runs.")
+                stage = home
         if is_inplace(node) and node.args:
             root = alias_root[node.args[0].id] if hasattr(node.args[0], "id") else None
             if root is not None and time > times[root]:

@@ -64,7 +64,8 @@ def describe_node(node: Node) -> str:
         return f"{node.module}.{node.kind}"
     if node.op == "setter":
         return f"setting {node.module}.{node.kind}"
-    return {"function": f"{node.target}()", "method": f".{node.target}()"}.get(node.op, f"operator {node.target}")
+    return {"function": f"{node.target}()", "method": f".{node.target}()", "module": f"{node.module}(...)"}.get(
+        node.op, f"operator {node.target}")
 
 
 def _fresh(value: Any) -> Any:
@@ -132,8 +133,10 @@ class GraphBuilder:
             :class:`~hybrid.envoy.ShapeInfo` for the current batch shape).
     """
 
-    def __init__(self, getter_fake: Callable[[str, str, int], Any]) -> None:
+    def __init__(self, getter_fake: Callable[[str, str, int], Any],
+                 module_of: Callable[[str], torch.nn.Module] | None = None) -> None:
         self.graph = Graph()
+        self._module_of = module_of
         self.fakes: dict[int, Any] = {}
         self.values: dict[int, Any] | None = None
         """Saved values by node id, once the trace has run."""
@@ -209,6 +212,11 @@ class GraphBuilder:
             overrides[key] = conform_fake(args[0], old, f"{node.module}.{node.kind}")
             return None
         try:
+            if node.op == "module":
+                if self._module_of is None:
+                    raise TraceError("this trace cannot call modules")
+                with torch.no_grad():
+                    return self._module_of(node.module)(*args, **kwargs)
             return _run_op(node.op, node.target, args, kwargs)
         except HybridError:
             raise

@@ -124,7 +124,7 @@ class Tracer:
         self.skeleton = skeleton
         self.stats: dict = {}
         self._tokenize, self._execute, self._inputs = tokenize, execute, inputs
-        self._builder = GraphBuilder(self._getter_fake)
+        self._builder = GraphBuilder(self._getter_fake, skeleton.module)
         self._invokes: list[_Invoke] = []
         self._current: _Invoke | None = None
         self._row_kind: str | None = None
@@ -248,6 +248,11 @@ class Tracer:
         self._builder.values = dict(values)
 
     # ---- module reads and writes (called by Envoy) ----------------------------------------------------------
+
+    def call_module(self, path: str, args: tuple, kwargs: dict) -> Proxy:
+        """Apply the model's module ``path`` to traced values (e.g. ``lm.lm_head(lm.model.norm(h))``); it runs
+        where that module's weights are."""
+        return self._builder.record("module", module=path, args=args, kwargs=kwargs)
 
     def read_module(self, path: str, kind: str, call: int = 0) -> Proxy | TupleProxy:
         """The value of ``path``'s ``kind`` (``"output"`` / ``"input"``) in the current invoke."""

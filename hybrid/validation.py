@@ -25,6 +25,8 @@ def validate(graph: Graph, limits_cap=None) -> None:
     for node in graph.nodes:
         if node.op not in OPS:
             raise DisallowedOpError(f"Op {node.op!r} of node {node.id} is not allowed; ops are {', '.join(OPS)}.")
+        if node.op == "module" and not isinstance(node.module, str):
+            raise InvalidGraphError(f"Node {node.id}: a module call needs a module path (str).")
         if node.op in ("getter", "setter"):
             if not isinstance(node.module, str) or node.kind not in KINDS or not isinstance(node.call, int) or node.call < 0:
                 raise InvalidGraphError(f"Node {node.id}: a {node.op} needs module (str), kind in {KINDS}, call >= 0.")

@@ -142,3 +142,18 @@ def test_a_getter_after_a_setter_reads_the_new_value():
     out = interp.on_event("model.layers.1.mlp", "output", 0, torch.ones(2, 3))
     assert torch.equal(out, torch.full((2, 3), 2.0))
     assert torch.equal(interp.finish()[4], torch.full((2, 3), 2.0))
+
+
+def test_module_calls_run_where_the_module_is():
+    g = Graph()
+    h = getter(g, "model.layers.0")
+    normed = g.add("module", module="model.norm", args=[Ref(h.id)])
+    g.add("module", module="lm_head", args=[Ref(normed.id)], save=True)
+    plan = plan_graph(g, EVENTS, L, ROUTE)
+    assert plan.assignment == [1, 3, 3]          # read on node a, lens applied on the client's head
+    assert plan.carry[1] == [h.id] and plan.carry[2] == [h.id]   # the layer output travels to the head
+    g = Graph()
+    late = getter(g, "model.layers.3")
+    g.add("module", module="model.layers.1.mlp", args=[Ref(late.id)])
+    with pytest.raises(OrderError, match="model.layers.1.mlp"):
+        plan_graph(g, EVENTS, L, ROUTE)
