@@ -118,6 +118,7 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
             start, end = choose_span(peers, num_layers, size)
             logger.info("Chose layers %d:%d (least covered, %d known nodes)", start, end, len(peers))
         span = Span(start, end, embed=config.serve_embed and start == 0, head=config.serve_head and end == num_layers)
+        rss_before_load = psutil.Process().memory_info().rss
         t0 = time.perf_counter()
         model = SpanModel.load(path, span, dtype=DTYPES[config.dtype], device=config.device)
         install_dispatch(model)
@@ -148,7 +149,8 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         print("Others can join with: --initial-peers " + " ".join(maddrs), flush=True)
         if config.ready_file is not None:
             ready = {**base, "hooks": list(base["hooks"]), "maddrs": maddrs, "pid": os.getpid(),
-                     "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+                     "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss_bytes(),
+                     "rss_before_load_bytes": rss_before_load}
             tmp = Path(str(config.ready_file) + ".tmp")
             tmp.write_text(json.dumps(ready))
             os.replace(tmp, config.ready_file)
