@@ -21,7 +21,7 @@ model: $(STAMP)
 	$(VENV)/bin/swarm-node prepare-model smollm2-135m
 
 demo: setup
-	$(PY) -m swarm.demo
+	$(PY) -m bench.demo
 
 test: setup
 	$(PY) -m pytest -q tests

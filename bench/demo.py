@@ -1,6 +1,8 @@
-"""``make demo``: a local 3-node swarm on the embedded SmolLM2-135M, one generation through it, the route printed.
+"""``make demo``: a local 3-node swarm on the embedded SmolLM2-135M: the route, a generation through it, and one
+interpretability experiment (IOI activation patching, batch 32) run pushed to the nodes (``hybrid``) and
+Petals-style (``swarm``), with the bytes each moved over the client's link.
 
-    python -m swarm.demo [--prompt TEXT] [--max-new-tokens N] [--nodes N]
+    python -m bench.demo [--prompt TEXT] [--max-new-tokens N] [--nodes N]
 
 Every node is a real ``swarm-node serve`` process on 127.0.0.1; all of them are stopped when the demo ends.
 """
@@ -17,9 +19,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from .checkpoint import load_config, resolve_checkpoint
-from .local_swarm import LocalSwarm
-from .model import SwarmModel
+from hybrid import LanguageModel
+from swarm.checkpoint import load_config, resolve_checkpoint
+from swarm.local_swarm import LocalSwarm
+from swarm.model import SwarmModel
+
+from .ioi import ioi_batch, patch_and_measure
 
 
 def _spans(num_layers: int, nodes: int) -> list[tuple[int, int]]:
@@ -28,7 +33,7 @@ def _spans(num_layers: int, nodes: int) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swarm.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="alias or local checkpoint directory")
     parser.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
     parser.add_argument("--max-new-tokens", type=int, default=20)
@@ -62,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             new = out.shape[1] - ids.shape[1]
             print(f"generated ({new} tokens, {new / elapsed:.1f} tokens/s):")
             print("  " + args.prompt + tokenizer.decode(out[0, ids.shape[1]:]))
+        with LanguageModel(str(path), initial_peers=swarm.initial_peers) as lm:
+            batch = ioi_batch(lm.tokenizer, pairs=16)
+            layer = 6
+            print(f"IOI activation patching (batch {len(batch.prompts)}, layer {layer} output at the second subject):")
+            results = {}
+            for placement in ("swarm", "hybrid"):
+                diff, stats = patch_and_measure(lm, batch, layer, placement=placement)
+                moved = stats["client_bytes_sent"] + stats["client_bytes_received"]
+                results[placement] = (diff, moved)
+                print(f"  {placement:<7} mean logit diff {diff.mean():+.3f}   client link {moved / 1e6:8.3f} MB   "
+                      f"round trips {stats['round_trips']:>2}   {stats['wall_s']:.2f} s")
+            same = torch.equal(results["swarm"][0], results["hybrid"][0])
+            print(f"  identical results: {same}; hybrid moved {results['swarm'][1] / results['hybrid'][1]:.0f}x "
+                  f"fewer bytes over the client's link")
     print("all nodes stopped")
     return 0
 
