@@ -98,22 +98,23 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
             if node.op == "setter":
                 late = [r for r in refs if times[r] > time]
                 if late:
-                    raise OrderError(_late_message(graph, node, late[0]))
+                    raise OrderError(_late_message(graph, node, late[0], times))
         else:
             time = max((times[r] for r in refs), default=(-1, -1))
             stage = max((stages[r] for r in refs), default=0)
             if node.op == "module":
                 home = module_stage(node.module, num_layers)
                 if stage > home:
+                    source = _origin(graph, max(refs, key=lambda r: times[r]), times)
                     raise OrderError(f"Node {node.id} applies {node.module} to a value that depends on "
-                                     f"{_origin(graph, max(refs))}, which the model computes after {node.module}'s "
+                                     f"{source}, which the model computes after {node.module}'s "
                                      f"stage; a module can only be applied to values that exist when it runs.")
                 stage = home
         if is_inplace(node) and node.args:
             root = alias_root[node.args[0].id] if hasattr(node.args[0], "id") else None
             if root is not None and time > times[root]:
                 culprit = max(refs, key=lambda r: times[r])
-                raise OrderError(_late_message(graph, graph.nodes[root], culprit, write=True))
+                raise OrderError(_late_message(graph, graph.nodes[root], culprit, times, write=True))
         times.append(time)
         stages.append(stage)
         if node.op == "getter":
@@ -142,17 +143,17 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
     return Plan(list(executors), assignment, carry, times)
 
 
-def _late_message(graph: Graph, node: Node, late: int, write: bool = False) -> str:
-    source = _origin(graph, late)
+def _late_message(graph: Graph, node: Node, late: int, times: list, write: bool = False) -> str:
+    source = _origin(graph, late, times)
     what = f"writes into {node.module}.{node.kind}" if write else f"sets {node.module}.{node.kind}"
     return (f"Node {node.id} {what} with a value that depends on {source}, which the model computes later. "
             f"A module's value can only be changed with values available when the module runs.")
 
 
-def _origin(graph: Graph, node_id: int) -> str:
-    """The latest module a value depends on, for error messages."""
+def _origin(graph: Graph, node_id: int, times: list) -> str:
+    """The latest module a value depends on (following the latest input by ``times``), for error messages."""
     node = graph.nodes[node_id]
     if node.op == "getter":
         return f"{node.module}.{node.kind}"
     refs = node.refs()
-    return _origin(graph, max(refs)) if refs else "a constant"
+    return _origin(graph, max(refs, key=lambda r: times[r]), times) if refs else "a constant"

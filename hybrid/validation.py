@@ -15,13 +15,17 @@ def validate(graph: Graph, limits_cap=None) -> None:
     Raises:
         InvalidGraphError: malformed structure (bad refs, fields).
         DisallowedOpError: an op, function or method outside the whitelist.
-        LimitExceededError: more nodes than the limits allow.
+        LimitExceededError: more nodes or attachment bytes than the limits allow.
     """
     limits = graph.limits
     if limits_cap is not None:
         limits = limits_cap(limits)
     if len(graph.nodes) > limits.max_ops:
         raise LimitExceededError(f"The graph has {len(graph.nodes)} ops; the limit is {limits.max_ops}.")
+    attached = sum(t.numel() * t.element_size() for t in graph.attachments)
+    if attached > limits.max_attachment_bytes:
+        raise LimitExceededError(f"The graph's tensor attachments are {attached} bytes; the limit is "
+                                 f"{limits.max_attachment_bytes}.")
     for node in graph.nodes:
         if node.op not in OPS:
             raise DisallowedOpError(f"Op {node.op!r} of node {node.id} is not allowed; ops are {', '.join(OPS)}.")
