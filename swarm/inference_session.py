@@ -107,14 +107,15 @@ class InferenceSession:
         if not state.opened:
             meta["open"] = {"max_length": self.max_length, "batch_size": self.batch_size}
         out, _ = await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {"inputs": x, **extras}, meta,
-                            timeout_s=self.sequence.config.step_timeout_s, traffic=self.sequence.traffic)
+                            timeout_s=self.sequence.config.step_timeout_s, traffic=self.sequence.traffic,
+                            liveness_s=self.sequence.config.liveness_s)
         state.opened = True
         return out["outputs"]
 
     async def _replace(self, index: int, attention_mask: torch.Tensor | None) -> None:
         """Reroute hop ``index``'s layers and replay its history through the new hops."""
         old = self._hops[index]
-        hops = await self.sequence.route(old.hop.start, old.hop.end, embed=old.embed, head=old.head, refresh=True)
+        hops = await self.sequence.route(old.hop.start, old.hop.end, embed=old.embed, head=old.head)
         n = self.sequence.num_layers
         new = [_HopState(h, old.embed and h.start == 0, old.head and h.end == n) for h in hops]
         if old.history:

@@ -95,11 +95,16 @@ class ServerRecord:
 
 def records_from_dht_value(value) -> list[ServerRecord]:
     """Turn the result of ``dht.get(model_key(...), latest=True)`` into records (subkey = peer id)."""
+    return [record for record, _ in records_with_expiration(value)]
+
+
+def records_with_expiration(value) -> list[tuple[ServerRecord, float]]:
+    """Like :func:`records_from_dht_value`, with each record's DHT expiration time."""
     if value is None or not isinstance(value.value, dict):
         return []
     records = []
     for peer_id, item in value.value.items():
         record = ServerRecord.from_dict(item.value)
         if record is not None and record.peer_id == peer_id:
-            records.append(record)
+            records.append((record, float(item.expiration_time)))
     return records

@@ -15,11 +15,12 @@ from typing import Callable
 
 import torch
 from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
 from hivemind.p2p import P2P
 
 from ._loop import BackgroundLoop
-from .errors import PeerUnreachableError
-from .records import ServerRecord, records_from_dht_value
+from .errors import MissingBlocksError, PeerUnreachableError
+from .records import ServerRecord, records_with_expiration
 from .routing import Hop, plan_route
 from .handles import BACKWARD, FORWARD
 from .transport import Traffic, call, ping
@@ -43,6 +44,8 @@ class ClientConfig:
     """A node that failed is avoided for this long."""
     max_retries: int = 5
     """Reroutes allowed within one call before giving up."""
+    liveness_s: float = 2.0
+    """A call unanswered this long starts pinging the node; a missed ping marks it dead (see transport.call)."""
 
 
 @dataclass
@@ -66,7 +69,10 @@ class RemoteSequence:
         self.stats = RouteStats()
         self.traffic = Traffic()
         """Bytes and calls over this client's links (every call of this sequence credits it)."""
+        self._call_options = {"traffic": self.traffic, "liveness_s": config.liveness_s}
         self._records: list[ServerRecord] = []
+        self._known: dict[str, tuple[ServerRecord, float]] = {}
+        self._refreshing: asyncio.Future | None = None
         self._records_at = 0.0
         self._latency_s: dict[str, float] = {}
         self._banned: dict[str, float] = {}
@@ -74,14 +80,35 @@ class RemoteSequence:
     # ---- discovery and routing --------------------------------------------------------------------------
 
     async def records(self, *, refresh: bool = False) -> list[ServerRecord]:
-        if refresh or time.monotonic() - self._records_at > self.config.records_max_age_s:
-            found = await self.dht.get(self.key, latest=True, return_future=True)
-            records = [r for r in records_from_dht_value(found) if r.checkpoint_hash == self.checkpoint_hash]
-            self._records, self._records_at = records, time.monotonic()
-            unknown = [r.peer_id for r in records if r.online and r.peer_id not in self._latency_s]
-            if unknown:
-                await asyncio.gather(*(self._measure(p) for p in unknown))
+        """The known online-or-not records of this model.
+
+        Blocks on a DHT lookup only with ``refresh`` or when nothing is known yet; stale records are returned at
+        once while a lookup refreshes them in the background (a lookup can stall seconds behind a frozen peer).
+        """
+        if refresh or not self._known:
+            await self._refresh()
+        elif time.monotonic() - self._records_at > self.config.records_max_age_s and (
+                self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.ensure_future(self._refresh())
+            self._refreshing.add_done_callback(_log_failure)
         return self._records
+
+    async def _refresh(self) -> None:
+        found = await self.dht.get(self.key, latest=True, return_future=True)
+        # A lookup may miss records (those right after a peer froze time out with nothing): merge with what is
+        # known and forget a record only when its own expiration time has passed.
+        fresh = records_with_expiration(found)
+        for record, expires in fresh:
+            if record.checkpoint_hash == self.checkpoint_hash:
+                self._known[record.peer_id] = (record, expires)
+        if fresh:  # an empty answer is a failed lookup, not an empty swarm: keep routing on what we knew
+            now = get_dht_time()
+            self._known = {p: (r, e) for p, (r, e) in self._known.items() if e > now}
+        self._records = [r for r, _ in self._known.values()]
+        self._records_at = time.monotonic()
+        unknown = [r.peer_id for r in self._records if r.online and r.peer_id not in self._latency_s]
+        if unknown:
+            await asyncio.gather(*(self._measure(p) for p in unknown))
 
     async def _measure(self, peer_id: str) -> None:
         try:
@@ -98,11 +125,24 @@ class RemoteSequence:
 
     async def route(self, start: int = 0, end: int | None = None, *, embed: bool = False, head: bool = False,
                     refresh: bool = False) -> list[Hop]:
-        """Raises MissingBlocksError when no usable nodes cover ``[start, end)``."""
+        """Plan on the known records (re-read from the DHT when stale, when ``refresh``, or when they cannot
+        cover the layers). After a failure this avoids a DHT lookup, which can stall seconds behind a frozen peer.
+
+        Raises:
+            MissingBlocksError: no usable nodes cover ``[start, end)`` even after re-reading the DHT.
+        """
         end = self.num_layers if end is None else end
-        records = await self.records(refresh=refresh)
-        return plan_route(records, start, end, latency_s=self._latency_s, exclude=self._excluded(),
-                          model_name=self.model_name, embed=embed, head=head)
+        for attempt in range(3):
+            records = await self.records(refresh=refresh or attempt > 0)
+            try:
+                return plan_route(records, start, end, latency_s=self._latency_s, exclude=self._excluded(),
+                                  model_name=self.model_name, embed=embed, head=head)
+            except MissingBlocksError:
+                # DHT lookups right after a peer froze can come back incomplete; the next one routes around it.
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
 
     # ---- forward / backward -----------------------------------------------------------------------------
 
@@ -123,14 +163,15 @@ class RemoteSequence:
             try:
                 out, _ = await call(self.p2p, hop.peer_id, FORWARD, {"inputs": x, **extras},
                                     {"start": hop.start, "end": hop.end, "embed": first, "head": last},
-                                    timeout_s=self.config.request_timeout_s, traffic=self.traffic)
+                                    timeout_s=self.config.request_timeout_s,
+                                    **self._call_options)
             except PeerUnreachableError as e:
                 retries += 1
                 if retries > self.config.max_retries:
                     raise
                 logger.warning("%s; rerouting layers %d:%d", e, hop.start, self.num_layers)
                 self.ban(hop.peer_id)
-                hops = hops[:i] + await self.route(hop.start, end, embed=first, head=head, refresh=True)
+                hops = hops[:i] + await self.route(hop.start, end, embed=first, head=head)
                 self.stats.reroutes += 1
                 reroute_started = reroute_started or t0
                 continue
@@ -161,7 +202,7 @@ class RemoteSequence:
         """
         extras = _extras(attention_mask, position_ids)
         for attempt in range(self.config.max_retries + 1):
-            hops = await self.route(embed=embed, head=head, refresh=attempt > 0)
+            hops = await self.route(embed=embed, head=head)
             chain = [{"peer": h.peer_id, "start": h.start, "end": h.end, "head": head and h.end == self.num_layers}
                      for h in hops]
             tensors = {"inputs": inputs, **extras}
@@ -177,7 +218,8 @@ class RemoteSequence:
             t0 = time.perf_counter()
             try:
                 out, reply = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
-                                    timeout_s=self.config.request_timeout_s * len(hops), traffic=self.traffic)
+                                    timeout_s=self.config.request_timeout_s * len(hops),
+                                    **self._call_options)
             except PeerUnreachableError as e:
                 if attempt == self.config.max_retries:
                     raise
@@ -212,7 +254,8 @@ class RemoteSequence:
                     out, _ = await call(self.p2p, hop.peer_id, BACKWARD,
                                         {"inputs": x, "grad_outputs": grad, **extras},
                                         {"start": hop.start, "end": hop.end},
-                                        timeout_s=self.config.request_timeout_s, traffic=self.traffic)
+                                        timeout_s=self.config.request_timeout_s,
+                                    **self._call_options)
                     grad = out["outputs"]
                     break
                 except PeerUnreachableError:
@@ -226,18 +269,25 @@ class RemoteSequence:
     async def _backward_rerouted(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, extras: dict) -> torch.Tensor:
         """Backward through ``hop``'s layers on other nodes: re-run their forward to get each sub-hop's input."""
         self.stats.reroutes += 1
-        sub = await self.route(hop.start, hop.end, refresh=True)
+        sub = await self.route(hop.start, hop.end)
         inputs = []
         for h in sub:
             inputs.append(x)
             out, _ = await call(self.p2p, h.peer_id, FORWARD, {"inputs": x, **extras}, {"start": h.start, "end": h.end},
-                                timeout_s=self.config.request_timeout_s, traffic=self.traffic)
+                                timeout_s=self.config.request_timeout_s,
+                                    **self._call_options)
             x = out["outputs"]
         for h, xi in zip(reversed(sub), reversed(inputs)):
             out, _ = await call(self.p2p, h.peer_id, BACKWARD, {"inputs": xi, "grad_outputs": grad, **extras},
-                                {"start": h.start, "end": h.end}, timeout_s=self.config.request_timeout_s, traffic=self.traffic)
+                                {"start": h.start, "end": h.end}, timeout_s=self.config.request_timeout_s,
+                                    **self._call_options)
             grad = out["outputs"]
         return grad
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("Background refresh of swarm records failed: %s", task.exception())
 
 
 def _extras(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -65,6 +65,8 @@ class ServerLimits:
     """Deadline for the rest of a chained forward, as seen from this node."""
     max_chain: int = 64
     """Most onward hops a chained forward may name."""
+    liveness_s: float = 2.0
+    """In a chained forward, ping the next node after this long without an answer; a missed ping fails the chain."""
 
 
 @dataclass
@@ -270,7 +272,7 @@ class SpanServer:
             onward_meta.update(hook=meta["hook"], hop=request.hop + 1)
         traffic = Traffic()
         out, reply = await call(self._p2p, hop["peer"], FORWARD, onward, onward_meta,
-                                timeout_s=self.limits.chain_timeout_s, traffic=traffic)
+                                timeout_s=self.limits.chain_timeout_s, traffic=traffic, liveness_s=self.limits.liveness_s)
         names = reply.get("names", list(out))
         downstream = reply.get("compute_s", {}) if isinstance(reply.get("compute_s"), dict) else {}
         stats["compute_s"].update(downstream)

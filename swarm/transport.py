@@ -51,10 +51,14 @@ async def _counting(stream: AsyncIterator, traffic: Traffic | None) -> AsyncIter
 
 
 async def call(p2p: P2P, peer_id: str, handle: str, tensors: dict[str, torch.Tensor], meta: dict,
-               *, timeout_s: float, traffic: Traffic | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+               *, timeout_s: float, traffic: Traffic | None = None,
+               liveness_s: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Send named ``tensors`` + ``meta`` to ``handle`` on ``peer_id``; return the named response tensors + meta.
 
-    ``traffic``, if given, is credited with the bytes sent and received and one call.
+    ``traffic``, if given, is credited with the bytes sent and received and one call. With ``liveness_s``, a call
+    still unanswered after that long pings the peer every ``liveness_s``; a peer that does not answer a ping
+    within ``liveness_s`` is declared unreachable at once, so a vanished machine (no connection reset) is
+    detected in seconds, not at ``timeout_s``.
 
     Raises:
         PeerUnreachableError: connection failed or broke, or no answer within ``timeout_s``.
@@ -76,8 +80,26 @@ async def call(p2p: P2P, peer_id: str, handle: str, tensors: dict[str, torch.Ten
             raise PeerUnreachableError(f"Peer {peer_id} closed the stream of {handle} without answering.")
         return frame
 
+    async def watchdog():
+        while True:
+            await asyncio.sleep(liveness_s)
+            await ping(p2p, peer_id, timeout_s=liveness_s)  # raises PeerUnreachableError
+
+    async def guarded():
+        if liveness_s is None:
+            return await exchange()
+        work, guard = asyncio.ensure_future(exchange()), asyncio.ensure_future(watchdog())
+        try:
+            await asyncio.wait({work, guard}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            guard.result()  # the watchdog only ends by raising
+        finally:
+            for task in (work, guard):
+                task.cancel()
+
     try:
-        out, reply = await asyncio.wait_for(exchange(), timeout=timeout_s)
+        out, reply = await asyncio.wait_for(guarded(), timeout=timeout_s)
     except asyncio.TimeoutError:
         raise PeerUnreachableError(f"Peer {peer_id} did not answer {handle} within {timeout_s:.1f} s.") from None
     except (ConnectionError, OSError, asyncio.IncompleteReadError, EOFError) as e:

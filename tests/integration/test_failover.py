@@ -2,6 +2,7 @@
 the session's history, and the output is identical to a run without the failure."""
 
 import json
+import os
 import signal
 
 import torch
@@ -57,3 +58,27 @@ def test_forward_reroutes_when_the_routed_node_died(tiny_checkpoint_factory, swa
     assert client.sequence.stats.reroutes == 1
     [hop] = client.route()
     assert hop.peer_id != victim.peer_id
+
+
+def test_a_frozen_node_is_detected_by_liveness_pings(tiny_checkpoint_factory, swarm_factory, client_factory):
+    """SIGSTOP leaves the connection open (no reset): only the liveness pings can tell the node is gone."""
+    path = tiny_checkpoint_factory("llama", num_layers=6)
+    swarm = swarm_factory()
+    swarm.start(path, "--blocks", "0:3")
+    replicas = {n.peer_id: n for n in (swarm.start(path, "--blocks", "3:6", initial_peers=swarm.initial_peers)
+                                       for _ in range(2))}
+    client = client_factory(path, swarm)
+    prompt = torch.randint(3, 128, (1, 5))
+    want = local_generate(local_model(path), prompt, 12)
+
+    def freeze(step, tokens):
+        if step == 4:
+            [peer] = [h.peer_id for h in client.active_session.route if h.peer_id in replicas]
+            os.killpg(replicas[peer].proc.pid, signal.SIGSTOP)
+
+    got = client.generate(prompt, max_new_tokens=12, on_token=freeze)
+    assert torch.equal(got, want)
+    [reroute_s] = client.sequence.stats.reroute_s
+    print(f"frozen node detected and rerouted in {reroute_s:.1f} s")
+    # detection is bounded by the liveness probe (2 s + a 2 s ping), far below the 20 s step timeout
+    assert reroute_s < client.sequence.config.step_timeout_s
