@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +23,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarm.checkpoint import resolve_checkpoint
-from swarm.local_swarm import REPO, LocalSwarm
+from swarm.local_swarm import LocalSwarm
 from swarm.model import SwarmModel
+
+from .results import run_context
 
 
 def _median_s(fn, n: int) -> float:
@@ -47,15 +47,6 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
-def _context(args) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    import hivemind
-    import transformers
-    return {"config": vars(args) | {"out": str(args.out)}, "commit": commit, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "hivemind": hivemind.__version__,
-            "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()}}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.swarm_basics", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=10, help="repetitions per timing (median reported)")
@@ -65,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.out / time.strftime("swarm-basics-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    context = _context(args)
+    context = run_context(args)
     records = []
 
     def record(name: str, **values) -> None:
