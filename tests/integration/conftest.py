@@ -6,8 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import hybrid
 from swarm import SwarmModel
 from swarm.local_swarm import LocalSwarm as Swarm
+
+SMOLLM2_THIRDS = [(0, 10), (10, 20), (20, 30)]
 
 
 @pytest.fixture
@@ -58,3 +61,42 @@ def client_factory():
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The nodes run one torch thread; local references do too, so reductions match bit for bit (restored after).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def smollm2_swarm(smollm2_dir, tmp_path_factory):
+    """A 3-node SmolLM2 swarm (layers 0:10, 10:20, 20:30) shared by one test module."""
+    swarm = Swarm(tmp_path_factory.mktemp("smollm2-swarm"))
+    try:
+        start_split(swarm, smollm2_dir, SMOLLM2_THIRDS)
+        yield swarm
+    finally:
+        swarm.close()
+
+
+@pytest.fixture(scope="module")
+def remote_lm(smollm2_dir, smollm2_swarm):
+    """``hybrid.LanguageModel`` connected to :func:`smollm2_swarm`."""
+    lm = hybrid.LanguageModel(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers)
+    try:
+        yield lm
+    finally:
+        lm.close()
+
+
+@pytest.fixture(scope="module")
+def local_lm(smollm2_dir):
+    """``hybrid.LanguageModel`` without peers (placement="local")."""
+    return hybrid.LanguageModel(str(smollm2_dir))

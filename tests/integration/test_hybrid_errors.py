@@ -15,48 +15,16 @@ from hybrid.errors import (DisallowedOpError, HybridError, LimitExceededError, O
 from hybrid.ir import Graph, Limits, Ref
 from hybrid.node_plugin import NODE_LIMITS
 from swarm.errors import BadRequestError
-from swarm.local_swarm import LocalSwarm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-THIRDS = [(0, 10), (10, 20), (20, 30)]
 PROMPTS = ["The Eiffel Tower is located in the city of", "My favourite food is"]
 HERE = r"test_hybrid_errors\.py:\d+"  # messages point at the user's line
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def swarm3(smollm2_dir, tmp_path_factory):
-    swarm = LocalSwarm(tmp_path_factory.mktemp("hybrid-errors"))
-    try:
-        for i, (start, end) in enumerate(THIRDS):
-            swarm.start(smollm2_dir, "--blocks", f"{start}:{end}", initial_peers=swarm.initial_peers if i else None)
-        yield swarm
-    finally:
-        swarm.close()
-
-
-@pytest.fixture(scope="module")
-def lm(smollm2_dir, swarm3):
-    model = hybrid.LanguageModel(str(smollm2_dir), initial_peers=swarm3.initial_peers)
-    try:
-        yield model
-    finally:
-        model.close()
-
-
-@pytest.fixture(scope="module")
-def local_lm(smollm2_dir):
-    return hybrid.LanguageModel(str(smollm2_dir))
+def lm(remote_lm):
+    return remote_lm
 
 
 def experiment(lm, placement):

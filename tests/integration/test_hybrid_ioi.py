@@ -8,50 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hybrid
 from bench.ioi import ioi_batch, patch_and_measure
-from swarm.local_swarm import LocalSwarm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-THIRDS = [(0, 10), (10, 20), (20, 30)]
 LAYERS = (2, 15)  # on the first and on the middle node
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The nodes run one torch thread; so does every computation here (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def swarm3(smollm2_dir, tmp_path_factory):
-    swarm = LocalSwarm(tmp_path_factory.mktemp("hybrid-ioi"))
-    try:
-        for i, (start, end) in enumerate(THIRDS):
-            swarm.start(smollm2_dir, "--blocks", f"{start}:{end}", initial_peers=swarm.initial_peers if i else None)
-        yield swarm
-    finally:
-        swarm.close()
-
-
-@pytest.fixture(scope="module")
-def remote_lm(smollm2_dir, swarm3):
-    lm = hybrid.LanguageModel(str(smollm2_dir), initial_peers=swarm3.initial_peers)
-    try:
-        yield lm
-    finally:
-        lm.close()
-
-
-@pytest.fixture(scope="module")
-def local_lm(smollm2_dir):
-    return hybrid.LanguageModel(str(smollm2_dir))
 
 
 @pytest.fixture(scope="module")

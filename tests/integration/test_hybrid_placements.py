@@ -22,9 +22,8 @@ from hybrid.errors import DisallowedOpError, HybridError
 from hybrid.tracing import nnsight_position_ids
 from swarm.local_swarm import LocalSwarm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-THIRDS = [(0, 10), (10, 20), (20, 30)]
 PLACEMENTS = ["local", "hybrid", "centralized", "swarm"]
 D = 576  # SmolLM2-135M hidden size
 TOL = 1e-5
@@ -43,37 +42,6 @@ STEER = torch.randn(D, generator=torch.Generator().manual_seed(0)) * 8
 
 # ---- deployments and references ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The nodes run one torch thread; so does every computation here (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def swarm3(smollm2_dir, tmp_path_factory):
-    swarm = LocalSwarm(tmp_path_factory.mktemp("hybrid-placements"))
-    try:
-        for i, (start, end) in enumerate(THIRDS):
-            swarm.start(smollm2_dir, "--blocks", f"{start}:{end}", initial_peers=swarm.initial_peers if i else None)
-        yield swarm
-    finally:
-        swarm.close()
-
-
-@pytest.fixture(scope="module")
-def remote_lm(smollm2_dir, swarm3):
-    lm = hybrid.LanguageModel(str(smollm2_dir), initial_peers=swarm3.initial_peers)
-    try:
-        yield lm
-    finally:
-        lm.close()
-
-
 @pytest.fixture(scope="module")
 def central_lm(smollm2_dir, tmp_path_factory):
     """A deployment where one node serves every stage (embedding, 30 layers, head): ``centralized``."""
@@ -84,11 +52,6 @@ def central_lm(smollm2_dir, tmp_path_factory):
             yield lm
     finally:
         swarm.close()
-
-
-@pytest.fixture(scope="module")
-def local_lm(smollm2_dir):
-    return hybrid.LanguageModel(str(smollm2_dir))
 
 
 @pytest.fixture(scope="module")
