@@ -10,7 +10,6 @@ intervention (same batch; the trace saves only the last position's argmax). Writ
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from swarm.checkpoint import resolve_checkpoint
 from swarm.local_swarm import LocalSwarm
 
 from .ioi import ioi_batch, patch_and_measure
-from .results import run_context
+from .results import ResultLog
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,14 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", type=int, default=6, help="layer patched in the IOI experiment")
     parser.add_argument("--out", type=Path, default=Path("results"), help="directory for the JSONL results")
     args = parser.parse_args(argv)
-    run_dir = args.out / time.strftime("hybrid-basics-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    context = run_context(args)
-    records = []
-
-    def record(name: str, **values) -> None:
-        records.append({"measurement": name, **values, **context})
-        print(f"{name:<22} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    record = ResultLog("hybrid-basics", args)
 
     path = resolve_checkpoint("smollm2-135m", progress=True)
     torch.set_num_threads(1)
@@ -85,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 timings[name] = statistics.median(samples)
             record("hybrid_overhead", plain_forward_s=timings["plain_forward"], hybrid_trace_s=timings["hybrid_trace"],
                    ratio=timings["hybrid_trace"] / timings["plain_forward"])
-    with open(run_dir / "hybrid_basics.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    print(f"wrote {run_dir / 'hybrid_basics.jsonl'}")
+    record.write()
     return 0
 
 

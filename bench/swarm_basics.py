@@ -11,7 +11,6 @@ and after serving) against its span's weight bytes. Prints a table and writes on
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import statistics
 import sys
@@ -26,7 +25,7 @@ from swarm.checkpoint import resolve_checkpoint
 from swarm.local_swarm import LocalSwarm
 from swarm.model import SwarmModel
 
-from .results import run_context
+from .results import ResultLog
 
 
 def _median_s(fn, n: int) -> float:
@@ -54,14 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=20, help="tokens generated per generation timing")
     parser.add_argument("--out", type=Path, default=Path("results"), help="directory for the JSONL results")
     args = parser.parse_args(argv)
-    run_dir = args.out / time.strftime("swarm-basics-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    context = run_context(args)
-    records = []
-
-    def record(name: str, **values) -> None:
-        records.append({"measurement": name, **values, **context})
-        print(f"{name:<28} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    record = ResultLog("swarm-basics", args)
 
     path = resolve_checkpoint("smollm2-135m", progress=True)
     torch.set_num_threads(1)  # each node uses one thread; so does the local reference
@@ -106,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             reroute = model.sequence.stats.reroute_s[before:]
             record("reroute_after_kill", reroute_s=reroute[0] if reroute else float("nan"),
                    identical_tokens=bool(torch.equal(got, want)))
-    with open(run_dir / "swarm_basics.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    print(f"wrote {run_dir / 'swarm_basics.jsonl'}")
+    record.write()
     return 0
 
 
