@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from swarm.checkpoint import resolve_checkpoint
 from swarm.local_swarm import LocalSwarm
 from swarm.model import SwarmModel
+from swarm.node import peak_rss_bytes
 
 from .results import ResultLog
 
@@ -36,14 +37,6 @@ def _median_s(fn, n: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _peak_rss(pid: int) -> int:
-    """Peak resident bytes of a running process (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                    local_over_swarm=swarm_g / local_g)
 
             for node in nodes:  # after serving forwards and generations, before any kill
-                peak = _peak_rss(node.proc.pid)
+                peak = peak_rss_bytes(node.proc.pid)
                 record("node_memory", span=f"{node.info['start']}:{node.info['end']}",
                        rss_before_load_mb=node.info["rss_before_load_bytes"] / 1e6, peak_rss_mb=peak / 1e6,
                        peak_minus_base_mb=(peak - node.info["rss_before_load_bytes"]) / 1e6,

@@ -173,19 +173,19 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         dht.shutdown()
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far.
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """Peak resident memory of a process (this one by default).
 
     Reads VmHWM on Linux: ``ru_maxrss`` survives fork + exec, so a node started by a big parent would report
     the parent's peak.
     """
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if pid == "self" else 0
 
 
 def _layer_params(config) -> int:
