@@ -39,3 +39,22 @@ class ResultsNotFoundError(BenchError, FileNotFoundError):
     """The run directory does not exist or holds no ``*.jsonl`` files."""
 
     code = "results_not_found"
+
+
+class BenchConfigError(BenchError, ValueError):
+    """Bad input to the harness: a link spec, workload, placement or option it cannot use. Fix the command line."""
+
+    code = "bench_config_error"
+
+
+class DeploymentError(BenchError, RuntimeError):
+    """A deployment's child process failed to start, was not ready in time, or died; the message carries the tail
+    of its log."""
+
+    code = "deployment_error"
+
+
+class PetalsUnavailableError(BenchError):
+    """The real-Petals baseline cannot run here (its venv is missing or broken); the message says how to fix it."""
+
+    code = "petals_unavailable"
