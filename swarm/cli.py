@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=NodeConfig.host, help=h("host"))
     serve.add_argument("--port", type=int, default=NodeConfig.port, help=h("port"))
     serve.add_argument("--announce-host", default=None, help=h("announce_host"))
+    serve.add_argument("--announce-port", type=int, default=None, help=h("announce_port"))
     serve.add_argument("--device", default=NodeConfig.device, help=h("device"))
     serve.add_argument("--dtype", default=NodeConfig.dtype, choices=["float32", "bfloat16", "float16"], help=h("dtype"))
     serve.add_argument("--num-threads", type=int, default=None, help=h("num_threads"))
@@ -112,7 +113,8 @@ def _serve(args, cache_dir: Path | None) -> int:
     limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
     config = NodeConfig(model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, serve_embed=args.serve_embed,
                         serve_head=args.serve_head, initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm,
-                        host=args.host, port=args.port, announce_host=args.announce_host, device=args.device,
+                        host=args.host, port=args.port, announce_host=args.announce_host,
+                        announce_port=args.announce_port, device=args.device,
                         dtype=args.dtype, num_threads=args.num_threads, cache_dir=cache_dir,
                         record_ttl_s=args.record_ttl, announce_period_s=args.announce_period, limits=limits,
                         ready_file=args.ready_file)

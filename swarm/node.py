@@ -58,6 +58,8 @@ class NodeConfig:
     """TCP port to listen on (0 = any free port)."""
     announce_host: str | None = None
     """Public address others should dial, if it differs from ``host``."""
+    announce_port: int | None = None
+    """Port others should dial, if it differs from ``port`` (e.g. a relay in front of the node)."""
     device: str = "cpu"
     """``cpu`` or ``cuda``."""
     dtype: str = "float32"
@@ -96,7 +98,9 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         loop.add_signal_handler(sig, stop.set)
 
     maddr = f"/ip4/{config.host}/tcp/{config.port}"
-    announce = [f"/ip4/{config.announce_host}/tcp/{config.port}"] if config.announce_host else None
+    announce = None
+    if config.announce_host or config.announce_port:
+        announce = [f"/ip4/{config.announce_host or config.host}/tcp/{config.announce_port or config.port}"]
     dht = DHT(initial_peers=list(config.initial_peers), start=True, host_maddrs=[maddr],
               **({"announce_maddrs": announce} if announce else {}))
     server = None
