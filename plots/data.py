@@ -1,0 +1,84 @@
+"""What a figure needs from a run: its records (read from result files only), filtered to one workload and one
+link per placement, and the outcome of drawing (paths written, or why not)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.schema import read_results
+
+from .style import ORDER, link_text
+
+
+@dataclass
+class FigureResult:
+    """Outcome of one figure function."""
+
+    name: str
+    """File stem, e.g. ``"fig6c_petals_vs_ours"``."""
+    paths: list[Path] = field(default_factory=list)
+    """PNG and PDF written; empty when the figure was skipped."""
+    notes: list[str] = field(default_factory=list)
+    """Why the figure was skipped or what it leaves out (absent series, pooled data); go into summary.md."""
+
+    @property
+    def skipped(self) -> bool:
+        return not self.paths
+
+
+def load(source) -> list[dict]:
+    """Records from a run directory (validated by :func:`bench.schema.read_results`) or an already-read list.
+
+    Raises:
+        bench.errors.ResultsNotFoundError, bench.errors.SchemaError: from ``read_results``.
+    """
+    if isinstance(source, (str, Path)):
+        return read_results(source)
+    return list(source)
+
+
+def _link_key(record: dict) -> str:
+    return json.dumps(record["link"], sort_keys=True)
+
+
+def select(records: list[dict], workloads: str | tuple[str, ...], notes: list[str] | None = None) -> list[dict]:
+    """Records of ``workloads`` with, per (workload, placement), only the client link most of them used.
+
+    A run normally has one link per placement (``hpc`` none, the remote ones the shaped link); when a placement
+    was measured under several, pooling them would mix different experiments, so the others are dropped and a
+    line saying so is appended to ``notes``.
+    """
+    workloads = (workloads,) if isinstance(workloads, str) else workloads
+    chosen = [r for r in records if r["workload"] in workloads]
+    counts: dict[tuple, Counter] = {}
+    for r in chosen:
+        counts.setdefault((r["workload"], r["placement"]), Counter())[_link_key(r)] += 1
+    keep = {}
+    for key, counter in counts.items():
+        keep[key] = counter.most_common(1)[0][0]
+        if len(counter) > 1 and notes is not None:
+            dropped = [link_text(json.loads(k)) for k in counter if k != keep[key]]
+            notes.append(f"{key[0]}/{key[1]}: kept link {link_text(json.loads(keep[key]))}, "
+                         f"left out {', '.join(dropped)}")
+    return [r for r in chosen if _link_key(r) == keep[(r["workload"], r["placement"])]]
+
+
+def placements_in(records: list[dict]) -> list[str]:
+    """Placements present in ``records``, in the house order (unknown ones last)."""
+    present = {r["placement"] for r in records}
+    return [p for p in ORDER if p in present] + sorted(present - set(ORDER))
+
+
+def missing_note(records: list[dict], wanted: tuple[str, ...], what: str) -> list[str]:
+    """A note per placement of ``wanted`` absent from ``records`` (``"no petals rows for plain inference"``)."""
+    present = {r["placement"] for r in records if r["ok"] and not r["warmup"]}
+    return [f"no {p} rows for {what}" for p in wanted if p not in present]
+
+
+def links_seen(records: list[dict]) -> list[str]:
+    """Every client link of the run, as text, most used first."""
+    counter = Counter(_link_key(r) for r in records)
+    return [link_text(json.loads(k)) for k, _ in counter.most_common()]

@@ -1,0 +1,78 @@
+"""The two shapes every figure is made of: a line per placement with a band, and grouped bars with CI error bars."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from bench.stats import Summary
+
+from .style import BAND_ALPHA, MARKERS, color, label
+
+
+def series(ax, placement: str, points: dict[float, Summary], band: str = "ci") -> None:
+    """Median vs x for one placement, with a shaded band.
+
+    Args:
+        ax: the axes.
+        placement: picks colour, marker and legend label.
+        points: ``{x: Summary}``; drawn in increasing x.
+        band: ``"ci"`` (95 % CI of the median) or ``"iqr"`` (first to third quartile).
+    """
+    xs = sorted(points)
+    med = [points[x].median for x in xs]
+    low = [points[x].ci_low if band == "ci" else points[x].q1 for x in xs]
+    high = [points[x].ci_high if band == "ci" else points[x].q3 for x in xs]
+    ax.plot(xs, med, marker=MARKERS.get(placement, "o"), color=color(placement), label=label(placement))
+    ax.fill_between(xs, low, high, color=color(placement), alpha=BAND_ALPHA, linewidth=0)
+
+
+def grouped_bars(ax, groups: Sequence[str], placements: Sequence[str],
+                 get: Callable[[str, str], Summary | None], group_labels: Sequence[str] | None = None,
+                 annotate: Callable[[float], str] | None = None) -> int:
+    """Bars of medians, one cluster per group and one bar per placement, with asymmetric 95 % CI error bars.
+
+    Args:
+        ax: the axes.
+        groups: cluster keys (e.g. workloads), left to right.
+        placements: bar order inside each cluster (colour and legend per placement).
+        get: ``(group, placement) -> Summary`` or None where there is no data (the slot stays empty).
+        group_labels: tick labels (default: the group keys).
+        annotate: formats a median to print above its bar (e.g. ``"1.2 s"``); None prints nothing.
+
+    Returns:
+        Number of bars drawn.
+    """
+    width = 0.8 / max(len(placements), 1)
+    drawn = 0
+    for i, placement in enumerate(placements):
+        xs, meds, err_low, err_high = [], [], [], []
+        for g, group in enumerate(groups):
+            s = get(group, placement)
+            if s is None:
+                continue
+            xs.append(g - 0.4 + width * (i + 0.5))
+            meds.append(s.median)
+            err_low.append(s.median - s.ci_low)
+            err_high.append(s.ci_high - s.median)
+        if not xs:
+            continue
+        ax.bar(xs, meds, width * 0.9, color=color(placement), label=label(placement),
+               yerr=np.array([err_low, err_high]), ecolor="#333333", error_kw={"elinewidth": 0.8})
+        if annotate is not None:
+            for x, m, e in zip(xs, meds, err_high):
+                ax.annotate(annotate(m), (x, m + e), ha="center", va="bottom", fontsize=6,
+                            xytext=(0, 1), textcoords="offset points")
+        drawn += len(xs)
+    ticks = list(group_labels or groups)
+    ax.set_xticks(range(len(groups)), ticks)
+    if not any(ticks):
+        ax.tick_params(axis="x", bottom=False)
+    ax.grid(axis="x", visible=False)
+    return drawn
+
+
+def seconds(value: float) -> str:
+    """``0.0123`` → ``"12.3 ms"``, ``4.56`` → ``"4.56 s"``: bar annotations."""
+    return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"

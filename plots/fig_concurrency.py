@@ -1,0 +1,57 @@
+"""Response time and throughput against the number of concurrent users (paper Fig. 9)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.stats import describe, round_throughputs, summarize
+
+from .data import FigureResult, links_seen, load, placements_in, select
+from .draw import series
+from .style import legend_below, new_figure, save, styled
+
+
+@styled
+def fig_concurrency(source, out_dir: Path) -> FigureResult:
+    """1..N concurrent users on one deployment: median response time with its interquartile band (left) and
+    throughput in requests per second, median over rounds with its 95 % CI band (right), per placement.
+
+    Throughput per round is defined in :func:`bench.stats.round_throughputs`.
+
+    Args:
+        source: a run directory or a list of records (``concurrency`` rows).
+        out_dir: where ``fig_concurrency.png`` / ``.pdf`` go.
+
+    Returns:
+        The paths written, or a note when there are no ``concurrency`` rows.
+    """
+    result = FigureResult("fig_concurrency")
+    records = select(load(source), "concurrency", result.notes)
+    latency = summarize(records, by=("placement", "users"))
+    if not latency:
+        result.notes.append("skipped: no successful concurrency repetitions")
+        return result
+    throughput = {key: describe(values) for key, values in round_throughputs(records).items()}
+    fig, (ax_lat, ax_tp) = new_figure(ncols=2)
+    for placement in placements_in(records):
+        points = {users: s for (p, users), s in latency.items() if p == placement}
+        if points:
+            series(ax_lat, placement, points, band="iqr")
+        points = {users: s for (p, users), s in throughput.items() if p == placement}
+        if points:
+            series(ax_tp, placement, points, band="ci")
+    for ax in (ax_lat, ax_tp):
+        ax.set_xlabel("concurrent users")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylim(bottom=0)
+    ax_lat.set_ylabel("response time (s)")
+    ax_lat.set_title("response time (median, quartile band)")
+    ax_tp.set_ylabel("throughput (requests/s)")
+    ax_tp.set_title("throughput (median, 95% CI band)")
+    legend_below(fig, "placement")
+    links = links_seen([r for r in records if r["link"] is not None])
+    models = sorted({r["model"] for r in records})
+    fig.suptitle(f"Concurrent users on one deployment ({', '.join(models)})"
+                 + (f", client link {links[0]}" if links else ""))
+    result.paths = save(fig, out_dir, result.name)
+    return result

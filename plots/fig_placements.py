@@ -1,0 +1,89 @@
+"""Placements side by side: paper Fig. 6c (Petals vs ours, plain inference and patching) and IOI patching
+time and client-link bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.stats import client_bytes, summarize
+
+from .data import FigureResult, links_seen, load, missing_note, placements_in, select
+from .draw import grouped_bars, seconds
+from .style import BYTES_FORMATTER, WORKLOAD_LABELS, human_bytes, legend_below, new_figure, save, styled
+
+REMOTE = ("petals", "swarm", "hybrid")
+
+
+@styled
+def fig6c_petals_vs_ours(source, out_dir: Path) -> FigureResult:
+    """Petals vs swarm vs hybrid (paper Fig. 6c): median time of plain remote inference and of activation
+    patching, bars with 95 % CI error bars; centralized is drawn too when present.
+
+    Args:
+        source: a run directory or a list of records (``remote_inference`` and ``patching`` rows).
+        out_dir: where ``fig6c_petals_vs_ours.png`` / ``.pdf`` go.
+
+    Returns:
+        The paths written (absent placements are left out and noted), or a note when neither workload has rows.
+    """
+    result = FigureResult("fig6c_petals_vs_ours")
+    groups = ("remote_inference", "patching")
+    records = [r for r in select(load(source), groups, result.notes) if r["placement"] != "hpc"]
+    stats = summarize(records, by=("workload", "placement"))
+    if not stats:
+        result.notes.append("skipped: no successful remote_inference or patching repetitions")
+        return result
+    for group in groups:
+        result.notes += missing_note([r for r in records if r["workload"] == group], REMOTE, WORKLOAD_LABELS[group])
+    fig, (ax,) = new_figure(width_in=4.8, height_in=3.6)
+    grouped_bars(ax, groups, placements_in(records), lambda g, p: stats.get((g, p)),
+                 [WORKLOAD_LABELS[g] for g in groups], annotate=seconds)
+    ax.set_ylabel("time per request (s)")
+    links = links_seen(records)
+    ax.set_title("Petals vs ours" + (f" — client link {links[0]}" if links else ""))
+    legend_below(fig, "median, 95% CI")
+    result.paths = save(fig, out_dir, result.name)
+    return result
+
+
+@styled
+def fig_ioi_patching(source, out_dir: Path) -> FigureResult:
+    """IOI activation patching (batch 32 where present, else the largest batch): time per experiment and bytes
+    over the client link per placement; bytes on a log axis. Placements that do not count bytes (``hpc``,
+    ``petals``) have no bytes bar.
+
+    Args:
+        source: a run directory or a list of records (``ioi_patching`` rows).
+        out_dir: where ``fig_ioi_patching.png`` / ``.pdf`` go.
+
+    Returns:
+        The paths written, or a note when there are no ``ioi_patching`` rows.
+    """
+    result = FigureResult("fig_ioi_patching")
+    records = [r for r in select(load(source), "ioi_patching", result.notes) if r["ok"] and not r["warmup"]]
+    if not records:
+        result.notes.append("skipped: no successful ioi_patching repetitions")
+        return result
+    batch = 32 if any(r["batch"] == 32 for r in records) else max((r["batch"] or 0) for r in records)
+    if batch != 32:
+        result.notes.append(f"no batch-32 IOI rows; drew batch {batch}")
+    records = [r for r in records if (r["batch"] or 0) == batch]
+    times = summarize(records, by=("placement",))
+    sizes = summarize(records, by=("placement",), value=client_bytes)
+    result.notes += missing_note(records, ("petals", "swarm", "hybrid", "centralized"), "IOI patching")
+    fig, (ax_t, ax_b) = new_figure(ncols=2)
+    placements = placements_in(records)
+    grouped_bars(ax_t, ["time"], placements, lambda _, p: times.get((p,)), [""], annotate=seconds)
+    ax_t.set_ylabel("time per experiment (s)")
+    ax_t.set_title("time")
+    grouped_bars(ax_b, ["bytes"], placements, lambda _, p: sizes.get((p,)), [""], annotate=human_bytes)
+    ax_b.set_yscale("log")
+    ax_b.yaxis.set_major_formatter(BYTES_FORMATTER)
+    ax_b.set_ylabel("client-link bytes (B)")
+    uncounted = [p for p in placements if (p,) not in sizes]
+    ax_b.set_title("bytes over the client link, sent + received" + (f"\n(not counted: {', '.join(uncounted)})" if uncounted else ""))
+    links = links_seen([r for r in records if r["link"] is not None])
+    fig.suptitle(f"IOI activation patching, batch {batch}" + (f", client link {links[0]}" if links else ""))
+    legend_below(fig, "median, 95% CI")
+    result.paths = save(fig, out_dir, result.name)
+    return result
