@@ -37,9 +37,14 @@ Unknown top-level fields are refused (put them in ``extra``), so a typo cannot s
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
+import os
+import platform
+import subprocess
+import time
 from pathlib import Path
 
 from .errors import ResultsNotFoundError, SchemaError
@@ -185,6 +190,39 @@ def validate_record(record) -> None:
     _int("machine.ram_bytes", machine["ram_bytes"], 0)
     _text("git_commit", record["git_commit"])
     _number("time", record["time"], 0)
+
+
+def record_context(config: dict, repo: str | Path = Path(__file__).resolve().parents[1]) -> dict:
+    """The context fields of a record (``config``, ``versions``, ``machine``, ``git_commit``, ``time``) for a run.
+
+    Versions come from the installed distributions' metadata (nothing is imported; null if not installed); the
+    commit from ``git rev-parse HEAD`` in ``repo`` (``"unknown"`` outside a git checkout, with ``-dirty`` appended
+    when tracked files differ from it). Refresh ``time`` per repetition.
+
+    Args:
+        config: the resolved config of the run (JSON-serializable).
+        repo: the checkout whose commit is recorded.
+    """
+    versions = {"python": platform.python_version()}
+    for key in VERSION_KEYS[1:]:
+        try:
+            versions[key] = importlib.metadata.version(key)
+        except importlib.metadata.PackageNotFoundError:
+            versions[key] = None
+
+    def git(*args) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=repo, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if commit != "unknown" and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {"config": config, "versions": versions,
+            "machine": {"cpus": os.cpu_count() or 1, "platform": platform.platform(), "ram_bytes": int(ram)},
+            "git_commit": commit, "time": time.time()}
 
 
 def dump_record(record: dict) -> str:

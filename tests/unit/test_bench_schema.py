@@ -9,7 +9,7 @@ import pytest
 
 from bench.errors import BenchError, ResultsNotFoundError, SchemaError
 from bench.schema import FIELDS, PLACEMENTS, SCHEMA, VERSION_KEYS, WORKLOADS, dump_record, read_results, \
-    validate_record
+    record_context, validate_record
 
 
 def valid_record(**overrides) -> dict:
@@ -159,6 +159,14 @@ def test_read_results_refuses_non_json_lines(tmp_path):
 def test_read_results_without_files_is_a_typed_error(tmp_path, make):
     with pytest.raises(ResultsNotFoundError, match="no \\*.jsonl"):
         read_results(make(tmp_path))
+
+
+def test_record_context_fills_the_context_fields_validly(tmp_path):
+    context = record_context({"n": 20})
+    assert set(context) == {"config", "versions", "machine", "git_commit", "time"}
+    validate_record(valid_record(**context))
+    assert context["versions"]["python"] and context["machine"]["ram_bytes"] > 0
+    assert record_context({}, repo=tmp_path)["git_commit"] == "unknown"  # not a checkout
 
 
 def test_version_keys_are_the_agreed_ones():
