@@ -4,6 +4,8 @@ Absent data skips a figure or a series with a note; it never crashes. No timing 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 import sys
 import types
@@ -84,14 +86,10 @@ def plotted(tmp_path_factory):
     records = synthetic_run()
     run_dir = write_run(records, base / "results" / "synthetic")
     out = base / "figures"
-    capture = pytest.MonkeyPatch()
-    lines: list[str] = []
-    capture.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
-    try:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
         status = main(["plot", str(run_dir), "--out", str(out)])
-    finally:
-        capture.undo()
-    return records, out, status, lines
+    return records, out, status, stdout.getvalue().splitlines()
 
 
 def assert_drawn(out: Path, name: str):
@@ -253,3 +251,9 @@ def test_cli_run_delegates_to_bench_cli(monkeypatch):
     monkeypatch.setitem(sys.modules, "bench.cli", fake)
     assert main(["run", "--suite", "paper", "--help"]) == 7
     assert seen == [["--suite", "paper", "--help"]]
+
+
+def test_cli_run_without_bench_cli_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bench.cli", None)  # makes `import bench.cli` fail as if absent
+    assert main(["run", "--suite", "paper"]) == 2
+    assert "bench/cli.py" in capsys.readouterr().err
