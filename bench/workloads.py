@@ -1,0 +1,148 @@
+"""The experiments a worker times, one repetition per :meth:`Experiment.run` call, the same in every placement.
+
+Workload names follow :data:`bench.schema.WORKLOADS`; each maps to an experiment here (``setup_time`` and
+``concurrency`` reuse ``remote_inference``; ``patching_vs_size`` reuses ``patching``):
+
+- ``remote_inference``: a plain forward of the batch; the client gets the last position's logits ``(B, V)``.
+- ``patching``: activation patching at one layer (last position, clean rows → corrupted rows); the client gets
+  the corrupted rows' last-position logits ``(B/2, V)``, as a Petals client that patches locally would.
+- ``ioi_patching``: :func:`bench.ioi.patch_and_measure` (IOI batch 32 on SmolLM2; only logit diffs return).
+- ``logit_lens``: every layer's last-position hidden state through the final norm and LM head (on the node that
+  holds the head in ``hybrid``: hidden states are carried there and decoded in one batch); top-k ids return.
+- ``steering_generation``: greedy generation of ``new_tokens`` tokens with a steering vector added to one layer's
+  output at every step (one trace per token, no KV cache, so it runs the same in every placement).
+
+Inputs are token ids (made from prompts or random with a seed), so the Petals worker can run the same batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import BenchConfigError
+
+EXPERIMENTS = ("remote_inference", "patching", "ioi_patching", "logit_lens", "steering_generation")
+WORKLOAD_EXPERIMENT = {"setup_time": "remote_inference", "patching_vs_size": "patching", "concurrency": "patching",
+                       **{name: name for name in EXPERIMENTS}}
+"""Which experiment each workload times."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """What one experiment runs on (resolved by the CLI, recorded in every result)."""
+
+    experiment: str
+    """One of :data:`EXPERIMENTS`."""
+    batch: int = 2
+    """Rows of the batch (even for patching: half clean, half corrupted)."""
+    seq_len: int = 16
+    """Tokens per row for token-id batches (IOI: set by the prompts)."""
+    layer: int | None = None
+    """Patched / steered layer; None = the middle layer."""
+    top_k: int = 5
+    """Logit lens: ids returned per layer."""
+    new_tokens: int = 8
+    """Steering: tokens generated."""
+    steering_scale: float = 4.0
+    """Steering: the norm of the vector added (a seeded random direction)."""
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def token_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``(batch, seq_len)`` random token ids in ``[3, vocab_size)`` (clear of special ids), reproducible by seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, seq_len), generator=generator)
+
+
+class Experiment:
+    """One workload prepared on one :class:`hybrid.LanguageModel`; :meth:`run` is one timed repetition."""
+
+    def __init__(self, lm, config: ExperimentConfig):
+        if config.experiment not in EXPERIMENTS:
+            raise BenchConfigError(f"unknown experiment {config.experiment!r}; known: {', '.join(EXPERIMENTS)}")
+        self.lm, self.config = lm, config
+        self.num_layers = lm.config.num_hidden_layers
+        self.layer = config.layer if config.layer is not None else self.num_layers // 2
+        if not 0 <= self.layer < self.num_layers:
+            raise BenchConfigError(f"layer {self.layer} is outside this model's 0..{self.num_layers - 1}")
+        if config.experiment == "ioi_patching":
+            from .ioi import ioi_batch
+            self.ioi = ioi_batch(lm.tokenizer, pairs=config.batch // 2, seed=config.seed)
+            self.ids, _ = lm.tokenize(self.ioi.prompts)
+        else:
+            if config.experiment == "patching" and config.batch % 2:
+                raise BenchConfigError(f"patching needs an even batch (clean + corrupted rows); got {config.batch}")
+            self.ids = token_batch(lm.config.vocab_size, config.batch, config.seq_len, config.seed)
+        hidden = lm.config.hidden_size
+        direction = torch.randn(hidden, generator=torch.Generator().manual_seed(config.seed + 1))
+        self.steering = direction / direction.norm() * config.steering_scale
+
+    @property
+    def batch(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.ids.shape[1])
+
+    def run(self, placement: str) -> tuple[dict, dict]:
+        """One repetition in ``placement`` (``local`` for hpc); returns ``(tracer.stats, extra)``."""
+        return getattr(self, "_" + self.config.experiment)(placement)
+
+    # ---- experiments ----------------------------------------------------------------------------------------
+
+    def _remote_inference(self, placement):
+        lm = self.lm
+        with lm.trace(self.ids, placement=placement) as tracer:
+            logits = lm.lm_head.output[:, -1].save()
+        return tracer.stats, {"argmax": _value(logits).argmax(-1).tolist()}
+
+    def _patching(self, placement):
+        lm, n, layer = self.lm, self.batch // 2, self.layer
+        with lm.trace(self.ids, placement=placement) as tracer:
+            h = lm.model.layers[layer].output
+            h[n:, -1, :] = h[:n, -1, :]
+            logits = lm.lm_head.output[n:, -1].save()
+        return tracer.stats, {"layer": layer, "argmax": _value(logits).argmax(-1).tolist()}
+
+    def _ioi_patching(self, placement):
+        from .ioi import patch_and_measure
+        diff, stats = patch_and_measure(self.lm, self.ioi, self.layer, placement=placement)
+        diff = _value(diff)
+        return stats, {"layer": self.layer, "logit_diff_mean": float(diff.mean())}
+
+    def _logit_lens(self, placement):
+        import hybrid
+        lm, k = self.lm, self.config.top_k
+        with lm.trace(self.ids, placement=placement) as tracer:
+            tops = [hybrid.save(lm.lm_head(lm.model.norm(lm.model.layers[i].output[:, -1])).topk(k, dim=-1)[1])
+                    for i in range(self.num_layers)]
+        final = _value(tops[-1])[:, 0].tolist()
+        return tracer.stats, {"top_k": k, "layers": self.num_layers, "final_top1": final}
+
+    def _steering_generation(self, placement):
+        lm, layer, vector = self.lm, self.layer, self.steering
+        ids = self.ids
+        totals = {"client_bytes_sent": 0, "client_bytes_received": 0, "node_bytes": 0, "round_trips": 0}
+        compute: dict[str, float] = {}
+        for _ in range(self.config.new_tokens):
+            with lm.trace(ids, placement=placement) as tracer:
+                h = lm.model.layers[layer].output
+                h[:, :, :] = h + vector
+                nxt = lm.lm_head.output[:, -1].argmax(-1).save()
+            for key in totals:
+                totals[key] += int(tracer.stats.get(key) or 0)
+            for node, s in (tracer.stats.get("compute_s") or {}).items():
+                compute[node] = compute.get(node, 0.0) + s
+            ids = torch.cat([ids, _value(nxt).reshape(-1, 1)], dim=1)
+        stats = {**totals, "compute_s": compute}
+        return stats, {"layer": layer, "new_tokens": self.config.new_tokens,
+                       "tokens": ids[:, self.seq_len:].tolist()}
+
+
+def _value(x):
+    """A saved value as a plain tensor (hybrid returns tensors; tolerate a ``.value`` wrapper)."""
+    return getattr(x, "value", x)
