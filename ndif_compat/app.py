@@ -1,0 +1,235 @@
+"""The HTTP + websocket server (starlette): the endpoints nnsight 0.8's remote backend calls.
+
+``POST /request`` (multipart: ``data`` = the JSON envelope, ``blob`` = the payload) answers RECEIVED with the job
+id; the job's later statuses go to the ``/subscribe`` websocket session named in the envelope and are kept for
+``GET /response/{id}`` (non-blocking clients); ``GET /result/{id}`` downloads a result. ``/status``, ``/env``,
+``/whoami`` and ``/ping`` answer nnsight's helpers; :mod:`ndif_compat.hub` answers the Hub calls of
+``LanguageModel("<name>")``. Every failure is a typed :class:`~ndif_compat.errors.GatewayError`; the server keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
+
+from nnsight.schema.request import RequestModel
+from nnsight.schema.response import Status
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .auth import KeyRing
+from .config import GatewayConfig
+from .errors import BadRequestError, GatewayError, UnknownJobError
+from .hub import HubFiles
+from .protocol import Job, Subscriptions, check_model
+from .workers import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+
+def _error(e: GatewayError) -> JSONResponse:
+    return JSONResponse({"detail": f"{type(e).__name__}: {e}", "code": e.code}, status_code=e.http_status)
+
+
+class Gateway:
+    """The server state: jobs, websocket sessions, keys and the worker pool. :meth:`app` builds the ASGI app."""
+
+    def __init__(self, config: GatewayConfig, pool: WorkerPool):
+        self.config, self.pool = config, pool
+        self.keys = KeyRing(config.api_keys, config.rate_per_minute, config.burst)
+        self.jobs: dict[str, Job] = {}
+        self.subscriptions = Subscriptions()
+        self.hub = HubFiles(config.backend.model_path, config.names)
+        self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="gateway-job")
+        self._tasks: set[asyncio.Task] = set()
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/request", self.submit, methods=["POST"]),
+            WebSocketRoute("/subscribe", self.subscribe),
+            Route("/response/{job_id}", self.poll, methods=["GET"]),
+            Route("/result/{job_id}", self.result, methods=["GET"]),
+            Route("/status", self.status, methods=["GET"]),
+            Route("/env", self.env, methods=["GET"]),
+            Route("/whoami", self.whoami, methods=["GET"]),
+            Route("/ping", self.ping, methods=["GET"]),
+            Route("/api/models/{repo:path}/tree/{rest:path}", self.hub.tree, methods=["GET"]),
+            Route("/api/models/{repo:path}", self.hub.model_info, methods=["GET"]),
+            Route("/{repo:path}/resolve/{revision}/{filename:path}", self.hub.resolve, methods=["GET", "HEAD"]),
+        ]
+        return Starlette(routes=routes, lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        try:
+            yield
+        finally:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+
+    async def submit(self, request: Request) -> Response:
+        try:
+            identity = self.keys.identify(request.headers.get("ndif-api-key"), request.client.host)
+            self.keys.charge(identity)
+            form = await request.form(max_part_size=self.config.limits.max_request_bytes)
+            if "data" not in form or "blob" not in form:
+                raise BadRequestError("POST /request needs the form fields 'data' (JSON) and 'blob' (payload).")
+            try:
+                envelope = RequestModel.model_validate_json(form["data"])
+            except ValueError as e:
+                raise BadRequestError(f"the request envelope is not nnsight's RequestModel: {e}") from None
+            check_model(envelope.model_key, self.config.names)
+            blob = await form["blob"].read()
+            if len(blob) > self.config.limits.max_request_bytes:
+                raise BadRequestError(f"request payload is {len(blob)} bytes; the limit is "
+                                      f"{self.config.limits.max_request_bytes}.")
+        except GatewayError as e:
+            return _error(e)
+        job = Job(envelope.session_id, blob, envelope.compress, identity)
+        job.meta = {"request_bytes": len(blob)}
+        self.jobs[job.id] = job
+        received = job.response(Status.RECEIVED)
+        job.latest = received
+        task = asyncio.create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._purge()
+        return Response(received.model_dump_json(), media_type="application/json")
+
+    def _emit(self, job: Job, status: Status, description: str | None = None) -> None:
+        response = job.response(status, description)
+        job.latest = response
+        self.subscriptions.push(job.session_id, response.model_dump_json())
+
+    async def _run(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        self._emit(job, Status.QUEUED)
+
+        def on_log(text: str) -> None:
+            loop.call_soon_threadsafe(self._emit, job, Status.LOG, text)
+
+        def on_start() -> None:
+            loop.call_soon_threadsafe(self._emit, job, Status.RUNNING)
+
+        t0 = time.perf_counter()
+        try:
+            reply = await loop.run_in_executor(self._threads, self.pool.run, job.id, job.blob, job.compress, on_log,
+                                               on_start)
+        except GatewayError as e:
+            job.meta["wall_s"] = time.perf_counter() - t0
+            self._emit(job, Status.ERROR, f"{type(e).__name__}: {e}")
+            job.finished = time.monotonic()
+            return
+        except Exception as e:  # our bug: still an answer, never a hung client
+            logger.exception("job %s failed inside the gateway", job.id)
+            self._emit(job, Status.ERROR, f"GatewayError: internal error: {type(e).__name__}: {e}")
+            job.finished = time.monotonic()
+            return
+        job.blob = b""
+        job.result = reply.result
+        job.meta |= reply.meta | {"result_bytes": len(reply.result), "wall_s": time.perf_counter() - t0}
+        job.latest = job.response(Status.COMPLETED, data=f"{self._base_url()}/result/{job.id}")
+        if len(reply.result) <= self.config.inline_result_bytes:
+            frame = job.response(Status.COMPLETED, data=reply.result).pickle()
+        else:
+            frame = job.latest.model_dump_json()
+        self.subscriptions.push(job.session_id, frame)
+        job.finished = time.monotonic()
+
+    def _base_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        for job_id in [j.id for j in self.jobs.values() if j.finished and now - j.finished > self.config.result_ttl_s]:
+            self.jobs.pop(job_id, None)
+
+    # ---- status stream ----------------------------------------------------------------------------------------
+
+    async def subscribe(self, websocket: WebSocket) -> None:
+        try:
+            self.keys.identify(websocket.headers.get("ndif-api-key"), websocket.client.host)
+        except GatewayError as e:
+            await websocket.close(code=4401, reason=str(e)[:120])
+            return
+        await websocket.accept()
+        session_id, q = self.subscriptions.open()
+        try:
+            await websocket.send_json({"session_id": session_id})
+            receiver = asyncio.create_task(websocket.receive())
+            while True:
+                getter = asyncio.create_task(q.get())
+                done, _ = await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                if receiver in done:  # the client closed (or sent something we ignore)
+                    getter.cancel()
+                    if receiver.result().get("type") == "websocket.disconnect":
+                        return
+                    receiver = asyncio.create_task(websocket.receive())
+                    continue
+                message = getter.result()
+                if isinstance(message, bytes):
+                    await websocket.send_bytes(message)
+                else:
+                    await websocket.send_text(message)
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        finally:
+            self.subscriptions.close(session_id)
+
+    # ---- polling and downloads ----------------------------------------------------------------------------------
+
+    def _job(self, request: Request) -> Job:
+        job = self.jobs.get(request.path_params["job_id"])
+        if job is None:
+            raise UnknownJobError(f"no job {request.path_params['job_id']!r} on this gateway (expired after "
+                                  f"{self.config.result_ttl_s:g} s, or never submitted).")
+        return job
+
+    async def poll(self, request: Request) -> Response:
+        try:
+            job = self._job(request)
+        except GatewayError as e:
+            return _error(e)
+        return Response(job.latest.model_dump_json(), media_type="application/json")
+
+    async def result(self, request: Request) -> Response:
+        try:
+            job = self._job(request)
+            if job.result is None:
+                raise UnknownJobError(f"job {job.id} has no result (status {job.latest.status.value}).")
+        except GatewayError as e:
+            return _error(e)
+        return Response(job.result, media_type="application/octet-stream")
+
+    # ---- service information ----------------------------------------------------------------------------------
+
+    async def status(self, request: Request) -> Response:
+        key = f"nnsight.modeling.language.LanguageModel:{{\"repo_id\": \"{self.config.names[0]}\", \"revision\": null}}"
+        deployments = {name: {"model_key": key, "repo_id": name, "deployment_level": "HOT",
+                              "application_state": "RUNNING", "backend": self.config.backend.kind}
+                       for name in self.config.names}
+        return JSONResponse({"deployments": deployments})
+
+    async def env(self, request: Request) -> Response:
+        packages = {name: version(name) for name in ("nnsight", "torch", "transformers")}
+        return JSONResponse({"python_version": sys.version, "packages": packages})
+
+    async def whoami(self, request: Request) -> Response:
+        try:
+            identity = self.keys.identify(request.headers.get("ndif-api-key"), request.client.host)
+        except GatewayError as e:
+            return _error(e)
+        return JSONResponse({"identity": identity.split(":", 1)[0]})
+
+    async def ping(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})

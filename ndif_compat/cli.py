@@ -1,0 +1,111 @@
+"""``swarm-gateway serve``: an NDIF-compatible server for the real nnsight client.
+
+    swarm-gateway serve --local smollm2-135m --port 8289                 # one preloaded model (centralized)
+    swarm-gateway serve --initial-peers /ip4/.../p2p/... --port 8289      # the same API in front of the swarm
+
+Clients: ``NDIF_HOST=http://<host>:<port>`` and ``HF_ENDPOINT=http://<host>:<port>``, then
+``LanguageModel("<name>")`` with a name the gateway prints (see ``docs/ndif_compat.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .config import BackendSpec, ExecutionLimits, GatewayConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm-gateway", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve nnsight remote requests")
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", metavar="MODEL", help="local backend: load MODEL (alias or checkpoint dir) here")
+    where.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="swarm backend: the swarm's multiaddrs")
+    serve.add_argument("--model", default="smollm2-135m", help="swarm backend: the model (alias or checkpoint dir)")
+    serve.add_argument("--name", action="append", default=[], help="extra name clients may use for the model")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8289)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (each holds the model)")
+    serve.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    serve.add_argument("--no-hybrid", action="store_true", help="swarm backend: never push graphs to the nodes")
+    serve.add_argument("--api-key", action="append", default=[],
+                       help="accepted API key (repeat; or $SWARM_GATEWAY_API_KEYS, comma-separated); none = open")
+    serve.add_argument("--rate-per-minute", type=float, default=GatewayConfig.rate_per_minute)
+    serve.add_argument("--burst", type=int, default=GatewayConfig.burst)
+    serve.add_argument("--timeout-s", type=float, default=ExecutionLimits.timeout_s)
+    serve.add_argument("--max-memory-gb", type=float, default=ExecutionLimits.max_memory_bytes / 2**30)
+    serve.add_argument("--max-request-mb", type=float, default=ExecutionLimits.max_request_bytes / 2**20)
+    serve.add_argument("--cache-dir", type=Path, default=None, help="where model aliases are converted")
+    serve.add_argument("--ready-file", type=Path, default=None, help="write {url, names, pid} here once serving")
+    return parser
+
+
+def build_config(args: argparse.Namespace, env_keys: str = "") -> GatewayConfig:
+    from swarm.checkpoint import resolve_checkpoint
+
+    model = args.local or args.model
+    path = resolve_checkpoint(model, args.cache_dir)
+    canonical = model if not Path(model).exists() else Path(model).resolve().name
+    keys = frozenset(k for k in [*args.api_key, *env_keys.split(",")] if k.strip())
+    backend = BackendSpec("local" if args.local else "swarm", path, tuple(args.initial_peers or ()),
+                          hybrid=not args.no_hybrid, threads=args.threads)
+    limits = ExecutionLimits(timeout_s=args.timeout_s, max_memory_bytes=int(args.max_memory_gb * 2**30),
+                             max_request_bytes=int(args.max_request_mb * 2**20))
+    return GatewayConfig(backend, tuple(dict.fromkeys([canonical, *args.name])), host=args.host, port=args.port,
+                         workers=args.workers, api_keys=keys, rate_per_minute=args.rate_per_minute, burst=args.burst,
+                         limits=limits)
+
+
+def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
+    import uvicorn
+
+    from .app import Gateway
+    from .workers import WorkerPool
+
+    pool = WorkerPool(config.backend, config.limits, config.workers, config.worker_start_timeout_s)
+    print(f"swarm-gateway: loading {config.backend.kind} backend ({config.workers} worker(s))...", flush=True)
+    try:
+        pool.start()
+        gateway = Gateway(config, pool)
+        server = uvicorn.Server(uvicorn.Config(gateway.app(), host=config.host, port=config.port,
+                                               log_level="warning", ws="websockets-sansio", ws_max_size=64 * 2**20))
+    except BaseException:
+        pool.close()
+        raise
+    url = f"http://{config.host}:{config.port}"
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(f"swarm-gateway: serving {', '.join(config.names)} at {url}\n"
+                  f"  clients: NDIF_HOST={url} HF_ENDPOINT={url}, then LanguageModel({config.names[0]!r})", flush=True)
+            if ready_file is not None:
+                ready_file.write_text(json.dumps({"url": url, "names": list(config.names), "pid": os.getpid()}))
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        server.run()
+    finally:
+        pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = build_config(args, os.environ.get("SWARM_GATEWAY_API_KEYS", ""))
+    serve(config, args.ready_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Errors of the NDIF-compatible gateway, named by who must act.
+
+Every error a request can cause reaches the nnsight client as a ``RemoteError`` whose text is ``str(error)``
+(prefixed with the class name, so the researcher sees what kind of failure it was); the gateway keeps serving.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Root of every error raised by :mod:`ndif_compat`."""
+
+    code = "gateway_error"
+    http_status = 500
+
+
+class BadRequestError(GatewayError):
+    """The request is malformed (not an nnsight 0.8 payload, unknown model key, too large). Fix the request."""
+
+    code = "bad_request"
+    http_status = 400
+
+
+class ModelNotServedError(BadRequestError):
+    """The request names a model this gateway does not serve; the message lists the names it accepts."""
+
+    code = "model_not_served"
+    http_status = 404
+
+
+class UnauthorizedError(GatewayError):
+    """Missing or unknown API key (header ``ndif-api-key``). Ask the gateway operator for a key."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class RateLimitedError(GatewayError):
+    """This API key sent more requests than its rate allows; retry after the time in the message."""
+
+    code = "rate_limited"
+    http_status = 429
+
+
+class UnsafeRequestError(BadRequestError):
+    """The request's code tried something the guardrails forbid (an import, a builtin, file/network/process
+    access, a private attribute, writing a parameter). Nothing of it ran past the point of refusal."""
+
+    code = "unsafe_request"
+
+
+class ExecutionLimitError(GatewayError):
+    """The request ran past a limit (wall time, memory). Its worker process was killed and replaced."""
+
+    code = "limit_exceeded"
+    http_status = 200
+
+
+class ExecutionError(GatewayError):
+    """The request's code raised while running on the gateway (the message carries the remote traceback)."""
+
+    code = "execution_error"
+    http_status = 200
+
+
+class WorkerCrashedError(GatewayError):
+    """The process executing the request died unexpectedly (its exit code is in the message); it was replaced."""
+
+    code = "worker_crashed"
+
+
+class UnknownJobError(BadRequestError):
+    """No job with this id (never submitted, or its result was already collected and expired)."""
+
+    code = "unknown_job"
+    http_status = 404

@@ -1,0 +1,145 @@
+"""Run one nnsight request on a model held by this process (the worker), under the guardrails.
+
+    outcome = execute_request(model, blob, compress=True, request_id="abc", log=print)
+    outcome.result      # zstd/torch.save bytes of {variable name: saved value}, what nnsight's client loads
+
+The payload is nnsight 0.8's: a pickle of ``(tracer, (block source, globals, locals))``. It is unpickled with
+:class:`~ndif_compat.guardrails.RestrictedUnpickler` against the model's persistent objects, the block source is
+checked, then run with nnsight's own tracer (so remote semantics equal local nnsight) inside the audit guard, with
+restricted builtins.
+"""
+
+from __future__ import annotations
+
+import io
+import linecache
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import zstandard
+
+from .errors import BadRequestError, ExecutionError, GatewayError, UnsafeRequestError
+from .guardrails import SAFE_BUILTINS, AuditGuard, RestrictedUnpickler, check_source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    result: bytes
+    """Serialized saves, compressed when the request was."""
+    path: str
+    """Which execution path ran (``gateway``, ``hybrid``, ...); the response log names it."""
+
+
+def decompress(blob: bytes, compress: bool, max_bytes: int) -> bytes:
+    """Undo the client's zstd compression, refusing payloads that expand beyond ``max_bytes``."""
+    if not compress:
+        if len(blob) > max_bytes:
+            raise BadRequestError(f"request payload is {len(blob)} bytes; this gateway accepts at most {max_bytes}.")
+        return blob
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob))
+        data = reader.read(max_bytes + 1)
+    except zstandard.ZstdError as e:
+        raise BadRequestError(f"request payload is not valid zstd ({e}); is this an nnsight 0.8 client?") from None
+    if len(data) > max_bytes:
+        raise BadRequestError(f"request payload expands beyond {max_bytes} bytes; this gateway refuses it.")
+    return data
+
+
+def encode_result(saves: dict[str, Any], compress: bool) -> bytes:
+    """What nnsight's ``RemoteBackend.finalize`` loads: ``torch.save`` bytes, zstd-compressed if asked."""
+    buffer = io.BytesIO()
+    torch.save(saves, buffer, pickle_protocol=4)
+    data = buffer.getvalue()
+    return zstandard.ZstdCompressor(level=3).compress(data) if compress else data
+
+
+def load_request(envoy, data: bytes, request_id: str, persistent_objects: dict | None = None):
+    """Unpickle a payload against ``envoy``'s live model; returns the tracer ready to execute.
+
+    The block is compiled under a per-request file name, so nnsight's per-file source caches never mix two
+    requests that came from files of the same name.
+    """
+    from nnsight.intervention import serialization
+
+    try:
+        tracer, (source, glbls, variables) = serialization.loads(
+            data, envoy._remoteable_persistent_objects() if persistent_objects is None else persistent_objects,
+            RestrictedUnpickler)
+    except GatewayError:
+        raise
+    except Exception as e:
+        raise BadRequestError(f"could not read the request payload ({type(e).__name__}: {e}); the gateway speaks "
+                              "nnsight 0.8.x.") from None
+    if not isinstance(source, str) or not isinstance(glbls, dict) or not isinstance(variables, dict):
+        raise BadRequestError("the request payload is not an nnsight 0.8 traced block.")
+    check_source(source, "the traced block")
+    frame = tracer.info.frame
+    filename = f"{frame.f_code.co_filename} [request {request_id}]"
+    frame.f_code.co_filename = filename
+    tracer.info.code = compile(source, filename, "exec").replace(co_name=frame.f_code.co_name)
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    variables["__builtins__"] = SAFE_BUILTINS
+    glbls["__builtins__"] = SAFE_BUILTINS
+    frame.f_globals, frame.f_locals = glbls, variables
+    return tracer, source
+
+
+def forget(filename: str) -> None:
+    """Drop one request's entries from linecache and nnsight's per-file caches."""
+    from nnsight.tracing import globals as nnsight_globals
+
+    linecache.cache.pop(filename, None)
+    for cache in (getattr(nnsight_globals, "SOURCES", {}), getattr(nnsight_globals, "BLOCKS", {})):
+        for key in [k for k in cache if (k[0] if isinstance(k, tuple) else k) == filename]:
+            cache.pop(key, None)
+
+
+def run_tracer(tracer, log: Callable[[str], None]) -> dict[str, Any]:
+    """Execute a loaded tracer with nnsight's machinery; returns the saved variables by name."""
+    from nnsight.tracing import tracer as nnsight_tracer
+
+    frame = tracer.info.frame
+    printed = _Printer(log)
+    SAFE_BUILTINS_WITH_PRINT = {**SAFE_BUILTINS, "print": printed}
+    frame.f_locals["__builtins__"] = SAFE_BUILTINS_WITH_PRINT
+    frame.f_globals["__builtins__"] = SAFE_BUILTINS_WITH_PRINT
+    nnsight_tracer.inc()
+    try:
+        with AuditGuard.install(), torch.no_grad():
+            tracer.execute(tracer.info.code)
+        saves = nnsight_tracer._saves()
+        return {k: v for k, v in frame.f_locals.items() if id(v) in saves and not k.startswith("__")}
+    except GatewayError:
+        raise
+    except Exception as e:
+        raise ExecutionError(_describe(e)) from None
+    finally:
+        nnsight_tracer.dec()
+        forget(frame.f_code.co_filename)
+
+
+def _describe(e: BaseException) -> str:
+    """The remote error text: the exception and the user's own frames (nnsight internals left out)."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "[request " in f.filename]
+    where = "".join(traceback.format_list(frames[-3:]))
+    unsafe = e if isinstance(e, UnsafeRequestError) else None
+    text = f"{type(e).__name__}: {e}"
+    if unsafe is None and isinstance(e.__cause__ or e.__context__, UnsafeRequestError):
+        text = f"UnsafeRequestError: {e.__cause__ or e.__context__}"
+    return f"{text}\n{where}".rstrip()
+
+
+class _Printer:
+    """``print`` for request code: lines go to the client as LOG status updates."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+
+    def __call__(self, *args, sep=" ", end="\n", **_ignored) -> None:
+        self.log(sep.join(str(a) for a in args))

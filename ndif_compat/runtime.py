@@ -1,0 +1,145 @@
+"""What a worker process holds: the model for its backend, and how it runs one request on it.
+
+- ``local``: nnsight's ``LanguageModel`` on the whole checkpoint, in this process (the centralized deployment).
+- ``swarm``: nnsight's model tree with decoder layers on the swarm (:mod:`ndif_compat.swarm_layers`), plus a
+  :class:`hybrid.LanguageModel` on the same swarm: a request that translates into our graph runs pushed to the
+  nodes (:mod:`ndif_compat.translate`); otherwise the gateway runs it. The response log says which.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from .config import BackendSpec
+from .errors import UnsafeRequestError
+from .execution import Outcome, encode_result, forget, load_request, run_tracer
+from .guardrails import SAFE_BUILTINS, AuditGuard, ParameterSeal
+from .swarm_layers import Unreachable, touched_layers
+
+logger = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "The Eiffel Tower is located in the city of"
+
+
+class _SwarmObjects(dict):
+    """Persistent objects of the swarm model; ids of submodules inside decoder layers resolve to placeholders."""
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key) or isinstance(key, str) and key.startswith("Module:model.model.layers.")
+
+    def __missing__(self, key: str) -> Any:
+        module = self[key] = Unreachable(key.removeprefix("Module:model."))
+        return module
+
+
+class Runtime:
+    """The model of one worker and the request executor. Build with :meth:`load` (does the I/O)."""
+
+    def __init__(self, spec: BackendSpec, lm, client=None, stack=None, hybrid_lm=None):
+        self.spec, self.lm, self.client, self.stack, self.hybrid_lm = spec, lm, client, stack, hybrid_lm
+        self.seal = ParameterSeal(lm._module)
+        self._sources: list[str] = []
+
+    @classmethod
+    def load(cls, spec: BackendSpec) -> "Runtime":
+        import nnsight
+
+        torch.set_num_threads(spec.threads)
+        if spec.kind == "local":
+            lm = nnsight.LanguageModel(str(spec.model_path), dispatch=True, dtype=torch.float32)
+            lm._module.requires_grad_(False)
+            runtime = cls(spec, lm)
+        elif spec.kind == "swarm":
+            from .swarm_layers import build_swarm_model
+            import hybrid
+
+            lm, client, stack = build_swarm_model(spec.model_path, spec.initial_peers)
+            hybrid_lm = hybrid.LanguageModel(str(spec.model_path), initial_peers=list(spec.initial_peers)) \
+                if spec.hybrid else None
+            runtime = cls(spec, lm, client, stack, hybrid_lm)
+        else:
+            raise ValueError(f"backend must be 'local' or 'swarm'; got {spec.kind!r}")
+        runtime.warm_up()
+        return runtime
+
+    def warm_up(self) -> None:
+        """One trace and one short generation, so lazy imports and file reads happen before any guard is armed."""
+        with self.lm.trace(WARMUP_PROMPT):
+            self.lm.lm_head.output.save()
+        with self.lm.generate(WARMUP_PROMPT, max_new_tokens=2):
+            self.lm.lm_head.output.save()
+        if self.hybrid_lm is not None:
+            with self.hybrid_lm.trace(WARMUP_PROMPT, placement="hybrid"):
+                self.hybrid_lm.lm_head.output.save()
+        self.seal = ParameterSeal(self.lm._module)
+
+    def persistent_objects(self) -> dict:
+        objects = self.lm._remoteable_persistent_objects()
+        return _SwarmObjects(objects) if self.spec.kind == "swarm" else objects
+
+    def traffic(self) -> tuple[int, int, int]:
+        if self.client is None:
+            return (0, 0, 0)
+        t = self.client.sequence.traffic
+        h = self.hybrid_lm._client.sequence.traffic if self.hybrid_lm is not None and self.hybrid_lm._client else None
+        return (t.bytes_sent + (h.bytes_sent if h else 0), t.bytes_received + (h.bytes_received if h else 0),
+                t.calls + (h.calls if h else 0))
+
+    def execute(self, data: bytes, compress: bool, request_id: str, log: Callable[[str], None]) -> tuple[Outcome, dict]:
+        """Run one decompressed payload; returns the outcome and metadata (path, bytes to the swarm).
+
+        Raises:
+            GatewayError: typed; :class:`UnsafeRequestError` when a parameter was written (the caller then replaces
+                this worker, restoring the weights).
+        """
+        from . import guardrails
+
+        before = self.traffic()
+        sources: list[str] = []
+        guardrails.SHIPPED_SOURCES.set(sources)
+        tracer, source = load_request(self.lm, data, request_id, self.persistent_objects())
+        sources.insert(0, source)
+        path = "gateway"
+        try:
+            saves = None
+            if self.hybrid_lm is not None:
+                saves, path = self._try_hybrid(tracer, log)
+            if saves is None:
+                if self.stack is not None:
+                    layers = touched_layers(sources, self.stack.num_layers)
+                    self.stack.cut_at(layers)
+                    cuts = "every layer" if layers is None else f"layers {sorted(layers)}"
+                    log(f"execution path: gateway (decoder layers on the swarm; hidden states cross at {cuts})")
+                else:
+                    log("execution path: gateway (local model)")
+                saves = run_tracer(tracer, log)
+        finally:
+            forget(tracer.info.frame.f_code.co_filename)
+            changed = self.seal.changed()
+        if changed:
+            raise UnsafeRequestError(f"the request modified model parameters ({', '.join(changed[:3])}); parameters "
+                                     "are read-only on this gateway. The worker was replaced to restore them.")
+        after = self.traffic()
+        meta = {"path": path, "swarm_bytes_sent": after[0] - before[0], "swarm_bytes_received": after[1] - before[1],
+                "swarm_calls": after[2] - before[2]}
+        return Outcome(encode_result(saves, compress), path), meta
+
+    def _try_hybrid(self, tracer, log) -> tuple[dict | None, str]:
+        from .translate import NotTranslatable, translate_and_run
+
+        logs: list[str] = []
+        from .execution import _Printer
+        builtins = {**SAFE_BUILTINS, "print": _Printer(logs.append)}
+        try:
+            with AuditGuard.install():
+                saves, stats = translate_and_run(tracer, self.hybrid_lm, builtins)
+        except NotTranslatable as e:
+            log(f"execution path: gateway (not expressible as an intervention graph: {e})")
+            return None, "gateway"
+        for line in logs:
+            log(line)
+        log(f"execution path: hybrid (intervention graph pushed to the nodes; route {stats.get('route')})")
+        return saves, "hybrid"
