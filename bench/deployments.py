@@ -53,6 +53,10 @@ class DeploymentConfig:
     """torch threads per node."""
     timeout_s: float = 300.0
     """How long a node may take to become ready."""
+    cache_dir: Path = Path.home() / ".cache" / "swarm-interp"
+    """Where derived checkpoints are kept (the Petals copy of ``model``)."""
+    petals_venv: Path | None = None
+    """The Petals venv (None: ``.petals-venv`` in the repository)."""
 
 
 def split_spans(num_layers: int, num_nodes: int) -> list[tuple[int, int]]:

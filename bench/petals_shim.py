@@ -13,13 +13,15 @@ import importlib
 
 MOVED = {
     "hivemind.p2p": ("P2P", "P2PContext", "PeerID"),
-    "hivemind.utils": ("MAX_DHT_TIME_DISCREPANCY_SECONDS", "MSGPackSerializer", "get_dht_time", "get_logger"),
+    "hivemind.utils": ("MAX_DHT_TIME_DISCREPANCY_SECONDS", "MSGPackSerializer", "TimedStorage", "get_dht_time",
+                       "get_logger"),
+    "hivemind.moe.server.runtime": ("Runtime",),
     "hivemind.utils.nested": ("nested_compare", "nested_flatten", "nested_map", "nested_pack"),
     "hivemind.utils.asyncio": ("anext",),
     "hivemind.utils.tensor_descr": ("BatchTensorDescriptor", "TensorDescriptor"),
     "hivemind.compression": ("deserialize_tensor_stream", "deserialize_torch_tensor", "serialize_torch_tensor"),
 }
-"""Submodule → names petals imports as ``from hivemind import NAME``."""
+"""Submodule → names petals uses as ``from hivemind import NAME`` or ``hivemind.NAME``."""
 
 
 def install() -> None:

@@ -68,15 +68,21 @@ def worker_command(deployment: Deployment, measurement: Measurement, threads: in
             "initial_peers": deployment.initial_peers, "experiment": asdict(measurement.experiment),
             "threads": threads}
     if measurement.placement == "petals":
-        from .petals import petals_python
-        return [str(petals_python()), "-m", "bench.petals_worker", json.dumps(spec)]
+        from .petals import dht_prefix, petals_checkpoint, petals_python
+        from .workloads import plain_inputs
+        config = deployment.config
+        model = petals_checkpoint(config.model, config.cache_dir)
+        spec.update(model=str(model), dht_prefix=dht_prefix(model),
+                    inputs=plain_inputs(config.model, measurement.experiment))
+        return [str(petals_python(config.petals_venv)), "-m", "bench.petals_worker", json.dumps(spec)]
     return [sys.executable, "-m", "bench.worker", json.dumps(spec)]
 
 
 async def _open_worker(harness: Harness, deployment: Deployment, measurement: Measurement, tag: str,
                        timeout_s: float) -> tuple[WorkerProcess, dict]:
     child = await harness.spawn(tag, worker_command(deployment, measurement), pipe_stdio=True, watch=False,
-                                env={"OMP_NUM_THREADS": "1"})
+                                env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                     "HIVEMIND_LOGLEVEL": "WARNING"})
     worker = WorkerProcess(child)
     ready = await worker.read_event(timeout_s)
     return worker, ready

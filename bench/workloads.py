@@ -146,3 +146,21 @@ class Experiment:
 def _value(x):
     """A saved value as a plain tensor (hybrid returns tensors; tolerate a ``.value`` wrapper)."""
     return getattr(x, "value", x)
+
+
+def plain_inputs(model_dir, config: ExperimentConfig) -> dict:
+    """The experiment's inputs as plain data, for a worker that cannot tokenize (the Petals venv's tokenizers is
+    too old for our tokenizer files): ``ids`` (B, T) and, for IOI, the patch position and answer token ids."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_config = AutoConfig.from_pretrained(model_dir)
+    layer = config.layer if config.layer is not None else model_config.num_hidden_layers // 2
+    if config.experiment == "ioi_patching":
+        from .ioi import ioi_batch
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        batch = ioi_batch(tokenizer, pairs=config.batch // 2, seed=config.seed)
+        ids = tokenizer(batch.prompts, return_tensors="pt").input_ids
+        return {"ids": ids.tolist(), "layer": layer, "s2_position": batch.s2_position,
+                "io_tokens": batch.io_tokens.tolist(), "s_tokens": batch.s_tokens.tolist()}
+    ids = token_batch(model_config.vocab_size, config.batch, config.seq_len, config.seed)
+    return {"ids": ids.tolist(), "layer": layer}
