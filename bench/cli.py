@@ -1,0 +1,202 @@
+"""``swarm-bench run``: start deployments, run workloads on them, write one ``swarm-bench/1`` record per repetition.
+
+    swarm-bench run --suite paper --link 60MB/s,20ms
+    swarm-bench run --workload ioi_patching --placements hpc,centralized,petals,swarm,hybrid -n 20
+    swarm-bench run --suite smoke                      # a few minutes (make bench-smoke)
+
+Records go to ``<out>/<run-id>/<workload>.jsonl`` (``--out`` defaults to ``results``). Environment (read here
+only): ``SWARM_CACHE_DIR`` (default ``~/.cache/swarm-interp``) holds SmolLM2 and the synthetic checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .deployments import PLACEMENT_DEPLOYMENT, DeploymentConfig, deploy
+from .errors import BenchError, PetalsUnavailableError
+from .harness import open_harness
+from .link_shaper import LinkSpec
+from .petals import HOW_TO, petals_python
+from .runner import Measurement, count_params, measure
+from .schema import PLACEMENTS, WORKLOADS, dump_record, record_context
+from .synthetic import SIZES, synthetic_checkpoint
+from .workloads import WORKLOAD_EXPERIMENT, ExperimentConfig
+
+SIZE_WORKLOADS = ("setup_time", "patching_vs_size")
+SUITES = {
+    "paper": dict(workloads=WORKLOADS, sizes=("llama-10m", "llama-40m", "llama-150m", "llama-500m"), users=(1, 2, 4),
+                  n=20, warmup=2),
+    "smoke": dict(workloads=WORKLOADS, sizes=("llama-10m", "llama-40m"), users=(1, 2), n=2, warmup=1),
+}
+"""Suites: which workloads, synthetic sizes and user counts; -n / --warmup / --sizes / --users override."""
+PLACEMENTS_OF = {
+    "setup_time": ("hpc", "centralized"), "patching_vs_size": ("hpc", "centralized"),
+    "remote_inference": ("centralized", "petals", "swarm", "hybrid"), "patching": ("centralized", "petals", "swarm", "hybrid"),
+    "ioi_patching": ("hpc", "centralized", "petals", "swarm", "hybrid"), "logit_lens": ("centralized", "swarm", "hybrid"),
+    "steering_generation": ("centralized", "swarm", "hybrid"), "concurrency": ("hybrid", "swarm"),
+}
+"""Placements each workload runs in by default (``--placements`` narrows or widens them)."""
+PETALS_WORKLOADS = ("remote_inference", "patching", "ioi_patching", "concurrency")
+"""What the Petals worker implements (:mod:`bench.petals_worker`)."""
+BATCH = {"ioi_patching": 32, "setup_time": 2, "patching_vs_size": 2, "remote_inference": 8, "patching": 8,
+         "logit_lens": 8, "steering_generation": 2, "concurrency": 8}
+
+
+def _csv(choices):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(x for x in text.split(",") if x)
+        bad = [x for x in items if x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad[0]!r}; choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm-bench run", description=__doc__.split("\n")[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="paper", help="workloads, sizes and defaults")
+    p.add_argument("--workload", type=_csv(WORKLOADS), default=None, help="only these workloads (comma-separated)")
+    p.add_argument("--placements", type=_csv(PLACEMENTS), default=None, help=f"only these of {','.join(PLACEMENTS)}")
+    p.add_argument("-n", type=int, default=None, help="measured repetitions (suite default: paper 20, smoke 2)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up repetitions, recorded and flagged")
+    p.add_argument("--link", default="none", help="client link, e.g. 60MB/s,20ms (default: none = loopback)")
+    p.add_argument("--node-link", default="same", help="node↔node links: 'same' as --link (default), none, or a spec")
+    p.add_argument("--nodes", type=int, default=3, help="span nodes of the swarm / petals deployments")
+    p.add_argument("--sizes", type=_csv(tuple(SIZES)), default=None, help="synthetic models for the size workloads")
+    p.add_argument("--users", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                   help="concurrent users, e.g. 1,2,4")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results root; the run goes to OUT/<run-id>/")
+    p.add_argument("--run-id", default=None, help="default: <suite>-<date>-<time>")
+    p.add_argument("--petals-venv", type=Path, default=None, help="default: .petals-venv in the repository")
+    return p
+
+
+@dataclass(frozen=True)
+class Job:
+    """Measurements sharing one deployment."""
+
+    deployment: DeploymentConfig
+    model_name: str
+    measurements: tuple[Measurement, ...]
+
+
+def plan_jobs(args, cache_dir: Path) -> list[Job]:
+    """Resolve the command line into jobs, grouped by deployment (each deployment starts once)."""
+    from swarm.checkpoint import resolve_checkpoint
+
+    suite = SUITES[args.suite]
+    n = args.n if args.n is not None else suite["n"]
+    warmup = args.warmup if args.warmup is not None else suite["warmup"]
+    workloads = args.workload or suite["workloads"]
+    link = LinkSpec.parse(args.link)
+    node_link = link if args.node_link == "same" else LinkSpec.parse(args.node_link)
+    groups: dict[tuple, list[Measurement]] = {}
+
+    def add(model: Path, name: str, workload: str, placement: str, users: int = 1) -> None:
+        if args.placements and placement not in args.placements:
+            return
+        experiment = ExperimentConfig(WORKLOAD_EXPERIMENT[workload], batch=BATCH[workload])
+        kind = PLACEMENT_DEPLOYMENT[placement]
+        m = Measurement(workload, placement, experiment, n=n, warmup=warmup, users=users, model_name=name,
+                        params=count_params(model))
+        groups.setdefault((str(model), name, kind), []).append(m)
+
+    smollm2 = resolve_checkpoint("smollm2-135m", cache_dir)
+    for workload in workloads:
+        placements = [p for p in (args.placements or PLACEMENTS_OF[workload])
+                      if (p != "petals" or workload in PETALS_WORKLOADS)
+                      and (workload not in SIZE_WORKLOADS or p != "petals")]
+        if workload in SIZE_WORKLOADS:
+            for size in args.sizes or suite["sizes"]:
+                path = synthetic_checkpoint(size, cache_dir)
+                for placement in placements:
+                    add(path, size, workload, placement)
+        elif workload == "concurrency":
+            for placement in placements:
+                for users in args.users or suite["users"]:
+                    add(smollm2, "smollm2-135m", workload, placement, users)
+        else:
+            for placement in placements:
+                add(smollm2, "smollm2-135m", workload, placement)
+    jobs = []
+    for (model, name, kind), measurements in groups.items():
+        deployment = DeploymentConfig(kind, Path(model), num_nodes=args.nodes, link=None if kind == "hpc" else link,
+                                      node_link=None if kind == "hpc" else node_link, cache_dir=cache_dir,
+                                      petals_venv=args.petals_venv)
+        jobs.append(Job(deployment, name, tuple(measurements)))
+    return jobs
+
+
+async def run_jobs(jobs: list[Job], run_dir: Path, config: dict, progress) -> int:
+    """Run every job; returns the number of records written."""
+    context = record_context(config)
+    written = 0
+    async with open_harness(run_dir / "logs") as harness:
+        for job in jobs:
+            d = job.deployment
+            progress.set_description(f"{d.kind} {job.model_name}: starting")
+            async with deploy(harness, d) as deployment:
+                for m in job.measurements:
+                    progress.set_description(f"{m.workload} {m.placement} {job.model_name}"
+                                             + (f" x{m.users}" if m.users > 1 else ""))
+
+                    def emit(partial: dict, m=m) -> None:
+                        nonlocal written
+                        record = {"schema": "swarm-bench/1", "run_id": run_dir.name, "workload": m.workload,
+                                  "placement": m.placement, "model": job.model_name, "params": m.params,
+                                  "link": d.link.as_record() if d.link else None,
+                                  "node_link": d.node_link.as_record() if d.node_link else None,
+                                  **partial, **context, "time": time.time()}
+                        record["extra"]["deployment_startup_s"] = deployment.startup_s
+                        with open(run_dir / f"{m.workload}.jsonl", "a") as f:
+                            f.write(dump_record(record))
+                        written += 1
+                        progress.update(1)
+
+                    await measure(harness, deployment, m, emit)
+    return written
+
+
+def run_main(argv: list[str]) -> int:
+    """Entry point of ``swarm-bench run``; returns the exit code."""
+    args = build_run_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    from tqdm import tqdm
+
+    cache_dir = Path(os.environ.get("SWARM_CACHE_DIR") or Path.home() / ".cache" / "swarm-interp")
+    try:
+        jobs = plan_jobs(args, cache_dir)
+        if any(j.deployment.kind == "petals" for j in jobs):
+            try:
+                petals_python(args.petals_venv)
+            except PetalsUnavailableError as e:
+                print(f"skipping the petals rows: {e}", file=sys.stderr)
+                jobs = [j for j in jobs if j.deployment.kind != "petals"]
+        run_id = args.run_id or time.strftime(f"{args.suite}-%Y%m%d-%H%M%S")
+        run_dir = args.out / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"run_id": run_id}
+        total = sum((m.warmup + m.n) * m.users for j in jobs for m in j.measurements)
+        with tqdm(total=total, unit="rep", dynamic_ncols=True) as progress:
+            written = trio.run(run_jobs, jobs, run_dir, config, progress)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {written} records to {run_dir}/  (plot: swarm-bench plot {run_dir} --out figures/)")
+    return 0
+
+
+def main() -> int:
+    return run_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
