@@ -48,13 +48,56 @@ def touched_layers(sources: Iterable[str], num_layers: int) -> set[int] | None:
 
 
 class SwarmStack:
-    """Shared state of the swarm layers for one forward: where the stack is cut, the 2-D mask and positions."""
+    """Shared state of the swarm layers: where the stack is cut, the 2-D mask and positions of the forward in
+    progress, and during ``generate`` one KV-cache session on the swarm per segment (steps then send only the new
+    tokens' hidden states, exactly as transformers' cached generation computes them)."""
 
     def __init__(self, client, num_layers: int):
         self.client, self.num_layers = client, num_layers
         self.starts: dict[int, int] = {0: num_layers}
         self.attention_mask: torch.Tensor | None = None
         self.position_ids: torch.Tensor | None = None
+        self.generation: dict | None = None
+        """While ``generate`` runs: ``{"max_new_tokens": n, "sessions": {(start, end): InferenceSession}}``."""
+
+    def generate_wrapper(self, generate):
+        """Wrap the model's ``generate`` so the layers know a cached generation is running (and its length)."""
+        def wrapped(*args, **kwargs):
+            config = kwargs.get("generation_config")
+            new = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None) or 64
+            self.generation = {"max_new_tokens": int(new), "sessions": {}}
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.close_sessions()
+        return wrapped
+
+    def close_sessions(self) -> None:
+        if self.generation is not None:
+            for session in self.generation["sessions"].values():
+                try:
+                    self.client.loop.run(session.close())
+                except Exception as e:  # the step already answered; a failed close only leaks a node's cache slot
+                    logger.warning("closing a swarm session failed: %s", e)
+            self.generation = None
+
+    def run(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Layers ``[start, end)`` on the swarm: a stateless forward, or the next step of this segment's session."""
+        from swarm.inference_session import InferenceSession
+
+        mask = self.attention_mask if self.attention_mask is not None and self.attention_mask.ndim == 2 else None
+        loop, sequence = self.client.loop, self.client.sequence
+        if self.generation is None:
+            out, _ = loop.run(sequence.forward(hidden, attention_mask=mask, position_ids=self.position_ids,
+                                               start=start, end=end))
+            return out
+        sessions = self.generation["sessions"]
+        if (start, end) not in sessions:
+            hops = loop.run(sequence.route(start, end))
+            sessions[(start, end)] = InferenceSession(
+                sequence, hops, batch_size=hidden.shape[0], max_length=hidden.shape[1] +
+                self.generation["max_new_tokens"] + 1, embed=False, head=False)
+        return loop.run(sessions[(start, end)].step(hidden, attention_mask=mask, position_ids=self.position_ids))
 
     def cut_at(self, layers: set[int] | None) -> None:
         """Segments for a program touching ``layers`` (``None``: every layer)."""
@@ -83,14 +126,7 @@ class SwarmLayer(nn.Module):
         end = stack.starts.get(self.index)
         if end is None:
             return hidden_states
-        mask = stack.attention_mask
-        if mask is not None and (mask.ndim != 2 or mask.shape[-1] != hidden_states.shape[1]):
-            mask = None if mask.ndim != 2 else mask
-        client = stack.client
-        out, _ = client.loop.run(client.sequence.forward(
-            hidden_states.detach().contiguous(), attention_mask=mask, position_ids=stack.position_ids,
-            start=self.index, end=end))
-        return out.to(hidden_states.dtype)
+        return stack.run(hidden_states.detach().contiguous(), self.index, end).to(hidden_states.dtype)
 
 
 class Unreachable(nn.Module):
@@ -131,7 +167,7 @@ def build_swarm_model(path, initial_peers, dtype=torch.float32):
         hf.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:
         pass
-    hf.generation_config.use_cache = False  # every step re-runs the sequence through the swarm (no gateway KV cache)
+    hf.generate = stack.generate_wrapper(hf.generate)
     hf.eval().requires_grad_(False)
     leftover = [name for name, p in hf.named_parameters() if p.is_meta] + [n_ for n_, b in hf.named_buffers() if b.is_meta]
     if leftover:

@@ -169,6 +169,12 @@ def loop_forever(lm):
         h = lm.model.layers[0].output.save()
 
 
+def save_to_file(lm):
+    with lm.trace(PROMPT, remote=True):
+        h = lm.model.layers[0].output.save()
+        torch.save(h, "/tmp/gateway-pwned.pt")
+
+
 def write_weights(lm):
     with lm.trace(PROMPT, remote=True):
         lm.model.layers[0].mlp.down_proj.weight.mul_(0)
@@ -176,7 +182,8 @@ def write_weights(lm):
 
 
 UNSAFE = {"open_file": open_file, "import_os": import_os, "import_subprocess": import_subprocess,
-          "import_socket": import_socket, "loop_forever": loop_forever, "write_weights": write_weights}
+          "import_socket": import_socket, "loop_forever": loop_forever, "save_to_file": save_to_file,
+          "write_weights": write_weights}
 
 
 if __name__ == "__main__":
