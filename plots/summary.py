@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 STATS_NOTE = ("Medians over the repetitions of each group after dropping warm-ups and failed repetitions; "
               "[brackets] are the distribution-free 95 % CI of the median (order statistics, binomial); "
-              "ratios are ratios of medians.")
+              "ratios are ratios of medians. † marks fewer than 6 repetitions: the interval is then [min, max] and "
+              "covers less than 95 %.")
 
 
 def _value(x: float, unit: str) -> str:
@@ -27,7 +28,8 @@ def _value(x: float, unit: str) -> str:
 def _with_ci(s: Summary | None, unit: str) -> str:
     if s is None:
         return "—"
-    return f"{_value(s.median, unit)} [{_value(s.ci_low, unit)}, {_value(s.ci_high, unit)}] (n={s.n})"
+    short = "†" if s.ci_coverage < 0.95 else ""
+    return f"{_value(s.median, unit)} [{_value(s.ci_low, unit)}, {_value(s.ci_high, unit)}]{short} (n={s.n})"
 
 
 def format_ratio(ratio: Ratio) -> str:

@@ -186,6 +186,7 @@ def test_summary_concurrency_table_matches_the_records(plotted):
 def test_summary_lists_context_and_figures(plotted):
     records, out, _, _ = plotted
     text = (out / "summary.md").read_text()
+    assert "(n=6)" in text and "†" not in text.split("## Headline ratios")[1]  # 6 repetitions reach 95 %
     assert records[0]["git_commit"] in text and "60 MB/s, 20 ms" in text
     for name in FIGURES:
         assert f"- {name}: [{name}.png]({name}.png), [{name}.pdf]({name}.pdf)" in text
