@@ -26,6 +26,8 @@ def series(ax, placement: str, points: dict[float, Summary], band: str = "ci") -
     high = [points[x].ci_high if band == "ci" else points[x].q3 for x in xs]
     ax.plot(xs, med, marker=MARKERS.get(placement, "o"), color=color(placement), label=label(placement))
     ax.fill_between(xs, low, high, color=color(placement), alpha=BAND_ALPHA, linewidth=0)
+    if len(xs) == 1:  # a band of one point has no width: show its interval as an error bar
+        ax.errorbar(xs, med, yerr=[[med[0] - low[0]], [high[0] - med[0]]], color=color(placement), fmt="none")
 
 
 def grouped_bars(ax, groups: Sequence[str], placements: Sequence[str],

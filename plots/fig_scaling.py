@@ -8,7 +8,7 @@ from bench.stats import summarize
 
 from .data import FigureResult, links_seen, load, placements_in, select
 from .draw import series
-from .style import COUNT_FORMATTER, legend_below, new_figure, save, styled
+from .style import human_count, legend_below, log_labels, new_figure, save, styled
 
 
 def _versus_params(source, out_dir: Path, *, name: str, workload: str, title: str, ylabel: str,
@@ -28,7 +28,8 @@ def _versus_params(source, out_dir: Path, *, name: str, workload: str, title: st
     result.notes += [f"no {p} series" for p in wanted if p not in drawn]
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.xaxis.set_major_formatter(COUNT_FORMATTER)
+    log_labels(ax.xaxis, human_count)
+    log_labels(ax.yaxis)
     ax.set_xlabel("model size (parameters)")
     ax.set_ylabel(ylabel)
     remote = [r for r in records if r["link"] is not None]

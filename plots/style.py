@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,24 @@ def human_count(value: float, _pos=None) -> str:
 
 
 BYTES_FORMATTER = FuncFormatter(human_bytes)
-COUNT_FORMATTER = FuncFormatter(human_count)
+
+
+class LogLabels(LogFormatter):
+    """Log-axis tick labels in plain or human units (``0.3``, ``2``, ``135M``) instead of ``3×10⁻¹``, labelling
+    minor ticks only when the axis spans about a decade or less (matplotlib's thinning)."""
+
+    def __init__(self, text=lambda value: f"{value:g}", minor: bool = False):
+        super().__init__(labelOnlyBase=not minor)
+        self.text = text
+
+    def __call__(self, value, pos=None):
+        return self.text(value) if super().__call__(value, pos) else ""
+
+
+def log_labels(axis, text=lambda value: f"{value:g}") -> None:
+    """Put :class:`LogLabels` on the major and minor ticks of a log ``axis`` (``ax.xaxis`` / ``ax.yaxis``)."""
+    axis.set_major_formatter(LogLabels(text))
+    axis.set_minor_formatter(LogLabels(text, minor=True))
 
 
 def link_text(link: dict | None) -> str:
