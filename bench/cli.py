@@ -34,7 +34,7 @@ SIZE_WORKLOADS = ("setup_time", "patching_vs_size")
 SUITES = {
     "paper": dict(workloads=WORKLOADS, sizes=("llama-10m", "llama-40m", "llama-150m", "llama-500m"), users=(1, 2, 4),
                   n=20, warmup=2),
-    "smoke": dict(workloads=WORKLOADS, sizes=("llama-10m", "llama-40m"), users=(1, 2), n=2, warmup=1),
+    "smoke": dict(workloads=WORKLOADS, sizes=("llama-10m",), users=(1, 2), n=2, warmup=1),
 }
 """Suites: which workloads, synthetic sizes and user counts; -n / --warmup / --sizes / --users override."""
 PLACEMENTS_OF = {

@@ -1,0 +1,43 @@
+"""swarm-bench run's argument checking, the Petals checkpoint conversion and the missing-venv message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.cli import build_run_parser
+from bench.errors import PetalsUnavailableError
+from bench.petals import dht_prefix, petals_checkpoint, petals_python
+
+
+def test_unknown_workload_or_placement_is_refused(capsys):
+    parser = build_run_parser()
+    for argv in (["--workload", "ioi,patching"], ["--placements", "cloud"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert "choose from" in capsys.readouterr().err
+
+
+def test_defaults_parse():
+    args = build_run_parser().parse_args(["--suite", "smoke", "--link", "60MB/s,20ms", "-n", "3"])
+    assert args.suite == "smoke" and args.n == 3 and args.node_link == "same"
+
+
+def test_missing_petals_venv_says_how_to_create_it(tmp_path):
+    with pytest.raises(PetalsUnavailableError, match="make petals-env"):
+        petals_python(tmp_path / "nope")
+
+
+def test_petals_checkpoint_rewrites_the_config_for_transformers_4_34(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"x")
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32",
+                                                   "rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}}))
+    out = petals_checkpoint(model, tmp_path / "cache")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == 1e5 and config["torch_dtype"] == "float32"
+    assert "rope_parameters" not in config and "dtype" not in config
+    assert (out / "model.safetensors").resolve() == (model / "model.safetensors").resolve()
+    assert "." not in dht_prefix(out) and dht_prefix(out).endswith("-petals")
