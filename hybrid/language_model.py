@@ -7,16 +7,22 @@
         p = lm.lm_head.output[:, -1].softmax(-1)[1].save()
     p            # a plain tensor;  tracer.stats: bytes, round trips, compute seconds per node
 
+    with lm.generate(prompt, max_new_tokens=5) as tracer:     # per-step interventions
+        for step in tracer.all():
+            lm.model.layers[8].output[:, -1] += steer
+        ids = tracer.result.save()
+
 Placements (see :mod:`hybrid.placements`): ``local``, ``hybrid`` (default with peers), ``centralized``, ``swarm``.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 from swarm.checkpoint import load_config, resolve_checkpoint
 from swarm.model import SwarmModel
@@ -25,6 +31,8 @@ from swarm.span_hook import install_dispatch
 from swarm.stages import Span, SpanModel
 
 from .errors import HybridError
+from .generation import GenerateOptions, SwarmSteps, generate, local_stepper
+from .session import Session
 from .ir import Graph
 from .placements import PLACEMENTS, LocalRunner, SwarmRunner
 from .tracing import ModelSkeleton, Tracer, nnsight_position_ids, root_envoy
@@ -49,6 +57,7 @@ class LanguageModel:
         self.client_config = client_config
         self._client: SwarmModel | None = None
         self._local: SpanModel | None = None
+        self._session: Session | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -92,22 +101,93 @@ class LanguageModel:
 
     # ---- tracing ----------------------------------------------------------------------------------------
 
-    def trace(self, inputs: Any = None, *, placement: str | None = None) -> Tracer:
-        """A tracing context. ``inputs``: prompt(s) or token ids for one implicit invoke, or None to use
-        ``tracer.invoke(...)``. ``placement`` defaults to ``hybrid`` with initial peers, else ``local``."""
+    def _placement(self, placement: str | None) -> str:
         placement = placement or ("hybrid" if self.initial_peers else "local")
         if placement not in PLACEMENTS:
             raise HybridError(f"placement must be one of {PLACEMENTS}; got {placement!r}.")
+        return placement
+
+    def trace(self, inputs: Any = None, *, placement: str | None = None) -> Tracer:
+        """A tracing context. ``inputs``: prompt(s) or token ids for one implicit invoke, or None to use
+        ``tracer.invoke(...)``. ``placement`` defaults to ``hybrid`` with initial peers, else ``local``."""
+        placement = self._placement(placement)
         box: list[Tracer] = []
 
-        def execute(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, Any]:
+        def run(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, Any]:
             saves, stats = self.run_graph(graph, input_ids, attention_mask, placement=placement)
             box[0].stats = stats.as_dict()
             return saves
 
-        tracer = Tracer(self.skeleton, self.tokenize, execute, inputs)
+        return self._tracer(box, run, inputs)
+
+    def generate(self, inputs: Any = None, *, placement: str | None = None, **kwargs: Any) -> Tracer:
+        """A tracing context around generation, as nnsight's ``lm.generate``: module reads and writes bind to step 0,
+        or to each step in ``for step in tracer.iter[...]`` / ``tracer.all()``; ``tracer.result`` is the token ids.
+
+        Args:
+            kwargs: ``max_new_tokens`` (default 20), ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+                ``eos_token_id`` / ``pad_token_id`` (default: the checkpoint's generation config).
+        """
+        placement = self._placement(placement)
+        options = GenerateOptions.from_kwargs(kwargs, **self._generation_defaults())
+        box: list[Tracer] = []
+
+        def run(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, Any]:
+            tokens, values, stats = self.run_generation(graph, input_ids, attention_mask, options, placement=placement)
+            box[0].stats = stats.as_dict()
+            box[0]._result.bind(tokens)
+            return {k: v for k, v in values.items() if graph.nodes[k].save}
+
+        return self._tracer(box, run, inputs, steps=options.max_new_tokens, generation=True)
+
+    def session(self) -> Session:
+        """Several traces as one experiment (nnsight's ``lm.session()``): they run when the block ends, in order,
+        and a later trace may use values of an earlier one. See :mod:`hybrid.session`."""
+        if self._session is not None and self._session.open:
+            raise HybridError("sessions of one LanguageModel cannot be nested")
+        self._session = Session()
+        return self._session
+
+    def _tracer(self, box: list, run, inputs: Any, **kwargs: Any) -> Tracer:
+        session = self._session if self._session is not None and self._session.open else None
+
+        def execute(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, Any] | None:
+            if session is None:
+                return run(graph, input_ids, attention_mask)
+            session.defer(box[0], lambda: run(graph, input_ids, attention_mask))
+            return None
+
+        tracer = Tracer(self.skeleton, self.tokenize, execute, inputs, **kwargs)
         box.append(tracer)
+        if session is not None:
+            session.adopt(tracer)
         return tracer
+
+    def run_generation(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       options: GenerateOptions, *, placement: str = "hybrid"):
+        """Generate with a recorded graph in ``placement``; returns ``(tokens, values by node id, TraceStats)``."""
+        events = self.skeleton.shapes(input_ids, attention_mask).events
+        if placement == "local":
+            t0 = time.perf_counter()
+            step, stats = local_stepper(self.local_model, graph, events)
+            tokens, values = generate(step, input_ids, attention_mask, options)
+            stats.wall_s = time.perf_counter() - t0
+            return tokens, values, stats
+        batch, length = input_ids.shape
+        with SwarmSteps(SwarmRunner(self.client), placement, graph, events, batch_size=batch,
+                        max_length=length + options.max_new_tokens) as steps:
+            tokens, values = generate(steps, input_ids, attention_mask, options)
+        return tokens, values, steps.stats
+
+    def _generation_defaults(self) -> dict:
+        try:
+            config = GenerationConfig.from_pretrained(self.path)
+        except (OSError, ValueError):
+            config = GenerationConfig()
+        eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        pad = config.pad_token_id if config.pad_token_id is not None else self.tokenizer.pad_token_id
+        return {"eos_token_id": eos, "pad_token_id": pad}
 
     def run_graph(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
                   placement: str = "hybrid"):

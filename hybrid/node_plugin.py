@@ -55,7 +55,7 @@ class InterpreterHook:
 
 def build_graph_hook(payload: bytes, context: HookContext) -> InterpreterHook:
     """Decode and check a hybrid request, and build the hook running this node's share of it."""
-    graph, plan, hop_offset = decode_request(payload, max_attachment_bytes=NODE_LIMITS.max_attachment_bytes)
+    graph, plan, hop_offset, call = decode_request(payload, max_attachment_bytes=NODE_LIMITS.max_attachment_bytes)
     validate(graph, cap_limits)
     me = hop_offset + context.hop
     if not 0 <= me < len(plan.executors):
@@ -68,7 +68,7 @@ def build_graph_hook(payload: bytes, context: HookContext) -> InterpreterHook:
     device = next(context.model.parameters()).device
     interpreter = Interpreter(graph, plan, me, unpack_values(context.carry), device=device,
                               limits=cap_limits(graph.limits), modules=modules)
-    return InterpreterHook(interpreter, context.step)
+    return InterpreterHook(interpreter, call)
 
 
 def register(registry: HookRegistry) -> None:

@@ -58,8 +58,10 @@ class TraceStats:
         return dict(self.__dict__)
 
 
-def _run_local_stage(model: SpanModel, interpreter: Interpreter, inputs: torch.Tensor, **kwargs) -> torch.Tensor:
-    with torch.no_grad(), active_hook(InterpreterHook(interpreter)):
+def run_local_stage(model: SpanModel, interpreter: Interpreter, inputs: torch.Tensor, call: int = 0,
+                    **kwargs) -> torch.Tensor:
+    """Run ``model(inputs, **kwargs)`` here with ``interpreter`` on its module events (forward call ``call``)."""
+    with torch.no_grad(), active_hook(InterpreterHook(interpreter, call)):
         return model(inputs, **kwargs)
 
 
@@ -75,7 +77,7 @@ class LocalRunner:
         plan = plan_graph(graph, events, num_layers, [Executor("local", 0, num_layers + 1)])
         interpreter = Interpreter(graph, plan, 0, {}, device=next(self.model.parameters()).device,
                                   modules=dict(self.model.named_modules()))
-        _run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask,
+        run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask,
                          position_ids=position_ids)
         saves = {k: v for k, v in interpreter.finish().items() if graph.nodes[k].save}
         return saves, TraceStats("local", wall_s=time.perf_counter() - t0, route=["local"])
@@ -110,7 +112,8 @@ class SwarmRunner:
 
     # ---- pushed: hybrid / centralized ---------------------------------------------------------------------
 
-    def _executors(self, hops, remote_embed: bool, remote_head: bool) -> list[Executor]:
+    def executors(self, hops, remote_embed: bool, remote_head: bool) -> list[Executor]:
+        """The executors of a pushed run over ``hops``: the client's embedding and head where no node serves them."""
         n = self.num_layers
         executors = [] if remote_embed else [Executor("client", 0, 0)]
         for hop in hops:
@@ -119,10 +122,13 @@ class SwarmRunner:
             executors.append(Executor(hop.peer_id, first, last))
         return executors + ([] if remote_head else [Executor("client", n + 1, n + 1)])
 
-    def _pushed(self, graph, events, input_ids, attention_mask, position_ids, *, single_hop: bool):
+    def remote_stages(self) -> tuple[bool, bool]:
+        """Whether some online node serves the embedding / the head."""
         records = self.client.loop.run(self.sequence.records())
-        remote_embed = any(r.embed and r.online for r in records)
-        remote_head = any(r.head and r.online for r in records)
+        return any(r.embed and r.online for r in records), any(r.head and r.online for r in records)
+
+    def _pushed(self, graph, events, input_ids, attention_mask, position_ids, *, single_hop: bool):
+        remote_embed, remote_head = self.remote_stages()
         hops = self.client.loop.run(self.sequence.route(embed=remote_embed, head=remote_head))
         if single_hop and len(hops) != 1:
             raise HybridError(f"placement='centralized' needs one node serving all {self.num_layers} layers; "
@@ -130,14 +136,14 @@ class SwarmRunner:
         n = self.num_layers
 
         def plan_for(route) -> Plan:
-            return plan_graph(graph, events, n, self._executors(route, remote_embed, remote_head))
+            return plan_graph(graph, events, n, self.executors(route, remote_embed, remote_head))
 
         plan = plan_for(hops)
         offset = 0 if remote_embed else 1
         carry, inputs, values = b"", input_ids, {}
         if not remote_embed:  # the client's embedding is executor 0
             embed_interp = Interpreter(graph, plan, 0, {}, modules=self.modules)
-            inputs = _run_local_stage(self.local, embed_interp, input_ids, start=0, end=0, embed=True)
+            inputs = run_local_stage(self.local, embed_interp, input_ids, start=0, end=0, embed=True)
             values = embed_interp.finish()
             carry = pack_values(values)
         used: list = []
@@ -153,7 +159,7 @@ class SwarmRunner:
         plan = plan_for(route)
         if not remote_head:  # the client's head is the last executor
             head_interp = Interpreter(graph, plan, len(plan.executors) - 1, values, modules=self.modules)
-            _run_local_stage(self.local, head_interp, outputs, start=0, end=0, head=True)
+            run_local_stage(self.local, head_interp, outputs, start=0, end=0, head=True)
             values = head_interp.finish()
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
         stats = TraceStats("hybrid", node_bytes=int(reply.get("node_bytes", 0)),
@@ -164,23 +170,12 @@ class SwarmRunner:
 
     def _pulled(self, graph, events, input_ids, attention_mask, position_ids):
         n = self.num_layers
-        boundaries = set()
-        for node in graph.nodes:
-            if node.op in ("getter", "setter"):
-                match = _LAYER_BOUNDARY.match(node.module)
-                if match:
-                    layer = int(match.group(1))
-                    boundaries.add(layer if node.kind == "input" else layer + 1)
-                elif not node.module.startswith(("model.embed_tokens", "model.norm", "lm_head")):
-                    raise DisallowedOpError(
-                        f"placement='swarm' (Petals-style) reaches only decoder-layer inputs/outputs, the embedding "
-                        f"and the head; {node.module!r} is inside a layer. Use placement='hybrid'.")
+        boundaries = layer_boundaries(graph)
         plan = plan_graph(graph, events, n, [Executor("client", 0, n + 1)])
         interpreter = Interpreter(graph, plan, 0, {}, modules=self.modules)
-        hidden = _run_local_stage(self.local, interpreter, input_ids, start=0, end=0, embed=True)
-        cuts = sorted(b for b in boundaries if 0 < b < n)
+        hidden = run_local_stage(self.local, interpreter, input_ids, start=0, end=0, embed=True)
         start = 0
-        for end in cuts + [n]:
+        for end in segment_ends(boundaries, n):
             if start == 0 and 0 in boundaries:
                 hidden = interpreter.on_event("model.layers.0", "input", 0, hidden)
             hidden, _ = self.client.loop.run(self.sequence.forward(
@@ -189,10 +184,32 @@ class SwarmRunner:
             if end < n:
                 hidden = interpreter.on_event(f"model.layers.{end}", "input", 0, hidden)
             start = end
-        _run_local_stage(self.local, interpreter, hidden, start=0, end=0, head=True)
+        run_local_stage(self.local, interpreter, hidden, start=0, end=0, head=True)
         values = interpreter.finish()
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
         return saves, TraceStats("swarm", route=["client"])
+
+
+def layer_boundaries(graph: Graph) -> set[int]:
+    """Hidden-state boundaries the Petals-style placement must pull: ``i`` is the input of layer ``i`` (the output
+    of layer ``i - 1``). Raises DisallowedOpError for a module inside a layer, which Petals cannot reach."""
+    boundaries = set()
+    for node in graph.nodes:
+        if node.op in ("getter", "setter"):
+            match = _LAYER_BOUNDARY.match(node.module)
+            if match:
+                layer = int(match.group(1))
+                boundaries.add(layer if node.kind == "input" else layer + 1)
+            elif not node.module.startswith(("model.embed_tokens", "model.norm", "lm_head")):
+                raise DisallowedOpError(
+                    f"placement='swarm' (Petals-style) reaches only decoder-layer inputs/outputs, the embedding "
+                    f"and the head; {node.module!r} is inside a layer. Use placement='hybrid'.")
+    return boundaries
+
+
+def segment_ends(boundaries: set[int], num_layers: int) -> list[int]:
+    """Ends of the layer ranges the client runs one after another to stop at every boundary."""
+    return sorted(b for b in boundaries if 0 < b < num_layers) + [num_layers]
 
 
 def _snapshot(traffic) -> tuple[int, int, int]:

@@ -17,7 +17,7 @@ the model has already moved past that module when the value exists (NDIF paper Â
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import OrderError, UnknownModuleError
 from .ir import Graph, Node
@@ -70,17 +70,35 @@ class Plan:
     carry: list[list[int]]
     """carry[k]: node ids whose values leave executor k onward (needed later, or saved)."""
     times: list[tuple[int, int]]
+    inputs: list[int] = field(default_factory=list)
+    """Nodes of earlier generation steps that this step reads: the client passes their values to executor 0."""
 
     def to_json(self) -> dict:
         return {"executors": [[e.name, e.first, e.last] for e in self.executors], "assignment": self.assignment,
                 "carry": self.carry}
 
 
-def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, executors: list[Executor]) -> Plan:
+#: Assignment of a node computed in an earlier step of a generation (its value is already with the client).
+PAST = -1
+#: Assignment of a node of a later step of a generation (it does not run in this request).
+FUTURE = -2
+
+
+def node_step(time: tuple[int, int]) -> int:
+    """The forward call (generation step) in which a node with this time runs; constants run in step 0."""
+    return max(time[0], 0)
+
+
+def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, executors: list[Executor], *,
+               step: int | None = None) -> Plan:
     """Assign every node to an executor; raise OrderError / UnknownModuleError for graphs that cannot run.
 
     Args:
         events: forward order of module events ``(path, kind)`` for one call of the model.
+        step: plan only the nodes of this forward call (generation step): nodes of earlier steps are
+            :data:`PAST` (the client holds their values and sends those this step reads as the first carry),
+            nodes of later steps :data:`FUTURE`; values of this step that later steps read are carried to the end
+            of the route and back to the client. None plans every node into one forward.
     """
     validate(graph)
     index = {event: i for i, event in enumerate(events)}
@@ -131,16 +149,25 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
                 return k
         raise UnknownModuleError(f"No executor of the route runs stage {stage}.")
 
-    assignment = [owner(s) for s in stages]
+    def assign(node_id: int) -> int:
+        if step is not None and node_step(times[node_id]) != step:
+            return PAST if node_step(times[node_id]) < step else FUTURE
+        return owner(stages[node_id])
+
+    assignment = [assign(n.id) for n in graph.nodes]
     carry: list[list[int]] = [[] for _ in executors]
     for k in range(len(executors)):
         needed = set()
         for node in graph.nodes:
-            if assignment[node.id] > k:
-                needed.update(r for r in node.refs() if assignment[r] <= k)
-        needed.update(n.id for n in graph.nodes if n.save and assignment[n.id] <= k)
+            here = assignment[node.id]
+            if here > k:  # a later executor of this step reads it: values from earlier executors or steps
+                needed.update(r for r in node.refs() if PAST <= assignment[r] <= k)
+            elif here == FUTURE:  # a later step reads it: this step's values go back to the client
+                needed.update(r for r in node.refs() if 0 <= assignment[r] <= k)
+        needed.update(n.id for n in graph.nodes if n.save and 0 <= assignment[n.id] <= k)
         carry[k] = sorted(needed)
-    return Plan(list(executors), assignment, carry, times)
+    inputs = sorted({r for n in graph.nodes if assignment[n.id] >= 0 for r in n.refs() if assignment[r] == PAST})
+    return Plan(list(executors), assignment, carry, times, inputs)
 
 
 def _late_message(graph: Graph, node: Node, late: int, times: list, write: bool = False) -> str:

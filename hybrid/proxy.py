@@ -146,6 +146,10 @@ class GraphBuilder:
         self._attached: dict[int, tuple[torch.Tensor, Attachment]] = {}
         self._attachment_fakes: list[torch.Tensor] = []
         self._reads: dict[tuple[int, int], tuple[int, str]] = {}
+        self.accepts: Callable[["GraphBuilder"], bool] | None = None
+        """Whether values traced by that other builder may be used here (traces of one ``lm.session()``)."""
+        self.externals: dict[int, Proxy] = {}
+        """Attachment index -> the other trace's proxy whose value fills it (see :meth:`resolve_externals`)."""
 
     def record(self, op: str, *, target: str | None = None, args: tuple | list = (), kwargs: dict | None = None,
                module: str | None = None, kind: str | None = None, call: int | None = None) -> "Proxy":
@@ -199,6 +203,9 @@ class GraphBuilder:
         if not node.save:
             raise TraceError(at_user_line(f"{describe_node(node)} (node {node_id}) was not saved; call .save() on it "
                                           "inside the trace"))
+        if node_id not in self.values:
+            raise TraceError(at_user_line(f"{describe_node(node)} (node {node_id}) has no value: its generation step "
+                                          "never ran (every row ended with the EOS token first)"))
         return self.values[node_id]
 
     def _evaluate(self, node: Node, fakes: dict[int, Any], overrides: dict[tuple, Any]) -> Any:
@@ -232,7 +239,10 @@ class GraphBuilder:
         """A user value as an IR argument: proxies -> Ref, tensors -> Attachment, containers recursively."""
         if isinstance(value, Proxy):
             if value._builder is not self:
-                raise TraceError(at_user_line("a value traced in another trace cannot be used in this one"))
+                if self.accepts is None or not self.accepts(value._builder):
+                    raise TraceError(at_user_line("a value traced in another trace cannot be used in this one; to share "
+                                                  "values between traces, run them in one `with lm.session():`"))
+                return self._import(value)
             return Ref(value.node_id)
         if isinstance(value, TupleProxy):
             return tuple(self._to_ir(v) for v in value.items)
@@ -267,6 +277,31 @@ class GraphBuilder:
         if isinstance(value, dict):
             return {k: self._to_fake(v, fakes) for k, v in value.items()}
         return value
+
+    def _import(self, proxy: "Proxy") -> Attachment:
+        """An earlier trace's value as an attachment of this graph, filled in when the earlier trace has run. The
+        earlier trace saves it, so it comes back to the client."""
+        for index, known in self.externals.items():
+            if known._builder is proxy._builder and known.node_id == proxy.node_id:
+                return Attachment(index)
+        fake = proxy.fake
+        if not isinstance(fake, torch.Tensor):
+            raise TraceError(at_user_line(f"only tensors can be shared between traces; {describe_node(proxy.node)} is "
+                                          f"{describe(fake)} (index it first)"))
+        marker = self.graph.attach(torch.zeros(fake.shape, dtype=fake.dtype))
+        self._attachment_fakes.append(torch.empty_like(fake, device="meta"))
+        self.externals[marker.index] = proxy
+        proxy.save()
+        return marker
+
+    def resolve_externals(self) -> None:
+        """Fill the attachments imported from earlier traces with their values (after those traces ran)."""
+        for index, proxy in self.externals.items():
+            value, want = proxy.value, self._attachment_fakes[index]
+            if not isinstance(value, torch.Tensor) or value.shape != want.shape or value.dtype != want.dtype:
+                raise TraceError(f"{describe_node(proxy.node)} came back as {describe(value)}, not {describe(want)} "
+                                 "as traced")
+            self.graph.attachments[index] = value.detach().cpu().contiguous()
 
     def _forget_attachments(self, keep: int) -> None:
         """Drop attachments made by an op that was refused (all but the first ``keep``)."""
@@ -361,6 +396,11 @@ class Proxy:
     def value(self) -> Any:
         """The saved value, after the trace has run. Raises TraceError before, or if the node was not saved."""
         return self._builder.value_of(self.node_id)
+
+    @property
+    def bound(self) -> bool:
+        """Whether the trace produced this node's value (False before it ran, or for a step that never ran)."""
+        return self._builder.values is not None and self.node_id in self._builder.values
 
     # ---- static facts -------------------------------------------------------------------------------------
 
@@ -570,6 +610,10 @@ class TupleProxy:
     @property
     def value(self) -> tuple:
         return tuple(item.value if isinstance(item, Proxy) else item for item in self.items)
+
+    @property
+    def bound(self) -> bool:
+        return all(item.bound for item in self.items if isinstance(item, Proxy))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

@@ -2,7 +2,9 @@
 
 Wire form: ``b"HYRQ" + u64 len(plan json) + plan json + graph bytes (hybrid.ir)``. The plan JSON is
 ``{"executors": [[name, first_stage, last_stage], ...], "assignment": [...], "carry": [[...], ...],
-"hop_offset": k}``: the node at chain position ``hop`` is executor ``hop_offset + hop``.
+"hop_offset": k, "call": c}``: the node at chain position ``hop`` is executor ``hop_offset + hop``, and its module
+events are call ``c`` of the model (the generation step; 0 for a single forward). An assignment of ``-1``/``-2``
+marks a node of an earlier/later generation step, which does not run in this request.
 """
 
 from __future__ import annotations
@@ -12,21 +14,22 @@ import struct
 
 from .errors import InvalidGraphError
 from .ir import Graph
-from .planner import Executor, Plan
+from .planner import FUTURE, Executor, Plan
 
 MAGIC = b"HYRQ"
 HOOK_KIND = "hybrid.graph"
 HOOK_VERSION = 1
 
 
-def encode_request(graph: Graph, plan: Plan, hop_offset: int) -> bytes:
-    doc = {**plan.to_json(), "hop_offset": hop_offset}
+def encode_request(graph: Graph, plan: Plan, hop_offset: int, call: int = 0) -> bytes:
+    doc = {**plan.to_json(), "hop_offset": hop_offset, "call": call}
     text = json.dumps(doc, separators=(",", ":")).encode()
     return MAGIC + struct.pack("<Q", len(text)) + text + graph.to_bytes()
 
 
-def decode_request(data: bytes, *, max_attachment_bytes: int | None = None) -> tuple[Graph, Plan, int]:
-    """Raises InvalidGraphError (or LimitExceededError) on anything malformed."""
+def decode_request(data: bytes, *, max_attachment_bytes: int | None = None) -> tuple[Graph, Plan, int, int]:
+    """``(graph, plan, hop_offset, call)`` of a request. Raises InvalidGraphError (or LimitExceededError) on
+    anything malformed."""
     if len(data) < 12 or data[:4] != MAGIC:
         raise InvalidGraphError("span hook payload is not a hybrid request (bad magic)")
     (length,) = struct.unpack("<Q", data[4:12])
@@ -36,10 +39,11 @@ def decode_request(data: bytes, *, max_attachment_bytes: int | None = None) -> t
         assignment = [int(x) for x in doc["assignment"]]
         carry = [[int(x) for x in c] for c in doc["carry"]]
         hop_offset = int(doc["hop_offset"])
+        call = int(doc.get("call", 0))
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise InvalidGraphError(f"malformed plan in hybrid request: {e}") from None
     graph = Graph.from_bytes(data[12 + length:], max_attachment_bytes=max_attachment_bytes)
     if len(assignment) != len(graph.nodes) or len(carry) != len(executors) or not all(
-            0 <= a < len(executors) for a in assignment):
+            FUTURE <= a < len(executors) for a in assignment) or not 0 <= call < 2 ** 31:
         raise InvalidGraphError("plan does not match the graph (assignment/carry sizes or executor indices)")
-    return graph, Plan(executors, assignment, carry, []), hop_offset
+    return graph, Plan(executors, assignment, carry, []), hop_offset, call

@@ -10,7 +10,8 @@
 
 What is recorded (see ``hybrid.ir`` for the node ops and ``hybrid.proxy`` for operators, methods and functions):
 
-- A getter: one ``getter`` node per ``(module, kind, call)`` (``call`` is always 0 for now), reused while the
+- A getter: one ``getter`` node per ``(module, kind, call)`` (``call`` is the forward call: the generation step,
+  chosen by looping over ``tracer.iter[...]`` / ``tracer.all()``, else 0), reused while the
   module's value is unchanged. After a setter, a read returns the assigned value itself when it is a traced tensor
   of exactly the module's shape and dtype (the module then holds that very tensor); otherwise the next read records
   a new getter, which must read the value as replaced (getters and setters of one module event apply in graph
@@ -41,12 +42,14 @@ import numbers
 import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from .envoy import Envoy, ModelSkeleton, ShapeInfo, first_input, root_envoy
+from .steps import GeneratedTokens, Steps
 from .errors import HybridError, TraceError
 from .ir import Graph
 from .proxy import GraphBuilder, Proxy, TracedShape, TupleProxy, at_user_line, describe
@@ -71,12 +74,22 @@ def current_tracer(skeleton: ModelSkeleton | None = None) -> "Tracer | None":
 
 def save(value: Any) -> Any:
     """nnsight's ``nnsight.save(x)``: mark a traced value (or each traced value in a list/tuple) to come back;
-    returns ``value``. Other values are returned unchanged."""
-    if isinstance(value, (Proxy, TupleProxy)):
+    returns ``value``. A list or dict saved inside a trace is a container: every traced value in it when the trace
+    ends comes back (``hs = save([])`` then ``hs.append(h)`` in a generation loop). Other values are returned
+    unchanged."""
+    if type(value) in (list, dict):
+        tracer = current_tracer()
+        if tracer is not None and not any(c is value for c in tracer._containers):
+            tracer._containers.append(value)
+    return _save_items(value)
+
+
+def _save_items(value: Any) -> Any:
+    if isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
         return value.save()
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            save(item)
+    if isinstance(value, (list, tuple, dict)):
+        for item in (value.values() if isinstance(value, dict) else value):
+            _save_items(item)
     return value
 
 
@@ -100,8 +113,8 @@ class _Invoke:
     stop: int
     narrow: bool
     encoded: tuple | None = None
-    last: tuple[int, str] | None = None
-    """(event index, name) of the latest module event this invoke used."""
+    last: tuple[tuple[int, int], str] | None = None
+    """((call, event index), name) of the latest module event this invoke used."""
     views: dict = field(default_factory=dict)
 
 
@@ -112,17 +125,27 @@ class Tracer:
         skeleton: the model's :class:`ModelSkeleton`.
         tokenize: ``rows -> (input_ids, attention_mask)``, both ``(B, T)`` int64, left-padded; ``rows`` is a
             ``list[str]`` or a ``list[list[int]]``.
-        execute: ``(graph, input_ids, attention_mask) -> {node_id: value}`` for every saved node.
+        execute: ``(graph, input_ids, attention_mask) -> {node_id: value}`` for every saved node, or None when it
+            defers the run (inside ``lm.session()``) and calls :meth:`bind_values` later.
         inputs: prompts for one implicit invoke (``lm.trace(prompts)``); None to use ``tracer.invoke(...)``.
+        steps: forward calls the execution makes (generation steps: ``max_new_tokens``); 1 for a trace. Module
+            reads and writes bind to call 0, or to each step while looping over :attr:`iter` / :meth:`all`.
+        generation: whether this traces ``lm.generate`` (``execute`` then also binds :attr:`result`).
 
     Attributes:
         graph: the graph recorded so far.
         stats: free for the executor's caller (timings, bytes); ``{}`` by default.
     """
 
-    def __init__(self, skeleton: ModelSkeleton, tokenize: Tokenize, execute: Execute, inputs: Any = None) -> None:
+    def __init__(self, skeleton: ModelSkeleton, tokenize: Tokenize, execute: Execute, inputs: Any = None, *,
+                 steps: int = 1, generation: bool = False) -> None:
         self.skeleton = skeleton
         self.stats: dict = {}
+        self.steps, self.generation = steps, generation
+        self.call = 0
+        """The forward call (generation step) module reads and writes bind to now."""
+        self._result = GeneratedTokens()
+        self._containers: list = []
         self._tokenize, self._execute, self._inputs = tokenize, execute, inputs
         self._builder = GraphBuilder(self._getter_fake, skeleton.module)
         self._invokes: list[_Invoke] = []
@@ -165,6 +188,28 @@ class Tracer:
         finally:
             self._close()
         return False
+
+    @property
+    def iter(self) -> Steps:
+        """Select generation steps: ``for step in tracer.iter[:3]:`` binds module reads and writes in the loop body
+        to steps 0, 1, 2 (``[a:b]``, ``[i]`` and ``[[i, j]]`` work as in nnsight; steps past the last are left out
+        with a warning)."""
+        return Steps(self)
+
+    def all(self) -> Steps:
+        """Every generation step: ``for step in tracer.all():`` (``tracer.iter[:]``)."""
+        return Steps(self)[:]
+
+    @property
+    def result(self) -> GeneratedTokens:
+        """What the traced call returns: for ``lm.generate``, the prompt and new token ids ``(B, T + N)``.
+        ``.save()`` it; it becomes a tensor after the block."""
+        if self._state != "tracing":
+            raise TraceError(at_user_line("tracer.result can only be used inside its `with` block"))
+        if not self.generation:
+            raise TraceError(at_user_line("tracer.result is the token ids of lm.generate(...); in lm.trace(...) read "
+                                          "the logits as lm.lm_head.output"))
+        return self._result
 
     def invoke(self, inputs: Any = None) -> "_InvokeContext":
         """A ``with`` block whose module reads and writes see only the rows of ``inputs`` (nnsight's invoker).
@@ -224,14 +269,15 @@ class Tracer:
                 raise TraceError(at_user_line(f"{cause} made the batch {batch} rows x {tokens} tokens, and the graph "
                                               f"traced so far no longer fits: {e}")) from None
 
-    def _shape_info(self) -> ShapeInfo:
+    def _shape_info(self, call: int = 0) -> ShapeInfo:
+        """Shapes of forward call ``call``: the prompt's tokens in call 0, one new token per later call."""
         if self._batch == 0:
             raise TraceError(at_user_line("no inputs yet: modules can be used once an invoke with inputs has started"))
-        ids = torch.empty((self._batch, self._tokens), dtype=torch.long, device="meta")
+        ids = torch.empty((self._batch, self._tokens if call == 0 else 1), dtype=torch.long, device="meta")
         return self.skeleton.shapes(ids, ids)
 
     def _getter_fake(self, path: str, kind: str, call: int) -> Any:
-        return self._shape_info().fake(path, kind)
+        return self._shape_info(call).fake(path, kind)
 
     def _run(self) -> None:
         rows = [row for invoke in self._invokes for row in invoke.rows]
@@ -241,10 +287,20 @@ class Tracer:
         with_rows = [invoke for invoke in self._invokes if invoke.rows]
         ids, mask = with_rows[0].encoded if len(with_rows) == 1 else self._tokenize_rows(rows)
         self._resize(self._batch, ids.shape[1], "tokenizing all invokes together")
+        for container in self._containers:
+            _save_items(container)
         values = self._execute(self.graph, ids, mask)
+        if values is not None:  # None: deferred to the end of its lm.session(), which calls bind_values
+            self.bind_values(values)
+
+    def bind_values(self, values: dict[int, Any]) -> None:
+        """Give the saved proxies their values (``{node_id: value}`` for every saved node)."""
         missing = [i for i in self.graph.saved() if i not in values]
-        if missing:
+        if missing and self.steps == 1:
             raise HybridError(f"execute returned no value for saved nodes {missing}")
+        if missing:  # generation stopped early (every row reached EOS): later steps never ran
+            warnings.warn(f"{len(missing)} saved value(s) belong to generation steps that never ran (every row ended "
+                          "with the EOS token first); they are left unbound.", stacklevel=3)
         self._builder.values = dict(values)
 
     # ---- module reads and writes (called by Envoy) ----------------------------------------------------------
@@ -254,9 +310,11 @@ class Tracer:
         where that module's weights are."""
         return self._builder.record("module", module=path, args=args, kwargs=kwargs)
 
-    def read_module(self, path: str, kind: str, call: int = 0) -> Proxy | TupleProxy:
-        """The value of ``path``'s ``kind`` (``"output"`` / ``"input"``) in the current invoke."""
-        invoke = self._use(path, kind)
+    def read_module(self, path: str, kind: str, call: int | None = None) -> Proxy | TupleProxy:
+        """The value of ``path``'s ``kind`` (``"output"`` / ``"input"``) in the current invoke, in forward call
+        ``call`` (default: :attr:`call`)."""
+        call = self.call if call is None else call
+        invoke = self._use(path, kind, call)
         full = self._full_getter(path, kind, call)
         if not invoke.narrow:
             return full
@@ -265,10 +323,11 @@ class Tracer:
             invoke.views[key] = self._narrow(full, invoke, f"{path}.{kind}")
         return invoke.views[key]
 
-    def write_module(self, path: str, kind: str, value: Any, call: int = 0) -> None:
-        """Replace ``path``'s ``kind`` with ``value`` (for the current invoke's rows)."""
+    def write_module(self, path: str, kind: str, value: Any, call: int | None = None) -> None:
+        """Replace ``path``'s ``kind`` with ``value`` (for the current invoke's rows) in forward call ``call``."""
+        call = self.call if call is None else call
         last = self._current.last if self._current is not None else None
-        invoke = self._use(path, kind)
+        invoke = self._use(path, kind, call)
         try:
             if invoke.narrow:
                 value = self._widen(self._full_getter(path, kind, call), invoke, value, f"{path}.{kind}")
@@ -285,7 +344,7 @@ class Tracer:
         else:
             self._full.pop(key, None)  # the next read records a new getter, after the setter
 
-    def _use(self, path: str, kind: str) -> _Invoke:
+    def _use(self, path: str, kind: str, call: int) -> _Invoke:
         """The current invoke, after checking that ``path.kind`` does not come before what it already used."""
         if self._state != "tracing":
             raise TraceError(at_user_line(f"{path}.{kind} can only be used inside `with lm.trace(...)`"))
@@ -293,8 +352,8 @@ class Tracer:
         if invoke is None:
             raise TraceError(at_user_line(f"{path}.{kind} is used outside any invoke: in `lm.trace()` without "
                                           "inputs, use modules inside `with tracer.invoke(prompts):`"))
-        index = self._shape_info().index(path, kind)
-        name = f"{path}.{kind}"
+        index = (call, self._shape_info(call).index(path, kind))
+        name = f"{path}.{kind}" + (f" (step {call})" if self.steps > 1 else "")
         if invoke.last is not None and index < invoke.last[0]:
             raise TraceError(at_user_line(
                 f"{name} is computed before {invoke.last[1]}, which this invoke already used; within one invoke, "
@@ -425,8 +484,8 @@ def _bind_locals(frame: Any) -> None:
 
 
 def _bound(value: Any, depth: int) -> Any:
-    if isinstance(value, (Proxy, TupleProxy)):
-        return value.value if value.saved else value
+    if isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
+        return value.value if value.saved and value.bound else value
     if depth >= 3:
         return value
     if type(value) is list:

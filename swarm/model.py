@@ -149,7 +149,7 @@ class SwarmModel:
         try:
             logits = self._step(session, input_ids, mask, positions)
             for _ in range(max_new_tokens):
-                token = _pick(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)  # (B,)
+                token = pick_token(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)  # (B,)
                 if eos_token_id is not None:
                     token = torch.where(done, torch.full_like(token, eos_token_id), token)
                     done |= token == eos_token_id
@@ -168,8 +168,10 @@ class SwarmModel:
         return out
 
 
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> torch.Tensor:
+def pick_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """The next token ``(B,)`` from last-position logits ``(B, V)``: argmax, or a sample after temperature, top-k and
+    top-p (nucleus) filtering."""
     if not do_sample:
         return logits.argmax(-1)
     logits = logits / max(temperature, 1e-5)

@@ -8,7 +8,8 @@ Request metadata (all RPCs):
     ``grad_outputs``, ``hook_payload``, ``hook_carry``; ``start``/``end``: the layers to run (within the node's span);
     ``embed``/``head``: run those stages too; ``hook``: ``{"kind", "version"}`` or absent.
 Inference adds ``session_id`` and, on its first step, ``open: {"max_length", "batch_size"}``; ``close: true``
-ends it; ``chunks: [T_1, T_2, ...]`` runs the inputs as consecutive steps of those lengths (history replay).
+ends it; ``chunks: [T_1, T_2, ...]`` runs the inputs as consecutive steps of those lengths (history replay; not with
+a hook, which sees one step per call); with a hook, ``hop`` is the node's position in the client's route.
 Forward may be *chained*: ``next: [{"peer", "start", "end", "head"}, ...]`` makes this node send its outputs
 (with ``hook_payload`` and its hook's result as ``hook_carry``, ``hop`` + 1) to the next node itself and relay
 that node's answer back; ``return_outputs: false`` makes the last node answer an empty tensor instead of its
@@ -330,6 +331,9 @@ class SpanServer:
         chunks = meta.get("chunks", [length])
         if not isinstance(chunks, list) or not all(isinstance(c, int) and c > 0 for c in chunks) or sum(chunks) != length:
             raise BadRequestError(f"meta['chunks'] must be positive step lengths summing to {length}; got {chunks!r}.")
+        if request.hook is not None and len(chunks) > 1:
+            raise BadRequestError("A span hook sees one step per call; replay hooked steps one call each, "
+                                  "without meta['chunks'].")
 
         def work():
             # A replayed history arrives as several steps in one call; running them one by one recomputes the
@@ -346,6 +350,7 @@ class SpanServer:
                         position_ids=positions[:, part] if positions is not None else None, cache=session.cache))
                     offset += size
             return torch.cat(outputs, dim=1)
+        t0 = time.perf_counter()
         try:
             output = await self._compute(work)
         except BaseException:
@@ -354,7 +359,8 @@ class SpanServer:
         session.length += length
         session.steps += 1
         session.last_used = time.monotonic()
-        return self._reply(output, request, {"length": session.length})
+        return self._reply(output, request, {"length": session.length,
+                                             "compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}})
 
 
 def _parse_chain(chain, max_chain: int) -> list[dict]:

@@ -1,0 +1,221 @@
+"""Generation with per-step interventions: one traced graph, run step by step in any placement.
+
+Step ``s`` is forward call ``s`` (the prompt in step 0, one new token after). Each step plans only its own nodes
+(:func:`hybrid.planner.plan_graph` with ``step=s``): values of earlier steps that it reads come from the client (who
+got them back at the end of their step), values later steps read go back to the client with the step's saves.
+
+- ``local``: the whole model here with a KV cache; the graph runs on module hooks.
+- ``hybrid`` / ``centralized``: a server-side KV cache on every hop (:class:`swarm.inference_session.InferenceSession`);
+  each step carries the step's graph as a span hook to every hop; each hop's values travel to the next with the
+  hidden states (which, in a generation session, the client relays between hops).
+- ``swarm`` (Petals-style): one session per range of layers between intervened boundaries; the client runs the
+  graph on the hidden states it pulls at each boundary.
+
+Tokens are picked as transformers' ``generate`` does: greedy by default, or sampled (temperature, top-k, top-p);
+a row that produced EOS then emits the pad token, and generation stops when every row has.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+
+from swarm.inference_session import InferenceSession, StepHook
+from swarm.model import pick_token
+
+from .errors import HybridError
+from .interpreter import Interpreter
+from .ir import Graph
+from .planner import Executor, Plan, plan_graph
+from .placements import SwarmRunner, TraceStats, layer_boundaries, run_local_stage, segment_ends, _snapshot
+from .request import HOOK_KIND, HOOK_VERSION, encode_request
+from .values import pack_values, unpack_values
+
+# step(s, ids (B, T_s), mask (B, past + T_s) | None, positions (B, T_s), known values) -> (logits, new values)
+Stepper = Callable[[int, torch.Tensor, "torch.Tensor | None", torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How tokens are chosen (the ``transformers.generate`` arguments ``lm.generate`` accepts)."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    """Seed of the sampling generator (sampling only)."""
+    eos_token_id: int | None = None
+    """Rows stop at this token (then emit ``pad_token_id``); None never stops early."""
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict, *, eos_token_id: int | None, pad_token_id: int | None) -> "GenerateOptions":
+        """Options from ``lm.generate(..., **kwargs)``. Raises HybridError naming an unsupported argument."""
+        known = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "eos_token_id",
+                 "pad_token_id"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise HybridError(f"lm.generate does not support {unknown}; it takes {sorted(known)}")
+        options = cls(**{"eos_token_id": eos_token_id, "pad_token_id": pad_token_id, **kwargs})
+        if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 1:
+            raise HybridError(f"max_new_tokens must be a positive integer; got {options.max_new_tokens!r}")
+        return options
+
+
+def generate(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             options: GenerateOptions) -> tuple[torch.Tensor, dict[int, Any]]:
+    """Run ``stepper`` for up to ``max_new_tokens`` steps; returns ``(tokens (B, T + N), values of every step)``."""
+    batch, length = input_ids.shape
+    mask = attention_mask.long() if attention_mask is not None else None
+    if mask is not None:
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers' generate
+    else:
+        positions = torch.arange(length).unsqueeze(0).expand(batch, -1)
+    generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+    known: dict[int, Any] = {}
+    tokens, current = input_ids, input_ids
+    done = torch.zeros(batch, dtype=torch.bool)
+    for step in range(options.max_new_tokens):
+        logits, values = stepper(step, current, mask, positions, known)
+        known.update(values)
+        token = pick_token(logits[:, -1].float(), options.do_sample, options.temperature, options.top_k,
+                           options.top_p, generator)  # (B,)
+        if options.eos_token_id is not None:
+            if options.pad_token_id is not None:
+                token = torch.where(done, torch.full_like(token, options.pad_token_id), token)
+            done |= token == options.eos_token_id
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        if bool(done.all()):
+            break
+        positions = positions[:, -1:] + 1
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+        current = token[:, None]
+    return tokens, known
+
+
+def local_stepper(model, graph: Graph, events) -> tuple[Stepper, TraceStats]:
+    """Steps on the whole model in this process."""
+    n = model.config.num_hidden_layers
+    cache = DynamicCache()
+    device = next(model.parameters()).device
+    modules = dict(model.named_modules())
+    stats = TraceStats("local", route=["local"])
+
+    def step(s, ids, mask, positions, known):
+        plan = plan_graph(graph, events, n, [Executor("local", 0, n + 1)], step=s)
+        interpreter = Interpreter(graph, plan, 0, {k: known[k] for k in plan.inputs}, device=device, modules=modules)
+        logits = run_local_stage(model, interpreter, ids, s, embed=True, head=True, attention_mask=mask,
+                                 position_ids=positions, cache=cache)
+        return logits, interpreter.finish()
+    return step, stats
+
+
+class SwarmSteps:
+    """Steps through a swarm, pushed (``hybrid`` / ``centralized``) or pulled (``swarm``); a context manager that
+    closes its sessions. :attr:`stats` is filled in as it runs."""
+
+    def __init__(self, runner: SwarmRunner, placement: str, graph: Graph, events, *, batch_size: int, max_length: int):
+        self.runner, self.placement, self.graph, self.events = runner, placement, graph, events
+        self.loop, self.sequence, self.n = runner.client.loop, runner.sequence, runner.num_layers
+        self.stats = TraceStats(placement)
+        self._before, self._t0 = _snapshot(self.sequence.traffic), time.perf_counter()
+        self.sessions: list[InferenceSession] = []
+        if placement == "swarm":
+            self.boundaries = layer_boundaries(graph)
+            self.remote_embed = self.remote_head = False
+            starts = [0] + segment_ends(self.boundaries, self.n)[:-1]
+            ranges = list(zip(starts, segment_ends(self.boundaries, self.n)))
+        else:
+            self.remote_embed, self.remote_head = runner.remote_stages()
+            ranges = [(0, self.n)]
+        for start, end in ranges:
+            self.sessions.append(self.loop.run(InferenceSession.create(
+                self.sequence, batch_size=batch_size, max_length=max_length, start=start, end=end,
+                embed=self.remote_embed, head=self.remote_head)))
+        if placement == "centralized" and len(self.sessions[0].route) != 1:
+            self.close()
+            raise HybridError(f"placement='centralized' needs one node serving all {self.n} layers; this swarm's "
+                              f"route has {len(self.sessions[0].route)} hops. Use placement='hybrid'.")
+
+    def __enter__(self) -> "SwarmSteps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for session in self.sessions:
+            self.loop.run(session.close())
+        after = self.sequence.traffic
+        self.stats.client_bytes_sent = after.bytes_sent - self._before[0]
+        self.stats.client_bytes_received = after.bytes_received - self._before[1]
+        self.stats.round_trips = after.calls - self._before[2]
+        self.stats.wall_s = time.perf_counter() - self._t0
+        for session in self.sessions:
+            for peer, seconds in session.compute_s.items():
+                self.stats.compute_s[peer] = self.stats.compute_s.get(peer, 0.0) + seconds
+        self.sessions = []
+
+    def __call__(self, s, ids, mask, positions, known):
+        if self.placement == "swarm":
+            return self._pulled(s, ids, mask, positions, known)
+        return self._pushed(s, ids, mask, positions, known)
+
+    def _plan(self, s: int, route) -> Plan:
+        return plan_graph(self.graph, self.events, self.n,
+                          self.runner.executors(route, self.remote_embed, self.remote_head), step=s)
+
+    def _pushed(self, s, ids, mask, positions, known):
+        session, local, modules = self.sessions[0], self.runner.local, self.runner.modules
+        plan = self._plan(s, session.route)
+        carried = {k: known[k] for k in plan.inputs}
+        if self.remote_embed:
+            inputs, values = ids, carried
+        else:  # the client's embedding is executor 0
+            interpreter = Interpreter(self.graph, plan, 0, carried, modules=modules)
+            inputs = run_local_stage(local, interpreter, ids, s, start=0, end=0, embed=True)
+            values = interpreter.finish()
+        offset = 0 if self.remote_embed else 1
+        payloads: dict[tuple, bytes] = {}
+
+        def payload(route) -> bytes:
+            key = tuple((h.peer_id, h.start, h.end) for h in route)
+            if key not in payloads:
+                payloads[key] = encode_request(self.graph, self._plan(s, route), offset, call=s)
+            return payloads[key]
+
+        outputs, result = self.loop.run(session.hooked_step(
+            inputs, attention_mask=mask, position_ids=positions, hook=StepHook(HOOK_KIND, HOOK_VERSION, payload),
+            carry=pack_values(values)))
+        values = unpack_values(result)
+        plan = self._plan(s, session.route)
+        self.stats.route = [e.name for e in plan.executors]
+        if self.remote_head:
+            return outputs, values
+        interpreter = Interpreter(self.graph, plan, len(plan.executors) - 1, values, modules=modules)
+        logits = run_local_stage(local, interpreter, outputs, s, start=0, end=0, head=True)
+        return logits, interpreter.finish()
+
+    def _pulled(self, s, ids, mask, positions, known):
+        local, modules = self.runner.local, self.runner.modules
+        plan = plan_graph(self.graph, self.events, self.n, [Executor("client", 0, self.n + 1)], step=s)
+        interpreter = Interpreter(self.graph, plan, 0, {k: known[k] for k in plan.inputs}, modules=modules)
+        hidden = run_local_stage(local, interpreter, ids, s, start=0, end=0, embed=True)
+        for session in self.sessions:
+            start, end = session.route[0].start, session.route[-1].end
+            if start == 0 and 0 in self.boundaries:
+                hidden = interpreter.on_event("model.layers.0", "input", s, hidden)
+            hidden = self.loop.run(session.step(hidden, attention_mask=mask, position_ids=positions))
+            hidden = interpreter.on_event(f"model.layers.{end - 1}", "output", s, hidden)
+            if end < self.n:
+                hidden = interpreter.on_event(f"model.layers.{end}", "input", s, hidden)
+        self.stats.route = ["client"]
+        logits = run_local_stage(local, interpreter, hidden, s, start=0, end=0, head=True)
+        return logits, interpreter.finish()
