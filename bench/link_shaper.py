@@ -127,11 +127,13 @@ async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, pacer: Pac
                 await trio.sleep_until(due)
                 await dst.send_all(data)
                 count(len(data))
-        if hasattr(dst, "send_eof"):
-            try:
-                await dst.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        try:
+            if hasattr(dst, "send_eof"):
+                await dst.send_eof()     # TCP: half-close, the other direction goes on
+            else:
+                await dst.aclose()       # a stream without half-close ends here
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(deliver)
