@@ -53,10 +53,20 @@ def decompress(blob: bytes, compress: bool, max_bytes: int) -> bytes:
 
 def encode_result(saves: dict[str, Any], compress: bool) -> bytes:
     """What nnsight's ``RemoteBackend.finalize`` loads: ``torch.save`` bytes, zstd-compressed if asked."""
+    saves = {k: _compact(v) for k, v in saves.items()}
     buffer = io.BytesIO()
     torch.save(saves, buffer, pickle_protocol=4)
     data = buffer.getvalue()
     return zstandard.ZstdCompressor(level=3).compress(data) if compress else data
+
+
+def _compact(value: Any) -> Any:
+    """A tensor that views a larger storage is sent as a copy of itself (torch.save would ship the whole storage)."""
+    if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+        return value.clone()
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_compact(v) for v in value)
+    return value
 
 
 def load_request(envoy, data: bytes, request_id: str, persistent_objects: dict | None = None):

@@ -11,11 +11,14 @@ Layers (each enough to stop the test cases on its own; together they are the def
    attribute that starts with ``_`` or is on :data:`FORBIDDEN_ATTRIBUTES` (file I/O, storage, hooks).
 3. :data:`SAFE_BUILTINS` — the builtins the code runs with (no ``open``/``exec``/``eval``/``compile``/
    ``getattr``...); ``__import__`` only admits :data:`ALLOWED_MODULES`.
-4. :class:`AuditGuard` — a :pep:`578` audit hook that, while a request runs on this thread, refuses file opens,
-   sockets, subprocesses, ``os.system``/``exec``/``fork``, ``ctypes`` and imports of modules not yet loaded.
-5. :class:`ParameterSeal` — every parameter and buffer is fingerprinted (identity, storage, version counter);
+4. :func:`protected_module` — the modules a request sees are copies without names that reach files from C
+   (``torch.save``/``load``/``from_file``, ``numpy.fromfile``...), compilers, devices or process-wide state.
+5. :class:`AuditGuard` — a :pep:`578` audit hook that, while a request runs on this thread, refuses Python-level
+   file opens, sockets, subprocesses, ``os.system``/``exec``/``fork``, ``ctypes`` and imports of modules not yet
+   loaded. (File access done inside C extensions raises no audit event; layers 2 and 4 cover those.)
+6. :class:`ParameterSeal` — every parameter and buffer is fingerprinted (identity, storage, version counter);
    a request that changed one fails and its worker is replaced (weights reloaded).
-6. Limits the supervisor enforces from outside (:mod:`ndif_compat.workers`): wall time and resident memory.
+7. Limits the supervisor enforces from outside (:mod:`ndif_compat.workers`): wall time and resident memory.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import io
 import pickle
 import sys
 import threading
+import types
 from typing import Any
 
 import torch
@@ -51,7 +55,8 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     "register_full_backward_hook", "register_backward_hook", "register_module", "register_parameter",
     "register_buffer", "apply", "to_empty", "requires_grad_", "zero_grad", "f_globals", "f_locals", "gi_frame",
     "tb_frame", "modules", "system", "popen", "environ", "compile", "set_default_dtype", "set_num_threads",
-    "set_default_device", "manual_seed", "seed", "dump", "dumps", "loads"})
+    "set_default_device", "manual_seed", "seed", "dump", "dumps", "loads", "export", "profiler", "package",
+    "memmap", "savez", "savetxt", "serialization"})
 """Attribute names the code may not touch (I/O, storage, hooks, global torch state)."""
 
 SAFE_BUILTIN_NAMES = (
@@ -63,11 +68,35 @@ SAFE_BUILTIN_NAMES = (
     "__name__").split()
 
 
+MODULE_DENIED = frozenset({
+    "save", "load", "from_file", "hub", "serialization", "jit", "utils", "ops", "classes", "library", "backends",
+    "distributed", "multiprocessing", "package", "profiler", "compile", "export", "cuda", "mps", "xpu",
+    "savez", "savez_compressed", "savetxt", "loadtxt", "fromfile", "genfromtxt", "memmap", "lib", "ctypeslib",
+    "f2py", "testing", "os", "sys", "io", "set_default_dtype", "set_default_device", "set_num_threads",
+    "manual_seed", "seed", "set_printoptions", "set_grad_enabled"})
+"""Names removed from the modules a request sees: these reach files in C (where the audit hook cannot see them),
+compilers, devices or process-wide state."""
+
+_PROTECTED: dict[str, types.ModuleType] = {}
+
+
+def protected_module(module: types.ModuleType) -> types.ModuleType:
+    """A copy of an allowed module without :data:`MODULE_DENIED` names (functions and classes are the real ones)."""
+    view = _PROTECTED.get(module.__name__)
+    if view is None:
+        view = types.ModuleType(module.__name__, getattr(module, "__doc__", None))
+        view.__dict__.update({k: v for k, v in vars(module).items() if k not in MODULE_DENIED and not
+                              (k.startswith("__") and k not in ("__name__", "__doc__", "__version__"))})
+        _PROTECTED[module.__name__] = view
+    return view
+
+
 def _guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
     if level != 0 or name.split(".")[0] not in ALLOWED_MODULES:
         raise UnsafeRequestError(f"import of {name!r} is not allowed on this gateway; allowed: "
                                  f"{', '.join(sorted(ALLOWED_MODULES))}.")
-    return builtins.__import__(name, globals, locals, fromlist, level)
+    module = builtins.__import__(name, globals, locals, fromlist, level)
+    return protected_module(module)
 
 
 SAFE_BUILTINS: dict[str, Any] = {n: getattr(builtins, n) for n in SAFE_BUILTIN_NAMES if hasattr(builtins, n)}
@@ -134,7 +163,7 @@ def _module_ref(name: str):
         raise UnsafeRequestError(f"the request references the module {name!r}; only "
                                  f"{', '.join(sorted(ALLOWED_MODULES))} may be used.")
     __import__(name)
-    return sys.modules[name]
+    return protected_module(sys.modules[name])
 
 
 def _builtin_type(name: str):

@@ -109,10 +109,10 @@ class Runtime:
                 saves, path = self._try_hybrid(tracer, log)
             if saves is None:
                 if self.stack is not None:
-                    layers = touched_layers(sources, self.stack.num_layers)
-                    self.stack.cut_at(layers)
-                    cuts = "every layer" if layers is None else f"layers {sorted(layers)}"
-                    log(f"execution path: gateway (decoder layers on the swarm; hidden states cross at {cuts})")
+                    cuts = touched_layers(sources, self.stack.num_layers)
+                    self.stack.cut_at(cuts)
+                    where = "every layer" if cuts is None else f"layer boundaries {sorted(cuts)}"
+                    log(f"execution path: gateway (decoder layers on the swarm; hidden states cross at {where})")
                 else:
                     log("execution path: gateway (local model)")
                 saves = run_tracer(tracer, log)

@@ -21,10 +21,13 @@ logger = logging.getLogger(__name__)
 
 
 def touched_layers(sources: Iterable[str], num_layers: int) -> set[int] | None:
-    """Layer indices the code names as ``<x>.layers[<int>]``; ``None`` when it reaches layers any other way."""
-    found: set[int] = set()
+    """Cut points of the decoder stack that the code needs: ``k`` for ``layers[k].input``, ``k + 1`` for
+    ``layers[k].output``, both for anything else under ``layers[k]``. ``None`` when the code reaches layers in a
+    way this cannot bound (a computed index, a loop over ``layers``, a path in a string): then cut everywhere."""
+    cuts: set[int] = set()
     for source in sources:
         tree = ast.parse(source)
+        parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         subscripted = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "layers":
@@ -36,15 +39,18 @@ def touched_layers(sources: Iterable[str], num_layers: int) -> set[int] | None:
                     value = index.value
                 else:
                     return None
-                if not isinstance(value, int) or not -num_layers <= value < num_layers:
+                if not isinstance(value, int) or isinstance(value, bool) or not -num_layers <= value < num_layers:
                     return None
-                found.add(value % num_layers)
+                k = value % num_layers
+                parent = parents.get(id(node))
+                attr = parent.attr if isinstance(parent, ast.Attribute) else None
+                cuts |= {k + 1} if attr == "output" else {k} if attr in ("input", "inputs") else {k, k + 1}
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr == "layers" and id(node) not in subscripted:
                 return None
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and "layers" in node.value:
                 return None
-    return found
+    return cuts
 
 
 class SwarmStack:
@@ -99,10 +105,10 @@ class SwarmStack:
                 self.generation["max_new_tokens"] + 1, embed=False, head=False)
         return loop.run(sessions[(start, end)].step(hidden, attention_mask=mask, position_ids=self.position_ids))
 
-    def cut_at(self, layers: set[int] | None) -> None:
-        """Segments for a program touching ``layers`` (``None``: every layer)."""
+    def cut_at(self, cuts: set[int] | None) -> None:
+        """Segments between the cut points of :func:`touched_layers` (``None``: one segment per layer)."""
         n = self.num_layers
-        cuts = set(range(n + 1)) if layers is None else {0, n} | set(layers) | {k + 1 for k in layers}
+        cuts = set(range(n + 1)) if cuts is None else {0, n} | set(cuts)
         cuts = sorted(c for c in cuts if 0 <= c <= n)
         self.starts = {a: b for a, b in zip(cuts, cuts[1:])}
 

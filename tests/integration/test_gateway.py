@@ -26,31 +26,36 @@ TOL = 1e-5
 
 # ---- experiments (run remotely by the client process and locally by the tests) ------------------------------------
 
+def _meta(tracer) -> dict:
+    """What the gateway reported about the run (execution path, bytes); empty for a local run."""
+    return dict(getattr(tracer.backend, "meta", None) or {})
+
+
 def read(lm, **remote):
-    with lm.trace(PROMPT, **remote):
+    with lm.trace(PROMPT, **remote) as tracer:
         h5 = lm.model.layers[5].output.save()
         h20_in = lm.model.layers[20].input.save()
         logits = lm.lm_head.output[:, -1].save()
-    return {"h5": h5, "h20_in": h20_in, "logits": logits}
+    return {"h5": h5, "h20_in": h20_in, "logits": logits}, _meta(tracer)
 
 
 def patch(lm, **remote):
-    with lm.trace(PROMPTS, **remote):
+    with lm.trace(PROMPTS, **remote) as tracer:
         h = lm.model.layers[8].output
         h[1, -1, :] = h[0, -1, :]
         lm.model.layers[20].output = lm.model.layers[20].output * 0.5
         probs = lm.lm_head.output[:, -1].softmax(-1)[1].save()
-    return {"probs": probs}
+    return {"probs": probs}, _meta(tracer)
 
 
 def session(lm, **remote):
-    with lm.session(**remote):
+    with lm.session(**remote) as tracer:
         with lm.trace(PROMPTS[0]):
             first = lm.model.layers[6].output[:, -1, :].save()
         with lm.trace(PROMPTS[1]):
             lm.model.layers[6].output[:, -1, :] = first
             second = lm.lm_head.output[:, -1].save()
-    return {"first": first, "second": second}
+    return {"first": first, "second": second}, _meta(tracer)
 
 
 def generation(lm, **remote):
@@ -58,7 +63,7 @@ def generation(lm, **remote):
         steps = list().save()
         with tracer.all():
             steps.append(lm.lm_head.output[:, -1])
-    return {"steps": torch.stack(steps)}
+    return {"steps": torch.stack(steps)}, _meta(tracer)
 
 
 EXPERIMENTS = {"read": read, "patch": patch, "session": session, "generation": generation}
@@ -76,10 +81,9 @@ def _client(url: str, scenario: str, out: str) -> None:
 
     lm = LanguageModel("smollm2-135m", tokenizer=AutoTokenizer.from_pretrained("smollm2-135m"))
     got: dict = {}
-    if scenario == "correctness":
+    if "correctness" in scenario:
         for name, experiment in EXPERIMENTS.items():
-            with _timer(got, name):
-                got[name] = experiment(lm, remote=True)
+            got[name], got.setdefault("meta", {})[name] = experiment(lm, remote=True)
         with lm.trace(PROMPT, remote=True, blocking=False) as tracer:  # submit, then poll
             h = lm.model.layers[5].output.save()
         backend = tracer.backend
@@ -97,16 +101,15 @@ def _client(url: str, scenario: str, out: str) -> None:
                 h = lm.model.layers[5].output.save()
             return await backend
         got["async"] = {"h5": asyncio.run(run_async())["h"]}
-        got["patch_meta"] = _meta_of(lm)
-    elif scenario == "unsafe":
+    if "unsafe" in scenario:
         for name, experiment in UNSAFE.items():
             try:
                 experiment(lm)
                 got[name] = "no error"
             except RemoteError as e:
                 got[name] = str(e)
-        got["after"] = read(lm, remote=True)
-    elif scenario == "concurrent":
+        got["after"] = read(lm, remote=True)[0]
+    if "concurrent" in scenario:
         def one(i: int):
             with lm.trace(PROMPTS[i % 2], remote=True):
                 out = lm.model.layers[3 + i % 5].output[:, -1, :].save()
@@ -114,27 +117,6 @@ def _client(url: str, scenario: str, out: str) -> None:
         with ThreadPoolExecutor(20) as pool:
             got["rows"] = list(pool.map(one, range(20)))
     torch.save(got, out)
-
-
-def _meta_of(lm) -> dict:
-    """Client-link bytes of the patching example: what the client posted and what came back (server's count)."""
-    with lm.trace(PROMPTS, remote=True) as tracer:
-        h = lm.model.layers[8].output
-        h[1, -1, :] = h[0, -1, :]
-        lm.model.layers[20].output = lm.model.layers[20].output * 0.5
-        probs = lm.lm_head.output[:, -1].softmax(-1)[1].save()
-    return dict(tracer.backend.meta or {})
-
-
-class _timer:
-    def __init__(self, got, name):
-        self.got, self.name = got, name
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.got.setdefault("wall_s", {})[self.name] = time.perf_counter() - self.t0
 
 
 def open_file(lm):
@@ -184,6 +166,176 @@ def write_weights(lm):
 UNSAFE = {"open_file": open_file, "import_os": import_os, "import_subprocess": import_subprocess,
           "import_socket": import_socket, "loop_forever": loop_forever, "save_to_file": save_to_file,
           "write_weights": write_weights}
+
+
+# ---- fixtures: a gateway process, the client process, local references ---------------------------------------------
+
+class Gateway:
+    """A ``swarm-gateway serve`` process on 127.0.0.1; :meth:`close` ends it (its workers follow it)."""
+
+    def __init__(self, workdir: Path, *args: str, timeout_s: float = 240.0):
+        self.ready = workdir / "gateway.ready.json"
+        self.log_path = workdir / "gateway.log"
+        cmd = [sys.executable, "-m", "ndif_compat.cli", "serve", "--host", "127.0.0.1", "--port", str(_free_port()),
+               "--ready-file", str(self.ready), *args]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"gateway not ready:\n{self.log_path.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.2)
+        self.url = json.loads(self.ready.read_text())["url"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(timeout=10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_client(gateway: Gateway, scenario: str, tmp_path: Path) -> dict:
+    """Run a client scenario in a fresh process (the real nnsight client, configured by environment only)."""
+    out = tmp_path / f"{scenario}.pt"
+    env = {**os.environ, "NDIF_HOST": gateway.url, "HF_ENDPOINT": gateway.url, "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, __file__, gateway.url, scenario, str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, f"client failed:\n{done.stderr[-4000:]}\ngateway log:\n" \
+                                 f"{gateway.log_path.read_text(errors='replace')[-3000:]}"
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def ns(smollm2_dir):
+    """Local nnsight on the same checkpoint: the reference."""
+    import nnsight
+
+    return nnsight.LanguageModel(str(smollm2_dir), dispatch=True, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def references(ns, one_thread):
+    """Every experiment run by local nnsight (one torch thread, as the gateway's workers and nodes)."""
+    return {name: experiment(ns)[0] for name, experiment in EXPERIMENTS.items()}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gateway")
+
+
+@pytest.fixture(scope="module")
+def local_gateway(workdir):
+    gateway = Gateway(workdir, "--local", "smollm2-135m", "--timeout-s", "8")
+    try:
+        yield gateway
+    finally:
+        gateway.close()
+
+
+@pytest.fixture(scope="module")
+def two_node_swarm(smollm2_dir, tmp_path_factory):
+    from swarm.local_swarm import LocalSwarm
+
+    swarm = LocalSwarm(tmp_path_factory.mktemp("gateway-swarm"))
+    try:
+        swarm.start(smollm2_dir, "--blocks", "0:15")
+        swarm.start(smollm2_dir, "--blocks", "15:30", initial_peers=swarm.initial_peers)
+        yield swarm
+    finally:
+        swarm.close()
+
+
+def assert_equal_to_local(got: dict, references: dict) -> None:
+    for name, values in references.items():
+        for key, want in values.items():
+            have = got[name][key]
+            assert have.shape == want.shape, f"{name}.{key}: {tuple(have.shape)} vs {tuple(want.shape)}"
+            diff = (have - want).abs().max().item()
+            assert diff <= TOL, f"{name}.{key} differs from local nnsight by {diff:.3g}"
+    for mode in ("nonblocking", "async"):
+        diff = (got[mode]["h5"] - references["read"]["h5"]).abs().max().item()
+        assert diff <= TOL, f"{mode} read differs from local nnsight by {diff:.3g}"
+
+
+# ---- tests --------------------------------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_run(local_gateway, workdir):
+    """One client process: the correctness experiments, then 20 concurrent clients."""
+    return run_client(local_gateway, "correctness+concurrent", workdir)
+
+
+def test_local_backend_equals_local_nnsight(local_run, references):
+    got = local_run
+    assert_equal_to_local(got, references)
+    assert {m["path"] for m in got["meta"].values()} == {"gateway"}
+    assert got["meta"]["patch"]["swarm_bytes_sent"] == 0
+
+
+def test_unsafe_requests_fail_with_clear_errors_and_the_gateway_keeps_serving(local_gateway, references, tmp_path):
+    got = run_client(local_gateway, "unsafe", tmp_path)
+    assert "UnsafeRequestError" in got["open_file"] and "'open' is not allowed" in got["open_file"]
+    for module in ("os", "subprocess", "socket"):
+        assert f"import of '{module}' is not allowed" in got[f"import_{module}"], got[f"import_{module}"]
+    assert "ExecutionLimitError" in got["loop_forever"] and "time limit" in got["loop_forever"]
+    # the request's torch has no save (nnsight's mounted .save answers instead); nothing reaches the disk
+    assert "Error" in got["save_to_file"] and not Path("/tmp/gateway-pwned.pt").exists(), got["save_to_file"]
+    assert "modified model parameters" in got["write_weights"], got["write_weights"]
+    for key, want in references["read"].items():  # served after all of that, with the weights intact
+        assert (got["after"][key] - want).abs().max().item() <= TOL
+
+
+def test_twenty_concurrent_clients(local_run, ns, one_thread):
+    rows = local_run["rows"]
+    assert len(rows) == 20
+    for i, row in enumerate(rows):
+        with ns.trace(PROMPTS[i % 2]):
+            want = ns.model.layers[3 + i % 5].output[:, -1, :].save()
+        assert (row - want).abs().max().item() <= TOL, f"client {i}"
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["gateway-execution", "hybrid"])
+def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, workdir, tmp_path):
+    gateway = Gateway(tmp_path, "--initial-peers", *two_node_swarm.initial_peers,
+                      *([] if hybrid else ["--no-hybrid"]))
+    try:
+        got = run_client(gateway, "correctness", tmp_path)
+    finally:
+        gateway.close()
+    assert_equal_to_local(got, references)
+    paths = {name: meta["path"] for name, meta in got["meta"].items()}
+    # sessions and generation are not translated into graphs: they always run on the gateway
+    assert paths == {"read": "hybrid" if hybrid else "gateway", "patch": "hybrid" if hybrid else "gateway",
+                     "session": "gateway", "generation": "gateway"}
+    patch_meta = got["meta"]["patch"]
+    if hybrid:  # inputs + graph out, only the saved row back
+        assert patch_meta["swarm_calls"] == 1
+        assert patch_meta["swarm_bytes_received"] < 1.2 * 49152 * 4
+    else:  # hidden states cross only after layers 8 and 20: segments 0:9, 9:21 (two nodes: 0:15, 15:30), 21:30
+        assert patch_meta["swarm_calls"] == 4
 
 
 if __name__ == "__main__":
