@@ -33,6 +33,8 @@ class Session:
     def __init__(self) -> None:
         self._pending: list[tuple[Tracer, Callable[[], dict]]] = []
         self._builders: set[int] = set()
+        self.traces: list[Tracer] = []
+        """The session's traces in order (each with its ``stats`` once the session has run)."""
         self._state = "new"
 
     def __enter__(self) -> "Session":
@@ -57,6 +59,7 @@ class Session:
     def adopt(self, tracer: Tracer) -> None:
         """Let ``tracer`` use values of this session's earlier traces."""
         self._builders.add(id(tracer._builder))
+        self.traces.append(tracer)
         tracer._builder.accepts = self._accepts
 
     def defer(self, tracer: Tracer, run: Callable[[], dict]) -> None:

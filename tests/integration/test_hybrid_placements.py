@@ -451,3 +451,154 @@ def test_concurrent_requests_are_isolated(remote_lm, local_lm, hooks):
     with remote_lm.trace(rows, placement="hybrid"):
         after = remote_lm.lm_head.output.save()
     assert_close(after, clean, "clean hybrid trace after the concurrent requests")
+
+
+# ---- 7. generation with per-step interventions, and sessions -------------------------------------------------
+
+GEN_PROMPTS = CITIES[:3]  # 10 tokens each: no padding, so transformers' and nnsight's positions agree
+GEN_TOKENS = 4
+
+
+def keeper(lm) -> Callable:
+    """``save`` of the library ``lm`` belongs to: a list saved inside the trace keeps what is appended later."""
+    if isinstance(lm, hybrid.LanguageModel):
+        return hybrid.save
+    import nnsight
+    return nnsight.save
+
+
+def generate_steered(lm, **placement):
+    """A steering vector added at the last position of one layer on every step; the top token probability per
+    step and the generated ids."""
+    keep = keeper(lm)
+    with lm.generate(GEN_PROMPTS, max_new_tokens=GEN_TOKENS, **placement) as tracer:
+        top = keep([])
+        for step in tracer.iter[:GEN_TOKENS]:
+            lm.model.layers[STEER_LAYER].output[:, -1] += STEER
+            top.append(lm.lm_head.output[:, -1].softmax(-1).max(-1).values)
+        ids = tracer.result.save()
+    return (top, ids), tracer
+
+
+def generate_cross_step(lm, **placement):
+    """A value read in step 0 is added on every step (``tracer.all()``) at a later layer; the greedy token per step."""
+    keep = keeper(lm)
+    with lm.generate(GEN_PROMPTS, max_new_tokens=3, **placement) as tracer:
+        first = lm.model.layers[STEER_LAYER].output[:, -1]
+        tokens = keep([])
+        for step in tracer.all():
+            lm.model.layers[PATCH_LAYER].output[:, -1] += first * 2
+            tokens.append(lm.lm_head.output[:, -1].argmax(-1))
+    return tokens, tracer
+
+
+def session_patch(lm, **placement):
+    """Two traces in one session: the first's last-position state at a layer replaces the second's."""
+    with lm.session() as session:
+        with lm.trace(CITIES[0], **placement):
+            h = lm.model.layers[PATCH_LAYER].output[:, -1]
+        with lm.trace(CITIES[2], **placement):
+            lm.model.layers[PATCH_LAYER].output[:, -1] = h
+            probs = lm.lm_head.output[:, -1].softmax(-1).save()
+    return probs, session
+
+
+def hooked_generate(hooks: Hooks, max_new_tokens: int, layer_hooks: dict[str, Callable]) -> torch.Tensor:
+    """transformers' greedy ``generate`` on GEN_PROMPTS under forward hooks that see every step."""
+    encoded = hooks.tokenizer(GEN_PROMPTS, padding=True, return_tensors="pt")
+    handles = [hooks.model.get_submodule(p).register_forward_hook(f) for p, f in layer_hooks.items()]
+    try:
+        with torch.no_grad():
+            return hooks.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_generation_with_a_per_step_intervention(placement, lm_for, hooks, ns, refs):
+    def by_hooks():
+        top: list = []
+
+        def steer_hook(module, args, output):
+            output[:, -1] += STEER
+
+        ids = hooked_generate(hooks, GEN_TOKENS, {
+            f"model.layers.{STEER_LAYER}": steer_hook,
+            "lm_head": lambda m, a, output: top.append(output[:, -1].softmax(-1).max(-1).values.clone())})
+        return top, ids
+
+    want_top, want_ids = cached(refs, "gen.hooks", by_hooks)
+    their_top, their_ids = cached(refs, "gen.nnsight", lambda: nnsight_run(ns, generate_steered))
+    clean_ids = cached(refs, "gen.clean", lambda: hooked_generate(hooks, GEN_TOKENS, {}))
+    (top, ids), tracer = generate_steered(lm_for(placement), placement=placement)
+    assert torch.equal(ids, want_ids) and torch.equal(ids, their_ids), (ids, want_ids, their_ids)
+    assert ids.shape == (len(GEN_PROMPTS), 10 + GEN_TOKENS)
+    assert not torch.equal(ids, clean_ids)  # the vector steers the continuation
+    assert len(top) == len(want_top) == len(their_top) == GEN_TOKENS
+    for step, (value, ref, nn) in enumerate(zip(top, want_top, their_top)):
+        assert_close(value, ref, f"{placement} step {step} vs hooks")
+        assert_close(value, nn, f"{placement} step {step} vs nnsight")
+    if placement in ("hybrid", "centralized"):
+        # one inference call per node and step: the step's graph travels with the step
+        nodes = [name for name in tracer.stats["route"] if name != "client"]
+        assert len(nodes) == (3 if placement == "hybrid" else 1)
+        assert tracer.stats["round_trips"] == GEN_TOKENS * len(nodes), tracer.stats
+        assert set(tracer.stats["compute_s"]) == set(nodes)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_generation_carries_a_value_across_steps(placement, lm_for, hooks, ns, refs):
+    def by_hooks():
+        seen: dict = {}
+        tokens: list = []
+
+        def read_first(module, args, output):
+            seen.setdefault("first", output[:, -1].clone())
+
+        def add(module, args, output):
+            output[:, -1] += seen["first"] * 2
+
+        hooked_generate(hooks, 3, {f"model.layers.{STEER_LAYER}": read_first, f"model.layers.{PATCH_LAYER}": add,
+                                   "lm_head": lambda m, a, output: tokens.append(output[:, -1].argmax(-1))})
+        return tokens
+
+    want = cached(refs, "cross.hooks", by_hooks)
+    theirs = cached(refs, "cross.nnsight", lambda: nnsight_run(ns, generate_cross_step))
+    tokens, _ = generate_cross_step(lm_for(placement), placement=placement)
+    assert len(tokens) == len(want) == len(theirs) == 3
+    for step, (got, ref, nn) in enumerate(zip(tokens, want, theirs)):
+        assert torch.equal(got, ref) and torch.equal(got, nn), f"{placement} step {step}: {got} {ref} {nn}"
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_session_uses_a_value_from_an_earlier_trace(placement, lm_for, hooks, ns, refs):
+    def by_hooks():
+        seen: dict = {}
+        hooks.run([CITIES[0]], {f"model.layers.{PATCH_LAYER}": lambda m, a, o: seen.__setitem__("h", o[:, -1].clone())})
+
+        def patch_hook(module, args, output):
+            output[:, -1] = seen["h"]
+        return hooks.run([CITIES[2]], {f"model.layers.{PATCH_LAYER}": patch_hook})[:, -1].softmax(-1)
+
+    want = cached(refs, "session.hooks", by_hooks)
+    theirs = cached(refs, "session.nnsight", lambda: nnsight_run(ns, session_patch))
+    clean = cached(refs, "session.clean", lambda: hooks.run([CITIES[2]])[:, -1].softmax(-1))
+    probs, session = session_patch(lm_for(placement), placement=placement)
+    assert isinstance(probs, torch.Tensor)
+    assert_close(probs, want, f"{placement} vs hooks")
+    assert_close(probs, theirs, f"{placement} vs nnsight")
+    assert (probs - clean).abs().max() > 1e-3  # the patch changed the prediction
+    first, second = (tracer.stats for tracer in session.traces)
+    if placement in ("hybrid", "centralized"):
+        assert first["client_bytes_received"] > D * 4  # the shared value came back with the first trace
+        assert second["client_bytes_sent"] > D * 4  # and went out with the second graph
+        assert first["client_bytes_received"] < 20_000 and second["client_bytes_sent"] < 40_000  # nothing else big
+
+
+def test_session_value_needs_a_session(remote_lm):
+    with remote_lm.trace(CITIES[0], placement="local"):
+        h = remote_lm.model.layers[PATCH_LAYER].output[:, -1]
+    with pytest.raises(hybrid.TraceError, match="another trace.*lm.session"):
+        with remote_lm.trace(CITIES[2], placement="local"):
+            remote_lm.model.layers[PATCH_LAYER].output[:, -1] = h
