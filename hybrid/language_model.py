@@ -47,10 +47,14 @@ class LanguageModel:
         self.path = resolve_checkpoint(model, cache_dir)
         self.config = load_config(self.path)
         self.dtype = dtype
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError):  # a checkpoint without tokenizer files takes token ids only
+            self.tokenizer = None
+        else:
+            self.tokenizer.padding_side = "left"
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
         self.skeleton = ModelSkeleton(self.config)
         self._envoy = root_envoy(self.skeleton)
         self.initial_peers = list(initial_peers or [])
@@ -186,7 +190,7 @@ class LanguageModel:
             config = GenerationConfig()
         eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
-        pad = config.pad_token_id if config.pad_token_id is not None else self.tokenizer.pad_token_id
+        pad = next((p for p in (config.pad_token_id, getattr(self.config, "pad_token_id", None)) if p is not None), eos)
         return {"eos_token_id": eos, "pad_token_id": pad}
 
     def run_graph(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
@@ -206,11 +210,13 @@ class LanguageModel:
             ids = rows if rows.ndim == 2 else rows.unsqueeze(0)
             return ids.long(), torch.ones_like(ids, dtype=torch.long)
         if rows and all(isinstance(r, str) for r in rows):
+            if self.tokenizer is None:
+                raise HybridError(f"{self.path} has no tokenizer files; pass token ids instead of text")
             encoded = self.tokenizer(list(rows), padding=True, return_tensors="pt")
             return encoded["input_ids"], encoded["attention_mask"]
         rows = [list(r) for r in rows]
         width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else (self.config.pad_token_id or 0)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         return ids, mask
