@@ -7,9 +7,7 @@ experiment run here by local nnsight on the same checkpoint (fp32, one torch thr
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from ndif_compat.local_gateway import GatewayProcess as Gateway
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -76,7 +76,7 @@ def _client(url: str, scenario: str, out: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from nnsight import LanguageModel
-    from nnsight.intervention.backends.remote import AsyncRemoteBackend, RemoteBackend, RemoteError
+    from nnsight.intervention.backends.remote import AsyncRemoteBackend, RemoteError
     from transformers import AutoTokenizer
 
     lm = LanguageModel("smollm2-135m", tokenizer=AutoTokenizer.from_pretrained("smollm2-135m"))
@@ -170,48 +170,6 @@ UNSAFE = {"open_file": open_file, "import_os": import_os, "import_subprocess": i
 
 # ---- fixtures: a gateway process, the client process, local references ---------------------------------------------
 
-class Gateway:
-    """A ``swarm-gateway serve`` process on 127.0.0.1; :meth:`close` ends it (its workers follow it)."""
-
-    def __init__(self, workdir: Path, *args: str, timeout_s: float = 240.0):
-        self.ready = workdir / "gateway.ready.json"
-        self.log_path = workdir / "gateway.log"
-        cmd = [sys.executable, "-m", "ndif_compat.cli", "serve", "--host", "127.0.0.1", "--port", str(_free_port()),
-               "--ready-file", str(self.ready), *args]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"gateway not ready:\n{self.log_path.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.2)
-        self.url = json.loads(self.ready.read_text())["url"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait(timeout=10)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_client(gateway: Gateway, scenario: str, tmp_path: Path) -> dict:
     """Run a client scenario in a fresh process (the real nnsight client, configured by environment only)."""
     out = tmp_path / f"{scenario}.pt"
@@ -220,7 +178,7 @@ def run_client(gateway: Gateway, scenario: str, tmp_path: Path) -> dict:
     done = subprocess.run([sys.executable, __file__, gateway.url, scenario, str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, f"client failed:\n{done.stderr[-4000:]}\ngateway log:\n" \
-                                 f"{gateway.log_path.read_text(errors='replace')[-3000:]}"
+                                 f"{gateway.log()[-3000:]}"
     return torch.load(out, weights_only=False)
 
 

@@ -1,0 +1,134 @@
+"""The real nnsight client through ``swarm-gateway``: latency of a small remote trace vs local nnsight, and the bytes
+of the patching example per execution path.
+
+    python -m bench.gateway_latency [--repeats 10] [--out results]
+
+Starts (and always stops) a local-backend gateway, a 2-node SmolLM2 swarm (0:15, 15:30) with a gateway in front of
+it twice (gateway execution only, then with the hybrid path), and runs the client in a fresh process per gateway
+(nnsight reads NDIF_HOST / HF_ENDPOINT at import). Measurements:
+
+- ``trace_latency``: median wall time of ``with lm.trace(prompt, remote=True): h = lm.model.layers[5].output.save()``
+  after one warm-up, next to the same trace run by local nnsight in the client process.
+- ``patch_bytes``: the patching example (IOI-style: overwrite a row of layer 8's output, scale layer 20's output,
+  save one softmax row); client link = request payload + result (researcher ↔ gateway) and swarm link = gateway ↔
+  nodes (bytes sent + received, calls), as the gateway reports them in the response's ``meta``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "The Eiffel Tower is located in the city of"
+PROMPTS = ["The Colosseum is located in the city of", "The Louvre is in"]
+
+
+def small_trace(lm, **remote):
+    with lm.trace(PROMPT, **remote):
+        h = lm.model.layers[5].output.save()
+    return h
+
+
+def patch(lm, **remote):
+    with lm.trace(PROMPTS, **remote) as tracer:
+        h = lm.model.layers[8].output
+        h[1, -1, :] = h[0, -1, :]
+        lm.model.layers[20].output = lm.model.layers[20].output * 0.5
+        probs = lm.lm_head.output[:, -1].softmax(-1)[1].save()
+    return probs, dict(tracer.backend.meta or {})
+
+
+def _client(repeats: int, out: str) -> None:
+    """Client process: latencies (remote and local) and the patching example's meta."""
+    import nnsight
+    from transformers import AutoTokenizer
+
+    from swarm.checkpoint import resolve_checkpoint
+
+    torch.set_num_threads(1)
+    lm = nnsight.LanguageModel("smollm2-135m", tokenizer=AutoTokenizer.from_pretrained("smollm2-135m"))
+    local = nnsight.LanguageModel(str(resolve_checkpoint("smollm2-135m")), dispatch=True, dtype=torch.float32)
+
+    def timed(fn) -> list[float]:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    remote_s = timed(lambda: small_trace(lm, remote=True))
+    local_s = timed(lambda: small_trace(local))
+    _, meta = patch(lm, remote=True)
+    Path(out).write_text(json.dumps({"remote_s": remote_s, "local_s": local_s, "patch_meta": meta}))
+
+
+def _run_client(url: str, repeats: int, workdir: Path) -> dict:
+    out = workdir / "client.json"
+    env = {**os.environ, "NDIF_HOST": url, "HF_ENDPOINT": url, "HF_HOME": str(workdir / "hf"), "OMP_NUM_THREADS": "1",
+           "NNSIGHT_REMOTE_LOGGING": "0"}
+    subprocess.run([sys.executable, "-m", "bench.gateway_latency", "--client", str(repeats), str(out)], env=env,
+                   check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--client", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.client:
+        _client(int(args.client[0]), args.client[1])
+        return
+
+    from swarm.checkpoint import resolve_checkpoint
+    from swarm.local_swarm import LocalSwarm
+    from ndif_compat.local_gateway import GatewayProcess as Gateway
+
+    from .results import ResultLog
+
+    log = ResultLog("gateway_latency", args)
+    path = resolve_checkpoint("smollm2-135m")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        runs = {}
+        gateway = Gateway(tmp, "--local", "smollm2-135m")
+        try:
+            runs["local"] = _run_client(gateway.url, args.repeats, tmp)
+        finally:
+            gateway.close()
+        with LocalSwarm(tmp) as swarm:
+            swarm.start(path, "--blocks", "0:15")
+            swarm.start(path, "--blocks", "15:30", initial_peers=swarm.initial_peers)
+            for name, extra in (("swarm-gateway", ["--no-hybrid"]), ("swarm-hybrid", [])):
+                gateway = Gateway(tmp, "--initial-peers", *swarm.initial_peers, *extra)
+                try:
+                    runs[name] = _run_client(gateway.url, args.repeats, tmp)
+                finally:
+                    gateway.close()
+    for name, run in runs.items():
+        log("trace_latency", backend=name, remote_median_s=statistics.median(run["remote_s"]),
+            local_median_s=statistics.median(run["local_s"]), repeats=args.repeats)
+    for name, run in runs.items():
+        meta = run["patch_meta"]
+        log("patch_bytes", backend=name, path=meta.get("path"),
+            client_link_bytes=meta.get("request_bytes", 0) + meta.get("result_bytes", 0),
+            request_bytes=meta.get("request_bytes"), result_bytes=meta.get("result_bytes"),
+            swarm_link_bytes=meta.get("swarm_bytes_sent", 0) + meta.get("swarm_bytes_received", 0),
+            swarm_calls=meta.get("swarm_calls"))
+    print(f"wrote {log.write()}")
+
+
+if __name__ == "__main__":
+    main()
