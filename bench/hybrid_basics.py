@@ -4,7 +4,8 @@
 
 Measures (median of n after a warm-up): IOI activation patching, batch 32 (client-link bytes, round trips, wall
 time, swarm / hybrid ratios, identical results), and the overhead of a hybrid trace over a plain forward with no
-intervention (same batch; the trace saves only the last position's argmax). Writes one JSONL record each.
+intervention (same batch; the trace saves only the last position's argmax), and steered generation (a vector added at
+the patched layer's last position on every step) swarm vs hybrid. Writes one JSONL record each.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hybrid_basics", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=5, help="repetitions per timing (median reported)")
     parser.add_argument("--layer", type=int, default=6, help="layer patched in the IOI experiment")
+    parser.add_argument("--gen-batch", type=int, default=8, help="prompts in the steered generation")
+    parser.add_argument("--gen-tokens", type=int, default=16, help="new tokens in the steered generation")
     parser.add_argument("--out", type=Path, default=Path("results"), help="directory for the JSONL results")
     args = parser.parse_args(argv)
     record = ResultLog("hybrid-basics", args)
@@ -77,6 +80,32 @@ def main(argv: list[str] | None = None) -> int:
                 timings[name] = statistics.median(samples)
             record("hybrid_overhead", plain_forward_s=timings["plain_forward"], hybrid_trace_s=timings["hybrid_trace"],
                    ratio=timings["hybrid_trace"] / timings["plain_forward"])
+
+            # Steered generation: a vector added at one layer's last position on every step, per-step top token.
+            steer = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 4
+            prompts = batch.prompts[:args.gen_batch]
+
+            def steered(placement: str):
+                with lm.generate(prompts, max_new_tokens=args.gen_tokens, eos_token_id=None,
+                                 placement=placement) as tracer:
+                    for _ in tracer.all():
+                        lm.model.layers[args.layer].output[:, -1] += steer
+                    ids = tracer.result.save()
+                return ids, tracer.stats
+
+            gen: dict[str, list] = {"swarm": [], "hybrid": []}
+            for placement in gen:
+                steered(placement)  # warm-up
+                gen[placement] = [steered(placement) for _ in range(args.n)]
+                stats = gen[placement][-1][1]
+                record(f"steered_generation_{placement}", batch=len(prompts), new_tokens=args.gen_tokens,
+                       bytes=stats["client_bytes_sent"] + stats["client_bytes_received"],
+                       round_trips=stats["round_trips"], wall_s=statistics.median(r[1]["wall_s"] for r in gen[placement]))
+            same = all(torch.equal(a[0], b[0]) for a, b in zip(gen["swarm"], gen["hybrid"]))
+            sizes = {p: gen[p][-1][1]["client_bytes_sent"] + gen[p][-1][1]["client_bytes_received"] for p in gen}
+            record("steered_generation_swarm_over_hybrid", bytes_ratio=sizes["swarm"] / sizes["hybrid"],
+                   time_ratio=statistics.median(r[1]["wall_s"] for r in gen["swarm"])
+                   / statistics.median(r[1]["wall_s"] for r in gen["hybrid"]), identical=same)
     record.write()
     return 0
 
