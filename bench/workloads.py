@@ -9,8 +9,8 @@ Workload names follow :data:`bench.schema.WORKLOADS`; each maps to an experiment
 - ``ioi_patching``: :func:`bench.ioi.patch_and_measure` (IOI batch 32 on SmolLM2; only logit diffs return).
 - ``logit_lens``: every layer's last-position hidden state through the final norm and LM head (on the node that
   holds the head in ``hybrid``: hidden states are carried there and decoded in one batch); top-k ids return.
-- ``steering_generation``: greedy generation of ``new_tokens`` tokens with a steering vector added to one layer's
-  output at every step (one trace per token, no KV cache, so it runs the same in every placement).
+- ``steering_generation``: greedy generation of ``new_tokens`` tokens (``lm.generate``, KV cache on the nodes) with
+  a steering vector added to one layer's output at the last position of every step (``tracer.all()``).
 
 Inputs are token ids (made from prompts or random with a seed), so the Petals worker can run the same batch.
 """
@@ -125,22 +125,13 @@ class Experiment:
 
     def _steering_generation(self, placement):
         lm, layer, vector = self.lm, self.layer, self.steering
-        ids = self.ids
-        totals = {"client_bytes_sent": 0, "client_bytes_received": 0, "node_bytes": 0, "round_trips": 0}
-        compute: dict[str, float] = {}
-        for _ in range(self.config.new_tokens):
-            with lm.trace(ids, placement=placement) as tracer:
-                h = lm.model.layers[layer].output
-                h[:, :, :] = h + vector
-                nxt = lm.lm_head.output[:, -1].argmax(-1).save()
-            for key in totals:
-                totals[key] += int(tracer.stats.get(key) or 0)
-            for node, s in (tracer.stats.get("compute_s") or {}).items():
-                compute[node] = compute.get(node, 0.0) + s
-            ids = torch.cat([ids, _value(nxt).reshape(-1, 1)], dim=1)
-        stats = {**totals, "compute_s": compute}
-        return stats, {"layer": layer, "new_tokens": self.config.new_tokens,
-                       "tokens": ids[:, self.seq_len:].tolist()}
+        with lm.generate(self.ids, max_new_tokens=self.config.new_tokens, eos_token_id=None,
+                         placement=placement) as tracer:
+            for _ in tracer.all():
+                lm.model.layers[layer].output[:, -1] += vector
+            ids = tracer.result.save()
+        tokens = _value(ids)[:, self.seq_len:]
+        return tracer.stats, {"layer": layer, "new_tokens": int(tokens.shape[1]), "tokens": tokens.tolist()}
 
 
 def _value(x):
