@@ -30,7 +30,7 @@ from swarm.model import pick_token
 from .errors import HybridError
 from .interpreter import Interpreter
 from .ir import Graph
-from .planner import Executor, Plan, plan_graph
+from .planner import Executor, Plan, module_stage, plan_graph
 from .placements import SwarmRunner, TraceStats, layer_boundaries, run_local_stage, segment_ends, _snapshot
 from .request import HOOK_KIND, HOOK_VERSION, encode_request
 from .values import pack_values, unpack_values
@@ -134,6 +134,9 @@ class SwarmSteps:
             ranges = list(zip(starts, segment_ends(self.boundaries, self.n)))
         else:
             self.remote_embed, self.remote_head = runner.remote_stages()
+            # The head runs on a node only where the graph needs it there; otherwise the client's head turns the
+            # last position's hidden state into the next token, and the logits never cross the link.
+            self.remote_head = self.remote_head and _touches_head(graph, self.n)
             ranges = [(0, self.n)]
         for start, end in ranges:
             self.sessions.append(self.loop.run(InferenceSession.create(
@@ -191,9 +194,11 @@ class SwarmSteps:
                 payloads[key] = encode_request(self.graph, self._plan(s, route), offset, call=s)
             return payloads[key]
 
+        # The client needs the last position only, unless its own head has graph nodes that read every position.
+        last_only = self.remote_head or not _touches_head(self.graph, self.n)
         outputs, result = self.loop.run(session.hooked_step(
             inputs, attention_mask=mask, position_ids=positions, hook=StepHook(HOOK_KIND, HOOK_VERSION, payload),
-            carry=pack_values(values)))
+            carry=pack_values(values), last_only=last_only))
         values = unpack_values(result)
         plan = self._plan(s, session.route)
         self.stats.route = [e.name for e in plan.executors]
@@ -219,3 +224,9 @@ class SwarmSteps:
         self.stats.route = ["client"]
         logits = run_local_stage(local, interpreter, hidden, s, start=0, end=0, head=True)
         return logits, interpreter.finish()
+
+
+def _touches_head(graph: Graph, num_layers: int) -> bool:
+    """Whether the graph reads, writes or calls the final norm or the LM head."""
+    return any(node.op in ("getter", "setter", "module") and module_stage(node.module, num_layers) == num_layers + 1
+               for node in graph.nodes)

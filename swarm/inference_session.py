@@ -95,9 +95,9 @@ class InferenceSession:
 
     async def hooked_step(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                           position_ids: torch.Tensor | None = None, hook: StepHook | None = None,
-                          carry: bytes = b"") -> tuple[torch.Tensor, bytes]:
+                          carry: bytes = b"", last_only: bool = False) -> tuple[torch.Tensor, bytes]:
         """:meth:`step` with a span hook on every hop; ``carry`` is the first hop's. Returns the outputs and the last
-        hop's hook result (``b""`` without a hook)."""
+        hop's hook result (``b""`` without a hook). ``last_only``: the last hop answers only the last position."""
         if self._hooks and (hook is None) != (self._hooks[-1] is None):
             raise ValueError("A session's steps must all have a span hook or all have none.")
         length = inputs.shape[1]
@@ -110,7 +110,8 @@ class InferenceSession:
             state = self._hops[i]
             t0 = time.perf_counter()
             try:
-                out, result = await self._send(state, x, extras, hook=hook, carry=carry, position=i)
+                out, result = await self._send(state, x, extras, hook=hook, carry=carry, position=i,
+                                               last_only=last_only and i == len(self._hops) - 1)
             except PeerUnreachableError as e:
                 retries += 1
                 if retries > self.sequence.config.max_retries:
@@ -135,12 +136,15 @@ class InferenceSession:
         return x, (carry if hook is not None else b"")
 
     async def _send(self, state: _HopState, x: torch.Tensor, extras: dict, chunks: list[int] | None = None, *,
-                    hook: StepHook | None = None, carry: bytes = b"", position: int = 0) -> tuple[torch.Tensor, bytes]:
+                    hook: StepHook | None = None, carry: bytes = b"", position: int = 0,
+                    last_only: bool = False) -> tuple[torch.Tensor, bytes]:
         meta = {"session_id": state.session_id, "start": state.hop.start, "end": state.hop.end,
                 "embed": state.embed, "head": state.head}
         tensors = {"inputs": x, **extras}
         if chunks is not None:
             meta["chunks"] = chunks
+        if last_only:
+            meta["last_only"] = True
         if not state.opened:
             meta["open"] = {"max_length": self.max_length, "batch_size": self.batch_size}
         if hook is not None:

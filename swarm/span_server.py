@@ -9,7 +9,8 @@ Request metadata (all RPCs):
     ``embed``/``head``: run those stages too; ``hook``: ``{"kind", "version"}`` or absent.
 Inference adds ``session_id`` and, on its first step, ``open: {"max_length", "batch_size"}``; ``close: true``
 ends it; ``chunks: [T_1, T_2, ...]`` runs the inputs as consecutive steps of those lengths (history replay; not with
-a hook, which sees one step per call); with a hook, ``hop`` is the node's position in the client's route.
+a hook, which sees one step per call); with a hook, ``hop`` is the node's position in the client's route;
+``last_only: true`` answers only the last position's outputs (the client of a generation needs no more).
 Forward may be *chained*: ``next: [{"peer", "start", "end", "head"}, ...]`` makes this node send its outputs
 (with ``hook_payload`` and its hook's result as ``hook_carry``, ``hop`` + 1) to the next node itself and relay
 that node's answer back; ``return_outputs: false`` makes the last node answer an empty tensor instead of its
@@ -327,6 +328,9 @@ class SpanServer:
             raise BadRequestError(f"Session {session_id!r} was opened for layers {session.start}:{session.end}; "
                                   f"steps must use the same layers.")
         session.check_room(length)
+        last_only = meta.get("last_only", False)
+        if not isinstance(last_only, bool):
+            raise BadRequestError("meta['last_only'] must be a boolean.")
 
         chunks = meta.get("chunks", [length])
         if not isinstance(chunks, list) or not all(isinstance(c, int) and c > 0 for c in chunks) or sum(chunks) != length:
@@ -359,7 +363,7 @@ class SpanServer:
         session.length += length
         session.steps += 1
         session.last_used = time.monotonic()
-        return self._reply(output, request, {"length": session.length,
+        return self._reply(output[:, -1:] if last_only else output, request, {"length": session.length,
                                              "compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}})
 
 
