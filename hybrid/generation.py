@@ -5,9 +5,10 @@ Step ``s`` is forward call ``s`` (the prompt in step 0, one new token after). Ea
 got them back at the end of their step), values later steps read go back to the client with the step's saves.
 
 - ``local``: the whole model here with a KV cache; the graph runs on module hooks.
-- ``hybrid`` / ``centralized``: a server-side KV cache on every hop (:class:`swarm.inference_session.InferenceSession`);
-  each step carries the step's graph as a span hook to every hop; each hop's values travel to the next with the
-  hidden states (which, in a generation session, the client relays between hops).
+- ``hybrid`` / ``centralized``: a server-side KV cache on every hop, the hops chained node → node
+  (:class:`swarm.chained_session.ChainedSession`): the client sends each step (token ids, or its embedding's output)
+  with the step's graph to the first hop; each hop passes the hidden states and the values later executors need to
+  the next; the last hop's answer (the last position, and the values the client needs) comes back.
 - ``swarm`` (Petals-style): one session per range of layers between intervened boundaries; the client runs the
   graph on the hidden states it pulls at each boundary.
 
@@ -24,7 +25,8 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from swarm.inference_session import InferenceSession, StepHook
+from swarm.chained_session import ChainedSession, StepHook
+from swarm.inference_session import InferenceSession
 from swarm.model import pick_token
 
 from .errors import HybridError
@@ -126,7 +128,7 @@ class SwarmSteps:
         self.loop, self.sequence, self.n = runner.client.loop, runner.sequence, runner.num_layers
         self.stats = TraceStats(placement)
         self._before, self._t0 = _snapshot(self.sequence.traffic), time.perf_counter()
-        self.sessions: list[InferenceSession] = []
+        self.sessions: list[InferenceSession | ChainedSession] = []
         if placement == "swarm":
             self.boundaries = layer_boundaries(graph)
             self.remote_embed = self.remote_head = False
@@ -138,8 +140,9 @@ class SwarmSteps:
             # last position's hidden state into the next token, and the logits never cross the link.
             self.remote_head = self.remote_head and _touches_head(graph, self.n)
             ranges = [(0, self.n)]
+        kind = InferenceSession if placement == "swarm" else ChainedSession
         for start, end in ranges:
-            self.sessions.append(self.loop.run(InferenceSession.create(
+            self.sessions.append(self.loop.run(kind.create(
                 self.sequence, batch_size=batch_size, max_length=max_length, start=start, end=end,
                 embed=self.remote_embed, head=self.remote_head)))
         if placement == "centralized" and len(self.sessions[0].route) != 1:
@@ -164,6 +167,7 @@ class SwarmSteps:
         for session in self.sessions:
             for peer, seconds in session.compute_s.items():
                 self.stats.compute_s[peer] = self.stats.compute_s.get(peer, 0.0) + seconds
+            self.stats.node_bytes += getattr(session, "node_bytes", 0)
         self.sessions = []
 
     def __call__(self, s, ids, mask, positions, known):
@@ -196,7 +200,7 @@ class SwarmSteps:
 
         # The client needs the last position only, unless its own head has graph nodes that read every position.
         last_only = self.remote_head or not _touches_head(self.graph, self.n)
-        outputs, result = self.loop.run(session.hooked_step(
+        outputs, result = self.loop.run(session.step(
             inputs, attention_mask=mask, position_ids=positions, hook=StepHook(HOOK_KIND, HOOK_VERSION, payload),
             carry=pack_values(values), last_only=last_only))
         values = unpack_values(result)

@@ -5,11 +5,6 @@ ran are rerouted to other nodes and the hop's whole history is replayed through 
 node, step by step as originally sent, so the rebuilt caches are bit-identical (each new node's outputs form the
 next new node's history); then the current step continues. The result
 is the same as if nothing had failed.
-
-A step may carry a span hook (:class:`StepHook`): every hop runs it, each hop's result is the next hop's carry,
-and the last hop's result comes back. A session whose steps had hooks replays its history one call per step,
-each with that step's hook rebuilt for the new route and the carry the replaced hop got, so the interventions
-that shaped the lost KV cache shape the rebuilt one too.
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -31,16 +25,6 @@ from .transport import call
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class StepHook:
-    """A span hook for one inference step."""
-
-    kind: str
-    version: int
-    make_payload: Callable[[list[Hop]], bytes]
-    """``make_payload(route)``: the payload for this step on ``route`` (called again if the route changes)."""
-
-
 @dataclass
 class _HopState:
     hop: Hop
@@ -50,8 +34,6 @@ class _HopState:
     history: list[torch.Tensor] = field(default_factory=list)
     """Inputs this hop received, one tensor per step, each (B, T_step, ...)."""
     opened: bool = False
-    carries: list[bytes] = field(default_factory=list)
-    """The hook carry this hop received, one per step (hooked sessions only)."""
 
 
 class InferenceSession:
@@ -65,7 +47,6 @@ class InferenceSession:
         n = sequence.num_layers
         self._hops = [_HopState(h, embed and h.start == 0, head and h.end == n) for h in hops]
         self._positions: list[torch.Tensor] = []
-        self._hooks: list[StepHook | None] = []
         self.length = 0
         self.closed = False
         self.compute_s: dict[str, float] = {}
@@ -90,16 +71,6 @@ class InferenceSession:
             attention_mask: the full 2D mask ``(B, past + T)``, or None for no padding.
             position_ids: ``(B or 1, T)``; default continues from the session's length.
         """
-        outputs, _ = await self.hooked_step(inputs, attention_mask=attention_mask, position_ids=position_ids)
-        return outputs
-
-    async def hooked_step(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                          position_ids: torch.Tensor | None = None, hook: StepHook | None = None,
-                          carry: bytes = b"", last_only: bool = False) -> tuple[torch.Tensor, bytes]:
-        """:meth:`step` with a span hook on every hop; ``carry`` is the first hop's. Returns the outputs and the last
-        hop's hook result (``b""`` without a hook). ``last_only``: the last hop answers only the last position."""
-        if self._hooks and (hook is None) != (self._hooks[-1] is None):
-            raise ValueError("A session's steps must all have a span hook or all have none.")
         length = inputs.shape[1]
         if position_ids is None:
             position_ids = torch.arange(self.length, self.length + length).unsqueeze(0)
@@ -110,8 +81,7 @@ class InferenceSession:
             state = self._hops[i]
             t0 = time.perf_counter()
             try:
-                out, result = await self._send(state, x, extras, hook=hook, carry=carry, position=i,
-                                               last_only=last_only and i == len(self._hops) - 1)
+                out = await self._send(state, x, extras)
             except PeerUnreachableError as e:
                 retries += 1
                 if retries > self.sequence.config.max_retries:
@@ -122,45 +92,30 @@ class InferenceSession:
                 await self._replace(i, attention_mask)
                 continue
             state.history.append(x)
-            if hook is not None:
-                state.carries.append(carry)
-                carry = result
             x = out
             i += 1
         if failed_at is not None:
             self.sequence.stats.reroutes += 1
             self.sequence.stats.reroute_s.append(time.perf_counter() - failed_at)
         self._positions.append(position_ids)
-        self._hooks.append(hook)
         self.length += length
-        return x, (carry if hook is not None else b"")
+        return x
 
-    async def _send(self, state: _HopState, x: torch.Tensor, extras: dict, chunks: list[int] | None = None, *,
-                    hook: StepHook | None = None, carry: bytes = b"", position: int = 0,
-                    last_only: bool = False) -> tuple[torch.Tensor, bytes]:
+    async def _send(self, state: _HopState, x: torch.Tensor, extras: dict,
+                    chunks: list[int] | None = None) -> torch.Tensor:
         meta = {"session_id": state.session_id, "start": state.hop.start, "end": state.hop.end,
                 "embed": state.embed, "head": state.head}
-        tensors = {"inputs": x, **extras}
         if chunks is not None:
             meta["chunks"] = chunks
-        if last_only:
-            meta["last_only"] = True
         if not state.opened:
             meta["open"] = {"max_length": self.max_length, "batch_size": self.batch_size}
-        if hook is not None:
-            payload = hook.make_payload(self.route)
-            tensors["hook_payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-            if carry:
-                tensors["hook_carry"] = torch.frombuffer(bytearray(carry), dtype=torch.uint8)
-            meta.update(hook={"kind": hook.kind, "version": hook.version}, hop=position)
-        out, reply = await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, tensors, meta,
+        out, reply = await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {"inputs": x, **extras}, meta,
                                 timeout_s=self.sequence.config.step_timeout_s, traffic=self.sequence.traffic,
                                 liveness_s=self.sequence.config.liveness_s)
         state.opened = True
         for peer, seconds in (reply.get("compute_s") or {}).items():
             self.compute_s[peer] = self.compute_s.get(peer, 0.0) + float(seconds)
-        result = out.get("hook_result")
-        return out["outputs"], (result.numpy().tobytes() if result is not None else b"")
+        return out["outputs"]
 
     async def _replace(self, index: int, attention_mask: torch.Tensor | None) -> None:
         """Reroute hop ``index``'s layers and replay its history through the new hops."""
@@ -168,28 +123,16 @@ class InferenceSession:
         hops = await self.sequence.route(old.hop.start, old.hop.end, embed=old.embed, head=old.head)
         n = self.sequence.num_layers
         new = [_HopState(h, old.embed and h.start == 0, old.head and h.end == n) for h in hops]
-        self._hops[index:index + 1] = new
-        if old.history and self._hooks[0] is None:
+        if old.history:
             past_mask = attention_mask[:, :self.length] if attention_mask is not None else None
             extras = _extras(past_mask, torch.cat(self._positions, dim=1))
             chunks = [h.shape[1] for h in old.history]
             x = torch.cat(old.history, dim=1)
             for state in new:
-                out, _ = await self._send(state, x, extras, chunks=chunks)
+                out = await self._send(state, x, extras, chunks=chunks)
                 state.history.extend(x.split(chunks, dim=1))
                 x = out
-        elif old.history:  # hooked steps: one call per step, each with its own hook and the carry it had
-            seen = 0
-            for step, (x, hook, carry) in enumerate(zip(old.history, self._hooks, old.carries)):
-                width = x.shape[1]
-                past_mask = attention_mask[:, :seen + width] if attention_mask is not None else None
-                extras = _extras(past_mask, self._positions[step])
-                for offset, state in enumerate(new):
-                    out, result = await self._send(state, x, extras, hook=hook, carry=carry, position=index + offset)
-                    state.history.append(x)
-                    state.carries.append(carry)
-                    x, carry = out, result
-                seen += width
+        self._hops[index:index + 1] = new
 
     async def close(self) -> None:
         """Free the caches on the nodes (best effort: they also expire when idle)."""

@@ -119,7 +119,7 @@ class RemoteSequence:
     def ban(self, peer_id: str) -> None:
         self._banned[peer_id] = time.monotonic() + self.config.ban_s
 
-    def _excluded(self) -> frozenset[str]:
+    def excluded(self) -> frozenset[str]:
         now = time.monotonic()
         return frozenset(p for p, until in self._banned.items() if until > now)
 
@@ -135,7 +135,7 @@ class RemoteSequence:
         for attempt in range(3):
             records = await self.records(refresh=refresh or attempt > 0)
             try:
-                return plan_route(records, start, end, latency_s=self._latency_s, exclude=self._excluded(),
+                return plan_route(records, start, end, latency_s=self._latency_s, exclude=self.excluded(),
                                   model_name=self.model_name, embed=embed, head=head)
             except MissingBlocksError:
                 # DHT lookups right after a peer froze can come back incomplete; the next one routes around it.
@@ -224,7 +224,7 @@ class RemoteSequence:
                 if attempt == self.config.max_retries:
                     raise
                 logger.warning("Chained forward failed (%s); checking the route's nodes", e)
-                await self._ban_unreachable(hops)
+                await self.ban_unreachable(hops)
                 self.stats.reroutes += 1
                 continue
             if attempt:
@@ -233,7 +233,7 @@ class RemoteSequence:
             return out["outputs"], (result.numpy().tobytes() if result is not None else b""), hops, reply
         raise AssertionError("unreachable")
 
-    async def _ban_unreachable(self, hops: list[Hop]) -> None:
+    async def ban_unreachable(self, hops: list[Hop]) -> None:
         """Ping every node of a failed route and exclude those that do not answer."""
         async def check(peer_id: str) -> None:
             try:

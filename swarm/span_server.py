@@ -14,7 +14,8 @@ a hook, which sees one step per call); with a hook, ``hop`` is the node's positi
 Forward may be *chained*: ``next: [{"peer", "start", "end", "head"}, ...]`` makes this node send its outputs
 (with ``hook_payload`` and its hook's result as ``hook_carry``, ``hop`` + 1) to the next node itself and relay
 that node's answer back; ``return_outputs: false`` makes the last node answer an empty tensor instead of its
-hidden states (the caller only wants the hook's result).
+hidden states (the caller only wants the hook's result). An inference step may be chained the same way, each onward
+hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?}, ...]``.
 
 Any failure is answered with an error frame (typed, with a message); the node never dies of a bad request.
 """
@@ -262,24 +263,30 @@ class SpanServer:
         stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
         if not chain:
             return self._reply(output if keep_outputs else output.new_empty(0), request, stats)
-        # Chained forward: pass the hidden states (and the hook's carry) straight to the next node.
         hop, rest = chain[0], chain[1:]
-        onward = {"inputs": output}
-        onward.update({k: request.tensors[k].cpu() for k in ("attention_mask", "position_ids") if k in request.tensors})
         onward_meta = {"start": hop["start"], "end": hop["end"], "head": hop["head"], "next": rest,
                        "return_outputs": keep_outputs}
+        return await self._pass_on(FORWARD, hop["peer"], output, onward_meta, request, tensors, meta, stats)
+
+    async def _pass_on(self, handle: str, peer: str, output: torch.Tensor, onward_meta: dict, request: _Request,
+                       tensors, meta: dict, stats: dict):
+        """Chained call: send the outputs (with the masks, and the hook's payload and result as the next carry)
+        straight to the next node, and relay its answer back with the compute seconds and node → node bytes."""
+        onward = {"inputs": output}
+        onward.update({k: request.tensors[k].cpu() for k in ("attention_mask", "position_ids") if k in request.tensors})
         if request.hook is not None:
             onward["hook_payload"] = tensors[meta["names"].index("hook_payload")]
             onward["hook_carry"] = torch.frombuffer(bytearray(_hook_result(request.hook)), dtype=torch.uint8)
             onward_meta.update(hook=meta["hook"], hop=request.hop + 1)
         traffic = Traffic()
-        out, reply = await call(self._p2p, hop["peer"], FORWARD, onward, onward_meta,
+        out, reply = await call(self._p2p, peer, handle, onward, onward_meta,
                                 timeout_s=self.limits.chain_timeout_s, traffic=traffic, liveness_s=self.limits.liveness_s)
         names = reply.get("names", list(out))
         downstream = reply.get("compute_s", {}) if isinstance(reply.get("compute_s"), dict) else {}
         stats["compute_s"].update(downstream)
         stats["node_bytes"] = int(reply.get("node_bytes", 0)) + traffic.bytes_sent + traffic.bytes_received
-        return [out[n] for n in names], {"names": names, **stats}
+        return [out[n] for n in names], {"names": names, **{k: v for k, v in reply.items() if k not in ("names",)},
+                                         **stats}
 
     async def _backward(self, tensors, meta):
         request = self._parse(tensors, meta)
@@ -331,6 +338,7 @@ class SpanServer:
         last_only = meta.get("last_only", False)
         if not isinstance(last_only, bool):
             raise BadRequestError("meta['last_only'] must be a boolean.")
+        chain = _parse_inference_chain(meta.get("next", []), self.limits.max_chain)
 
         chunks = meta.get("chunks", [length])
         if not isinstance(chunks, list) or not all(isinstance(c, int) and c > 0 for c in chunks) or sum(chunks) != length:
@@ -363,8 +371,15 @@ class SpanServer:
         session.length += length
         session.steps += 1
         session.last_used = time.monotonic()
-        return self._reply(output[:, -1:] if last_only else output, request, {"length": session.length,
-                                             "compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}})
+        stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
+        if not chain:
+            return self._reply(output[:, -1:] if last_only else output, request, {"length": session.length, **stats})
+        hop, rest = chain[0], chain[1:]
+        onward_meta = {"session_id": hop["session_id"], "start": hop["start"], "end": hop["end"], "embed": False,
+                       "head": hop["head"], "next": rest, "last_only": hop["last_only"]}
+        if hop["open"] is not None:
+            onward_meta["open"] = hop["open"]
+        return await self._pass_on(INFERENCE, hop["peer"], output, onward_meta, request, tensors, meta, stats)
 
 
 def _parse_chain(chain, max_chain: int) -> list[dict]:
@@ -379,6 +394,19 @@ def _parse_chain(chain, max_chain: int) -> list[dict]:
         if not ok:
             raise BadRequestError(f"Each onward hop must be {{'peer': str, 'start': int, 'end': int, 'head': bool}}; got {hop!r}.")
         hops.append({"peer": hop["peer"], "start": hop["start"], "end": hop["end"], "head": hop.get("head", False)})
+    return hops
+
+
+def _parse_inference_chain(chain, max_chain: int) -> list[dict]:
+    """Validate ``meta['next']`` of a chained inference step: onward hops with their sessions."""
+    hops = _parse_chain(chain, max_chain)
+    for hop, raw in zip(hops, chain):
+        session_id, spec, last_only = raw.get("session_id"), raw.get("open"), raw.get("last_only", False)
+        if not (isinstance(session_id, str) and 0 < len(session_id) <= 128 and (spec is None or isinstance(spec, dict))
+                and isinstance(last_only, bool)):
+            raise BadRequestError("Each onward inference hop needs 'session_id' (str), and may have 'open' (dict) "
+                                  f"and 'last_only' (bool); got {raw!r}.")
+        hop.update(session_id=session_id, open=spec, last_only=last_only)
     return hops
 
 

@@ -540,11 +540,12 @@ def test_generation_with_a_per_step_intervention(placement, lm_for, hooks, ns, r
         assert_close(value, ref, f"{placement} step {step} vs hooks")
         assert_close(value, nn, f"{placement} step {step} vs nnsight")
     if placement in ("hybrid", "centralized"):
-        # one inference call per node and step: the step's graph travels with the step
+        # one client call per step: the step's graph and hidden states go node -> node down the chain
         nodes = [name for name in tracer.stats["route"] if name != "client"]
         assert len(nodes) == (3 if placement == "hybrid" else 1)
-        assert tracer.stats["round_trips"] == GEN_TOKENS * len(nodes), tracer.stats
+        assert tracer.stats["round_trips"] == GEN_TOKENS, tracer.stats
         assert set(tracer.stats["compute_s"]) == set(nodes)
+        assert (tracer.stats["node_bytes"] > 0) == (placement == "hybrid")
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)

@@ -1,0 +1,174 @@
+"""Generation steps pushed node → node: server-side KV caches on every hop, one client call per step.
+
+The client sends a step to the first hop only; each hop runs its layers against its own session's KV cache and
+passes the hidden states (and a span hook's carry) to the next hop itself (``meta['next']`` of the inference RPC,
+see :mod:`swarm.span_server`); the last hop's answer comes back along the chain. Compared to
+:class:`swarm.inference_session.InferenceSession`, where the client relays the hidden states between hops, the
+client link carries only the step's inputs and the last hop's answer.
+
+Failover: when a step's chain fails, the hops that did run have already grown their caches, so the session is
+rebuilt whole: the unreachable nodes are excluded, fresh sessions are opened on a new route, and every earlier
+step is replayed through it with the inputs, masks, span hook and carry it had (one call per step), before the
+failed step runs again. The rebuilt caches are bit-identical, so the result is as if nothing had failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import PeerUnreachableError
+from .handles import INFERENCE
+from .remote_sequence import RemoteSequence, _extras
+from .routing import Hop
+from .transport import call
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepHook:
+    """A span hook for one inference step."""
+
+    kind: str
+    version: int
+    make_payload: Callable[[list[Hop]], bytes]
+    """``make_payload(route)``: the payload for this step on ``route`` (called again if the route changes)."""
+
+
+@dataclass(frozen=True)
+class _Step:
+    inputs: torch.Tensor
+    extras: dict
+    hook: StepHook | None
+    carry: bytes
+
+
+class ChainedSession:
+    """Step through layers ``[start, end)`` with the hops chained; use :meth:`create`."""
+
+    def __init__(self, sequence: RemoteSequence, hops: list[Hop], *, batch_size: int, max_length: int,
+                 embed: bool, head: bool, start: int, end: int):
+        self.sequence, self.batch_size, self.max_length = sequence, batch_size, max_length
+        self.embed, self.head, self.start, self.end = embed, head, start, end
+        self._hops = hops
+        self._session_ids = [uuid.uuid4().hex for _ in hops]
+        self._opened = [False] * len(hops)
+        self._history: list[_Step] = []
+        self.length = 0
+        self.compute_s: dict[str, float] = {}
+        """Seconds of compute per node (peer id), over every step so far."""
+        self.node_bytes = 0
+        """Bytes that crossed node → node links, over every step so far."""
+        self.closed = False
+
+    @classmethod
+    async def create(cls, sequence: RemoteSequence, *, batch_size: int, max_length: int, embed: bool = False,
+                     head: bool = False, start: int = 0, end: int | None = None) -> "ChainedSession":
+        end = sequence.num_layers if end is None else end
+        hops = await sequence.route(start, end, embed=embed, head=head)
+        return cls(sequence, hops, batch_size=batch_size, max_length=max_length, embed=embed, head=head,
+                   start=start, end=end)
+
+    @property
+    def route(self) -> list[Hop]:
+        return list(self._hops)
+
+    async def step(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None, hook: StepHook | None = None, carry: bytes = b"",
+                   last_only: bool = False) -> tuple[torch.Tensor, bytes]:
+        """Run new tokens (ids when ``embed``, else hidden states ``(B, T, D)``) through the chain.
+
+        Args:
+            attention_mask: the full 2D mask ``(B, past + T)``, or None for no padding.
+            position_ids: ``(B or 1, T)``; default continues from the session's length.
+            hook: the step's span hook, run on every hop; ``carry`` is the first hop's.
+            last_only: the last hop answers only the last position.
+        Returns:
+            The last hop's outputs and its hook result (``b""`` without a hook).
+        """
+        length = inputs.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(self.length, self.length + length).unsqueeze(0)
+        step = _Step(inputs, _extras(attention_mask, position_ids.expand(inputs.shape[0], -1)), hook, carry)
+        retries, failed_at = 0, None
+        while True:
+            t0 = time.perf_counter()
+            try:
+                outputs, result = await self._send(step, last_only)
+                break
+            except PeerUnreachableError as e:
+                retries += 1
+                if retries > self.sequence.config.max_retries:
+                    raise
+                failed_at = failed_at or t0
+                logger.warning("Chained inference step failed (%s); rebuilding the session on a new route", e)
+                await self._rebuild()
+        if failed_at is not None:
+            self.sequence.stats.reroutes += 1
+            self.sequence.stats.reroute_s.append(time.perf_counter() - failed_at)
+        self._history.append(step)
+        self.length += length
+        return outputs, result
+
+    async def _send(self, step: _Step, last_only: bool) -> tuple[torch.Tensor, bytes]:
+        n = self.sequence.num_layers
+        chain = []
+        for i, hop in enumerate(self._hops):
+            entry = {"peer": hop.peer_id, "start": hop.start, "end": hop.end, "head": self.head and hop.end == n,
+                     "session_id": self._session_ids[i], "last_only": last_only and i == len(self._hops) - 1,
+                     "open": None if self._opened[i] else {"max_length": self.max_length, "batch_size": self.batch_size}}
+            chain.append(entry)
+        first = chain[0]
+        meta = {"session_id": first["session_id"], "start": first["start"], "end": first["end"],
+                "embed": self.embed and first["start"] == 0, "head": first["head"], "last_only": first["last_only"],
+                "next": chain[1:]}
+        if first["open"] is not None:
+            meta["open"] = first["open"]
+        tensors = {"inputs": step.inputs, **step.extras}
+        if step.hook is not None:
+            payload = step.hook.make_payload(self.route)
+            tensors["hook_payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            if step.carry:
+                tensors["hook_carry"] = torch.frombuffer(bytearray(step.carry), dtype=torch.uint8)
+            meta.update(hook={"kind": step.hook.kind, "version": step.hook.version}, hop=0)
+        out, reply = await call(self.sequence.p2p, self._hops[0].peer_id, INFERENCE, tensors, meta,
+                                timeout_s=self.sequence.config.step_timeout_s * len(self._hops),
+                                traffic=self.sequence.traffic, liveness_s=self.sequence.config.liveness_s)
+        self._opened = [True] * len(self._hops)
+        for peer, seconds in (reply.get("compute_s") or {}).items():
+            self.compute_s[peer] = self.compute_s.get(peer, 0.0) + float(seconds)
+        self.node_bytes += int(reply.get("node_bytes", 0))
+        result = out.get("hook_result")
+        return out["outputs"], (result.numpy().tobytes() if result is not None else b"")
+
+    async def _rebuild(self) -> None:
+        """Exclude unreachable nodes, open fresh sessions on a new route and replay every earlier step."""
+        await self.sequence.ban_unreachable(self._hops)
+        await self._close_sessions()
+        self._hops = await self.sequence.route(self.start, self.end, embed=self.embed, head=self.head)
+        self._session_ids = [uuid.uuid4().hex for _ in self._hops]
+        self._opened = [False] * len(self._hops)
+        for step in self._history:
+            await self._send(step, last_only=True)
+
+    async def close(self) -> None:
+        """Free the caches on the nodes (best effort: they also expire when idle)."""
+        if not self.closed:
+            self.closed = True
+            await self._close_sessions()
+
+    async def _close_sessions(self) -> None:
+        excluded = self.sequence.excluded()
+        for hop, session_id, opened in zip(self._hops, self._session_ids, self._opened):
+            if opened and hop.peer_id not in excluded:
+                try:
+                    await call(self.sequence.p2p, hop.peer_id, INFERENCE, {}, {"session_id": session_id, "close": True},
+                               timeout_s=self.sequence.config.ping_timeout_s)
+                except Exception as e:  # the node may be gone; its cache then expires
+                    logger.debug("Closing session on %s failed: %s", hop.peer_id, e)
