@@ -1,6 +1,6 @@
 """Traced values: a :class:`Proxy` is one graph node plus a fake (meta) value of what the node will compute.
 
-Every operation on a proxy is recorded as a node by the :class:`GraphBuilder` *and* run at once on the fake values,
+Every operation on a proxy is recorded as a node by the :class:`~hybrid.graph_builder.GraphBuilder` *and* run at once on the fake values,
 so a shape or dtype mistake, a bad index or an op outside the whitelist (``hybrid.ops``) is raised at the user's
 line, before anything is sent. What is recorded:
 
@@ -18,16 +18,18 @@ TraceError: data-dependent control flow cannot be part of a graph.
 
 from __future__ import annotations
 
-import numbers
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from . import ops
-from .errors import DisallowedOpError, HybridError, TraceError
-from .ir import Attachment, Graph, Node, Ref
+from .errors import DisallowedOpError, TraceError
+from .ir import Node
+
+if TYPE_CHECKING:
+    from .graph_builder import GraphBuilder
 
 _HYBRID_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -66,259 +68,6 @@ def describe_node(node: Node) -> str:
         return f"setting {node.module}.{node.kind}"
     return {"function": f"{node.target}()", "method": f".{node.target}()", "module": f"{node.module}(...)"}.get(
         node.op, f"operator {node.target}")
-
-
-def _fresh(value: Any) -> Any:
-    """A new meta value of the same structure (so one getter's fake never aliases another's)."""
-    if isinstance(value, torch.Tensor):
-        return torch.empty_like(value, device="meta")
-    if type(value) in (tuple, list):
-        return type(value)(_fresh(v) for v in value)
-    return value
-
-
-def conform_fake(new: Any, old: Any, where: str) -> Any:
-    """The fake of what a module holds after ``where = new``, by the interpreter's rule (``_conform``): a number or
-    a tensor that broadcasts to the module's tensor becomes that tensor's shape and dtype; tuples part by part;
-    None stays None. Raises TraceError for anything else."""
-    if isinstance(old, torch.Tensor):
-        if isinstance(new, (int, float)) and not isinstance(new, bool):
-            return torch.empty_like(old)
-        if not isinstance(new, torch.Tensor):
-            raise TraceError(at_user_line(f"setting {where}: expected a tensor like {describe(old)}, got "
-                                          f"{describe(new)}"))
-        try:
-            new.expand_as(old)
-        except RuntimeError:
-            raise TraceError(at_user_line(f"setting {where}: a {describe(new)} value does not broadcast to the "
-                                          f"module's {describe(old)}")) from None
-        return torch.empty_like(old)
-    if isinstance(old, tuple):
-        if not isinstance(new, (tuple, list)) or len(new) != len(old):
-            raise TraceError(at_user_line(f"setting {where}: expected a tuple of {len(old)} like the module's value "
-                                          f"{describe(old)}, got {describe(new)}"))
-        return tuple(conform_fake(n, o, f"{where}[{i}]") for i, (n, o) in enumerate(zip(new, old)))
-    if old is None:
-        if new is not None:
-            raise TraceError(at_user_line(f"setting {where}: the module's value is None here"))
-        return None
-    raise TraceError(at_user_line(f"setting {where}: a {type(old).__name__} value cannot be replaced"))
-
-
-def _run_op(op: str, target: str, args: list, kwargs: dict) -> Any:
-    """Run one whitelisted op on fake values. Ops whose result is a Python value at run time (``item``,
-    ``torch.allclose``) give a 0-dim meta placeholder after checking what they can."""
-    if op == "function":
-        if target == "torch.allclose":
-            torch.isclose(*args, **kwargs)
-            return torch.empty((), dtype=torch.bool, device="meta")
-        return ops.function(target)(*args, **kwargs)
-    if op == "method":
-        ops.check_method(target)
-        if target == "item":
-            if args[0].numel() != 1:
-                raise RuntimeError(f"item() needs a one-element tensor; this one has shape {tuple(args[0].shape)}")
-            return torch.empty((), dtype=args[0].dtype, device="meta")
-        return getattr(args[0], target)(*args[1:], **kwargs)
-    if op == "operator":
-        return ops.operator_fn(target)(*args, **kwargs)
-    raise TraceError(f"unknown op {op!r}")
-
-
-class GraphBuilder:
-    """Records nodes into :attr:`graph` and keeps a fake value per node (:attr:`fakes`).
-
-    Args:
-        getter_fake: ``(module, kind, call) -> fake`` for getter nodes (the tracer answers from the skeleton's
-            :class:`~hybrid.envoy.ShapeInfo` for the current batch shape).
-    """
-
-    def __init__(self, getter_fake: Callable[[str, str, int], Any],
-                 module_of: Callable[[str], torch.nn.Module] | None = None) -> None:
-        self.graph = Graph()
-        self._module_of = module_of
-        self.fakes: dict[int, Any] = {}
-        self.values: dict[int, Any] | None = None
-        """Saved values by node id, once the trace has run."""
-        self.closed = False
-        self._getter_fake = getter_fake
-        self._overrides: dict[tuple, Any] = {}
-        self._attached: dict[int, tuple[torch.Tensor, Attachment]] = {}
-        self._attachment_fakes: list[torch.Tensor] = []
-        self._reads: dict[tuple[int, int], tuple[int, str]] = {}
-        self.accepts: Callable[["GraphBuilder"], bool] | None = None
-        """Whether values traced by that other builder may be used here (traces of one ``lm.session()``)."""
-        self.externals: dict[int, Proxy] = {}
-        """Attachment index -> the other trace's proxy whose value fills it (see :meth:`resolve_externals`)."""
-
-    def record(self, op: str, *, target: str | None = None, args: tuple | list = (), kwargs: dict | None = None,
-               module: str | None = None, kind: str | None = None, call: int | None = None) -> "Proxy":
-        """Convert the arguments, run the op on fakes, and append the node. Raises TraceError (shapes, data-dependent
-        ops, values that cannot enter a graph) or DisallowedOpError; nothing is appended then."""
-        if self.closed:
-            raise TraceError(at_user_line("this trace has ended; values from it are read with .value after .save()"))
-        attached = len(self.graph.attachments)
-        try:
-            node = Node(id=len(self.graph.nodes), op=op, target=target, args=self._to_ir(list(args)),
-                        kwargs=self._to_ir(dict(kwargs or {})), module=module, kind=kind, call=call)
-            fake = self._evaluate(node, self.fakes, self._overrides)
-        except BaseException:
-            self._forget_attachments(attached)
-            raise
-        self.graph.nodes.append(node)
-        self.fakes[node.id] = fake
-        return Proxy(self, node.id)
-
-    def repropagate(self) -> None:
-        """Recompute every fake after the batch shape changed (a new invoke). Raises TraceError if an op no longer
-        fits, or if user code already read a size that has now changed (it may be baked into the graph)."""
-        fakes: dict[int, Any] = {}
-        overrides: dict[tuple, Any] = {}
-        for node in self.graph.nodes:
-            fakes[node.id] = self._evaluate(node, fakes, overrides)
-        for (node_id, dim), (old, site) in self._reads.items():
-            new = fakes[node_id].shape[dim]
-            if new != old:
-                raise TraceError(
-                    f"code at {site} read size {old} of dim {dim} of {describe_node(self.graph.nodes[node_id])}, "
-                    f"which is now {new}: the batch grew, so the tokens dim is only final once every invoke is added. "
-                    "Put the longest prompt in the first invoke, or index positions from the right (h[:, -1])")
-        self.fakes, self._overrides = fakes, overrides
-
-    def module_fake(self, module: str, kind: str, call: int) -> Any:
-        """The fake of what the module's value is now: after the latest setter recorded for it, else as the model
-        computes it."""
-        key = (module, kind, call)
-        return self._overrides[key] if key in self._overrides else self._getter_fake(*key)
-
-    def note_read(self, node_id: int, dim: int, size: int) -> None:
-        """User code saw ``size`` as dim ``dim`` of node ``node_id``; :meth:`repropagate` checks it still holds."""
-        self._reads.setdefault((node_id, dim), (size, user_site()))
-
-    def value_of(self, node_id: int) -> Any:
-        node = self.graph.nodes[node_id]
-        if self.values is None:
-            raise TraceError(at_user_line(f"{describe_node(node)} has no value yet: values exist only after the "
-                                          "`with lm.trace(...)` block ends"))
-        if not node.save:
-            raise TraceError(at_user_line(f"{describe_node(node)} (node {node_id}) was not saved; call .save() on it "
-                                          "inside the trace"))
-        if node_id not in self.values:
-            raise TraceError(at_user_line(f"{describe_node(node)} (node {node_id}) has no value: its generation step "
-                                          "never ran (every row ended with the EOS token first)"))
-        return self.values[node_id]
-
-    def _evaluate(self, node: Node, fakes: dict[int, Any], overrides: dict[tuple, Any]) -> Any:
-        if node.op == "getter":
-            key = (node.module, node.kind, node.call)
-            return _fresh(overrides[key] if key in overrides else self._getter_fake(node.module, node.kind, node.call))
-        args, kwargs = self._to_fake(node.args, fakes), self._to_fake(node.kwargs, fakes)
-        if node.op == "setter":
-            key = (node.module, node.kind, node.call)
-            old = overrides[key] if key in overrides else self._getter_fake(*key)
-            overrides[key] = conform_fake(args[0], old, f"{node.module}.{node.kind}")
-            return None
-        try:
-            if node.op == "module":
-                if self._module_of is None:
-                    raise TraceError("this trace cannot call modules")
-                with torch.no_grad():
-                    return self._module_of(node.module)(*args, **kwargs)
-            return _run_op(node.op, node.target, args, kwargs)
-        except HybridError:
-            raise
-        except Exception as e:  # the op itself failed on the fakes: the user's mistake, reported at their line
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            hint = ("; its result's shape would depend on tensor values, which are unknown while tracing"
-                    if any(w in text for w in ("meta", "nonzero", "data-dependent", "Scalar")) else "")
-            shown = describe(args) + (f" {describe(kwargs)}" if kwargs else "")
-            message = f"{describe_node(node)} fails on traced values {shown}: {text}{hint}"
-            raise TraceError(at_user_line(message)) from None
-
-    def _to_ir(self, value: Any) -> Any:
-        """A user value as an IR argument: proxies -> Ref, tensors -> Attachment, containers recursively."""
-        if isinstance(value, Proxy):
-            if value._builder is not self:
-                if self.accepts is None or not self.accepts(value._builder):
-                    raise TraceError(at_user_line("a value traced in another trace cannot be used in this one; to share "
-                                                  "values between traces, run them in one `with lm.session():`"))
-                return self._import(value)
-            return Ref(value.node_id)
-        if isinstance(value, TupleProxy):
-            return tuple(self._to_ir(v) for v in value.items)
-        if isinstance(value, torch.Tensor):
-            return self._attach(value)
-        if value is None or value is Ellipsis or isinstance(value, (bool, str, torch.dtype)):
-            return value
-        if isinstance(value, numbers.Integral):
-            return int(value)
-        if isinstance(value, numbers.Real):
-            return float(value)
-        if isinstance(value, slice):
-            return slice(self._to_ir(value.start), self._to_ir(value.stop), self._to_ir(value.step))
-        if isinstance(value, tuple):
-            return tuple(self._to_ir(v) for v in value)
-        if isinstance(value, list):
-            return [self._to_ir(v) for v in value]
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return {k: self._to_ir(v) for k, v in value.items()}
-        raise TraceError(at_user_line(f"a {type(value).__name__} cannot be passed into the graph; use traced values, "
-                                      "tensors, numbers, strings, dtypes, slices and lists/tuples of them"))
-
-    def _to_fake(self, value: Any, fakes: dict[int, Any]) -> Any:
-        if isinstance(value, Ref):
-            return fakes[value.id]
-        if isinstance(value, Attachment):
-            return self._attachment_fakes[value.index]
-        if isinstance(value, slice):
-            return slice(*(self._to_fake(v, fakes) for v in (value.start, value.stop, value.step)))
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._to_fake(v, fakes) for v in value)
-        if isinstance(value, dict):
-            return {k: self._to_fake(v, fakes) for k, v in value.items()}
-        return value
-
-    def _import(self, proxy: "Proxy") -> Attachment:
-        """An earlier trace's value as an attachment of this graph, filled in when the earlier trace has run. The
-        earlier trace saves it, so it comes back to the client."""
-        for index, known in self.externals.items():
-            if known._builder is proxy._builder and known.node_id == proxy.node_id:
-                return Attachment(index)
-        fake = proxy.fake
-        if not isinstance(fake, torch.Tensor):
-            raise TraceError(at_user_line(f"only tensors can be shared between traces; {describe_node(proxy.node)} is "
-                                          f"{describe(fake)} (index it first)"))
-        marker = self.graph.attach(torch.zeros(fake.shape, dtype=fake.dtype))
-        self._attachment_fakes.append(torch.empty_like(fake, device="meta"))
-        self.externals[marker.index] = proxy
-        proxy.save()
-        return marker
-
-    def resolve_externals(self) -> None:
-        """Fill the attachments imported from earlier traces with their values (after those traces ran)."""
-        for index, proxy in self.externals.items():
-            value, want = proxy.value, self._attachment_fakes[index]
-            if not isinstance(value, torch.Tensor) or value.shape != want.shape or value.dtype != want.dtype:
-                raise TraceError(f"{describe_node(proxy.node)} came back as {describe(value)}, not {describe(want)} "
-                                 "as traced")
-            self.graph.attachments[index] = value.detach().cpu().contiguous()
-
-    def _forget_attachments(self, keep: int) -> None:
-        """Drop attachments made by an op that was refused (all but the first ``keep``)."""
-        del self.graph.attachments[keep:], self._attachment_fakes[keep:]
-        for key in [k for k, (_, marker) in self._attached.items() if marker.index >= keep]:
-            del self._attached[key]
-
-    def _attach(self, tensor: torch.Tensor) -> Attachment:
-        known = self._attached.get(id(tensor))
-        if known is not None:
-            return known[1]
-        if tensor.device.type == "meta":
-            raise TraceError(at_user_line("a meta tensor has no data and cannot be attached to a graph"))
-        marker = self.graph.attach(tensor)
-        self._attached[id(tensor)] = (tensor, marker)  # holding the tensor keeps its id unique
-        self._attachment_fakes.append(torch.empty_like(tensor, device="meta"))
-        return marker
 
 
 class TracedShape(tuple):

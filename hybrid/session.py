@@ -24,7 +24,7 @@ from .errors import TraceError
 from .tracing import Tracer, _bind_locals, _user_frame
 
 if TYPE_CHECKING:
-    from .proxy import GraphBuilder
+    from .graph_builder import GraphBuilder
 
 
 class Session:

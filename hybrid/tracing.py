@@ -32,7 +32,7 @@ or a ``(B, T)`` int tensor). ``tokenize`` is called once per invoke when it star
 the fake shapes) and once at the end on all rows of all invokes in order, which must left-pad them together, as
 nnsight 0.8 does (it tokenizes every prompt and pads all rows of all invokes to the longest, on the left for causal
 LMs). While tracing, shapes use the batch known so far; when a later invoke widens it, every fake is recomputed, and a
-size user code already read that changed is reported (:meth:`~hybrid.proxy.GraphBuilder.repropagate`).
+size user code already read that changed is reported (:meth:`~hybrid.graph_builder.GraphBuilder.repropagate`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from .envoy import Envoy, ModelSkeleton, ShapeInfo, first_input, root_envoy
 from .steps import GeneratedTokens, Steps
 from .errors import HybridError, TraceError
 from .ir import Graph
-from .proxy import GraphBuilder, Proxy, TracedShape, TupleProxy, at_user_line, describe
+from .graph_builder import GraphBuilder
+from .proxy import Proxy, TracedShape, TupleProxy, at_user_line, describe
 
 __all__ = ["Envoy", "ModelSkeleton", "Proxy", "ShapeInfo", "TracedShape", "Tracer", "TupleProxy", "current_tracer",
            "first_input", "nnsight_position_ids", "root_envoy", "save"]
