@@ -32,18 +32,23 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="swarm backend: the swarm's multiaddrs")
     serve.add_argument("--model", default="smollm2-135m", help="swarm backend: the model (alias or checkpoint dir)")
     serve.add_argument("--name", action="append", default=[], help="extra name clients may use for the model")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8289)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    serve.add_argument("--port", type=int, default=8289, help="HTTP/websocket port (default %(default)s)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (each holds the model)")
     serve.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     serve.add_argument("--no-hybrid", action="store_true", help="swarm backend: never push graphs to the nodes")
     serve.add_argument("--api-key", action="append", default=[],
                        help="accepted API key (repeat; or $SWARM_GATEWAY_API_KEYS, comma-separated); none = open")
-    serve.add_argument("--rate-per-minute", type=float, default=GatewayConfig.rate_per_minute)
-    serve.add_argument("--burst", type=int, default=GatewayConfig.burst)
-    serve.add_argument("--timeout-s", type=float, default=ExecutionLimits.timeout_s)
-    serve.add_argument("--max-memory-gb", type=float, default=ExecutionLimits.max_memory_bytes / 2**30)
-    serve.add_argument("--max-request-mb", type=float, default=ExecutionLimits.max_request_bytes / 2**20)
+    serve.add_argument("--rate-per-minute", type=float, default=GatewayConfig.rate_per_minute,
+                       help="requests per minute per API key (or per client address without keys; default %(default)s)")
+    serve.add_argument("--burst", type=int, default=GatewayConfig.burst,
+                       help="most requests a key may send at once, the bucket size of its rate (default %(default)s)")
+    serve.add_argument("--timeout-s", type=float, default=ExecutionLimits.timeout_s,
+                       help="wall-time limit of one request; its worker is replaced past it (default %(default)s)")
+    serve.add_argument("--max-memory-gb", type=float, default=ExecutionLimits.max_memory_bytes / 2**30,
+                       help="memory limit of a worker process (default %(default)s)")
+    serve.add_argument("--max-request-mb", type=float, default=ExecutionLimits.max_request_bytes / 2**20,
+                       help="largest request payload accepted (default %(default)s)")
     serve.add_argument("--cache-dir", type=Path, default=None, help="where model aliases are converted")
     serve.add_argument("--ready-file", type=Path, default=None, help="write {url, names, pid} here once serving")
     return parser

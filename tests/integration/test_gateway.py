@@ -116,6 +116,19 @@ def _client(url: str, scenario: str, out: str) -> None:
             return out
         with ThreadPoolExecutor(20) as pool:
             got["rows"] = list(pool.map(one, range(20)))
+    if "keys" in scenario:  # the gateway accepts key "k1" at one request per minute, burst 1
+        from nnsight import CONFIG
+
+        def attempt() -> str:
+            try:
+                read(lm, remote=True)
+                return "ok"
+            except Exception as e:  # the client's error text is what a researcher sees
+                return f"{type(e).__name__}: {e}"
+        got["no_key"] = attempt()
+        CONFIG.API.APIKEY = "k1"
+        got["with_key"] = attempt()
+        got["over_rate"] = attempt()
     torch.save(got, out)
 
 
@@ -298,3 +311,18 @@ def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, 
 
 if __name__ == "__main__":
     _client(*sys.argv[1:4])
+
+
+def test_api_keys_and_rate_limits_over_http(workdir, tmp_path):
+    """A gateway with keys refuses a request without one, serves the key, and refuses it past its rate, with
+    messages that say what to do; the real client sends the key from nnsight's CONFIG.API.APIKEY."""
+    gateway = Gateway(workdir, "--local", "smollm2-135m", "--api-key", "k1", "--rate-per-minute", "1",
+                      "--burst", "1")
+    try:
+        got = run_client(gateway, "keys", tmp_path)
+    finally:
+        gateway.close()
+    assert "API key" in got["no_key"] and got["no_key"] != "ok", got["no_key"]
+    assert got["with_key"] == "ok", got["with_key"]
+    assert "rate limit" in got["over_rate"], got["over_rate"]
+
