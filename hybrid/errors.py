@@ -46,3 +46,9 @@ class LimitExceededError(HybridError):
     """A budget of the request was exceeded: ops, attachment bytes, elements, wall time."""
 
     code = "limit_exceeded"
+
+
+class SessionValueError(HybridError):
+    """A value an earlier trace of the session left on a node is gone (expired, evicted, or the node restarted)."""
+
+    code = "session_value_missing"

@@ -34,7 +34,7 @@ from .interpreter import Interpreter
 from .ir import Graph
 from .planner import Executor, Plan, module_stage, plan_graph
 from .placements import SwarmRunner, TraceStats, layer_boundaries, run_local_stage, segment_ends, _snapshot
-from .request import HOOK_KIND, HOOK_VERSION, encode_request
+from .request import HOOK_KIND, HOOK_VERSION, NO_LINKS, SessionLinks, encode_request
 from .values import pack_values, unpack_values
 
 # step(s, ids (B, T_s), mask (B, past + T_s) | None, positions (B, T_s), known values) -> (logits, new values)
@@ -71,8 +71,9 @@ class GenerateOptions:
 
 
 def generate(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-             options: GenerateOptions) -> tuple[torch.Tensor, dict[int, Any]]:
-    """Run ``stepper`` for up to ``max_new_tokens`` steps; returns ``(tokens (B, T + N), values of every step)``."""
+             options: GenerateOptions, links: SessionLinks = NO_LINKS) -> tuple[torch.Tensor, dict[int, Any]]:
+    """Run ``stepper`` for up to ``max_new_tokens`` steps; returns ``(tokens (B, T + N), values of every step)``.
+    Values an earlier trace of the session left with the client (``links.supplied``) are known from the start."""
     batch, length = input_ids.shape
     mask = attention_mask.long() if attention_mask is not None else None
     if mask is not None:
@@ -80,7 +81,7 @@ def generate(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch.Te
     else:
         positions = torch.arange(length).unsqueeze(0).expand(batch, -1)
     generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
-    known: dict[int, Any] = {}
+    known: dict[int, Any] = dict(links.supplied)
     tokens, current = input_ids, input_ids
     done = torch.zeros(batch, dtype=torch.bool)
     for step in range(options.max_new_tokens):
@@ -102,7 +103,7 @@ def generate(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch.Te
     return tokens, known
 
 
-def local_stepper(model, graph: Graph, events) -> tuple[Stepper, TraceStats]:
+def local_stepper(model, graph: Graph, events, links: SessionLinks = NO_LINKS) -> tuple[Stepper, TraceStats]:
     """Steps on the whole model in this process."""
     n = model.config.num_hidden_layers
     cache = DynamicCache()
@@ -123,8 +124,9 @@ class SwarmSteps:
     """Steps through a swarm, pushed (``hybrid`` / ``centralized``) or pulled (``swarm``); a context manager that
     closes its sessions. :attr:`stats` is filled in as it runs."""
 
-    def __init__(self, runner: SwarmRunner, placement: str, graph: Graph, events, *, batch_size: int, max_length: int):
-        self.runner, self.placement, self.graph, self.events = runner, placement, graph, events
+    def __init__(self, runner: SwarmRunner, placement: str, graph: Graph, events, *, batch_size: int, max_length: int,
+                 links: SessionLinks = NO_LINKS):
+        self.runner, self.placement, self.graph, self.events, self.links = runner, placement, graph, events, links
         self.loop, self.sequence, self.n = runner.client.loop, runner.sequence, runner.num_layers
         self.stats = TraceStats(placement)
         self._before, self._t0 = _snapshot(self.sequence.traffic), time.perf_counter()
@@ -177,7 +179,8 @@ class SwarmSteps:
 
     def _plan(self, s: int, route) -> Plan:
         return plan_graph(self.graph, self.events, self.n,
-                          self.runner.executors(route, self.remote_embed, self.remote_head), step=s)
+                          self.runner.executors(route, self.remote_embed, self.remote_head), step=s,
+                          held=self.links.held)
 
     def _pushed(self, s, ids, mask, positions, known):
         session, local, modules = self.sessions[0], self.runner.local, self.runner.modules
@@ -195,7 +198,7 @@ class SwarmSteps:
         def payload(route) -> bytes:
             key = tuple((h.peer_id, h.start, h.end) for h in route)
             if key not in payloads:
-                payloads[key] = encode_request(self.graph, self._plan(s, route), offset, call=s)
+                payloads[key] = encode_request(self.graph, self._plan(s, route), offset, call=s, keep=self.links.keep)
             return payloads[key]
 
         # The client needs the last position only, unless its own head has graph nodes that read every position.

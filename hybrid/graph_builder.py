@@ -93,10 +93,10 @@ class GraphBuilder:
         self._attached: dict[int, tuple[torch.Tensor, Attachment]] = {}
         self._attachment_fakes: list[torch.Tensor] = []
         self._reads: dict[tuple[int, int], tuple[int, str]] = {}
-        self.accepts: Callable[["GraphBuilder"], bool] | None = None
-        """Whether values traced by that other builder may be used here (traces of one ``lm.session()``)."""
-        self.externals: dict[int, Proxy] = {}
-        """Attachment index -> the other trace's proxy whose value fills it (see :meth:`resolve_externals`)."""
+        self.importer: Callable[[Proxy], str] | None = None
+        """The session's key for another trace's value used here (``lm.session()``); raises if it cannot be."""
+        self.imports: dict[int, Proxy] = {}
+        """``load`` node id -> the earlier trace's proxy whose value it stands for."""
 
     def record(self, op: str, *, target: str | None = None, args: tuple | list = (), kwargs: dict | None = None,
                module: str | None = None, kind: str | None = None, call: int | None = None) -> "Proxy":
@@ -106,8 +106,9 @@ class GraphBuilder:
             raise TraceError(at_user_line("this trace has ended; values from it are read with .value after .save()"))
         attached = len(self.graph.attachments)
         try:
-            node = Node(id=len(self.graph.nodes), op=op, target=target, args=self._to_ir(list(args)),
-                        kwargs=self._to_ir(dict(kwargs or {})), module=module, kind=kind, call=call)
+            args, kwargs = self._to_ir(list(args)), self._to_ir(dict(kwargs or {}))  # may add load nodes first
+            node = Node(id=len(self.graph.nodes), op=op, target=target, args=args, kwargs=kwargs, module=module,
+                        kind=kind, call=call)
             fake = self._evaluate(node, self.fakes, self._overrides)
         except BaseException:
             self._forget_attachments(attached)
@@ -159,6 +160,8 @@ class GraphBuilder:
         if node.op == "getter":
             key = (node.module, node.kind, node.call)
             return _fresh(overrides[key] if key in overrides else self._getter_fake(node.module, node.kind, node.call))
+        if node.op == "load":
+            return _fresh(self.imports[node.id].fake)
         args, kwargs = self._to_fake(node.args, fakes), self._to_fake(node.kwargs, fakes)
         if node.op == "setter":
             key = (node.module, node.kind, node.call)
@@ -186,7 +189,7 @@ class GraphBuilder:
         """A user value as an IR argument: proxies -> Ref, tensors -> Attachment, containers recursively."""
         if isinstance(value, Proxy):
             if value._builder is not self:
-                if self.accepts is None or not self.accepts(value._builder):
+                if self.importer is None:
                     raise TraceError(at_user_line("a value traced in another trace cannot be used in this one; to share "
                                                   "values between traces, run them in one `with lm.session():`"))
                 return self._import(value)
@@ -225,30 +228,20 @@ class GraphBuilder:
             return {k: self._to_fake(v, fakes) for k, v in value.items()}
         return value
 
-    def _import(self, proxy: "Proxy") -> Attachment:
-        """An earlier trace's value as an attachment of this graph, filled in when the earlier trace has run. The
-        earlier trace saves it, so it comes back to the client."""
-        for index, known in self.externals.items():
+    def _import(self, proxy: "Proxy") -> Ref:
+        """An earlier trace's value as a ``load`` node (keyed by the session): it is loaded where a node kept it, or
+        sent by the client, when this trace runs."""
+        for node_id, known in self.imports.items():
             if known._builder is proxy._builder and known.node_id == proxy.node_id:
-                return Attachment(index)
-        fake = proxy.fake
-        if not isinstance(fake, torch.Tensor):
+                return Ref(node_id)
+        if not isinstance(proxy.fake, torch.Tensor):
             raise TraceError(at_user_line(f"only tensors can be shared between traces; {describe_node(proxy.node)} is "
-                                          f"{describe(fake)} (index it first)"))
-        marker = self.graph.attach(torch.zeros(fake.shape, dtype=fake.dtype))
-        self._attachment_fakes.append(torch.empty_like(fake, device="meta"))
-        self.externals[marker.index] = proxy
-        proxy.save()
-        return marker
-
-    def resolve_externals(self) -> None:
-        """Fill the attachments imported from earlier traces with their values (after those traces ran)."""
-        for index, proxy in self.externals.items():
-            value, want = proxy.value, self._attachment_fakes[index]
-            if not isinstance(value, torch.Tensor) or value.shape != want.shape or value.dtype != want.dtype:
-                raise TraceError(f"{describe_node(proxy.node)} came back as {describe(value)}, not {describe(want)} "
-                                 "as traced")
-            self.graph.attachments[index] = value.detach().cpu().contiguous()
+                                          f"{describe(proxy.fake)} (index it first)"))
+        node = Node(id=len(self.graph.nodes), op="load", target=self.importer(proxy))
+        self.graph.nodes.append(node)
+        self.imports[node.id] = proxy
+        self.fakes[node.id] = _fresh(proxy.fake)
+        return Ref(node.id)
 
     def _forget_attachments(self, keep: int) -> None:
         """Drop attachments made by an op that was refused (all but the first ``keep``)."""

@@ -19,7 +19,8 @@ import torch
 from . import ops
 from swarm.span_hook import active_hook
 
-from .errors import DisallowedOpError, InvalidGraphError, LimitExceededError, OrderError, UnknownModuleError
+from .errors import (DisallowedOpError, InvalidGraphError, LimitExceededError, OrderError, SessionValueError,
+                     UnknownModuleError)
 from .ir import Attachment, Graph, Node, Ref
 from .planner import Plan
 
@@ -43,7 +44,10 @@ class Interpreter:
                 self._getters.setdefault((node.module, node.kind, node.call), []).append(node)
             elif node.op == "setter":
                 self._setters.setdefault((node.module, node.kind, node.call), []).append(node)
-        self._pending = [n for n in self.mine if n.op not in ("getter", "setter")]
+        self._pending = [n for n in self.mine if n.op not in ("getter", "setter", "load")]
+        unloaded = [n for n in self.mine if n.op == "load" and n.id not in self.values]
+        if unloaded:
+            raise SessionValueError(f"session value {unloaded[0].target!r} was not provided to this executor")
         self._started = time.monotonic()
         self.ops_run = 0
         self._run_ready()

@@ -10,6 +10,7 @@ Node ops
     ``function`` call ``target`` from the torch function whitelist (``"torch.softmax"``) with ``args``/``kwargs``.
     ``method``   call tensor method ``target`` (``"softmax"``) on ``args[0]`` with ``args[1:]``/``kwargs``.
     ``operator`` Python operator ``target`` (``"add"``, ``"getitem"``, ``"setitem"``, ``"neg"``, ...).
+    ``load``     a value an earlier trace of the same session kept on the node: ``target`` is its key (no args).
     ``module``   apply the model's own module ``module`` (e.g. ``lm_head``, ``model.norm``) to ``args``: runs on
                  the executor that holds that module's weights (the logit lens: ``lm_head(norm(h))``).
 A node with ``save=True`` is returned to the client.
@@ -38,7 +39,7 @@ from .errors import InvalidGraphError, LimitExceededError
 
 IR_VERSION = 1
 MAGIC = b"HYIR"
-OPS = ("getter", "setter", "function", "method", "operator", "module")
+OPS = ("getter", "setter", "function", "method", "operator", "module", "load")
 KINDS = ("output", "input")
 
 

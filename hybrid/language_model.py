@@ -35,6 +35,7 @@ from .generation import GenerateOptions, SwarmSteps, generate, local_stepper
 from .session import Session
 from .ir import Graph
 from .placements import PLACEMENTS, LocalRunner, SwarmRunner
+from .request import NO_LINKS, SessionLinks
 from .tracing import ModelSkeleton, Tracer, nnsight_position_ids, root_envoy
 
 
@@ -117,12 +118,13 @@ class LanguageModel:
         placement = self._placement(placement)
         box: list[Tracer] = []
 
-        def run(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, Any]:
-            saves, stats = self.run_graph(graph, input_ids, attention_mask, placement=placement)
+        def run(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                links: SessionLinks = NO_LINKS) -> dict[int, Any]:
+            saves, stats = self.run_graph(graph, input_ids, attention_mask, placement=placement, links=links)
             box[0].stats = stats.as_dict()
             return saves
 
-        return self._tracer(box, run, inputs)
+        return self._tracer(box, run, inputs, placement)
 
     def generate(self, inputs: Any = None, *, placement: str | None = None, **kwargs: Any) -> Tracer:
         """A tracing context around generation, as nnsight's ``lm.generate``: module reads and writes bind to step 0,
@@ -136,29 +138,31 @@ class LanguageModel:
         options = GenerateOptions.from_kwargs(kwargs, **self._generation_defaults())
         box: list[Tracer] = []
 
-        def run(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, Any]:
-            tokens, values, stats = self.run_generation(graph, input_ids, attention_mask, options, placement=placement)
+        def run(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                links: SessionLinks = NO_LINKS) -> dict[int, Any]:
+            tokens, values, stats = self.run_generation(graph, input_ids, attention_mask, options, placement=placement,
+                                                        links=links)
             box[0].stats = stats.as_dict()
             box[0]._result.bind(tokens)
             return {k: v for k, v in values.items() if graph.nodes[k].save}
 
-        return self._tracer(box, run, inputs, steps=options.max_new_tokens, generation=True)
+        return self._tracer(box, run, inputs, placement, steps=options.max_new_tokens, generation=True)
 
     def session(self) -> Session:
         """Several traces as one experiment (nnsight's ``lm.session()``): they run when the block ends, in order,
         and a later trace may use values of an earlier one. See :mod:`hybrid.session`."""
         if self._session is not None and self._session.open:
             raise HybridError("sessions of one LanguageModel cannot be nested")
-        self._session = Session()
+        self._session = Session(self)
         return self._session
 
-    def _tracer(self, box: list, run, inputs: Any, **kwargs: Any) -> Tracer:
+    def _tracer(self, box: list, run, inputs: Any, placement: str, **kwargs: Any) -> Tracer:
         session = self._session if self._session is not None and self._session.open else None
 
         def execute(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, Any] | None:
             if session is None:
                 return run(graph, input_ids, attention_mask)
-            session.defer(box[0], lambda: run(graph, input_ids, attention_mask))
+            session.defer(box[0], placement, lambda links: run(graph, input_ids, attention_mask, links))
             return None
 
         tracer = Tracer(self.skeleton, self.tokenize, execute, inputs, **kwargs)
@@ -168,19 +172,19 @@ class LanguageModel:
         return tracer
 
     def run_generation(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       options: GenerateOptions, *, placement: str = "hybrid"):
+                       options: GenerateOptions, *, placement: str = "hybrid", links: SessionLinks = NO_LINKS):
         """Generate with a recorded graph in ``placement``; returns ``(tokens, values by node id, TraceStats)``."""
         events = self.skeleton.shapes(input_ids, attention_mask).events
         if placement == "local":
             t0 = time.perf_counter()
-            step, stats = local_stepper(self.local_model, graph, events)
-            tokens, values = generate(step, input_ids, attention_mask, options)
+            step, stats = local_stepper(self.local_model, graph, events, links)
+            tokens, values = generate(step, input_ids, attention_mask, options, links)
             stats.wall_s = time.perf_counter() - t0
             return tokens, values, stats
         batch, length = input_ids.shape
         with SwarmSteps(SwarmRunner(self.client), placement, graph, events, batch_size=batch,
-                        max_length=length + options.max_new_tokens) as steps:
-            tokens, values = generate(steps, input_ids, attention_mask, options)
+                        max_length=length + options.max_new_tokens, links=links) as steps:
+            tokens, values = generate(steps, input_ids, attention_mask, options, links)
         return tokens, values, steps.stats
 
     def _generation_defaults(self) -> dict:
@@ -194,13 +198,13 @@ class LanguageModel:
         return {"eos_token_id": eos, "pad_token_id": pad}
 
     def run_graph(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
-                  placement: str = "hybrid"):
+                  placement: str = "hybrid", links: SessionLinks = NO_LINKS):
         """Run a recorded graph on a batch in ``placement``; returns ``(saved values by node id, TraceStats)``."""
         events = self.skeleton.shapes(input_ids, attention_mask).events
         positions = nnsight_position_ids(attention_mask) if attention_mask is not None else None
         if placement == "local":
-            return LocalRunner(self.local_model).run(graph, events, input_ids, attention_mask, positions)
-        return SwarmRunner(self.client).run(placement, graph, events, input_ids, attention_mask, positions)
+            return LocalRunner(self.local_model).run(graph, events, input_ids, attention_mask, positions, links)
+        return SwarmRunner(self.client).run(placement, graph, events, input_ids, attention_mask, positions, links)
 
     def tokenize(self, rows: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts or token-id lists → left-padded ``(input_ids, attention_mask)``, as nnsight batches them."""

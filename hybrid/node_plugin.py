@@ -13,6 +13,7 @@ from .interpreter import Interpreter
 from .validation import validate
 from .ir import Limits
 from .request import HOOK_KIND, HOOK_VERSION, decode_request
+from .session_store import STORE
 from .values import pack_values, unpack_values
 
 #: The most a request may ask of a node, whatever its own limits say.
@@ -29,8 +30,10 @@ def cap_limits(limits: Limits) -> Limits:
 class InterpreterHook:
     """A :class:`swarm.span_hook.SpanHook` that feeds module events to an :class:`Interpreter`."""
 
-    def __init__(self, interpreter: Interpreter, call: int = 0):
+    def __init__(self, interpreter: Interpreter, call: int = 0, keep: dict[int, str] | None = None):
         self.interpreter, self.call = interpreter, call
+        self.keep = keep or {}
+        """Node id -> session key of values to store here for a later trace (:mod:`hybrid.session_store`)."""
 
     def before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.interpreter.wants(path):
@@ -50,12 +53,15 @@ class InterpreterHook:
         return self.interpreter.on_event(path, "output", self.call, output)
 
     def result(self) -> bytes:
-        return pack_values(self.interpreter.finish())
+        values = self.interpreter.finish()
+        for node_id, key in self.keep.items():
+            STORE.put(key, self.interpreter.values[node_id])
+        return pack_values(values)
 
 
 def build_graph_hook(payload: bytes, context: HookContext) -> InterpreterHook:
     """Decode and check a hybrid request, and build the hook running this node's share of it."""
-    graph, plan, hop_offset, call = decode_request(payload, max_attachment_bytes=NODE_LIMITS.max_attachment_bytes)
+    graph, plan, hop_offset, call, keep = decode_request(payload, max_attachment_bytes=NODE_LIMITS.max_attachment_bytes)
     validate(graph, cap_limits)
     me = hop_offset + context.hop
     if not 0 <= me < len(plan.executors):
@@ -66,9 +72,12 @@ def build_graph_hook(payload: bytes, context: HookContext) -> InterpreterHook:
             raise UnknownModuleError(f"Module {node.module!r} is not served by this node (span "
                                      f"{context.start}:{context.end}); the plan does not match the route.")
     device = next(context.model.parameters()).device
-    interpreter = Interpreter(graph, plan, me, unpack_values(context.carry), device=device,
-                              limits=cap_limits(graph.limits), modules=modules)
-    return InterpreterHook(interpreter, call)
+    carried = unpack_values(context.carry)
+    for node in graph.nodes:
+        if node.op == "load" and plan.assignment[node.id] == me:
+            carried[node.id] = STORE.get(node.target)
+    interpreter = Interpreter(graph, plan, me, carried, device=device, limits=cap_limits(graph.limits), modules=modules)
+    return InterpreterHook(interpreter, call, {k: v for k, v in keep.items() if plan.assignment[k] == me})
 
 
 def register(registry: HookRegistry) -> None:

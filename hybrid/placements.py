@@ -28,7 +28,7 @@ from .interpreter import Interpreter
 from .ir import Graph
 from .node_plugin import InterpreterHook
 from .planner import Executor, Plan, plan_graph
-from .request import HOOK_KIND, HOOK_VERSION, encode_request
+from .request import HOOK_KIND, HOOK_VERSION, NO_LINKS, SessionLinks, encode_request
 from .values import pack_values, unpack_values
 
 PLACEMENTS = ("local", "hybrid", "centralized", "swarm")
@@ -71,11 +71,12 @@ class LocalRunner:
     def __init__(self, model: SpanModel):
         self.model = model
 
-    def run(self, graph: Graph, events, input_ids, attention_mask, position_ids=None) -> tuple[dict[int, Any], TraceStats]:
+    def run(self, graph: Graph, events, input_ids, attention_mask, position_ids=None,
+            links: SessionLinks = NO_LINKS) -> tuple[dict[int, Any], TraceStats]:
         t0 = time.perf_counter()
         num_layers = self.model.config.num_hidden_layers
         plan = plan_graph(graph, events, num_layers, [Executor("local", 0, num_layers + 1)])
-        interpreter = Interpreter(graph, plan, 0, {}, device=next(self.model.parameters()).device,
+        interpreter = Interpreter(graph, plan, 0, dict(links.supplied), device=next(self.model.parameters()).device,
                                   modules=dict(self.model.named_modules()))
         run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask,
                          position_ids=position_ids)
@@ -94,13 +95,13 @@ class SwarmRunner:
         self.num_layers = client.num_layers
 
     def run(self, placement: str, graph: Graph, events, input_ids, attention_mask,
-            position_ids=None) -> tuple[dict[int, Any], TraceStats]:
+            position_ids=None, links: SessionLinks = NO_LINKS) -> tuple[dict[int, Any], TraceStats]:
         before = _snapshot(self.sequence.traffic)
         t0 = time.perf_counter()
         if placement == "swarm":
-            saves, stats = self._pulled(graph, events, input_ids, attention_mask, position_ids)
+            saves, stats = self._pulled(graph, events, input_ids, attention_mask, position_ids, links)
         else:
-            saves, stats = self._pushed(graph, events, input_ids, attention_mask, position_ids,
+            saves, stats = self._pushed(graph, events, input_ids, attention_mask, position_ids, links,
                                         single_hop=placement == "centralized")
             stats.placement = placement
         after = self.sequence.traffic
@@ -127,7 +128,7 @@ class SwarmRunner:
         records = self.client.loop.run(self.sequence.records())
         return any(r.embed and r.online for r in records), any(r.head and r.online for r in records)
 
-    def _pushed(self, graph, events, input_ids, attention_mask, position_ids, *, single_hop: bool):
+    def _pushed(self, graph, events, input_ids, attention_mask, position_ids, links, *, single_hop: bool):
         remote_embed, remote_head = self.remote_stages()
         hops = self.client.loop.run(self.sequence.route(embed=remote_embed, head=remote_head))
         if single_hop and len(hops) != 1:
@@ -136,21 +137,21 @@ class SwarmRunner:
         n = self.num_layers
 
         def plan_for(route) -> Plan:
-            return plan_graph(graph, events, n, self.executors(route, remote_embed, remote_head))
+            return plan_graph(graph, events, n, self.executors(route, remote_embed, remote_head), held=links.held)
 
         plan = plan_for(hops)
         offset = 0 if remote_embed else 1
-        carry, inputs, values = b"", input_ids, {}
+        supplied = {k: links.supplied[k] for k in plan.inputs}
+        carry, inputs = (pack_values(supplied) if supplied else b""), input_ids
         if not remote_embed:  # the client's embedding is executor 0
-            embed_interp = Interpreter(graph, plan, 0, {}, modules=self.modules)
+            embed_interp = Interpreter(graph, plan, 0, supplied, modules=self.modules)
             inputs = run_local_stage(self.local, embed_interp, input_ids, start=0, end=0, embed=True)
-            values = embed_interp.finish()
-            carry = pack_values(values)
+            carry = pack_values(embed_interp.finish())
         used: list = []
 
         def payload(route) -> bytes:
             used[:] = route
-            return encode_request(graph, plan_for(route), offset)
+            return encode_request(graph, plan_for(route), offset, keep=links.keep)
 
         outputs, result, route, reply = self.client.loop.run(self.sequence.forward_chain(
             inputs, attention_mask=attention_mask, position_ids=position_ids, embed=remote_embed, head=remote_head,
@@ -168,11 +169,11 @@ class SwarmRunner:
 
     # ---- pulled: swarm (Petals-style) -----------------------------------------------------------------------
 
-    def _pulled(self, graph, events, input_ids, attention_mask, position_ids):
+    def _pulled(self, graph, events, input_ids, attention_mask, position_ids, links):
         n = self.num_layers
         boundaries = layer_boundaries(graph)
         plan = plan_graph(graph, events, n, [Executor("client", 0, n + 1)])
-        interpreter = Interpreter(graph, plan, 0, {}, modules=self.modules)
+        interpreter = Interpreter(graph, plan, 0, dict(links.supplied), modules=self.modules)
         hidden = run_local_stage(self.local, interpreter, input_ids, start=0, end=0, embed=True)
         start = 0
         for end in segment_ends(boundaries, n):

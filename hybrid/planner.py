@@ -72,6 +72,8 @@ class Plan:
     times: list[tuple[int, int]]
     inputs: list[int] = field(default_factory=list)
     """Nodes of earlier generation steps that this step reads: the client passes their values to executor 0."""
+    stages: list[int] = field(default_factory=list)
+    """Stage of every node (where its inputs first all exist)."""
 
     def to_json(self) -> dict:
         return {"executors": [[e.name, e.first, e.last] for e in self.executors], "assignment": self.assignment,
@@ -90,7 +92,7 @@ def node_step(time: tuple[int, int]) -> int:
 
 
 def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, executors: list[Executor], *,
-               step: int | None = None) -> Plan:
+               step: int | None = None, held: dict[int, int] | None = None) -> Plan:
     """Assign every node to an executor; raise OrderError / UnknownModuleError for graphs that cannot run.
 
     Args:
@@ -99,7 +101,11 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
             :data:`PAST` (the client holds their values and sends those this step reads as the first carry),
             nodes of later steps :data:`FUTURE`; values of this step that later steps read are carried to the end
             of the route and back to the client. None plans every node into one forward.
+        held: ``load`` node id -> the stage whose node holds that session value (it is loaded there, in every
+            step, and carried onward). A ``load`` not in ``held`` is the client's: :data:`PAST`, sent as the first
+            carry like a value of an earlier step.
     """
+    held = held or {}
     validate(graph)
     index = {event: i for i, event in enumerate(events)}
     times: list[tuple[int, int]] = []
@@ -117,6 +123,11 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
                 late = [r for r in refs if times[r] > time]
                 if late:
                     raise OrderError(_late_message(graph, node, late[0], times))
+                if any(stages[r] > stage for r in refs):  # a session value held by a later node
+                    raise OrderError(f"Node {node.id} sets {node.module}.{node.kind} with a session value held by a "
+                                     "node that runs after it.")
+        elif node.op == "load":
+            time, stage = (-1, -1), held.get(node.id, 0)
         else:
             time = max((times[r] for r in refs), default=(-1, -1))
             stage = max((stages[r] for r in refs), default=0)
@@ -133,6 +144,9 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
             if root is not None and time > times[root]:
                 culprit = max(refs, key=lambda r: times[r])
                 raise OrderError(_late_message(graph, graph.nodes[root], culprit, times, write=True))
+            if root is not None and stage > stages[root]:  # a session value held by a later node
+                raise OrderError(f"Node {node.id} writes into {graph.nodes[root].module} a session value held by a "
+                                 "node that runs after it.")
         times.append(time)
         stages.append(stage)
         if node.op == "getter":
@@ -150,6 +164,8 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
         raise UnknownModuleError(f"No executor of the route runs stage {stage}.")
 
     def assign(node_id: int) -> int:
+        if graph.nodes[node_id].op == "load":  # loaded in every step where it is needed
+            return owner(stages[node_id]) if node_id in held else PAST
         if step is not None and node_step(times[node_id]) != step:
             return PAST if node_step(times[node_id]) < step else FUTURE
         return owner(stages[node_id])
@@ -167,7 +183,7 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
         needed.update(n.id for n in graph.nodes if n.save and 0 <= assignment[n.id] <= k)
         carry[k] = sorted(needed)
     inputs = sorted({r for n in graph.nodes if assignment[n.id] >= 0 for r in n.refs() if assignment[r] == PAST})
-    return Plan(list(executors), assignment, carry, times, inputs)
+    return Plan(list(executors), assignment, carry, times, inputs, stages)
 
 
 def _late_message(graph: Graph, node: Node, late: int, times: list, write: bool = False) -> str:

@@ -40,6 +40,9 @@ def validate(graph: Graph, limits_cap=None) -> None:
             ops.check_method(str(node.target))
         elif node.op == "operator":
             ops.operator_fn(str(node.target))
+        elif node.op == "load" and not (isinstance(node.target, str) and 0 < len(node.target) <= 200
+                                        and not node.args and not node.kwargs):
+            raise InvalidGraphError(f"Node {node.id}: a load needs a key (str, at most 200 chars) and no arguments.")
         if node.op == "setter" and len(node.args) != 1:
             raise InvalidGraphError(f"Node {node.id}: a setter takes exactly one argument.")
         if node.op == "method" and (not node.args or not isinstance(node.args[0], Ref)):

@@ -592,9 +592,48 @@ def test_session_uses_a_value_from_an_earlier_trace(placement, lm_for, hooks, ns
     assert (probs - clean).abs().max() > 1e-3  # the patch changed the prediction
     first, second = (tracer.stats for tracer in session.traces)
     if placement in ("hybrid", "centralized"):
-        assert first["client_bytes_received"] > D * 4  # the shared value came back with the first trace
-        assert second["client_bytes_sent"] > D * 4  # and went out with the second graph
-        assert first["client_bytes_received"] < 20_000 and second["client_bytes_sent"] < 40_000  # nothing else big
+        # the shared value stayed on the node that computed it: it never crossed the client link
+        assert session.kept == {(0, h_node_id(session))}
+        assert first["client_bytes_received"] < D * 4, first
+        assert second["client_bytes_sent"] < 20_000, second
+
+
+def h_node_id(session) -> int:
+    """The node id (in the first trace) of the value the second trace loads."""
+    [proxy] = session.traces[1]._builder.imports.values()
+    return proxy.node_id
+
+
+def session_late_to_early(lm, **placement):
+    """A late layer's state from the first trace written into an early layer of the second."""
+    with lm.session() as session:
+        with lm.trace(CITIES[0], **placement):
+            h = lm.model.layers[24].output[:, -1]
+        with lm.trace(CITIES[2], **placement):
+            lm.model.layers[3].output[:, -1] = h
+            probs = lm.lm_head.output[:, -1].softmax(-1).save()
+    return probs, session
+
+
+@pytest.mark.parametrize("placement", ["local", "hybrid"])
+def test_session_value_from_a_later_layer_goes_through_the_client(placement, lm_for, hooks, ns, refs):
+    def by_hooks():
+        seen: dict = {}
+        hooks.run([CITIES[0]], {"model.layers.24": lambda m, a, o: seen.__setitem__("h", o[:, -1].clone())})
+
+        def patch_hook(module, args, output):
+            output[:, -1] = seen["h"]
+        return hooks.run([CITIES[2]], {"model.layers.3": patch_hook})[:, -1].softmax(-1)
+
+    want = cached(refs, "session_late.hooks", by_hooks)
+    theirs = cached(refs, "session_late.nnsight", lambda: nnsight_run(ns, session_late_to_early))
+    probs, session = session_late_to_early(lm_for(placement), placement=placement)
+    assert_close(probs, want, f"{placement} vs hooks")
+    assert_close(probs, theirs, f"{placement} vs nnsight")
+    assert session.kept == set()  # the node holding layer 24 runs after layer 3: the client relays the value
+    if placement == "hybrid":
+        first, second = (tracer.stats for tracer in session.traces)
+        assert first["client_bytes_received"] > D * 4 and second["client_bytes_sent"] > D * 4
 
 
 def test_session_value_needs_a_session(remote_lm):
