@@ -139,7 +139,8 @@ async def run_jobs(jobs: list[Job], run_dir: Path, config: dict, progress) -> in
     """Run every job; returns the number of records written."""
     context = record_context(config)
     written = 0
-    async with open_harness(run_dir / "logs") as harness:
+    # One log directory per invocation: several invocations may append to one run (bench/paper_run.sh).
+    async with open_harness(run_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")) as harness:
         for job in jobs:
             d = job.deployment
             progress.set_description(f"{d.kind} {job.model_name}: starting")

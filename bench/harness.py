@@ -87,6 +87,8 @@ class Harness:
                 (the message carries its log tail). The child is killed.
         """
         log_path = self.workdir / f"{name}.log"
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)   # a stale one (an earlier run in this workdir) is not readiness
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         with open(log_path, "wb") as log:
             process = await trio.lowlevel.open_process(

@@ -121,3 +121,21 @@ def test_a_child_that_exits_before_ready_is_reported_with_its_log(tmp_path):
         trio.run(main)
     errors = caught.value.exceptions if isinstance(caught.value, BaseExceptionGroup) else [caught.value]
     assert any(isinstance(e, DeploymentError) and "before it was ready" in str(e) for e in errors)
+
+
+def test_a_stale_ready_file_is_not_readiness(tmp_path):
+    """A ready file left by an earlier run in the same workdir (runs appending to one run directory) must not make
+    the harness hand out the dead child's addresses: it waits for the new child's own file."""
+    ready = tmp_path / "node.ready.json"
+    ready.write_text('{"pid": -1, "stale": true}')
+    child_cmd = [sys.executable, "-c", "import json, os, pathlib, sys, time; time.sleep(0.5); "
+                 "p = pathlib.Path(sys.argv[1]); t = p.with_suffix('.tmp'); t.write_text(json.dumps({'pid': os.getpid()})); "
+                 "t.rename(p); time.sleep(600)", str(ready)]
+
+    async def main():
+        async with open_harness(tmp_path) as harness:
+            child = await harness.spawn("node", child_cmd, ready_file=ready, timeout_s=30)
+            return child.info, child.pid
+
+    info, pid = trio.run(main)
+    assert info == {"pid": pid}
