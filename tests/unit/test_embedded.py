@@ -23,10 +23,8 @@ PROMPT = "The Eiffel Tower is located in the city of"
 def test_second_prepare_is_a_noop(smollm2_dir):
     model_file = smollm2_dir / "model.safetensors"
     mtime = model_file.stat().st_mtime_ns
-    started = time.perf_counter()
     assert prepare_embedded(ALIAS) == smollm2_dir
-    assert time.perf_counter() - started < 0.5
-    assert model_file.stat().st_mtime_ns == mtime
+    assert model_file.stat().st_mtime_ns == mtime  # not converted again
     assert smollm2_dir.parent == default_cache_dir()
 
 
