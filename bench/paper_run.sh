@@ -5,7 +5,7 @@
 #
 #   bench/paper_run.sh                                   # defaults below; .venv, results/paper-<date>/
 #   PY=/path/to/python RUN_ID=paper-x N=5 bench/paper_run.sh
-#   SIZES_LARGE= bench/paper_run.sh                      # skip the 500M model
+#   SIZES_LARGE= bench/paper_run.sh                      # skip the 500M and 1B models
 #
 # Three invocations append to one run directory: the SmolLM2 workloads first (the headline numbers), then the
 # size workloads on the small synthetic models, then on the large ones -- so a run cut short still has its
@@ -20,7 +20,7 @@ WARMUP=${WARMUP:-1}
 LINK=${LINK:-60MB/s,20ms}
 USERS=${USERS:-1,2,4}
 SIZES_SMALL=${SIZES_SMALL:-llama-10m,llama-40m,llama-150m}
-SIZES_LARGE=${SIZES_LARGE-llama-500m}       # llama-1b left out: hours on a 2-core box at this n
+SIZES_LARGE=${SIZES_LARGE-llama-500m,llama-1b}   # ~4 min each on a 2-core box at n=5
 FIGURES=${FIGURES:-docs/figures}
 
 run() { "$PY" -m plots.cli run --suite paper --link "$LINK" -n "$N" --warmup "$WARMUP" --run-id "$RUN_ID" "$@"; }
