@@ -18,7 +18,6 @@ a row that produced EOS then emits the pad token, and generation stops when ever
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,7 +32,8 @@ from .errors import HybridError
 from .interpreter import Interpreter
 from .ir import Graph
 from .planner import Executor, Plan, module_stage, plan_graph
-from .placements import SwarmRunner, TraceStats, layer_boundaries, run_local_stage, segment_ends, _snapshot
+from .placements import (ClientLinkMeter, SwarmRunner, TraceStats, check_one_hop, layer_boundaries, pull_through,
+                         run_local_stage, segments)
 from .request import HOOK_KIND, HOOK_VERSION, NO_LINKS, SessionLinks, encode_request
 from .values import pack_values, unpack_values
 
@@ -129,28 +129,31 @@ class SwarmSteps:
         self.runner, self.placement, self.graph, self.events, self.links = runner, placement, graph, events, links
         self.loop, self.sequence, self.n = runner.client.loop, runner.sequence, runner.num_layers
         self.stats = TraceStats(placement)
-        self._before, self._t0 = _snapshot(self.sequence.traffic), time.perf_counter()
+        self._meter = ClientLinkMeter(self.sequence.traffic)
         self.sessions: list[InferenceSession | ChainedSession] = []
+        self.head_nodes = _touches_head(graph, self.n)
         if placement == "swarm":
             self.boundaries = layer_boundaries(graph)
             self.remote_embed = self.remote_head = False
-            starts = [0] + segment_ends(self.boundaries, self.n)[:-1]
-            ranges = list(zip(starts, segment_ends(self.boundaries, self.n)))
+            ranges = segments(self.boundaries, self.n)
         else:
             self.remote_embed, self.remote_head = runner.remote_stages()
             # The head runs on a node only where the graph needs it there; otherwise the client's head turns the
             # last position's hidden state into the next token, and the logits never cross the link.
-            self.remote_head = self.remote_head and _touches_head(graph, self.n)
+            self.remote_head = self.remote_head and self.head_nodes
             ranges = [(0, self.n)]
         kind = InferenceSession if placement == "swarm" else ChainedSession
         for start, end in ranges:
             self.sessions.append(self.loop.run(kind.create(
                 self.sequence, batch_size=batch_size, max_length=max_length, start=start, end=end,
                 embed=self.remote_embed, head=self.remote_head)))
-        if placement == "centralized" and len(self.sessions[0].route) != 1:
-            self.close()
-            raise HybridError(f"placement='centralized' needs one node serving all {self.n} layers; this swarm's "
-                              f"route has {len(self.sessions[0].route)} hops. Use placement='hybrid'.")
+        self._segment = {start: i for i, (start, _) in enumerate(ranges)}
+        if placement == "centralized":
+            try:
+                check_one_hop(self.sessions[0].route, self.n)
+            except HybridError:
+                self.close()
+                raise
 
     def __enter__(self) -> "SwarmSteps":
         return self
@@ -161,11 +164,7 @@ class SwarmSteps:
     def close(self) -> None:
         for session in self.sessions:
             self.loop.run(session.close())
-        after = self.sequence.traffic
-        self.stats.client_bytes_sent = after.bytes_sent - self._before[0]
-        self.stats.client_bytes_received = after.bytes_received - self._before[1]
-        self.stats.round_trips = after.calls - self._before[2]
-        self.stats.wall_s = time.perf_counter() - self._t0
+        self._meter.charge(self.stats)
         for session in self.sessions:
             for peer, seconds in session.compute_s.items():
                 self.stats.compute_s[peer] = self.stats.compute_s.get(peer, 0.0) + seconds
@@ -193,21 +192,21 @@ class SwarmSteps:
             inputs = run_local_stage(local, interpreter, ids, s, start=0, end=0, embed=True)
             values = interpreter.finish()
         offset = 0 if self.remote_embed else 1
-        payloads: dict[tuple, bytes] = {}
+        plans = {_route_key(session.route): plan}
 
-        def payload(route) -> bytes:
-            key = tuple((h.peer_id, h.start, h.end) for h in route)
-            if key not in payloads:
-                payloads[key] = encode_request(self.graph, self._plan(s, route), offset, call=s, keep=self.links.keep)
-            return payloads[key]
+        def payload(route) -> bytes:  # planned again only if the route changed (failover)
+            key = _route_key(route)
+            if key not in plans:
+                plans[key] = self._plan(s, route)
+            return encode_request(self.graph, plans[key], offset, call=s, keep=self.links.keep)
 
         # The client needs the last position only, unless its own head has graph nodes that read every position.
-        last_only = self.remote_head or not _touches_head(self.graph, self.n)
+        last_only = self.remote_head or not self.head_nodes
         outputs, result = self.loop.run(session.step(
             inputs, attention_mask=mask, position_ids=positions, hook=StepHook(HOOK_KIND, HOOK_VERSION, payload),
             carry=pack_values(values), last_only=last_only))
         values = unpack_values(result)
-        plan = self._plan(s, session.route)
+        plan = plans[_route_key(session.route)]
         self.stats.route = [e.name for e in plan.executors]
         if self.remote_head:
             return outputs, values
@@ -220,17 +219,16 @@ class SwarmSteps:
         plan = plan_graph(self.graph, self.events, self.n, [Executor("client", 0, self.n + 1)], step=s)
         interpreter = Interpreter(self.graph, plan, 0, {k: known[k] for k in plan.inputs}, modules=modules)
         hidden = run_local_stage(local, interpreter, ids, s, start=0, end=0, embed=True)
-        for session in self.sessions:
-            start, end = session.route[0].start, session.route[-1].end
-            if start == 0 and 0 in self.boundaries:
-                hidden = interpreter.on_event("model.layers.0", "input", s, hidden)
-            hidden = self.loop.run(session.step(hidden, attention_mask=mask, position_ids=positions))
-            hidden = interpreter.on_event(f"model.layers.{end - 1}", "output", s, hidden)
-            if end < self.n:
-                hidden = interpreter.on_event(f"model.layers.{end}", "input", s, hidden)
+        def run_segment(start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+            return self.loop.run(self.sessions[self._segment[start]].step(hidden, attention_mask=mask, position_ids=positions))
+        hidden = pull_through(interpreter, hidden, s, self.boundaries, self.n, run_segment)
         self.stats.route = ["client"]
         logits = run_local_stage(local, interpreter, hidden, s, start=0, end=0, head=True)
         return logits, interpreter.finish()
+
+
+def _route_key(route) -> tuple:
+    return tuple((h.peer_id, h.start, h.end) for h in route)
 
 
 def _touches_head(graph: Graph, num_layers: int) -> bool:

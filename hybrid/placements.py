@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -96,19 +96,14 @@ class SwarmRunner:
 
     def run(self, placement: str, graph: Graph, events, input_ids, attention_mask,
             position_ids=None, links: SessionLinks = NO_LINKS) -> tuple[dict[int, Any], TraceStats]:
-        before = _snapshot(self.sequence.traffic)
-        t0 = time.perf_counter()
+        meter = ClientLinkMeter(self.sequence.traffic)
         if placement == "swarm":
             saves, stats = self._pulled(graph, events, input_ids, attention_mask, position_ids, links)
         else:
             saves, stats = self._pushed(graph, events, input_ids, attention_mask, position_ids, links,
                                         single_hop=placement == "centralized")
             stats.placement = placement
-        after = self.sequence.traffic
-        stats.client_bytes_sent = after.bytes_sent - before[0]
-        stats.client_bytes_received = after.bytes_received - before[1]
-        stats.round_trips = after.calls - before[2]
-        stats.wall_s = time.perf_counter() - t0
+        meter.charge(stats)
         return saves, stats
 
     # ---- pushed: hybrid / centralized ---------------------------------------------------------------------
@@ -131,9 +126,8 @@ class SwarmRunner:
     def _pushed(self, graph, events, input_ids, attention_mask, position_ids, links, *, single_hop: bool):
         remote_embed, remote_head = self.remote_stages()
         hops = self.client.loop.run(self.sequence.route(embed=remote_embed, head=remote_head))
-        if single_hop and len(hops) != 1:
-            raise HybridError(f"placement='centralized' needs one node serving all {self.num_layers} layers; "
-                              f"this swarm's route has {len(hops)} hops. Use placement='hybrid'.")
+        if single_hop:
+            check_one_hop(hops, self.num_layers)
         n = self.num_layers
 
         def plan_for(route) -> Plan:
@@ -175,16 +169,12 @@ class SwarmRunner:
         plan = plan_graph(graph, events, n, [Executor("client", 0, n + 1)])
         interpreter = Interpreter(graph, plan, 0, dict(links.supplied), modules=self.modules)
         hidden = run_local_stage(self.local, interpreter, input_ids, start=0, end=0, embed=True)
-        start = 0
-        for end in segment_ends(boundaries, n):
-            if start == 0 and 0 in boundaries:
-                hidden = interpreter.on_event("model.layers.0", "input", 0, hidden)
-            hidden, _ = self.client.loop.run(self.sequence.forward(
+
+        def run_segment(start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+            out, _ = self.client.loop.run(self.sequence.forward(
                 hidden, attention_mask=attention_mask, position_ids=position_ids, start=start, end=end))
-            hidden = interpreter.on_event(f"model.layers.{end - 1}", "output", 0, hidden)
-            if end < n:
-                hidden = interpreter.on_event(f"model.layers.{end}", "input", 0, hidden)
-            start = end
+            return out
+        hidden = pull_through(interpreter, hidden, 0, boundaries, n, run_segment)
         run_local_stage(self.local, interpreter, hidden, start=0, end=0, head=True)
         values = interpreter.finish()
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
@@ -208,10 +198,42 @@ def layer_boundaries(graph: Graph) -> set[int]:
     return boundaries
 
 
-def segment_ends(boundaries: set[int], num_layers: int) -> list[int]:
-    """Ends of the layer ranges the client runs one after another to stop at every boundary."""
-    return sorted(b for b in boundaries if 0 < b < num_layers) + [num_layers]
+def segments(boundaries: set[int], num_layers: int) -> list[tuple[int, int]]:
+    """The layer ranges the client runs one after another to stop at every boundary."""
+    ends = sorted(b for b in boundaries if 0 < b < num_layers) + [num_layers]
+    return list(zip([0] + ends[:-1], ends))
 
 
-def _snapshot(traffic) -> tuple[int, int, int]:
-    return traffic.bytes_sent, traffic.bytes_received, traffic.calls
+def pull_through(interpreter: Interpreter, hidden: torch.Tensor, call: int, boundaries: set[int], num_layers: int,
+                 run_segment: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Petals-style: run the layers segment by segment (``run_segment(start, end, hidden)``), giving the client's
+    interpreter the hidden state at every boundary (forward call ``call``) and sending on what it returns."""
+    for start, end in segments(boundaries, num_layers):
+        if start == 0 and 0 in boundaries:
+            hidden = interpreter.on_event("model.layers.0", "input", call, hidden)
+        hidden = run_segment(start, end, hidden)
+        hidden = interpreter.on_event(f"model.layers.{end - 1}", "output", call, hidden)
+        if end < num_layers:
+            hidden = interpreter.on_event(f"model.layers.{end}", "input", call, hidden)
+    return hidden
+
+
+def check_one_hop(hops: list, num_layers: int) -> None:
+    """``centralized`` runs on one node that serves every layer. Raises HybridError otherwise."""
+    if len(hops) != 1:
+        raise HybridError(f"placement='centralized' needs one node serving all {num_layers} layers; this swarm's "
+                          f"route has {len(hops)} hops. Use placement='hybrid'.")
+
+
+class ClientLinkMeter:
+    """What crossed the client's link from now on: :meth:`charge` writes it into a :class:`TraceStats`."""
+
+    def __init__(self, traffic) -> None:
+        self.traffic, self.t0 = traffic, time.perf_counter()
+        self.start = (traffic.bytes_sent, traffic.bytes_received, traffic.calls)
+
+    def charge(self, stats: TraceStats) -> None:
+        stats.client_bytes_sent = self.traffic.bytes_sent - self.start[0]
+        stats.client_bytes_received = self.traffic.bytes_received - self.start[1]
+        stats.round_trips = self.traffic.calls - self.start[2]
+        stats.wall_s = time.perf_counter() - self.t0
