@@ -62,9 +62,9 @@ class Session:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
         pending, self._pending, self._state = self._pending, [], "done"
         if exc_type is None:
-            links = self._links([(t, p) for t, p, _ in pending])
-            for (tracer, _, run), link in zip(pending, links):
-                supplied = {node: proxy.value for node, proxy in link.supplied.items()}
+            links, relayed = self._links([(t, p) for t, p, _ in pending])
+            for (tracer, _, run), link, through_client in zip(pending, links, relayed):
+                supplied = {node: proxy.value for node, proxy in through_client.items()}  # earlier traces ran
                 tracer.bind_values(run(SessionLinks(link.keep, link.held, supplied)))
             _bind_locals(_user_frame())
         return False
@@ -93,8 +93,10 @@ class Session:
     def _source(self, proxy: "Proxy") -> int | None:
         return next((i for i, t in enumerate(self.traces) if t._builder is proxy._builder), None)
 
-    def _links(self, traces: list[tuple[Tracer, str]]) -> list[SessionLinks]:
-        """Decide, for every shared value, whether it stays on its node or goes through the client."""
+    def _links(self, traces: list[tuple[Tracer, str]]) -> tuple[list[SessionLinks], list[dict[int, "Proxy"]]]:
+        """Decide, for every shared value, whether it stays on its node or goes through the client. Returns each
+        trace's links (``keep`` and ``held``) and, per trace, its ``load`` nodes the client fills (with the proxies
+        whose values they take, once those traces have run)."""
         n = self.lm.config.num_hidden_layers
         events = self.lm.skeleton.shapes(torch.zeros((1, 1), dtype=torch.long), None).events
         whole = [Executor("all", 0, n + 1)]
@@ -111,7 +113,8 @@ class Session:
                 except OrderError:  # used before the node that holds it runs: through the client instead
                     ok = False
             stay[(j, proxy.node_id)] = stay.get((j, proxy.node_id), True) and ok
-        links = [SessionLinks({}, {}, {}) for _ in traces]
+        links = [SessionLinks({}, {}) for _ in traces]
+        relayed: list[dict[int, Proxy]] = [{} for _ in traces]
         for i, node, j, proxy in imports:
             if stay[(j, proxy.node_id)]:
                 links[j].keep[proxy.node_id] = self._key(i, proxy)
@@ -119,5 +122,5 @@ class Session:
                 self.kept.add((j, proxy.node_id))
             else:
                 proxy.save()
-                links[i].supplied[node] = proxy
-        return links
+                relayed[i][node] = proxy
+        return links, relayed
