@@ -141,10 +141,10 @@ async def measure(harness: Harness, deployment: Deployment, m: Measurement, emit
                 emit(failure(rep, e))
         return
 
-    workers: list[tuple[WorkerProcess, dict]] = []
+    opened: dict[int, tuple[WorkerProcess, dict]] = {}   # user -> worker; filled in start-up order
 
     async def open_one(u: int) -> None:
-        workers.append(await _open_worker(harness, deployment, m, f"{name}-user{u}", timeout_s))
+        opened[u] = await _open_worker(harness, deployment, m, f"{name}-user{u}", timeout_s)
 
     try:
         error = await _gather(open_one, range(m.users))
@@ -153,26 +153,28 @@ async def measure(harness: Harness, deployment: Deployment, m: Measurement, emit
                 for _ in range(m.users):
                     emit(failure(rep, error))
             return
+        workers = [opened[u] for u in range(m.users)]   # workers[u] is user u's worker (named ...-user{u})
         for rep in range(total):
-            answers: list[tuple[dict, dict]] = []
+            answers: list[dict | None] = [None] * len(workers)   # indexed by user, not by finishing order
             t0 = time.perf_counter()
 
-            async def one(worker: WorkerProcess, ready: dict) -> None:
+            async def one(u: int) -> None:
+                worker, _ = workers[u]
                 await worker.go()
-                answers.append((ready, await worker.read_event(timeout_s)))
+                answers[u] = await worker.read_event(timeout_s)
 
-            error = await _gather(lambda pair: one(*pair), workers)
+            error = await _gather(one, range(len(workers)))
             if error is not None:
                 for _ in range(m.users):
                     emit(failure(rep, error))
                 return
             round_wall_s = time.perf_counter() - t0
-            for u, (ready, answer) in enumerate(answers):
+            for u, ((_, ready), answer) in enumerate(zip(workers, answers)):
                 extra = {"user": u, "round_wall_s": round_wall_s} if m.users > 1 else {}
                 emit(record(rep, ready, answer, **extra))
     finally:
         with trio.CancelScope(shield=True):
-            for worker, _ in workers:
+            for worker, _ in opened.values():
                 await _close_worker(harness, worker)
 
 
