@@ -59,6 +59,12 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     "memmap", "savez", "savetxt", "serialization"})
 """Attribute names the code may not touch (I/O, storage, hooks, global torch state)."""
 
+ASSIGNABLE_ATTRIBUTES = frozenset({"output", "input", "inputs"})
+"""The only attributes request code may assign (nnsight envoys' interventions, ``layer.output = ...``). Modules,
+functions and classes a request sees are shared by every request of a worker (the module views are cached and
+their submodules, functions and classes are the real ones), so assigning or deleting any other attribute could
+change what later requests, of any user, run."""
+
 SAFE_BUILTIN_NAMES = (
     "abs all any ascii bin bool bytearray bytes callable chr complex dict dir divmod enumerate filter float format "
     "frozenset hasattr hash hex id int isinstance issubclass iter len list map max min next oct ord pow print "
@@ -114,6 +120,12 @@ def check_source(source: str, where: str = "the request") -> None:
         tree = ast.parse(source)
     except SyntaxError as e:
         raise BadRequestError(f"{where} does not parse: {e}") from None
+    module_names = set(ALLOWED_MODULES)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            module_names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module_names.update(a.asname or a.name for a in node.names)
     for node in ast.walk(tree):
         line = getattr(node, "lineno", "?")
         problem = None
@@ -129,12 +141,28 @@ def check_source(source: str, where: str = "the request") -> None:
             problem = f"the name {node.id!r} is not allowed"
         elif isinstance(node, ast.Attribute) and (node.attr.startswith("_") or node.attr in FORBIDDEN_ATTRIBUTES):
             problem = f"the attribute {node.attr!r} is not allowed (private, I/O, storage, hooks or global state)"
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            root = _root_name(node)
+            verb = "deleting" if isinstance(node.ctx, ast.Del) else "assigning"
+            if isinstance(node.ctx, ast.Del) or node.attr not in ASSIGNABLE_ATTRIBUTES:
+                problem = (f"{verb} the attribute {node.attr!r} is not allowed (modules, functions and classes are "
+                           "shared by every request; only an envoy's .output/.input/.inputs may be assigned)")
+            elif root in module_names:
+                problem = (f"assigning an attribute of the module {root!r} is not allowed (modules are shared by "
+                           "every request)")
         elif isinstance(node, (ast.Global, ast.Nonlocal)):
             problem = "global/nonlocal statements are not allowed"
         elif isinstance(node, (ast.AsyncFunctionDef, ast.Await, ast.AsyncFor, ast.AsyncWith)):
             problem = "async code is not allowed"
         if problem:
             raise UnsafeRequestError(f"{where}, line {line}: {problem}.")
+
+
+def _root_name(node: ast.expr) -> str | None:
+    """The name an attribute/subscript/call chain starts from (``torch`` for ``torch.nn.functional.softmax``)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call, ast.Starred)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
 
 
 # ---- restricted unpickling --------------------------------------------------------------------------------------

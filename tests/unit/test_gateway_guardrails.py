@@ -41,7 +41,31 @@ def test_check_source_refuses_escapes(source, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("source, fragment", [
+    ("torch.nn.functional.softmax = f", "assigning the attribute 'softmax'"),
+    ("import torch.nn.functional as F\nF.softmax = f", "assigning the attribute 'softmax'"),
+    ("from torch.nn import functional\nfunctional.relu = f", "assigning the attribute 'relu'"),
+    ("F = torch.nn.functional\nF.softmax = f", "assigning the attribute 'softmax'"),
+    ("torch.nn.Linear.forward = f", "assigning the attribute 'forward'"),
+    ("torch.nn.functional.softmax += f", "assigning the attribute 'softmax'"),
+    ("del torch.nn.functional.softmax", "deleting the attribute 'softmax'"),
+    ("del lm.model.layers[0].output", "deleting the attribute 'output'"),
+    ("torch.output = f", "attribute of the module 'torch'"),
+    ("import torch.nn as tnn\ntnn.output = f", "attribute of the module 'tnn'"),
+    ("from torch.nn import functional as G\nG.input = f", "attribute of the module 'G'"),
+])
+def test_check_source_refuses_writing_shared_module_state(source, fragment):
+    """Module views (and their submodules, functions, classes) are shared by every request of a worker: a request
+    that assigned ``torch.nn.functional.softmax`` would change what later requests of any user run."""
+    with pytest.raises(UnsafeRequestError, match="not allowed") as info:
+        check_source(source, "the block")
+    assert fragment in str(info.value)
+    assert "shared by every request" in str(info.value)
+
+
 def test_check_source_accepts_ordinary_interventions():
+    check_source("lm.model.layers[20].output = lm.model.layers[20].output * 0.5\n"
+                 "lm.model.layers[3].mlp.input = h\nlm.model.layers[3].inputs = ((h,), {})\n")
     check_source("import torch\nh = lm.model.layers[5].output\nh[:, -1] = 0\n"
                  "p = torch.softmax(lm.lm_head.output[:, -1], -1).save()\nprint(p.shape)\n")
     with pytest.raises(BadRequestError, match="does not parse"):
