@@ -60,7 +60,7 @@ def build_config(args: argparse.Namespace, env_keys: str = "") -> GatewayConfig:
     model = args.local or args.model
     path = resolve_checkpoint(model, args.cache_dir)
     canonical = model if not Path(model).exists() else Path(model).resolve().name
-    keys = frozenset(k for k in [*args.api_key, *env_keys.split(",")] if k.strip())
+    keys = frozenset(k.strip() for k in [*args.api_key, *env_keys.split(",")] if k.strip())
     backend = BackendSpec("local" if args.local else "swarm", path, tuple(args.initial_peers or ()),
                           hybrid=not args.no_hybrid, threads=args.threads)
     limits = ExecutionLimits(timeout_s=args.timeout_s, max_memory_bytes=int(args.max_memory_gb * 2**30),
@@ -95,7 +95,9 @@ def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
             print(f"swarm-gateway: serving {', '.join(config.names)} at {url}\n"
                   f"  clients: NDIF_HOST={url} HF_ENDPOINT={url}, then LanguageModel({config.names[0]!r})", flush=True)
             if ready_file is not None:
-                ready_file.write_text(json.dumps({"url": url, "names": list(config.names), "pid": os.getpid()}))
+                tmp = ready_file.with_name(ready_file.name + ".tmp")
+                tmp.write_text(json.dumps({"url": url, "names": list(config.names), "pid": os.getpid()}))
+                os.replace(tmp, ready_file)
 
     threading.Thread(target=announce, daemon=True).start()
     try:

@@ -191,3 +191,15 @@ def test_api_keys_and_rate_limits():
     open_ring = KeyRing(frozenset(), rate_per_minute=60.0, burst=1)
     open_ring.charge(open_ring.identify(None, "a"))
     open_ring.charge(open_ring.identify(None, "b"))  # buckets are per client without keys
+
+
+def test_api_keys_from_the_environment_and_flags_are_stored_stripped(monkeypatch, tmp_path):
+    import swarm.checkpoint
+
+    from ndif_compat.cli import _parser, build_config
+
+    monkeypatch.setattr(swarm.checkpoint, "resolve_checkpoint", lambda model, cache_dir: tmp_path)
+    args = _parser().parse_args(["serve", "--local", "smollm2-135m", "--api-key", " k3\n"])
+    config = build_config(args, " k1 , k2\n,, ")
+    assert config.api_keys == frozenset({"k1", "k2", "k3"})
+    KeyRing(config.api_keys, rate_per_minute=60.0, burst=1).identify("k2", "1.2.3.4")
