@@ -49,6 +49,10 @@ class UnsafeRequestError(BadRequestError):
     code = "unsafe_request"
 
 
+class ParametersModifiedError(UnsafeRequestError):
+    """The request wrote a model parameter or buffer; its worker is replaced (the weights reloaded)."""
+
+
 class ExecutionLimitError(GatewayError):
     """The request ran past a limit (wall time, memory). Its worker process was killed and replaced."""
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .config import BackendSpec
-from .errors import UnsafeRequestError
+from .errors import ParametersModifiedError
 from .execution import Outcome, encode_result, forget, load_request, run_tracer
 from .guardrails import SAFE_BUILTINS, AuditGuard, ParameterSeal
 from .swarm_layers import Unreachable, touched_layers
@@ -92,7 +92,7 @@ class Runtime:
         """Run one decompressed payload; returns the outcome and metadata (path, bytes to the swarm).
 
         Raises:
-            GatewayError: typed; :class:`UnsafeRequestError` when a parameter was written (the caller then replaces
+            GatewayError: typed; :class:`ParametersModifiedError` when a parameter was written (the caller then replaces
                 this worker, restoring the weights).
         """
         from . import guardrails
@@ -120,7 +120,7 @@ class Runtime:
             forget(tracer.info.frame.f_code.co_filename)
             changed = self.seal.changed()
         if changed:
-            raise UnsafeRequestError(f"the request modified model parameters ({', '.join(changed[:3])}); parameters "
+            raise ParametersModifiedError(f"the request modified model parameters ({', '.join(changed[:3])}); parameters "
                                      "are read-only on this gateway. The worker was replaced to restore them.")
         after = self.traffic()
         meta = {"path": path, "swarm_bytes_sent": after[0] - before[0], "swarm_bytes_received": after[1] - before[1],

@@ -23,7 +23,7 @@ from typing import Callable
 import psutil
 
 from .config import BackendSpec, ExecutionLimits
-from .errors import ExecutionLimitError, GatewayError, UnsafeRequestError, WorkerCrashedError
+from .errors import ExecutionLimitError, GatewayError, ParametersModifiedError, WorkerCrashedError
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def worker_main(conn, spec: BackendSpec, limits: ExecutionLimits) -> None:
                                           f"{limits.max_result_bytes}. Save less (a slice, a reduction).")
             conn.send(("done", outcome.result, meta))
         except GatewayError as e:
-            replace = isinstance(e, UnsafeRequestError) and "modified model parameters" in str(e)
+            replace = isinstance(e, ParametersModifiedError)
             conn.send(("error", type(e).__name__, str(e), replace))
             if replace:
                 return
