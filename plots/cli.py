@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import shlex
 import sys
@@ -65,15 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(argv: list[str]) -> int:
-    try:
-        bench_cli = importlib.import_module("bench.cli")
-    except ModuleNotFoundError as e:
-        if e.name != "bench.cli":
-            raise
-        print("swarm-bench run: the benchmark runner (bench/cli.py) is not installed in this checkout",
-              file=sys.stderr)
-        return 2
-    return bench_cli.run_main(argv)
+    from bench.cli import run_main  # lazy: the runner's imports are not needed to plot
+    return run_main(argv)
 
 
 def _plot(args) -> int:
@@ -83,9 +75,6 @@ def _plot(args) -> int:
         results, summary = plot_run(args.run_dir, args.out, args.only, command=command)
     except BenchError as e:
         print(f"swarm-bench plot: {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:
-        print(f"swarm-bench plot: {e.args[0]}", file=sys.stderr)
         return 2
     for result in results:
         for path in result.paths:

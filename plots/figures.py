@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench.errors import BenchConfigError
+
 from .data import FigureResult, load
 from .fig_concurrency import fig_concurrency
 from .fig_interp import fig_logit_lens, fig_steering
@@ -42,16 +44,16 @@ def plot_run(run_dir: str | Path, out_dir: str | Path, only: Sequence[str] | Non
     Raises:
         bench.errors.ResultsNotFoundError: no result files under ``run_dir``.
         bench.errors.SchemaError: a record is invalid (names file, line and field).
-        KeyError: a name in ``only`` is not a figure.
+        bench.errors.BenchConfigError: a name in ``only`` is not a figure (checked before anything is read).
 
     Returns:
         ``(figure results, summary path)``.
     """
-    records = load(run_dir)
     names = list(FIGURES) if only is None else list(only)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
-        raise KeyError(f"unknown figure(s) {', '.join(unknown)}; known: {', '.join(FIGURES)}")
+        raise BenchConfigError(f"unknown figure(s) {', '.join(unknown)}; known: {', '.join(FIGURES)}")
+    records = load(run_dir)
     results = []
     for name in names:
         result = FIGURES[name](records, Path(out_dir))
