@@ -1,28 +1,18 @@
-"""Benchmark result files: one JSONL record per measurement, each with the resolved config, package versions,
-machine and git commit inside (the data of record; logs are not)."""
+"""Result files of the basics benchmarks (``swarm_basics``, ``hybrid_basics``, ``gateway_latency``): one JSONL
+record per measurement, each with the run's context inside (:func:`bench.schema.record_context`: resolved config,
+package versions, machine, git commit, time), the data of record; logs are not.
+
+These records are not ``swarm-bench/1`` records: each run goes to its own ``<out>/<name>-<time>/`` directory, apart
+from the ``<out>/<run-id>/`` directories that ``swarm-bench plot`` reads.
+"""
 
 from __future__ import annotations
 
-import os
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
-import torch
-
-from swarm.local_swarm import REPO
-
-
-def run_context(args) -> dict:
-    """Context embedded in each JSONL record of a run made with ``args`` (an argparse namespace)."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    import hivemind
-    import transformers
-    return {"config": vars(args) | {"out": str(args.out)}, "commit": commit, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "hivemind": hivemind.__version__,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+from .schema import record_context
 
 
 class ResultLog:
@@ -31,11 +21,12 @@ class ResultLog:
     def __init__(self, name: str, args):
         self.name = name
         self.run_dir = Path(args.out) / time.strftime(f"{name}-%Y%m%d-%H%M%S")
-        self.context = run_context(args)
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        self.context = record_context(config)
         self.records: list[dict] = []
 
     def __call__(self, measurement: str, **values) -> None:
-        self.records.append({"measurement": measurement, **values, **self.context})
+        self.records.append({"measurement": measurement, **values, **self.context, "time": time.time()})
         shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         print(f"{measurement:<28} {shown}", flush=True)
 

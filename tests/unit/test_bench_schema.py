@@ -172,3 +172,21 @@ def test_record_context_fills_the_context_fields_validly(tmp_path):
 def test_version_keys_are_the_agreed_ones():
     assert VERSION_KEYS == ("python", "torch", "transformers", "hivemind", "nnsight")
     assert PLACEMENTS == ("hpc", "centralized", "petals", "swarm", "hybrid")
+
+
+def test_result_log_records_carry_record_context_in_their_own_dir(tmp_path, capsys):
+    import argparse
+
+    from bench.results import ResultLog
+    run = tmp_path / "paper-run"
+    run.mkdir()
+    (run / "r.jsonl").write_text(dump_record(valid_record()))
+    log = ResultLog("swarm-basics", argparse.Namespace(out=tmp_path, n=3))
+    log("forward", seconds=0.5)
+    path = log.write()
+    assert path.parent.parent == tmp_path and path.parent.name.startswith("swarm-basics-")
+    (record,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert record["measurement"] == "forward" and record["seconds"] == 0.5
+    assert record["config"] == {"out": str(tmp_path), "n": 3}
+    assert set(record) >= {"versions", "machine", "git_commit", "time"}
+    assert len(read_results(run)) == 1   # the basics file is not under the run's directory
