@@ -24,8 +24,9 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from swarm.chained_session import ChainedSession, StepHook
+from swarm.chained_session import ChainedSession
 from swarm.inference_session import InferenceSession
+from swarm.remote_sequence import HookRequest
 from swarm.model import pick_token
 
 from .errors import HybridError
@@ -203,7 +204,7 @@ class SwarmSteps:
         # The client needs the last position only, unless its own head has graph nodes that read every position.
         last_only = self.remote_head or not self.head_nodes
         outputs, result = self.loop.run(session.step(
-            inputs, attention_mask=mask, position_ids=positions, hook=StepHook(HOOK_KIND, HOOK_VERSION, payload),
+            inputs, attention_mask=mask, position_ids=positions, hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload),
             carry=pack_values(values), last_only=last_only))
         values = unpack_values(result)
         plan = plans[_route_key(session.route)]

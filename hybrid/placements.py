@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from swarm.model import SwarmModel
+from swarm.remote_sequence import HookRequest
 from swarm.span_hook import active_hook
 from swarm.stages import SpanModel
 
@@ -149,7 +150,7 @@ class SwarmRunner:
 
         outputs, result, route, reply = self.client.loop.run(self.sequence.forward_chain(
             inputs, attention_mask=attention_mask, position_ids=position_ids, embed=remote_embed, head=remote_head,
-            hook=(HOOK_KIND, HOOK_VERSION, payload), carry=carry, return_outputs=not remote_head))
+            hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload), carry=carry, return_outputs=not remote_head))
         values = unpack_values(result)
         plan = plan_for(route)
         if not remote_head:  # the client's head is the last executor

@@ -18,13 +18,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .errors import PeerUnreachableError
 from .handles import INFERENCE
-from .remote_sequence import RemoteSequence, _extras
+from .remote_sequence import HookRequest, RemoteSequence, _extras, hook_result
 from .routing import Hop
 from .transport import call
 
@@ -32,20 +31,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class StepHook:
-    """A span hook for one inference step."""
-
-    kind: str
-    version: int
-    make_payload: Callable[[list[Hop]], bytes]
-    """``make_payload(route)``: the payload for this step on ``route`` (called again if the route changes)."""
-
-
-@dataclass(frozen=True)
 class _Step:
     inputs: torch.Tensor
     extras: dict
-    hook: StepHook | None
+    hook: HookRequest | None
     carry: bytes
 
 
@@ -80,7 +69,7 @@ class ChainedSession:
         return list(self._hops)
 
     async def step(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None, hook: StepHook | None = None, carry: bytes = b"",
+                   position_ids: torch.Tensor | None = None, hook: HookRequest | None = None, carry: bytes = b"",
                    last_only: bool = False) -> tuple[torch.Tensor, bytes]:
         """Run new tokens (ids when ``embed``, else hidden states ``(B, T, D)``) through the chain.
 
@@ -132,11 +121,7 @@ class ChainedSession:
             meta["open"] = first["open"]
         tensors = {"inputs": step.inputs, **step.extras}
         if step.hook is not None:
-            payload = step.hook.make_payload(self.route)
-            tensors["hook_payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-            if step.carry:
-                tensors["hook_carry"] = torch.frombuffer(bytearray(step.carry), dtype=torch.uint8)
-            meta.update(hook={"kind": step.hook.kind, "version": step.hook.version}, hop=0)
+            step.hook.attach(tensors, meta, self.route, step.carry)
         out, reply = await call(self.sequence.p2p, self._hops[0].peer_id, INFERENCE, tensors, meta,
                                 timeout_s=self.sequence.config.step_timeout_s * len(self._hops),
                                 traffic=self.sequence.traffic, liveness_s=self.sequence.config.liveness_s)
@@ -144,8 +129,7 @@ class ChainedSession:
         for peer, seconds in (reply.get("compute_s") or {}).items():
             self.compute_s[peer] = self.compute_s.get(peer, 0.0) + float(seconds)
         self.node_bytes += int(reply.get("node_bytes", 0))
-        result = out.get("hook_result")
-        return out["outputs"], (result.numpy().tobytes() if result is not None else b"")
+        return out["outputs"], hook_result(out)
 
     async def _rebuild(self) -> None:
         """Exclude unreachable nodes, open fresh sessions on a new route and replay every earlier step."""

@@ -186,14 +186,13 @@ class RemoteSequence:
 
     async def forward_chain(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                             position_ids: torch.Tensor | None = None, embed: bool = False, head: bool = False,
-                            hook: tuple[str, int, Callable[[list[Hop]], bytes]] | None = None, carry: bytes = b"",
+                            hook: HookRequest | None = None, carry: bytes = b"",
                             return_outputs: bool = True) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
         """Push the inputs through the whole route node → node; only the last node's answer comes back.
 
         Args:
-            hook: ``(kind, version, make_payload)``: ``make_payload(route)`` builds the payload every hop's span hook
-                gets (called again if the route changes); each hop's result is the next hop's ``carry`` and the
-                last hop's result is returned.
+            hook: the span hook every hop runs; each hop's result is the next hop's ``carry`` and the last hop's
+                result is returned.
             carry: the first hop's carry (values the client computed before the route).
             return_outputs: False to get an empty tensor instead of the final hidden states / logits.
         Returns:
@@ -209,12 +208,7 @@ class RemoteSequence:
             meta = {"start": hops[0].start, "end": hops[0].end, "embed": embed, "head": chain[0]["head"],
                     "next": chain[1:], "return_outputs": return_outputs}
             if hook is not None:
-                kind, version, make_payload = hook
-                payload = make_payload(hops)
-                tensors["hook_payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-                if carry:
-                    tensors["hook_carry"] = torch.frombuffer(bytearray(carry), dtype=torch.uint8)
-                meta["hook"] = {"kind": kind, "version": version}
+                hook.attach(tensors, meta, hops, carry)
             t0 = time.perf_counter()
             try:
                 out, reply = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
@@ -229,8 +223,7 @@ class RemoteSequence:
                 continue
             if attempt:
                 self.stats.reroute_s.append(time.perf_counter() - t0)
-            result = out.get("hook_result")
-            return out["outputs"], (result.numpy().tobytes() if result is not None else b""), hops, reply
+            return out["outputs"], hook_result(out), hops, reply
         raise AssertionError("unreachable")
 
     async def ban_unreachable(self, hops: list[Hop]) -> None:
@@ -283,6 +276,29 @@ class RemoteSequence:
                                     **self._call_options)
             grad = out["outputs"]
         return grad
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    """A span hook for a chained call (forward, or an inference step): every hop runs it."""
+
+    kind: str
+    version: int
+    make_payload: Callable[[list[Hop]], bytes]
+    """``make_payload(route)``: the payload for ``route`` (called again if the route changes)."""
+
+    def attach(self, tensors: dict, meta: dict, route: list[Hop], carry: bytes) -> None:
+        """Add the payload, the first hop's ``carry`` and the hook's name to a request's tensors and meta."""
+        tensors["hook_payload"] = torch.frombuffer(bytearray(self.make_payload(route)), dtype=torch.uint8)
+        if carry:
+            tensors["hook_carry"] = torch.frombuffer(bytearray(carry), dtype=torch.uint8)
+        meta.update(hook={"kind": self.kind, "version": self.version}, hop=0)
+
+
+def hook_result(out: dict) -> bytes:
+    """The last hop's hook result in an answer (``b""`` without one)."""
+    result = out.get("hook_result")
+    return result.numpy().tobytes() if result is not None else b""
 
 
 def _log_failure(task: asyncio.Future) -> None:
