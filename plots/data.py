@@ -82,3 +82,10 @@ def links_seen(records: list[dict]) -> list[str]:
     """Every client link of the run, as text, most used first."""
     counter = Counter(_link_key(r) for r in records)
     return [link_text(json.loads(k)) for k, _ in counter.most_common()]
+
+
+def shaped_link(records: list[dict]) -> str | None:
+    """The most used shaped client link of ``records``, as text (for a figure's title); None when none is shaped
+    (unshaped rows, ``link`` null, are left out so that ``hpc`` or loopback rows never name the link)."""
+    links = links_seen([r for r in records if r["link"] is not None])
+    return links[0] if links else None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.stats import describe, round_throughputs, summarize
-
-from .data import FigureResult, links_seen, load, placements_in, select
+from .data import FigureResult, load, placements_in, select, shaped_link
 from .draw import series
+from .headline import concurrency_rows
 from .style import legend_below, new_figure, save, styled
 
 
@@ -26,18 +25,18 @@ def fig_concurrency(source, out_dir: Path) -> FigureResult:
         The paths written, or a note when there are no ``concurrency`` rows.
     """
     result = FigureResult("fig_concurrency")
-    records = select(load(source), "concurrency", result.notes)
-    latency = summarize(records, by=("placement", "users"))
-    if not latency:
+    records = load(source)
+    rows = concurrency_rows(records, result.notes)   # the same numbers as summary.md's concurrency table
+    if not rows:
         result.notes.append("skipped: no successful concurrency repetitions")
         return result
-    throughput = {key: describe(values) for key, values in round_throughputs(records).items()}
+    records = select(records, "concurrency")   # the rows behind ``rows`` (the dropped links were noted above)
     fig, (ax_lat, ax_tp) = new_figure(ncols=2)
     for placement in placements_in(records):
-        points = {users: s for (p, users), s in latency.items() if p == placement}
+        points = {row.users: row.response for row in rows if row.placement == placement}
         if points:
             series(ax_lat, placement, points, band="iqr")
-        points = {users: s for (p, users), s in throughput.items() if p == placement}
+        points = {row.users: row.throughput for row in rows if row.placement == placement and row.throughput}
         if points:
             series(ax_tp, placement, points, band="ci")
     for ax in (ax_lat, ax_tp):
@@ -49,9 +48,9 @@ def fig_concurrency(source, out_dir: Path) -> FigureResult:
     ax_tp.set_ylabel("throughput (requests/s)")
     ax_tp.set_title("throughput (median, 95% CI band)")
     legend_below(fig, "placement")
-    links = links_seen([r for r in records if r["link"] is not None])
+    link = shaped_link(records)
     models = sorted({r["model"] for r in records})
     fig.suptitle(f"Concurrent users on one deployment ({', '.join(models)})"
-                 + (f", client link {links[0]}" if links else ""))
+                 + (f", client link {link}" if link else ""))
     result.paths = save(fig, out_dir, result.name)
     return result

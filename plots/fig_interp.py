@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bench.stats import summarize
 
-from .data import FigureResult, links_seen, load, placements_in, select
+from .data import FigureResult, load, placements_in, select, shaped_link
 from .draw import grouped_bars, seconds
 from .style import WORKLOAD_LABELS, legend_below, new_figure, save, styled
 
@@ -41,9 +41,9 @@ def fig_logit_lens(source, out_dir: Path) -> FigureResult:
                  ["plain forward", "all-layer logit lens"], annotate=seconds)
     top_k = sorted({r["extra"].get("top_k") for r in records if r["extra"].get("top_k") is not None})
     ax.set_ylabel("time per request (s)")
-    links = links_seen([r for r in records if r["link"] is not None])
+    link = shaped_link(records)
     ax.set_title("Logit lens vs plain forward" + (f" (top-{top_k[0]})" if len(top_k) == 1 else "")
-                 + (f"\nclient link {links[0]}" if links else ""))
+                 + (f"\nclient link {link}" if link else ""))
     legend_below(fig, "median, 95% CI")
     result.paths = save(fig, out_dir, result.name)
     return result
@@ -83,8 +83,8 @@ def fig_steering(source, out_dir: Path) -> FigureResult:
     grouped_bars(ax_token, ["tok"], placements, lambda _, p: per_token.get((p,)), [""], annotate=seconds)
     ax_token.set_ylabel("time per generated token (s)")
     ax_token.set_title("per token")
-    links = links_seen([r for r in records if r["link"] is not None])
-    fig.suptitle(WORKLOAD_LABELS["steering_generation"] + (f", client link {links[0]}" if links else ""))
+    link = shaped_link(records)
+    fig.suptitle(WORKLOAD_LABELS["steering_generation"] + (f", client link {link}" if link else ""))
     legend_below(fig, "median, 95% CI")
     result.paths = save(fig, out_dir, result.name)
     return result

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from bench.stats import client_bytes, summarize
 
-from .data import FigureResult, links_seen, load, missing_note, placements_in, select
+from .data import FigureResult, load, missing_note, placements_in, select, shaped_link
 from .draw import grouped_bars, seconds
+from .headline import ioi_batch
 from .style import BYTES_FORMATTER, WORKLOAD_LABELS, human_bytes, legend_below, new_figure, save, styled
 
 REMOTE = ("petals", "swarm", "hybrid")
@@ -39,8 +40,8 @@ def fig6c_petals_vs_ours(source, out_dir: Path) -> FigureResult:
     grouped_bars(ax, groups, placements_in(records), lambda g, p: stats.get((g, p)),
                  [WORKLOAD_LABELS[g] for g in groups], annotate=seconds)
     ax.set_ylabel("time per request (s)")
-    links = links_seen(records)
-    ax.set_title("Petals vs ours" + (f" — client link {links[0]}" if links else ""))
+    link = shaped_link(records)
+    ax.set_title("Petals vs ours" + (f" — client link {link}" if link else ""))
     legend_below(fig, "median, 95% CI")
     result.paths = save(fig, out_dir, result.name)
     return result
@@ -60,14 +61,16 @@ def fig_ioi_patching(source, out_dir: Path) -> FigureResult:
         The paths written, or a note when there are no ``ioi_patching`` rows.
     """
     result = FigureResult("fig_ioi_patching")
-    records = [r for r in select(load(source), "ioi_patching", result.notes) if r["ok"] and not r["warmup"]]
+    records = load(source)
+    batch = ioi_batch(records)   # the batch summary.md's IOI ratios use, chosen from the same records
+    records = [r for r in select(records, "ioi_patching", result.notes)
+               if r["ok"] and not r["warmup"] and r["batch"] == batch]
     if not records:
-        result.notes.append("skipped: no successful ioi_patching repetitions")
+        result.notes.append("skipped: no successful ioi_patching repetitions"
+                            + (f" at batch {batch}" if batch is not None else ""))
         return result
-    batch = 32 if any(r["batch"] == 32 for r in records) else max((r["batch"] or 0) for r in records)
     if batch != 32:
         result.notes.append(f"no batch-32 IOI rows; drew batch {batch}")
-    records = [r for r in records if (r["batch"] or 0) == batch]
     times = summarize(records, by=("placement",))
     sizes = summarize(records, by=("placement",), value=client_bytes)
     result.notes += missing_note(records, ("petals", "swarm", "hybrid", "centralized"), "IOI patching")
@@ -82,8 +85,8 @@ def fig_ioi_patching(source, out_dir: Path) -> FigureResult:
     ax_b.set_ylabel("client-link bytes (B)")
     uncounted = [p for p in placements if (p,) not in sizes]
     ax_b.set_title("bytes over the client link, sent + received" + (f"\n(not counted: {', '.join(uncounted)})" if uncounted else ""))
-    links = links_seen([r for r in records if r["link"] is not None])
-    fig.suptitle(f"IOI activation patching, batch {batch}" + (f", client link {links[0]}" if links else ""))
+    link = shaped_link(records)
+    fig.suptitle(f"IOI activation patching, batch {batch}" + (f", client link {link}" if link else ""))
     legend_below(fig, "median, 95% CI")
     result.paths = save(fig, out_dir, result.name)
     return result

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bench.stats import summarize
 
-from .data import FigureResult, links_seen, load, placements_in, select
+from .data import FigureResult, load, placements_in, select, shaped_link
 from .draw import series
 from .style import human_count, legend_below, log_labels, new_figure, save, styled
 
@@ -32,8 +32,8 @@ def _versus_params(source, out_dir: Path, *, name: str, workload: str, title: st
     log_labels(ax.yaxis)
     ax.set_xlabel("model size (parameters)")
     ax.set_ylabel(ylabel)
-    remote = [r for r in records if r["link"] is not None]
-    ax.set_title(title + (f"\nclient link {links_seen(remote)[0]}" if remote else ""))
+    link = shaped_link(records)
+    ax.set_title(title + (f"\nclient link {link}" if link else ""))
     legend_below(fig, "median, 95% CI band")
     result.paths = save(fig, out_dir, name)
     return result

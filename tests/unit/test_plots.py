@@ -256,3 +256,21 @@ def test_cli_run_delegates_to_bench_cli(monkeypatch):
     monkeypatch.setitem(sys.modules, "bench.cli", fake)
     assert main(["run", "--suite", "paper", "--help"]) == 7
     assert seen == [["--suite", "paper", "--help"]]
+
+
+def test_shaped_link_names_the_most_used_shaped_link_only():
+    from plots.data import shaped_link
+    shaped = {"bandwidth_Bps": 6e7, "latency_s": 0.02}
+    assert shaped_link([{"link": None}] * 3 + [{"link": shaped}]) == "60 MB/s, 20 ms"
+    assert shaped_link([{"link": None}]) is None
+    assert shaped_link([]) is None
+
+
+def test_ioi_figure_uses_the_headline_batch_even_when_it_failed(tmp_path):
+    records = synthetic_run(workloads=("ioi_patching",))
+    assert {r["batch"] for r in records} == {32}
+    records += [dict(r, batch=8, rep=r["rep"] + 100) for r in records]
+    records = [dict(r, ok=False, wall_s=None, error="boom") if r["batch"] == 32 else r for r in records]
+    results, _ = plot_run(write_run(records, tmp_path / "run"), tmp_path / "out", only=["fig_ioi_patching"])
+    assert results[0].skipped
+    assert results[0].notes[-1] == "skipped: no successful ioi_patching repetitions at batch 32"
