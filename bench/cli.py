@@ -24,9 +24,9 @@ from .deployments import PLACEMENT_DEPLOYMENT, DeploymentConfig, deploy
 from .errors import BenchError, PetalsUnavailableError
 from .harness import open_harness
 from .link_shaper import LinkSpec
-from .petals import HOW_TO, petals_python
+from .petals import petals_python
 from .runner import Measurement, count_params, measure
-from .schema import PLACEMENTS, WORKLOADS, dump_record, record_context
+from .schema import PLACEMENTS, SCHEMA, WORKLOADS, dump_record, record_context
 from .synthetic import SIZES, synthetic_checkpoint
 from .workloads import WORKLOAD_EXPERIMENT, ExperimentConfig
 
@@ -105,15 +105,14 @@ def plan_jobs(args, cache_dir: Path) -> list[Job]:
             return
         experiment = ExperimentConfig(WORKLOAD_EXPERIMENT[workload], batch=BATCH[workload])
         kind = PLACEMENT_DEPLOYMENT[placement]
-        m = Measurement(workload, placement, experiment, n=n, warmup=warmup, users=users, model_name=name,
+        m = Measurement(workload, placement, experiment, n=n, warmup=warmup, users=users,
                         params=count_params(model))
         groups.setdefault((str(model), name, kind), []).append(m)
 
     smollm2 = resolve_checkpoint("smollm2-135m", cache_dir)
     for workload in workloads:
         placements = [p for p in (args.placements or PLACEMENTS_OF[workload])
-                      if (p != "petals" or workload in PETALS_WORKLOADS)
-                      and (workload not in SIZE_WORKLOADS or p != "petals")]
+                      if p != "petals" or workload in PETALS_WORKLOADS]   # no size workload is a Petals one
         if workload in SIZE_WORKLOADS:
             for size in args.sizes or suite["sizes"]:
                 path = synthetic_checkpoint(size, cache_dir)
@@ -151,7 +150,7 @@ async def run_jobs(jobs: list[Job], run_dir: Path, config: dict, progress) -> in
 
                     def emit(partial: dict, m=m) -> None:
                         nonlocal written
-                        record = {"schema": "swarm-bench/1", "run_id": run_dir.name, "workload": m.workload,
+                        record = {"schema": SCHEMA, "run_id": run_dir.name, "workload": m.workload,
                                   "placement": m.placement, "model": job.model_name, "params": m.params,
                                   "link": d.link.as_record() if d.link else None,
                                   "node_link": d.node_link.as_record() if d.node_link else None,

@@ -1,4 +1,4 @@
-"""Indirect-object identification (IOI) prompts from templates, and the activation-patching experiment on them.
+"""Indirect-object identification (IOI) prompts from a template, and the activation-patching experiment on them.
 
 A *clean* prompt names the indirect object (IO) once and the subject (S) twice and ends where the IO should come:
 "When Mary and John went to the store, John gave a drink to" → " Mary". Its *corrupted* twin swaps which name
@@ -16,12 +16,7 @@ import torch
 
 NAMES = (" Mary", " John", " Tom", " James", " Anna", " Sarah", " David", " Paul", " Lisa", " Mark", " Kate", " Jack",
          " Emma", " Peter", " Alice", " Bob", " Michael", " Laura", " Daniel", " Rachel")
-TEMPLATES = (
-    "When{A} and{B} went to the store,{B} gave a drink to",
-    "After{A} and{B} went to the park,{B} handed a ball to",
-    "While{A} and{B} were at the office,{B} sent an email to",
-    "Then{A} and{B} had a long chat.{B} gave a book to",
-)
+TEMPLATE = "When{A} and{B} went to the store,{B} gave a drink to"
 
 
 @dataclass(frozen=True)
@@ -41,7 +36,7 @@ def ioi_batch(tokenizer, pairs: int = 16, seed: int = 0) -> IOIBatch:
     """Build ``pairs`` clean/corrupted prompt pairs (so a batch of ``2 * pairs``), every name a single token."""
     rng = random.Random(seed)
     clean, corrupt, io, s = [], [], [], []
-    template = TEMPLATES[0]
+    template = TEMPLATE
     for _ in range(pairs):
         a, b = rng.sample(NAMES, 2)
         clean.append(template.format(A=a, B=b))        # answer a

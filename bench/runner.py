@@ -32,7 +32,6 @@ class Measurement:
     n: int = 20
     warmup: int = 1
     users: int = 1
-    model_name: str = ""
     params: int = 1
 
 

@@ -1,7 +1,7 @@
 """The experiments a worker times, one repetition per :meth:`Experiment.run` call, the same in every placement.
 
 Workload names follow :data:`bench.schema.WORKLOADS`; each maps to an experiment here (``setup_time`` and
-``concurrency`` reuse ``remote_inference``; ``patching_vs_size`` reuses ``patching``):
+``setup_time`` reuses ``remote_inference``; ``patching_vs_size`` and ``concurrency`` reuse ``patching``):
 
 - ``remote_inference``: a plain forward of the batch; the client gets the last position's logits ``(B, V)``.
 - ``patching``: activation patching at one layer (last position, clean rows → corrupted rows); the client gets
@@ -17,7 +17,7 @@ Inputs are token ids (made from prompts or random with a seed), so the Petals wo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +48,6 @@ class ExperimentConfig:
     steering_scale: float = 4.0
     """Steering: the norm of the vector added (a seeded random direction)."""
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def token_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -3,7 +3,6 @@ the link relays, records carry what the schema needs, and every child is dead af
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path

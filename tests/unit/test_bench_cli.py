@@ -24,6 +24,11 @@ def test_defaults_parse():
     assert args.suite == "smoke" and args.n == 3 and args.node_link == "same"
 
 
+def test_no_size_workload_runs_on_petals():
+    from bench.cli import PETALS_WORKLOADS, SIZE_WORKLOADS
+    assert not set(SIZE_WORKLOADS) & set(PETALS_WORKLOADS)   # plan_jobs relies on it to leave petals out
+
+
 def test_missing_petals_venv_says_how_to_create_it(tmp_path):
     with pytest.raises(PetalsUnavailableError, match="make petals-env"):
         petals_python(tmp_path / "nope")
