@@ -198,7 +198,6 @@ def _builtin_type(name: str):
     if name not in _BUILTIN_TYPES:
         raise UnsafeRequestError(f"the request carries a {name!r} object (compiled code?); send functions as "
                                  "source (define them in a file, not in exec'd strings).")
-    import types
     return getattr(types, name)
 
 
@@ -232,10 +231,20 @@ def _is_nnsight_own(source: str, origin_filename: str, origin_line: int) -> bool
 def _checked_load_function(source, name, defaults, kwdefaults, annotations, origin_filename, origin_line):
     from nnsight.intervention.serialization import _load_function
 
-    if not _is_nnsight_own(source, origin_filename, origin_line):
+    own = _is_nnsight_own(source, origin_filename, origin_line)
+    if not own:
         check_source(source, f"function {name!r}")
         SHIPPED_SOURCES.get([]).append(source)
-    return _load_function(source, name, defaults, kwdefaults, annotations, origin_filename, origin_line)
+    func = _load_function(source, name, defaults, kwdefaults, annotations, origin_filename, origin_line)
+    if not own:  # nnsight gives it the real builtins (its `import torch` would be the real torch, with save/load);
+        # a function keeps the builtins of its creation, so it is rebuilt on the same globals dict (`_fill` fills it)
+        func.__globals__["__builtins__"] = SAFE_BUILTINS
+        rebuilt = types.FunctionType(func.__code__, func.__globals__, func.__name__, func.__defaults__,
+                                     func.__closure__)
+        rebuilt.__kwdefaults__, rebuilt.__annotations__ = func.__kwdefaults__, func.__annotations__
+        rebuilt.__qualname__, rebuilt.__module__ = func.__qualname__, func.__module__
+        func = rebuilt
+    return func
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -289,7 +298,6 @@ class AuditGuard:
 
     def __init__(self):
         self._armed: set[int] = set()
-        self.violations: list[str] = []
 
     @classmethod
     def install(cls) -> "AuditGuard":
@@ -312,7 +320,6 @@ class AuditGuard:
             self._refuse(f"{event} {target!r}".strip())
 
     def _refuse(self, what: str) -> None:
-        self.violations.append(what)
         raise UnsafeRequestError(f"the request tried {what}: file, network and process access are not allowed "
                                  "on this gateway.")
 

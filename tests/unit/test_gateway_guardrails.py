@@ -86,8 +86,23 @@ def test_unpickler_refuses_modules_and_bytecode():
     with pytest.raises(UnsafeRequestError, match="module 'os'"):
         _load(cloudpickle.dumps(os))
     captured = 3
-    with pytest.raises(UnsafeRequestError):  # a function without source: cloudpickle ships bytecode
+    # a function without source: cloudpickle ships bytecode (its function builder or a code object is refused)
+    with pytest.raises(UnsafeRequestError, match=r"_make_function, which the gateway does not load|compiled code"):
         _load(cloudpickle.dumps(lambda: captured))
+
+
+def test_shipped_functions_run_with_the_restricted_builtins():
+    """nnsight rebuilds a shipped function with the real builtins; the gateway's must replace them, or the
+    function's ``import torch`` would be the real torch (``save``, ``load``...), not the protected view."""
+    from ndif_compat.guardrails import SAFE_BUILTINS, _checked_load_function
+
+    f = _checked_load_function("def helper():\n    import torch\n    return torch\n", "helper", None, None, None,
+                               "/home/user/experiment.py", 1)
+    assert f.__globals__["__builtins__"] is SAFE_BUILTINS
+    view = f()
+    assert view is not torch and view is SAFE_BUILTINS["__import__"]("torch") and "load" not in vars(view)
+    with pytest.raises(UnsafeRequestError, match="'open' is not allowed"):
+        _checked_load_function("def g():\n    return open\n", "g", None, None, None, "/x.py", 1)
 
 
 def test_unpickler_loads_tensors_and_plain_data_and_unknown_ids_fail():
