@@ -1,7 +1,11 @@
 """Run one nnsight request on a model held by this process (the worker), under the guardrails.
 
-    outcome = execute_request(model, blob, compress=True, request_id="abc", log=print)
-    outcome.result      # zstd/torch.save bytes of {variable name: saved value}, what nnsight's client loads
+    tracer, source = load_request(data, "abc", model._remoteable_persistent_objects())
+    try:
+        saves = run_tracer(tracer, log=print)       # {variable name: saved value}
+    finally:
+        forget(tracer.info.frame.f_code.co_filename)
+    encode_result(saves, compress=True)             # zstd/torch.save bytes, what nnsight's client loads
 
 The payload is nnsight 0.8's: a pickle of ``(tracer, (block source, globals, locals))``. It is unpickled with
 :class:`~ndif_compat.guardrails.RestrictedUnpickler` against the model's persistent objects, the block source is
@@ -31,8 +35,6 @@ logger = logging.getLogger(__name__)
 class Outcome:
     result: bytes
     """Serialized saves, compressed when the request was."""
-    path: str
-    """Which execution path ran (``gateway``, ``hybrid``, ...); the response log names it."""
 
 
 def decompress(blob: bytes, compress: bool, max_bytes: int) -> bytes:
@@ -69,8 +71,9 @@ def _compact(value: Any) -> Any:
     return value
 
 
-def load_request(envoy, data: bytes, request_id: str, persistent_objects: dict | None = None):
-    """Unpickle a payload against ``envoy``'s live model; returns the tracer ready to execute.
+def load_request(data: bytes, request_id: str, persistent_objects: dict):
+    """Unpickle a payload against a live model's persistent objects; returns the tracer ready to execute
+    (:func:`run_tracer`, or the hybrid translation, sets the restricted builtins it runs with).
 
     The block is compiled under a per-request file name, so nnsight's per-file source caches never mix two
     requests that came from files of the same name.
@@ -79,8 +82,7 @@ def load_request(envoy, data: bytes, request_id: str, persistent_objects: dict |
 
     try:
         tracer, (source, glbls, variables) = serialization.loads(
-            data, envoy._remoteable_persistent_objects() if persistent_objects is None else persistent_objects,
-            RestrictedUnpickler)
+            data, persistent_objects, RestrictedUnpickler)
     except GatewayError:
         raise
     except Exception as e:
@@ -94,8 +96,6 @@ def load_request(envoy, data: bytes, request_id: str, persistent_objects: dict |
     frame.f_code.co_filename = filename
     tracer.info.code = compile(source, filename, "exec").replace(co_name=frame.f_code.co_name)
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    variables["__builtins__"] = SAFE_BUILTINS
-    glbls["__builtins__"] = SAFE_BUILTINS
     frame.f_globals, frame.f_locals = glbls, variables
     return tracer, source
 
@@ -111,7 +111,8 @@ def forget(filename: str) -> None:
 
 
 def run_tracer(tracer, log: Callable[[str], None]) -> dict[str, Any]:
-    """Execute a loaded tracer with nnsight's machinery; returns the saved variables by name."""
+    """Execute a loaded tracer with nnsight's machinery; returns the saved variables by name. The caller
+    :func:`forget`\ s the request's file name afterwards."""
     from nnsight.tracing import tracer as nnsight_tracer
 
     frame = tracer.info.frame
@@ -131,7 +132,6 @@ def run_tracer(tracer, log: Callable[[str], None]) -> dict[str, Any]:
         raise ExecutionError(_describe(e)) from None
     finally:
         nnsight_tracer.dec()
-        forget(frame.f_code.co_filename)
 
 
 def _describe(e: BaseException) -> str:

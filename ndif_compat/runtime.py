@@ -15,7 +15,7 @@ import torch
 
 from .config import BackendSpec
 from .errors import ParametersModifiedError
-from .execution import Outcome, encode_result, forget, load_request, run_tracer
+from .execution import Outcome, _Printer, encode_result, forget, load_request, run_tracer
 from .guardrails import SAFE_BUILTINS, AuditGuard, ParameterSeal
 from .swarm_layers import Unreachable, touched_layers
 
@@ -40,8 +40,10 @@ class Runtime:
 
     def __init__(self, spec: BackendSpec, lm, client=None, stack=None, hybrid_lm=None):
         self.spec, self.lm, self.client, self.stack, self.hybrid_lm = spec, lm, client, stack, hybrid_lm
-        self.seal = ParameterSeal(lm._module)
-        self._sources: list[str] = []
+        self.seal: ParameterSeal | None = None
+        """Set by :meth:`warm_up` (after the warm-up traces, which must not count as writes)."""
+        self._objects: dict | None = None
+        """The model's persistent objects payloads resolve to; built once, by :meth:`warm_up`."""
 
     @classmethod
     def load(cls, spec: BackendSpec) -> "Runtime":
@@ -75,10 +77,8 @@ class Runtime:
             with self.hybrid_lm.trace(WARMUP_PROMPT, placement="hybrid"):
                 self.hybrid_lm.lm_head.output.save()
         self.seal = ParameterSeal(self.lm._module)
-
-    def persistent_objects(self) -> dict:
         objects = self.lm._remoteable_persistent_objects()
-        return _SwarmObjects(objects) if self.spec.kind == "swarm" else objects
+        self._objects = _SwarmObjects(objects) if self.spec.kind == "swarm" else objects
 
     def traffic(self) -> tuple[int, int, int]:
         if self.client is None:
@@ -100,7 +100,7 @@ class Runtime:
         before = self.traffic()
         sources: list[str] = []
         guardrails.SHIPPED_SOURCES.set(sources)
-        tracer, source = load_request(self.lm, data, request_id, self.persistent_objects())
+        tracer, source = load_request(data, request_id, self._objects)
         sources.insert(0, source)
         path = "gateway"
         try:
@@ -125,13 +125,12 @@ class Runtime:
         after = self.traffic()
         meta = {"path": path, "swarm_bytes_sent": after[0] - before[0], "swarm_bytes_received": after[1] - before[1],
                 "swarm_calls": after[2] - before[2]}
-        return Outcome(encode_result(saves, compress), path), meta
+        return Outcome(encode_result(saves, compress)), meta
 
     def _try_hybrid(self, tracer, log) -> tuple[dict | None, str]:
         from .translate import NotTranslatable, translate_and_run
 
         logs: list[str] = []
-        from .execution import _Printer
         builtins = {**SAFE_BUILTINS, "print": _Printer(logs.append)}
         try:
             with AuditGuard.install():
