@@ -95,7 +95,7 @@ class Gateway:
                                       f"{self.config.limits.max_request_bytes}.")
         except GatewayError as e:
             return _error(e)
-        job = Job(envelope.session_id, blob, envelope.compress, identity)
+        job = Job(envelope.session_id, blob, envelope.compress, str(request.base_url).rstrip("/"))
         job.meta = {"request_bytes": len(blob)}
         self.jobs[job.id] = job
         received = job.response(Status.RECEIVED)
@@ -138,16 +138,13 @@ class Gateway:
         job.blob = b""
         job.result = reply.result
         job.meta |= reply.meta | {"result_bytes": len(reply.result), "wall_s": time.perf_counter() - t0}
-        job.latest = job.response(Status.COMPLETED, data=f"{self._base_url()}/result/{job.id}")
+        job.latest = job.response(Status.COMPLETED, data=f"{job.base_url}/result/{job.id}")
         if len(reply.result) <= self.config.inline_result_bytes:
             frame = job.response(Status.COMPLETED, data=reply.result).pickle()
         else:
             frame = job.latest.model_dump_json()
         self.subscriptions.push(job.session_id, frame)
         job.finished = time.monotonic()
-
-    def _base_url(self) -> str:
-        return f"http://{self.config.host}:{self.config.port}"
 
     def _purge(self) -> None:
         now = time.monotonic()

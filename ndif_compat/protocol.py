@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,9 +60,9 @@ class Job:
     session_id: str
     blob: bytes
     compress: bool
-    identity: str
+    base_url: str
+    """The gateway's address as the client reached it (the result URL is built on it, never on the bind host)."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: float = field(default_factory=time.monotonic)
     latest: ResponseModel | None = None
     result: bytes | None = None
     meta: dict = field(default_factory=dict)
