@@ -73,6 +73,8 @@ EXPERIMENTS = {"read": read, "patch": patch, "session": session, "generation": g
 
 def _client(url: str, scenario: str, out: str) -> None:
     """Run ``scenario`` with the real nnsight client against ``url``; torch.save what came back to ``out``."""
+    global PWNED
+    PWNED = str(Path(out).with_name("gateway-pwned.pt"))  # per run: what save_to_file tries to write
     from concurrent.futures import ThreadPoolExecutor
 
     from nnsight import LanguageModel
@@ -164,10 +166,14 @@ def loop_forever(lm):
         h = lm.model.layers[0].output.save()
 
 
+PWNED = ""
+"""Where ``save_to_file`` tries to write (set per run by :func:`_client`, next to its output file)."""
+
+
 def save_to_file(lm):
     with lm.trace(PROMPT, remote=True):
         h = lm.model.layers[0].output.save()
-        torch.save(h, "/tmp/gateway-pwned.pt")
+        torch.save(h, PWNED)
 
 
 def write_weights(lm):
@@ -227,11 +233,11 @@ def local_gateway(workdir):
 def two_node_swarm(smollm2_dir, tmp_path_factory):
     from swarm.local_swarm import LocalSwarm
 
+    from tests.integration.conftest import start_split
+
     swarm = LocalSwarm(tmp_path_factory.mktemp("gateway-swarm"))
     try:
-        swarm.start(smollm2_dir, "--blocks", "0:15")
-        swarm.start(smollm2_dir, "--blocks", "15:30", initial_peers=swarm.initial_peers)
-        yield swarm
+        yield start_split(swarm, smollm2_dir, [(0, 15), (15, 30)])
     finally:
         swarm.close()
 
@@ -273,7 +279,7 @@ def test_unsafe_requests_fail_with_clear_errors_and_the_gateway_keeps_serving(lo
         assert f"import of '{module}' is not allowed" in got[f"import_{module}"], got[f"import_{module}"]
     assert "ExecutionLimitError" in got["loop_forever"] and "time limit" in got["loop_forever"]
     # the request's torch has no save (nnsight's mounted .save answers instead); nothing reaches the disk
-    assert "Error" in got["save_to_file"] and not Path("/tmp/gateway-pwned.pt").exists(), got["save_to_file"]
+    assert "Error" in got["save_to_file"] and not (tmp_path / "gateway-pwned.pt").exists(), got["save_to_file"]
     assert "modified model parameters" in got["write_weights"], got["write_weights"]
     for key, want in references["read"].items():  # served after all of that, with the weights intact
         assert (got["after"][key] - want).abs().max().item() <= TOL
@@ -309,10 +315,6 @@ def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, 
         assert patch_meta["swarm_calls"] == 4
 
 
-if __name__ == "__main__":
-    _client(*sys.argv[1:4])
-
-
 def test_api_keys_and_rate_limits_over_http(workdir, tmp_path):
     """A gateway with keys refuses a request without one, serves the key, and refuses it past its rate, with
     messages that say what to do; the real client sends the key from nnsight's CONFIG.API.APIKEY."""
@@ -326,3 +328,6 @@ def test_api_keys_and_rate_limits_over_http(workdir, tmp_path):
     assert got["with_key"] == "ok", got["with_key"]
     assert "rate limit" in got["over_rate"], got["over_rate"]
 
+
+if __name__ == "__main__":
+    _client(*sys.argv[1:4])
