@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             request_bytes=meta.get("request_bytes"), result_bytes=meta.get("result_bytes"),
             swarm_link_bytes=meta.get("swarm_bytes_sent", 0) + meta.get("swarm_bytes_received", 0),
             swarm_calls=meta.get("swarm_calls"))
-    print(f"wrote {log.write()}")
+    log.write()  # prints "wrote <path>"
 
 
 if __name__ == "__main__":

@@ -24,9 +24,12 @@ class HubFiles:
     def __init__(self, checkpoint: Path, names: tuple[str, ...]):
         self.checkpoint, self.names = checkpoint, names
         self.files = sorted(p.name for p in checkpoint.iterdir() if p.is_file() and p.name.endswith(SERVED_SUFFIXES))
+        self.bodies = {name: (checkpoint / name).read_bytes() for name in self.files}
+        """The served files' bytes, read once (the checkpoint does not change while the gateway serves it)."""
+        self.etags = {name: f'"{hashlib.sha1(body).hexdigest()}"' for name, body in self.bodies.items()}
         digest = hashlib.sha1()
         for name in self.files:
-            digest.update(name.encode() + (checkpoint / name).read_bytes())
+            digest.update(name.encode() + self.bodies[name])
         self.commit = digest.hexdigest()
 
     def _not_found(self, what: str, code: str) -> Response:
@@ -46,8 +49,8 @@ class HubFiles:
         headers = {"X-Repo-Commit": self.commit}
         if filename not in self.files:
             return Response(status_code=404, headers={**headers, "X-Error-Code": "EntryNotFound"})
-        body = (self.checkpoint / filename).read_bytes()
-        headers |= {"ETag": f'"{hashlib.sha1(body).hexdigest()}"', "Content-Length": str(len(body))}
+        body = self.bodies[filename]
+        headers |= {"ETag": self.etags[filename], "Content-Length": str(len(body))}
         if request.method == "HEAD":
             return Response(status_code=200, headers=headers)
         return Response(body, media_type="application/octet-stream", headers=headers)
