@@ -36,6 +36,16 @@ def start_split(swarm: Swarm, model, spans: list[tuple[int, int]], *extra: str) 
     return swarm
 
 
+def start_with_replicas(swarm: Swarm, model, *, layers: int = 6, replicas: int = 2) -> dict:
+    """Layers ``0:layers/2`` on one node and ``layers/2:layers`` on ``replicas`` nodes; returns the replicas by
+    peer id (the nodes a failover test kills)."""
+    half = layers // 2
+    swarm.start(model, "--blocks", f"0:{half}")
+    nodes = [swarm.start(model, "--blocks", f"{half}:{layers}", initial_peers=swarm.initial_peers)
+             for _ in range(replicas)]
+    return {node.peer_id: node for node in nodes}
+
+
 def local_model(path) -> torch.nn.Module:
     """The independent reference: plain transformers, whole model, fp32."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -7,14 +7,13 @@ import signal
 
 import torch
 
-from tests.integration.conftest import local_generate, local_model
+from tests.integration.conftest import local_generate, local_model, start_with_replicas
 
 
 def test_kill_mid_generation_gives_identical_tokens(tiny_checkpoint_factory, swarm_factory, client_factory, tmp_path):
     path = tiny_checkpoint_factory("llama", num_layers=6)
     swarm = swarm_factory()
-    swarm.start(path, "--blocks", "0:3")
-    replicas = [swarm.start(path, "--blocks", "3:6", initial_peers=swarm.initial_peers) for _ in range(2)]
+    replicas = start_with_replicas(swarm, path)
     client = client_factory(path, swarm)
     ref = local_model(path)
     prompt = torch.randint(3, 128, (2, 7))
@@ -24,8 +23,8 @@ def test_kill_mid_generation_gives_identical_tokens(tiny_checkpoint_factory, swa
 
     def kill_the_serving_replica(step, tokens):
         if step == 5:
-            [session_peer] = [p for p in [h.peer_id for h in client.active_session.route] if p in {r.peer_id for r in replicas}]
-            victim = next(r for r in replicas if r.peer_id == session_peer)
+            [session_peer] = [h.peer_id for h in client.active_session.route if h.peer_id in replicas]
+            victim = replicas[session_peer]
             victim.kill(signal.SIGKILL)
             killed.append(victim.peer_id)
 
@@ -64,9 +63,7 @@ def test_a_frozen_node_is_detected_by_liveness_pings(tiny_checkpoint_factory, sw
     """SIGSTOP leaves the connection open (no reset): only the liveness pings can tell the node is gone."""
     path = tiny_checkpoint_factory("llama", num_layers=6)
     swarm = swarm_factory()
-    swarm.start(path, "--blocks", "0:3")
-    replicas = {n.peer_id: n for n in (swarm.start(path, "--blocks", "3:6", initial_peers=swarm.initial_peers)
-                                       for _ in range(2))}
+    replicas = start_with_replicas(swarm, path)
     client = client_factory(path, swarm)
     prompt = torch.randint(3, 128, (1, 5))
     want = local_generate(local_model(path), prompt, 12)

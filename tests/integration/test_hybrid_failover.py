@@ -10,6 +10,7 @@ import torch
 
 import hybrid
 from hybrid.generation import SwarmSteps
+from tests.integration.conftest import start_with_replicas
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,9 +30,7 @@ def steered_generation(lm, prompt: torch.Tensor, **placement):
 def test_kill_mid_hybrid_generation_replays_the_interventions(tiny_checkpoint_factory, swarm_factory, monkeypatch):
     path = tiny_checkpoint_factory("llama", num_layers=6)
     swarm = swarm_factory()
-    swarm.start(path, "--blocks", "0:3")
-    replicas = {n.peer_id: n for n in (swarm.start(path, "--blocks", "3:6", initial_peers=swarm.initial_peers)
-                                       for _ in range(2))}
+    replicas = start_with_replicas(swarm, path)
     prompt = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
     want_ids, want_seen = steered_generation(hybrid.LanguageModel(str(path)), prompt, placement="local")
 
