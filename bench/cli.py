@@ -20,6 +20,8 @@ from pathlib import Path
 
 import trio
 
+from swarm.embedded import default_cache_dir
+
 from .deployments import PLACEMENT_DEPLOYMENT, DeploymentConfig, deploy
 from .errors import BenchError, PetalsUnavailableError
 from .harness import open_harness
@@ -99,14 +101,16 @@ def plan_jobs(args, cache_dir: Path) -> list[Job]:
     link = LinkSpec.parse(args.link)
     node_link = link if args.node_link == "same" else LinkSpec.parse(args.node_link)
     groups: dict[tuple, list[Measurement]] = {}
+    params: dict[Path, int] = {}   # per model path: count_params reads every safetensors header
 
     def add(model: Path, name: str, workload: str, placement: str, users: int = 1) -> None:
         if args.placements and placement not in args.placements:
             return
         experiment = ExperimentConfig(WORKLOAD_EXPERIMENT[workload], batch=BATCH[workload])
         kind = PLACEMENT_DEPLOYMENT[placement]
-        m = Measurement(workload, placement, experiment, n=n, warmup=warmup, users=users,
-                        params=count_params(model))
+        if model not in params:
+            params[model] = count_params(model)
+        m = Measurement(workload, placement, experiment, n=n, warmup=warmup, users=users, params=params[model])
         groups.setdefault((str(model), name, kind), []).append(m)
 
     smollm2 = resolve_checkpoint("smollm2-135m", cache_dir)
@@ -171,7 +175,7 @@ def run_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from tqdm import tqdm
 
-    cache_dir = Path(os.environ.get("SWARM_CACHE_DIR") or Path.home() / ".cache" / "swarm-interp")
+    cache_dir = Path(os.environ.get("SWARM_CACHE_DIR") or default_cache_dir())
     try:
         jobs = plan_jobs(args, cache_dir)
         if any(j.deployment.kind == "petals" for j in jobs):

@@ -24,6 +24,7 @@ import json
 import trio
 
 from swarm.checkpoint import load_config
+from swarm.embedded import default_cache_dir
 
 from .errors import BenchConfigError
 from .harness import Child, Harness, free_port
@@ -53,7 +54,7 @@ class DeploymentConfig:
     """torch threads per node."""
     timeout_s: float = 300.0
     """How long a node may take to become ready."""
-    cache_dir: Path = Path.home() / ".cache" / "swarm-interp"
+    cache_dir: Path = field(default_factory=default_cache_dir)
     """Where derived checkpoints are kept (the Petals copy of ``model``)."""
     petals_venv: Path | None = None
     """The Petals venv (None: ``.petals-venv`` in the repository)."""
@@ -134,11 +135,7 @@ async def deploy(harness: Harness, config: DeploymentConfig) -> AsyncIterator[De
                 await _start_nodes(harness, deployment, spans, ports, announce)
         yield deployment
     finally:
-        for child in harness.children[started:]:
-            child.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(15):
-            for child in harness.children[started:]:
-                await child.process.wait()
+        await harness.kill_and_reap(harness.children[started:], timeout_s=15)
 
 
 async def _start_relay(harness: Harness, deployment: Deployment, routes: list[tuple[int, int]]) -> None:

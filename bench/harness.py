@@ -133,6 +133,15 @@ class Harness:
         for child in self.children:
             child.kill()
 
+    async def kill_and_reap(self, children: list[Child], timeout_s: float = 10.0) -> None:
+        """Kill ``children`` (each its whole group) and wait up to ``timeout_s`` for them all, shielded from
+        cancellation so that it also reaps on the way out of a cancelled scope."""
+        for child in children:
+            child.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
+            for child in children:
+                await child.process.wait()
+
 
 @asynccontextmanager
 async def open_harness(workdir: Path) -> AsyncIterator[Harness]:
@@ -143,8 +152,5 @@ async def open_harness(workdir: Path) -> AsyncIterator[Harness]:
         try:
             yield harness
         finally:
-            harness.kill_all()
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                for child in harness.children:
-                    await child.process.wait()
+            await harness.kill_and_reap(harness.children, timeout_s=10)
             nursery.cancel_scope.cancel()

@@ -14,7 +14,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from swarm.local_swarm import LocalSwarm
 
 from .ioi import ioi_batch, patch_and_measure
 from .results import ResultLog
+from .timing import median_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 with lm.trace(batch.prompts, placement="hybrid"):
                     lm.lm_head.output[:, -1].argmax(-1).save()
 
-            timings = {}
-            for name, fn in (("plain_forward", plain), ("hybrid_trace", traced)):
-                fn()
-                samples = []
-                for _ in range(args.n):
-                    t0 = time.perf_counter()
-                    fn()
-                    samples.append(time.perf_counter() - t0)
-                timings[name] = statistics.median(samples)
+            timings = {"plain_forward": median_s(plain, args.n), "hybrid_trace": median_s(traced, args.n)}
             record("hybrid_overhead", plain_forward_s=timings["plain_forward"], hybrid_trace_s=timings["hybrid_trace"],
                    ratio=timings["hybrid_trace"] / timings["plain_forward"])
 
@@ -94,18 +86,20 @@ def main(argv: list[str] | None = None) -> int:
                 return ids, tracer.stats
 
             gen: dict[str, list] = {"swarm": [], "hybrid": []}
+            gen_summary = {}
             for placement in gen:
                 steered(placement)  # warm-up
                 gen[placement] = [steered(placement) for _ in range(args.n)]
                 stats = gen[placement][-1][1]
+                gen_summary[placement] = {"bytes": stats["client_bytes_sent"] + stats["client_bytes_received"],
+                                          "round_trips": stats["round_trips"],
+                                          "wall_s": statistics.median(r[1]["wall_s"] for r in gen[placement])}
                 record(f"steered_generation_{placement}", batch=len(prompts), new_tokens=args.gen_tokens,
-                       bytes=stats["client_bytes_sent"] + stats["client_bytes_received"],
-                       round_trips=stats["round_trips"], wall_s=statistics.median(r[1]["wall_s"] for r in gen[placement]))
+                       **gen_summary[placement])
             same = all(torch.equal(a[0], b[0]) for a, b in zip(gen["swarm"], gen["hybrid"]))
-            sizes = {p: gen[p][-1][1]["client_bytes_sent"] + gen[p][-1][1]["client_bytes_received"] for p in gen}
-            record("steered_generation_swarm_over_hybrid", bytes_ratio=sizes["swarm"] / sizes["hybrid"],
-                   time_ratio=statistics.median(r[1]["wall_s"] for r in gen["swarm"])
-                   / statistics.median(r[1]["wall_s"] for r in gen["hybrid"]), identical=same)
+            record("steered_generation_swarm_over_hybrid",
+                   bytes_ratio=gen_summary["swarm"]["bytes"] / gen_summary["hybrid"]["bytes"],
+                   time_ratio=gen_summary["swarm"]["wall_s"] / gen_summary["hybrid"]["wall_s"], identical=same)
     record.write()
     return 0
 

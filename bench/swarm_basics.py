@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import signal
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,16 +25,7 @@ from swarm.model import SwarmModel
 from swarm.node import peak_rss_bytes
 
 from .results import ResultLog
-
-
-def _median_s(fn, n: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from .timing import median_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,16 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         replica = swarm.start(path, "--blocks", "10:20", initial_peers=swarm.initial_peers)
         with SwarmModel.from_pretrained(str(path), initial_peers=swarm.initial_peers) as model:
             with torch.no_grad():
-                local_s = _median_s(lambda: local(ids), args.n)
-                swarm_s = _median_s(lambda: model(ids), args.n)
+                local_s = median_s(lambda: local(ids), args.n)
+                swarm_s = median_s(lambda: model(ids), args.n)
             record("forward_b1_t%d" % args.tokens, local_ms=local_s * 1e3, swarm_ms=swarm_s * 1e3,
                    swarm_over_local=swarm_s / local_s)
 
             local.generation_config.eos_token_id = None
             with torch.no_grad():
-                local_g = _median_s(lambda: local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                local_g = median_s(lambda: local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
                                                            pad_token_id=0), max(3, args.n // 3))
-            swarm_g = _median_s(lambda: model.generate(ids, max_new_tokens=args.new_tokens), max(3, args.n // 3))
+            swarm_g = median_s(lambda: model.generate(ids, max_new_tokens=args.new_tokens), max(3, args.n // 3))
             record("generate_tokens_per_s", local=args.new_tokens / local_g, swarm=args.new_tokens / swarm_g,
                    local_over_swarm=swarm_g / local_g)
 

@@ -55,3 +55,10 @@ def test_concurrent_rounds_label_each_answer_with_its_own_user(monkeypatch):
     assert [rec["rep"] for rec in records] == [0] * 3 + [1] * 3 + [2] * 3
     assert [rec["warmup"] for rec in records] == [True] * 3 + [False] * 6
     assert all(w.closed for w in opened) and len(opened) == users
+
+
+def test_median_s_warms_up_once_then_times_n_calls():
+    from bench.timing import median_s
+    calls = []
+    assert median_s(lambda: calls.append(1), 5) >= 0.0
+    assert len(calls) == 6
