@@ -8,7 +8,9 @@ Layers (each enough to stop the test cases on its own; together they are the def
    on :data:`ALLOWED_MODULES`. Functions arrive only as source and are checked like the block.
 2. :func:`check_source` — the block and every shipped function are parsed and refused when they import a module
    outside :data:`ALLOWED_MODULES`, name a forbidden builtin (``open``, ``exec``, ``__import__``, ...), touch an
-   attribute that starts with ``_`` or is on :data:`FORBIDDEN_ATTRIBUTES` (file I/O, storage, hooks).
+   attribute that starts with ``_`` or is on :data:`FORBIDDEN_ATTRIBUTES` (file I/O, storage, hooks), or assign/
+   delete an attribute other than an envoy's :data:`ASSIGNABLE_ATTRIBUTES` (modules, functions and classes are
+   shared by every request of a worker). Shipped functions run with :data:`SAFE_BUILTINS` too.
 3. :data:`SAFE_BUILTINS` — the builtins the code runs with (no ``open``/``exec``/``eval``/``compile``/
    ``getattr``...); ``__import__`` only admits :data:`ALLOWED_MODULES`.
 4. :func:`protected_module` — the modules a request sees are copies without names that reach files from C
