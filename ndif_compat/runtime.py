@@ -58,9 +58,11 @@ class Runtime:
             from .swarm_layers import build_swarm_model
             import hybrid
 
-            lm, client, stack = build_swarm_model(spec.model_path, spec.initial_peers)
+            # one swarm connection per worker: the gateway path's layers use the hybrid model's client
             hybrid_lm = hybrid.LanguageModel(str(spec.model_path), initial_peers=list(spec.initial_peers)) \
                 if spec.hybrid else None
+            lm, client, stack = build_swarm_model(spec.model_path, spec.initial_peers,
+                                                  client=hybrid_lm.client if hybrid_lm is not None else None)
             runtime = cls(spec, lm, client, stack, hybrid_lm)
         else:
             raise ValueError(f"backend must be 'local' or 'swarm'; got {spec.kind!r}")
@@ -83,10 +85,8 @@ class Runtime:
     def traffic(self) -> tuple[int, int, int]:
         if self.client is None:
             return (0, 0, 0)
-        t = self.client.sequence.traffic
-        h = self.hybrid_lm._client.sequence.traffic if self.hybrid_lm is not None and self.hybrid_lm._client else None
-        return (t.bytes_sent + (h.bytes_sent if h else 0), t.bytes_received + (h.bytes_received if h else 0),
-                t.calls + (h.calls if h else 0))
+        t = self.client.sequence.traffic  # the one connection both execution paths use
+        return t.bytes_sent, t.bytes_received, t.calls
 
     def execute(self, data: bytes, compress: bool, request_id: str, log: Callable[[str], None]) -> tuple[Outcome, dict]:
         """Run one decompressed payload; returns the outcome and metadata (path, bytes to the swarm).

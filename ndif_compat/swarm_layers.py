@@ -147,15 +147,17 @@ class Unreachable(nn.Module):
                            "only layer inputs/outputs, the embedding and the head")
 
 
-def build_swarm_model(path, initial_peers, dtype=torch.float32):
-    """``(nnsight LanguageModel, SwarmModel client, SwarmStack)`` for the checkpoint at ``path``."""
+def build_swarm_model(path, initial_peers, dtype=torch.float32, client=None):
+    """``(nnsight LanguageModel, SwarmModel client, SwarmStack)`` for the checkpoint at ``path``; ``client``: an
+    open swarm connection to share (e.g. a :class:`hybrid.LanguageModel`'s), else one is opened."""
     import nnsight
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from swarm.checkpoint import load_config
     from swarm.model import SwarmModel
 
-    client = SwarmModel.from_pretrained(str(path), list(initial_peers), dtype=dtype)
+    if client is None:
+        client = SwarmModel.from_pretrained(str(path), list(initial_peers), dtype=dtype)
     config = load_config(path)
     config._attn_implementation = "sdpa"
     n = config.num_hidden_layers
