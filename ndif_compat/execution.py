@@ -112,7 +112,7 @@ def forget(filename: str) -> None:
 
 def run_tracer(tracer, log: Callable[[str], None]) -> dict[str, Any]:
     """Execute a loaded tracer with nnsight's machinery; returns the saved variables by name. The caller
-    :func:`forget`\ s the request's file name afterwards."""
+    forgets the request's file name afterwards (:func:`forget`)."""
     from nnsight.tracing import tracer as nnsight_tracer
 
     frame = tracer.info.frame
