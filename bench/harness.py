@@ -61,6 +61,18 @@ class Child:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def group_alive(self) -> bool:
+        """Whether a live (non-zombie) process is left in the child's process group. The leader's exit does not
+        mean its group is gone: a forked DHT process or p2p daemon may still be tearing down its memory."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                state, _ppid, pgid = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue                      # the process ended while we looked
+            if int(pgid) == self.pid and state not in ("Z", "X"):
+                return True
+        return False
+
 
 class Harness:
     """Starts, watches and kills the children of one run. Build it with :func:`open_harness`."""
@@ -125,22 +137,23 @@ class Harness:
 
     async def stop(self, child: Child) -> None:
         """Kill ``child`` (its whole group) and reap it."""
-        child.kill()
-        with trio.move_on_after(10):
-            await child.process.wait()
+        await self.kill_and_reap([child])
 
     def kill_all(self) -> None:
         for child in self.children:
             child.kill()
 
     async def kill_and_reap(self, children: list[Child], timeout_s: float = 10.0) -> None:
-        """Kill ``children`` (each its whole group) and wait up to ``timeout_s`` for them all, shielded from
-        cancellation so that it also reaps on the way out of a cancelled scope."""
+        """Kill ``children`` (each its whole group) and wait up to ``timeout_s`` until every leader is reaped and
+        every group is empty, shielded from cancellation so that it also reaps on the way out of a cancelled
+        scope. The next measurement then starts on a machine the killed run no longer loads."""
         for child in children:
             child.kill()
         with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
             for child in children:
                 await child.process.wait()
+            while any(child.group_alive() for child in children):
+                await trio.sleep(0.05)
 
 
 @asynccontextmanager

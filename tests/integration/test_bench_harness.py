@@ -27,16 +27,18 @@ def tiny_model(tmp_path_factory, tiny_checkpoint_factory):
     return path
 
 
-def _alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is left in process group ``pgid``."""
+def _alive(pgid: int) -> list[str]:
+    """The live (non-zombie) processes left in process group ``pgid``, as ``pid state cmdline`` lines."""
+    left = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            left.append(f"{stat.parent.name} {fields[0]} {cmdline[:200]}")
+    return left
 
 
 def test_split_spans_cover_the_layers():
@@ -71,7 +73,7 @@ def test_swarm_deployment_behind_relays_measures_hybrid_and_swarm(tmp_path, tiny
     traced = sum(r["client_bytes_sent"] + r["client_bytes_received"] for out in records.values() for r in out)
     assert relayed["client_up"] + relayed["client_down"] >= traced      # every client byte crossed the relay
     assert relayed["node_up"] > 0                                        # node↔node traffic took the node link
-    assert not any(_alive(c.pid) for c in children)
+    assert not [left for c in children for left in _alive(c.pid)]
 
 
 def test_hpc_runs_a_fresh_worker_per_repetition_and_records_load_time(tmp_path, tiny_model):
@@ -107,7 +109,7 @@ def test_a_child_that_dies_fails_the_run_and_everything_is_killed(tmp_path):
         trio.run(main)
     errors = caught.value.exceptions if isinstance(caught.value, BaseExceptionGroup) else [caught.value]
     assert any(isinstance(e, DeploymentError) and "dies" in str(e) and "exit code 3" in str(e) for e in errors)
-    assert not any(_alive(c.pid) for c in box[0].children)
+    assert not [left for c in box[0].children for left in _alive(c.pid)]
 
 
 def test_a_child_that_exits_before_ready_is_reported_with_its_log(tmp_path):
