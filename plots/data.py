@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.errors import BenchConfigError
 from bench.schema import read_results
 
 from .style import ORDER, link_text
@@ -30,14 +31,32 @@ class FigureResult:
 
 
 def load(source) -> list[dict]:
-    """Records from a run directory (validated by :func:`bench.schema.read_results`) or an already-read list.
+    """Records of one run, from its directory (validated by :func:`bench.schema.read_results`) or already read.
+
+    A figure draws one run: pooling several (``swarm-bench plot results/``) would mix links, models and
+    machines in one median, so that is refused with the run directories to choose from.
 
     Raises:
         bench.errors.ResultsNotFoundError, bench.errors.SchemaError: from ``read_results``.
+        bench.errors.BenchConfigError: the records come from more than one run.
     """
     if isinstance(source, (str, Path)):
-        return read_results(source)
-    return list(source)
+        root = Path(source)
+        folders = sorted({p.parent for p in root.rglob("*.jsonl")}) if root.is_dir() else []
+        if len(folders) > 1:
+            raise BenchConfigError(f"{root} holds result files in {len(folders)} directories "
+                                   f"({', '.join(str(f) + '/' for f in folders[:6])}"
+                                   f"{', ...' if len(folders) > 6 else ''}); a figure draws one run: "
+                                   f"swarm-bench plot {folders[-1]}/")
+        records = read_results(root)
+    else:
+        records = list(source)
+    runs = sorted({r["run_id"] for r in records})
+    if len(runs) > 1:
+        raise BenchConfigError(f"the records come from {len(runs)} runs ({', '.join(runs[:6])}"
+                               f"{', ...' if len(runs) > 6 else ''}); a figure draws one run: plot one "
+                               "results/<run-id>/ directory")
+    return records
 
 
 def _link_key(record: dict) -> str:

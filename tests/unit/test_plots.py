@@ -240,6 +240,22 @@ def test_cli_plot_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "out2").exists()   # refused before anything is drawn
 
 
+def test_plotting_several_runs_at_once_is_refused_with_the_runs_named(tmp_path, capsys):
+    root = tmp_path / "results"
+    write_run(synthetic_run(workloads=("patching",)), root / "run-a")
+    write_run(synthetic_run(seed=1, workloads=("patching",)), root / "run-b")
+    assert main(["plot", str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "holds result files in 2 directories" in err and "run-a/" in err and "run-b/" in err
+    assert not (tmp_path / "out").exists()
+    one_dir = tmp_path / "pooled"    # two runs' records copied into one directory are refused too
+    one_dir.mkdir()
+    (one_dir / "a.jsonl").write_text((root / "run-a" / "a.jsonl").read_text())
+    (one_dir / "b.jsonl").write_text((root / "run-b" / "b.jsonl").read_text().replace('"synthetic"', '"other"'))
+    assert main(["plot", str(one_dir), "--out", str(tmp_path / "out")]) == 2
+    assert "the records come from 2 runs (other, synthetic)" in capsys.readouterr().err
+
+
 def test_cli_help_texts(capsys):
     for argv in (["--help"], ["plot", "--help"]):
         with pytest.raises(SystemExit) as info:
