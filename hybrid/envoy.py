@@ -86,22 +86,25 @@ class ModelSkeleton:
         except AttributeError:
             raise UnknownModuleError(f"the model has no module {path!r}; see ModelSkeleton.module_paths()") from None
 
-    def shapes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ShapeInfo:
-        """Run the meta model once on inputs of this shape and report every module event (cached per shape and mask
-        presence).
+    def shapes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               logits_to_keep: int = 0) -> ShapeInfo:
+        """Run the meta model once on inputs of this shape and report every module event (cached per shape, mask
+        presence and ``logits_to_keep``).
 
         Args:
             input_ids: ``(B, T)`` token ids (any device; only the shape is used).
             attention_mask: ``(B, T)`` or None; only its presence keys the cache (see the module docstring).
+            logits_to_keep: ``lm_head`` sees the last this many positions (0: all). Generation keeps 1, as
+                transformers' ``generate`` (and so nnsight) does: ``lm_head.output`` is ``(B, 1, V)`` at every step.
         """
         if input_ids.ndim != 2:
             raise TraceError(f"input_ids must be (batch, tokens); got shape {tuple(input_ids.shape)}")
-        key = (tuple(input_ids.shape), attention_mask is not None)
+        key = (tuple(input_ids.shape), attention_mask is not None, logits_to_keep)
         if key not in self._cache:
-            self._cache[key] = self._run(*input_ids.shape)
+            self._cache[key] = self._run(*input_ids.shape, logits_to_keep)
         return self._cache[key]
 
-    def _run(self, batch: int, tokens: int) -> ShapeInfo:
+    def _run(self, batch: int, tokens: int, logits_to_keep: int) -> ShapeInfo:
         events: list[tuple[str, str]] = []
         values: dict[tuple[str, str], Any] = {}
 
@@ -128,7 +131,7 @@ class ModelSkeleton:
             ids = torch.zeros((batch, tokens), dtype=torch.long, device="meta")
             mask = torch.ones((batch, 1, tokens, tokens), dtype=torch.bool, device="meta")
             with torch.no_grad():
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=logits_to_keep)
         finally:
             for handle in handles:
                 handle.remove()

@@ -116,7 +116,7 @@ def local_stepper(model, graph: Graph, events, links: SessionLinks = NO_LINKS) -
         plan = plan_graph(graph, events, n, [Executor("local", 0, n + 1)], step=s)
         interpreter = Interpreter(graph, plan, 0, {k: known[k] for k in plan.inputs}, device=device, modules=modules)
         logits = run_local_stage(model, interpreter, ids, s, embed=True, head=True, attention_mask=mask,
-                                 position_ids=positions, cache=cache)
+                                 position_ids=positions, cache=cache, logits_to_keep=1)
         return logits, interpreter.finish()
     return step, stats
 
@@ -212,7 +212,7 @@ class SwarmSteps:
         if self.remote_head:
             return outputs, values
         interpreter = Interpreter(self.graph, plan, len(plan.executors) - 1, values, modules=modules)
-        logits = run_local_stage(local, interpreter, outputs, s, start=0, end=0, head=True)
+        logits = run_local_stage(local, interpreter, outputs, s, start=0, end=0, head=True, logits_to_keep=1)
         return logits, interpreter.finish()
 
     def _pulled(self, s, ids, mask, positions, known):
@@ -224,7 +224,7 @@ class SwarmSteps:
             return self.loop.run(self.sessions[self._segment[start]].step(hidden, attention_mask=mask, position_ids=positions))
         hidden = pull_through(interpreter, hidden, s, self.boundaries, self.n, run_segment)
         self.stats.route = ["client"]
-        logits = run_local_stage(local, interpreter, hidden, s, start=0, end=0, head=True)
+        logits = run_local_stage(local, interpreter, hidden, s, start=0, end=0, head=True, logits_to_keep=1)
         return logits, interpreter.finish()
 
 

@@ -109,6 +109,20 @@ class Node:
         return out
 
 
+def attachments_bytes(tensors: list[torch.Tensor]) -> bytes:
+    """``tensors`` as one safetensors blob (``b""`` for none). Tensors that share memory (a value and a view of it,
+    e.g. ``model.norm.output`` and ``lm_head.input`` in generation) are stored as copies, as safetensors needs."""
+    if not tensors:
+        return b""
+    seen: set[int] = set()
+    unshared = []
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        unshared.append(t.clone() if ptr in seen else t)
+        seen.add(ptr)
+    return st_save({str(i): t for i, t in enumerate(unshared)})
+
+
 @dataclass
 class Graph:
     nodes: list[Node] = field(default_factory=list)
@@ -141,8 +155,7 @@ class Graph:
 
     def to_bytes(self) -> bytes:
         text = json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
-        blob = st_save({str(i): t for i, t in enumerate(self.attachments)}) if self.attachments else b""
-        return MAGIC + struct.pack("<IQ", IR_VERSION, len(text)) + text + blob
+        return MAGIC + struct.pack("<IQ", IR_VERSION, len(text)) + text + attachments_bytes(self.attachments)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_attachment_bytes: int | None = None) -> "Graph":

@@ -275,7 +275,7 @@ class Tracer:
         if self._batch == 0:
             raise TraceError(at_user_line("no inputs yet: modules can be used once an invoke with inputs has started"))
         ids = torch.empty((self._batch, self._tokens if call == 0 else 1), dtype=torch.long, device="meta")
-        return self.skeleton.shapes(ids, ids)
+        return self.skeleton.shapes(ids, ids, logits_to_keep=1 if self.generation else 0)
 
     def _getter_fake(self, path: str, kind: str, call: int) -> Any:
         return self._shape_info(call).fake(path, kind)

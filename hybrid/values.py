@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .errors import InvalidGraphError
-from .ir import Attachment, decode_value, encode_value
+from .ir import Attachment, attachments_bytes, decode_value, encode_value
 
 MAGIC = b"HYVL"
 
@@ -46,8 +45,7 @@ def pack_values(values: dict[int, Any]) -> bytes:
     tensors: list[torch.Tensor] = []
     doc = {str(k): encode_value(_lift(v, tensors)) for k, v in values.items()}
     text = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-    blob = st_save({str(i): t for i, t in enumerate(tensors)}) if tensors else b""
-    return MAGIC + struct.pack("<Q", len(text)) + text + blob
+    return MAGIC + struct.pack("<Q", len(text)) + text + attachments_bytes(tensors)
 
 
 def unpack_values(data: bytes) -> dict[int, Any]:

@@ -359,7 +359,8 @@ class SpanServer:
                     outputs.append(self.model(
                         request.tensors["inputs"][:, part], start=request.start, end=request.end, embed=request.embed,
                         head=request.head, attention_mask=mask[:, :seen] if mask is not None else None,
-                        position_ids=positions[:, part] if positions is not None else None, cache=session.cache))
+                        position_ids=positions[:, part] if positions is not None else None, cache=session.cache,
+                        logits_to_keep=1 if last_only else 0))
                     offset += size
             return torch.cat(outputs, dim=1)
         t0 = time.perf_counter()

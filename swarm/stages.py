@@ -159,7 +159,8 @@ class SpanModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor, *, start: int | None = None, end: int | None = None,
                 embed: bool = False, head: bool = False, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: DynamicCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache: DynamicCache | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
         """Run layers ``[start, end)`` (default: the whole span), optionally the embedding before and the head after.
 
         Args:
@@ -167,8 +168,10 @@ class SpanModel(nn.Module):
             attention_mask: 2D padding mask ``(B, past + T)`` (1 = attend), or None for no padding.
             position_ids: ``(B or 1, T)``; default ``past + arange(T)``.
             cache: the session's KV cache (indexed by layer position within this span), or None.
+            logits_to_keep: with ``head``, apply ``lm_head`` to the last ``logits_to_keep`` positions only (0: all),
+                as transformers does; its ``generate`` keeps 1, so ``lm_head``'s input and output have one position.
         Returns:
-            hidden states ``(B, T, D)``, or logits ``(B, T, V)`` when ``head``.
+            hidden states ``(B, T, D)``, or logits ``(B, T or logits_to_keep, V)`` when ``head``.
         """
         start = self.span.start if start is None else start
         end = self.span.end if end is None else end
@@ -191,5 +194,5 @@ class SpanModel(nn.Module):
                                        past_key_values=cache, use_cache=cache is not None,
                                        position_embeddings=position_embeddings)
         if head:
-            hidden = self.lm_head(self.model.norm(hidden))  # (B, T, V)
+            hidden = self.lm_head(self.model.norm(hidden)[:, -logits_to_keep:])  # (B, T, V); -0: every position
         return hidden

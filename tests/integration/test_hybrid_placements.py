@@ -549,6 +549,35 @@ def test_generation_with_a_per_step_intervention(placement, lm_for, hooks, ns, r
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
+def test_generation_head_sees_one_position_per_step(placement, lm_for, hooks, refs):
+    """As in transformers' generate (``logits_to_keep=1``) and so in nnsight: at every step, the prompt included,
+    ``lm_head``'s input and output hold the last position only, while ``model.norm`` sees every position."""
+    def by_hooks():
+        seen: dict = {"in": [], "out": [], "norm": []}
+
+        def head(module, args, output):  # a forward hook's return value would replace the output
+            seen["in"].append(args[0].clone())
+            seen["out"].append(output.clone())
+        hooked_generate(hooks, 2, {"lm_head": head, "model.norm": lambda m, a, o: seen["norm"].append(o.clone())})
+        return seen
+
+    want = cached(refs, "head.hooks", by_hooks)
+    lm = lm_for(placement)
+    with lm.generate(GEN_PROMPTS, max_new_tokens=2, placement=placement) as tracer:
+        got = {"in": hybrid.save([]), "out": hybrid.save([]), "norm": hybrid.save([])}
+        for step in tracer.all():
+            got["norm"].append(lm.model.norm.output)
+            got["in"].append(lm.lm_head.input)
+            got["out"].append(lm.lm_head.output)
+    for key in ("in", "out", "norm"):
+        assert len(got[key]) == len(want[key]) == 2
+        for step, (value, ref) in enumerate(zip(got[key], want[key])):
+            assert_close(value, ref, f"{placement} lm_head {key} step {step}")
+    assert got["out"][0].shape == (len(GEN_PROMPTS), 1, hooks.model.config.vocab_size)
+    assert got["norm"][0].shape[1] == 10       # the prompt's 10 tokens
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_generation_carries_a_value_across_steps(placement, lm_for, hooks, ns, refs):
     def by_hooks():
         seen: dict = {}

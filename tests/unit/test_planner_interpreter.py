@@ -116,6 +116,18 @@ def test_values_roundtrip_tensors_tuples_and_scalars():
         unpack_values(b"garbage-bytes-here")
 
 
+def test_values_and_attachments_that_share_memory_roundtrip():
+    """A value and a view of it (``model.norm.output`` and ``lm_head.input`` in generation) in one message."""
+    whole = torch.randn(2, 5, 4)
+    values = {1: whole, 2: whole[:, -1:], 3: whole[0]}
+    back = unpack_values(pack_values(values))
+    assert all(torch.equal(back[k], v) for k, v in values.items())
+    g = Graph()
+    a, b = g.attach(whole), g.attach(whole[1])
+    back_graph = Graph.from_bytes(g.to_bytes())
+    assert torch.equal(back_graph.attachments[a.index], whole) and torch.equal(back_graph.attachments[b.index], whole[1])
+
+
 def test_graph_bytes_roundtrip_exactly():
     g = Graph()
     h = getter(g, "model.layers.1")
