@@ -63,6 +63,7 @@ class LanguageModel:
         self._client: SwarmModel | None = None
         self._local: SpanModel | None = None
         self._session: Session | None = None
+        self._gen_defaults: dict | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -188,6 +189,9 @@ class LanguageModel:
         return tokens, values, steps.stats
 
     def _generation_defaults(self) -> dict:
+        """EOS and pad ids from the checkpoint's generation config (read once)."""
+        if self._gen_defaults is not None:
+            return self._gen_defaults
         try:
             config = GenerationConfig.from_pretrained(self.path)
         except (OSError, ValueError):
@@ -195,7 +199,8 @@ class LanguageModel:
         eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
         pad = next((p for p in (config.pad_token_id, getattr(self.config, "pad_token_id", None)) if p is not None), eos)
-        return {"eos_token_id": eos, "pad_token_id": pad}
+        self._gen_defaults = {"eos_token_id": eos, "pad_token_id": pad}
+        return self._gen_defaults
 
     def run_graph(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
                   placement: str = "hybrid", links: SessionLinks = NO_LINKS):

@@ -78,6 +78,8 @@ class Runtime:
         if self.hybrid_lm is not None:
             with self.hybrid_lm.trace(WARMUP_PROMPT, placement="hybrid"):
                 self.hybrid_lm.lm_head.output.save()
+            with self.hybrid_lm.generate(WARMUP_PROMPT, max_new_tokens=2, placement="hybrid"):
+                self.hybrid_lm.lm_head.output.save()
         self.seal = ParameterSeal(self.lm._module)
         objects = self.lm._remoteable_persistent_objects()
         self._objects = _SwarmObjects(objects) if self.spec.kind == "swarm" else objects
@@ -106,7 +108,7 @@ class Runtime:
         try:
             saves = None
             if self.hybrid_lm is not None:
-                saves, path = self._try_hybrid(tracer, log)
+                saves, path = self._try_hybrid(tracer, source, log)
             if saves is None:
                 if self.stack is not None:
                     cuts = touched_layers(sources, self.stack.num_layers)
@@ -127,15 +129,16 @@ class Runtime:
                 "swarm_calls": after[2] - before[2]}
         return Outcome(encode_result(saves, compress)), meta
 
-    def _try_hybrid(self, tracer, log) -> tuple[dict | None, str]:
+    def _try_hybrid(self, tracer, source: str, log) -> tuple[dict | None, str]:
         from .translate import NotTranslatable, translate_and_run
 
         logs: list[str] = []
         builtins = {**SAFE_BUILTINS, "print": _Printer(logs.append)}
         try:
             with AuditGuard.install():
-                saves, stats = translate_and_run(tracer, self.hybrid_lm, builtins)
+                saves, stats = translate_and_run(tracer, source, self.hybrid_lm, builtins)
         except NotTranslatable as e:
+            logger.info("request runs on the gateway: %s", e)
             log(f"execution path: gateway (not expressible as an intervention graph: {e})")
             return None, "gateway"
         for line in logs:

@@ -1,16 +1,28 @@
-"""Run an nnsight request as a hybrid intervention graph pushed to the nodes, when it can be expressed as one.
+"""Run an nnsight request as hybrid intervention graphs pushed to the nodes, when it can be expressed as them.
 
 Our tracing API mirrors nnsight's, so the request's own block (already checked by the guardrails) is executed
-once more, with its model, envoy and tracer names bound to :class:`hybrid.LanguageModel`'s counterparts inside
-``hybrid_lm.trace(inputs, placement="hybrid")``. Reads, saves, slice assignment, arithmetic and whitelisted torch
-functions record a graph; the graph is planned over the route and pushed to the nodes; only the saved values come
-back to the gateway. Anything the hybrid tracer cannot record (sessions, generation, Python control flow on
-values, unknown functions) raises while tracing, before anything ran on the swarm: the caller then falls back to
-gateway execution and says why in the response log.
+once more, with its model, envoy and tracer names bound to :class:`hybrid.LanguageModel`'s counterparts, inside
+the matching hybrid context:
+
+- ``lm.trace(inputs)``     → ``hybrid_lm.trace(inputs, placement="hybrid")``
+- ``lm.generate(inputs, max_new_tokens=N)`` (greedy) → ``hybrid_lm.generate(...)``: each step one chained call
+- ``lm.session()``         → ``hybrid_lm.session()``; its inner ``lm.trace``/``lm.generate`` become hybrid traces, and a
+  value of an earlier trace used by a later one stays on the node that computed it where it can.
+
+Before it runs, the block is rewritten in two nnsight idioms our tracer spells differently: ``x.save()`` on any
+object (nnsight mounts ``save`` on every object, so ``list().save()`` is a container) becomes ``hybrid.save(x)``,
+and the deprecated ``with tracer.all():`` / ``with tracer.iter[...]:`` becomes the ``for`` loop it means.
+
+Reads, saves, slice assignment, arithmetic and whitelisted torch functions record graphs; the graphs are planned
+over the route and pushed to the nodes; only the saved values come back to the gateway. Anything the hybrid
+tracer cannot record (sampling, Python control flow on values, unknown functions, statements after an open
+``tracer.all()`` loop, whose nnsight semantics skip them) raises while tracing, before anything ran on the swarm:
+the caller then falls back to gateway execution and says why in the response log.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -19,10 +31,81 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+SAVE = "__hybrid_save__"
+"""The name the rewritten block calls instead of ``.save()``."""
+
+GREEDY_KWARGS = {"max_new_tokens", "eos_token_id", "pad_token_id"}
+"""``lm.generate`` arguments translated (with ``do_sample=False``); sampling stays on the gateway, whose RNG the
+client's nnsight semantics refer to."""
+
 
 class NotTranslatable(Exception):
-    """The request cannot run as a hybrid graph; the message says why (shown in the response log)."""
+    """The request cannot run as hybrid graphs; the message says why (shown in the response log)."""
 
+
+# ---- the block's source, in our tracer's spelling ----------------------------------------------------------------
+
+def _is_steps(node: ast.expr) -> tuple[bool, bool]:
+    """Whether ``node`` is ``X.all()`` or ``X.iter[...]``, and whether that selection is open (runs to the end)."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "all" \
+            and not node.args and not node.keywords:
+        return True, True
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "iter":
+        key = node.slice
+        return True, isinstance(key, ast.Slice) and key.upper is None
+    return False, False
+
+
+class _Rewrite(ast.NodeTransformer):
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "save" and not node.args \
+                and not node.keywords:
+            return ast.copy_location(ast.Call(ast.Name(SAVE, ast.Load()), [node.func.value], []), node)
+        return node
+
+    def visit_With(self, node: ast.With) -> ast.AST:
+        self.generic_visit(node)
+        if len(node.items) == 1 and _is_steps(node.items[0].context_expr)[0]:
+            target = node.items[0].optional_vars or ast.Name("_step", ast.Store())
+            return ast.copy_location(ast.For(target, node.items[0].context_expr, node.body, [], type_comment=None),
+                                     node)
+        return node
+
+
+def _check_open_loops(tree: ast.Module) -> None:
+    """nnsight ends a trace's block at an open step loop (``tracer.all()``, ``tracer.iter[a:]``): what follows it in
+    that trace never runs there. Our tracer would run it, so such blocks are not translated."""
+    lines = sorted({n.lineno for n in ast.walk(tree) if isinstance(n, ast.stmt)})
+
+    def walk(node: ast.AST, block_end: float) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.With) and any(
+                    isinstance(i.context_expr, ast.Call) and isinstance(i.context_expr.func, ast.Attribute)
+                    and i.context_expr.func.attr in ("trace", "generate") for i in child.items):
+                walk(child, child.end_lineno)      # an inner trace of a session: its own block
+                continue
+            loop = child.iter if isinstance(child, ast.For) else \
+                child.items[0].context_expr if isinstance(child, ast.With) else None
+            if loop is not None and _is_steps(loop)[1]:
+                after = [n for n in lines if child.end_lineno < n <= block_end]
+                if after:
+                    raise NotTranslatable(f"line {after[0]} follows an open tracer.all()/iter[a:] loop; nnsight "
+                                          "never runs it")
+            walk(child, block_end)
+
+    walk(tree, float("inf"))
+
+
+def rewrite(source: str, filename: str) -> Any:
+    """``source`` compiled with nnsight's ``.save()`` and ``with tracer.all()`` in our tracer's spelling."""
+    tree = ast.parse(source)
+    _check_open_loops(tree)
+    tree = ast.fix_missing_locations(_Rewrite().visit(tree))
+    return compile(tree, filename, "exec")
+
+
+# ---- the names the block uses -----------------------------------------------------------------------------------
 
 def _hybrid_value(value: Any, hybrid_lm, tracer) -> Any:
     """The hybrid counterpart of a value shipped with the request (model, envoy, tracer), or the value itself."""
@@ -30,6 +113,8 @@ def _hybrid_value(value: Any, hybrid_lm, tracer) -> Any:
     from nnsight.intervention.tracer import InterleavingTracer
 
     if isinstance(value, InterleavingTracer):
+        if tracer is None:
+            raise NotTranslatable("the block names a tracer outside its own trace")
         return tracer
     if isinstance(value, Envoy):
         path = value.path.removeprefix("model")
@@ -46,45 +131,98 @@ def _hybrid_value(value: Any, hybrid_lm, tracer) -> Any:
     raise NotTranslatable(f"the block uses {type(value).__name__}, which the hybrid tracer does not know")
 
 
-def translate_and_run(tracer, hybrid_lm, builtins: dict) -> tuple[dict[str, Any], dict]:
-    """Run ``tracer``'s block as a hybrid graph. Returns ``(saved values by variable name, TraceStats dict)``.
-
-    Raises:
-        NotTranslatable: the request is not a single ``lm.trace(inputs)`` the hybrid tracer can record.
-    """
+def _context(tracer, hybrid_lm):
+    """The hybrid context for the request's outer nnsight tracer."""
     from nnsight.intervention.tracer import InterleavingTracer
-    from hybrid.proxy import Proxy, TupleProxy
+    from nnsight.tracing.tracer import Tracer as NnsightTracer
 
+    if type(tracer) is NnsightTracer:     # lm.session(): a plain tracer whose block holds the traces
+        if getattr(tracer, "args", None) or getattr(tracer, "kwargs", None):
+            raise NotTranslatable("session arguments are not translated")
+        return hybrid_lm.session()
     if type(tracer) is not InterleavingTracer:
-        raise NotTranslatable(f"{type(tracer).__name__} (sessions) are not translated")
+        raise NotTranslatable(f"{type(tracer).__name__} is not translated")
     fn_name = getattr(tracer.fn, "__name__", "")
-    if fn_name != "_call":
-        raise NotTranslatable(f"{fn_name or 'this call'} (generation) is not translated")
-    if tracer.kwargs or len(tracer.args) > 1:
-        raise NotTranslatable("trace arguments beyond the inputs are not translated")
     inputs = tracer.args[0] if tracer.args else None
+    if len(tracer.args) > 1:
+        raise NotTranslatable("trace arguments beyond the inputs are not translated")
     if not (inputs is None or isinstance(inputs, str) or isinstance(inputs, torch.Tensor)
             or isinstance(inputs, list) and all(isinstance(x, str) for x in inputs)):
         raise NotTranslatable(f"inputs of type {type(inputs).__name__} are not translated")
+    if fn_name == "_call":
+        if tracer.kwargs:
+            raise NotTranslatable(f"trace arguments {sorted(tracer.kwargs)} are not translated")
+        return hybrid_lm.trace(inputs, placement="hybrid")
+    if fn_name == "generate":
+        kwargs = dict(tracer.kwargs)
+        if kwargs.pop("do_sample", False):
+            raise NotTranslatable("sampled generation (do_sample=True) is not translated")
+        unknown = sorted(set(kwargs) - GREEDY_KWARGS)
+        if unknown:
+            raise NotTranslatable(f"generate arguments {unknown} are not translated")
+        try:
+            return hybrid_lm.generate(inputs, placement="hybrid", **kwargs)
+        except Exception as e:  # e.g. max_new_tokens=0
+            raise NotTranslatable(f"{type(e).__name__}: {e}") from None
+    raise NotTranslatable(f"{fn_name or 'this call'} is not translated")
+
+
+def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[dict[str, Any], dict]:
+    """Run the request's block as hybrid graphs. Returns ``(saved values by variable name, stats)``: the stats of
+    the trace, or for a session ``{"route": ..., "traces": [stats of each trace]}``.
+
+    Raises:
+        NotTranslatable: the block cannot be expressed as hybrid graphs; nothing ran on the swarm.
+    """
+    from hybrid import save as hybrid_save
+    from hybrid.proxy import Proxy, TupleProxy
+    from hybrid.steps import GeneratedTokens
+    from hybrid.tracing import _bound
+
     frame = tracer.info.frame
-    # The scope lives in a namespace object: hybrid binds saved values into dicts among the caller's locals,
-    # and we want to read the proxies themselves.
+    try:
+        code = rewrite(source, frame.f_code.co_filename)
+    except SyntaxError as e:
+        raise NotTranslatable(f"the block does not parse on its own ({e.msg})") from None
+    containers: set[int] = set()
+
+    def save(value: Any) -> Any:
+        if type(value) in (list, dict):
+            containers.add(id(value))
+        elif not isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
+            raise NotTranslatable(f"{type(value).__name__}.save() is not translated")
+        return hybrid_save(value)
+
+    def printer(*args: Any, **kwargs: Any) -> None:
+        if any(isinstance(a, (Proxy, TupleProxy)) for a in args):
+            raise NotTranslatable("print() of a traced value (its value exists only on the nodes while they run)")
+        builtins["print"](*args, **kwargs)
+
+    context = _context(tracer, hybrid_lm)
+    # The scope lives in a namespace object: hybrid binds saved values into the caller's variables, and we want to
+    # read the proxies themselves.
     box = SimpleNamespace(scope={}, before=set())
     try:
-        with hybrid_lm.trace(inputs, placement="hybrid") as hybrid_tracer:
-            box.scope = {name: _hybrid_value(v, hybrid_lm, hybrid_tracer)
+        with context as inner:
+            own = inner if inner is not None and hasattr(inner, "graph") else None
+            box.scope = {name: _hybrid_value(v, hybrid_lm, own)
                          for name, v in {**frame.f_globals, **frame.f_locals}.items() if name != "__builtins__"}
-            box.scope["__builtins__"] = builtins
+            box.scope.update({"__builtins__": {**builtins, "print": printer}, SAVE: save})
             box.before = set(box.scope)
-            exec(tracer.info.code, box.scope)
+            exec(code, box.scope)
     except NotTranslatable:
         raise
-    except Exception as e:  # the hybrid tracer refused something: fall back
+    except Exception as e:  # the hybrid tracer refused something, or the swarm failed while running the graphs
+        logger.info("hybrid translation ended with %s: %s", type(e).__name__, e)
         raise NotTranslatable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     saves = {}
     for name, value in box.scope.items():
-        if isinstance(value, (Proxy, TupleProxy)) and value.saved and value.bound:
-            saves[name] = value.value
-        elif name not in box.before and isinstance(value, (list, dict)) and value:
-            raise NotTranslatable(f"{name!r} is a container built in the block; not translated")
-    return saves, dict(hybrid_tracer.stats)
+        if isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
+            if value.saved and value.bound:
+                saves[name] = value.value
+        elif id(value) in containers:
+            saves[name] = _bound(value, 0)
+    if hasattr(context, "graph"):
+        return saves, dict(context.stats)
+    traces = [dict(t.stats) for t in context.traces]
+    return saves, {"route": traces[0].get("route") if traces else [], "traces": traces}

@@ -304,13 +304,13 @@ def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, 
         gateway.close()
     assert_equal_to_local(got, references)
     paths = {name: meta["path"] for name, meta in got["meta"].items()}
-    # sessions and generation are not translated into graphs: they always run on the gateway
-    assert paths == {"read": "hybrid" if hybrid else "gateway", "patch": "hybrid" if hybrid else "gateway",
-                     "session": "gateway", "generation": "gateway"}
+    # every experiment translates into hybrid graphs: sessions and .all() generation too
+    assert paths == dict.fromkeys(EXPERIMENTS, "hybrid" if hybrid else "gateway")
     patch_meta = got["meta"]["patch"]
-    if hybrid:  # inputs + graph out, only the saved row back
+    if hybrid:  # inputs + graph out, only the saved row back; one chained call per trace / per generated token
         assert patch_meta["swarm_calls"] == 1
         assert patch_meta["swarm_bytes_received"] < 1.2 * 49152 * 4
+        assert got["meta"]["session"]["swarm_calls"] == 2 and got["meta"]["generation"]["swarm_calls"] == 3
     else:  # hidden states cross only after layers 8 and 20: segments 0:9, 9:21 (two nodes: 0:15, 15:30), 21:30
         assert patch_meta["swarm_calls"] == 4
 
