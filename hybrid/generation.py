@@ -38,7 +38,8 @@ from .placements import (ClientLinkMeter, SwarmRunner, TraceStats, check_one_hop
 from .request import HOOK_KIND, HOOK_VERSION, NO_LINKS, SessionLinks, encode_request
 from .values import pack_values, unpack_values
 
-# step(s, ids (B, T_s), mask (B, past + T_s) | None, positions (B, T_s), known values) -> (logits, new values)
+# step(s, ids (B, T_s), mask (B, past + T_s) | None, positions (B, T_s), known values) -> (out, new values), where out
+# is the logits (B, T_s or 1, V), or the greedy next token (B, 1) when the node that ran the head picked it
 Stepper = Callable[[int, torch.Tensor, "torch.Tensor | None", torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
 
 
@@ -86,10 +87,13 @@ def generate(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch.Te
     tokens, current = input_ids, input_ids
     done = torch.zeros(batch, dtype=torch.bool)
     for step in range(options.max_new_tokens):
-        logits, values = stepper(step, current, mask, positions, known)
+        out, values = stepper(step, current, mask, positions, known)
         known.update(values)
-        token = pick_token(logits[:, -1].float(), options.do_sample, options.temperature, options.top_k,
-                           options.top_p, generator)  # (B,)
+        if out.is_floating_point():  # logits
+            token = pick_token(out[:, -1].float(), options.do_sample, options.temperature, options.top_k,
+                               options.top_p, generator)  # (B,)
+        else:  # the node picked the greedy token (B, 1): the logits never came back
+            token = out[:, -1]
         if options.eos_token_id is not None:
             if options.pad_token_id is not None:
                 token = torch.where(done, torch.full_like(token, options.pad_token_id), token)
@@ -126,8 +130,9 @@ class SwarmSteps:
     closes its sessions. :attr:`stats` is filled in as it runs."""
 
     def __init__(self, runner: SwarmRunner, placement: str, graph: Graph, events, *, batch_size: int, max_length: int,
-                 links: SessionLinks = NO_LINKS):
+                 links: SessionLinks = NO_LINKS, greedy: bool = False):
         self.runner, self.placement, self.graph, self.events, self.links = runner, placement, graph, events, links
+        self.greedy = greedy
         self.loop, self.sequence, self.n = runner.client.loop, runner.sequence, runner.num_layers
         self.stats = TraceStats(placement)
         self._meter = ClientLinkMeter(self.sequence.traffic)
@@ -201,11 +206,12 @@ class SwarmSteps:
                 plans[key] = self._plan(s, route)
             return encode_request(self.graph, plans[key], offset, call=s, keep=self.links.keep)
 
-        # The client needs the last position only, unless its own head has graph nodes that read every position.
+        # The client needs the last position only, unless its own head has graph nodes that read every position;
+        # with the head on the last node and greedy decoding, only the next token: the logits stay there.
         last_only = self.remote_head or not self.head_nodes
         outputs, result = self.loop.run(session.step(
             inputs, attention_mask=mask, position_ids=positions, hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload),
-            carry=pack_values(values), last_only=last_only))
+            carry=pack_values(values), last_only=last_only, argmax=self.remote_head and self.greedy))
         values = unpack_values(result)
         plan = plans[_route_key(session.route)]
         self.stats.route = [e.name for e in plan.executors]

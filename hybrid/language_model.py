@@ -184,7 +184,7 @@ class LanguageModel:
             return tokens, values, stats
         batch, length = input_ids.shape
         with SwarmSteps(SwarmRunner(self.client), placement, graph, events, batch_size=batch,
-                        max_length=length + options.max_new_tokens, links=links) as steps:
+                        max_length=length + options.max_new_tokens, links=links, greedy=not options.do_sample) as steps:
             tokens, values = generate(steps, input_ids, attention_mask, options, links)
         return tokens, values, steps.stats
 

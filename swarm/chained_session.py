@@ -70,7 +70,7 @@ class ChainedSession:
 
     async def step(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                    position_ids: torch.Tensor | None = None, hook: HookRequest | None = None, carry: bytes = b"",
-                   last_only: bool = False) -> tuple[torch.Tensor, bytes]:
+                   last_only: bool = False, argmax: bool = False) -> tuple[torch.Tensor, bytes]:
         """Run new tokens (ids when ``embed``, else hidden states ``(B, T, D)``) through the chain.
 
         Args:
@@ -78,6 +78,8 @@ class ChainedSession:
             position_ids: ``(B or 1, T)``; default continues from the session's length.
             hook: the step's span hook, run on every hop; ``carry`` is the first hop's.
             last_only: the last hop answers only the last position.
+            argmax: (with ``head`` and ``last_only``) the last hop answers the greedy next token ``(B, 1)`` instead of
+                the logits, which then never cross the link.
         Returns:
             The last hop's outputs and its hook result (``b""`` without a hook).
         """
@@ -89,7 +91,7 @@ class ChainedSession:
         while True:
             t0 = time.perf_counter()
             try:
-                outputs, result = await self._send(step, last_only)
+                outputs, result = await self._send(step, last_only, argmax)
                 break
             except PeerUnreachableError as e:
                 retries += 1
@@ -105,18 +107,19 @@ class ChainedSession:
         self.length += length
         return outputs, result
 
-    async def _send(self, step: _Step, last_only: bool) -> tuple[torch.Tensor, bytes]:
+    async def _send(self, step: _Step, last_only: bool, argmax: bool = False) -> tuple[torch.Tensor, bytes]:
         n = self.sequence.num_layers
         chain = []
         for i, hop in enumerate(self._hops):
             entry = {"peer": hop.peer_id, "start": hop.start, "end": hop.end, "head": self.head and hop.end == n,
                      "session_id": self._session_ids[i], "last_only": last_only and i == len(self._hops) - 1,
+                     "argmax": argmax and i == len(self._hops) - 1,
                      "open": None if self._opened[i] else {"max_length": self.max_length, "batch_size": self.batch_size}}
             chain.append(entry)
         first = chain[0]
         meta = {"session_id": first["session_id"], "start": first["start"], "end": first["end"],
                 "embed": self.embed and first["start"] == 0, "head": first["head"], "last_only": first["last_only"],
-                "next": chain[1:]}
+                "argmax": first["argmax"], "next": chain[1:]}
         if first["open"] is not None:
             meta["open"] = first["open"]
         tensors = {"inputs": step.inputs, **step.extras}

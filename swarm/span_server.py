@@ -10,12 +10,15 @@ Request metadata (all RPCs):
 Inference adds ``session_id`` and, on its first step, ``open: {"max_length", "batch_size"}``; ``close: true``
 ends it; ``chunks: [T_1, T_2, ...]`` runs the inputs as consecutive steps of those lengths (history replay; not with
 a hook, which sees one step per call); with a hook, ``hop`` is the node's position in the client's route;
-``last_only: true`` answers only the last position's outputs (the client of a generation needs no more).
+``last_only: true`` answers only the last position's outputs (the client of a generation needs no more), and the
+head, if run, computes only that position's logits (``logits_to_keep=1``, as transformers' ``generate``);
+``argmax: true`` (with the head and ``last_only``) answers the greedy next token ``(B, 1)`` instead of the logits.
 Forward may be *chained*: ``next: [{"peer", "start", "end", "head"}, ...]`` makes this node send its outputs
 (with ``hook_payload`` and its hook's result as ``hook_carry``, ``hop`` + 1) to the next node itself and relay
 that node's answer back; ``return_outputs: false`` makes the last node answer an empty tensor instead of its
 hidden states (the caller only wants the hook's result). An inference step may be chained the same way, each onward
-hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?}, ...]``.
+hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?,
+"argmax"?}, ...]``.
 
 Any failure is answered with an error frame (typed, with a message); the node never dies of a bad request.
 """
@@ -335,9 +338,12 @@ class SpanServer:
             raise BadRequestError(f"Session {session_id!r} was opened for layers {session.start}:{session.end}; "
                                   f"steps must use the same layers.")
         session.check_room(length)
-        last_only = meta.get("last_only", False)
-        if not isinstance(last_only, bool):
-            raise BadRequestError("meta['last_only'] must be a boolean.")
+        last_only, argmax = meta.get("last_only", False), meta.get("argmax", False)
+        if not isinstance(last_only, bool) or not isinstance(argmax, bool):
+            raise BadRequestError("meta['last_only'] and meta['argmax'] must be booleans.")
+        if argmax and not (request.head and last_only):
+            raise BadRequestError("meta['argmax'] answers the next token's id, which needs the head ('head': true) "
+                                  "and the last position only ('last_only': true).")
         chain = _parse_inference_chain(meta.get("next", []), self.limits.max_chain)
 
         chunks = meta.get("chunks", [length])
@@ -374,10 +380,12 @@ class SpanServer:
         session.last_used = time.monotonic()
         stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
         if not chain:
+            if argmax:  # greedy decoding's next token (B, 1), after the hook's writes: the logits stay here
+                output = output[:, -1:].float().argmax(-1)
             return self._reply(output[:, -1:] if last_only else output, request, {"length": session.length, **stats})
         hop, rest = chain[0], chain[1:]
         onward_meta = {"session_id": hop["session_id"], "start": hop["start"], "end": hop["end"], "embed": False,
-                       "head": hop["head"], "next": rest, "last_only": hop["last_only"]}
+                       "head": hop["head"], "next": rest, "last_only": hop["last_only"], "argmax": hop["argmax"]}
         if hop["open"] is not None:
             onward_meta["open"] = hop["open"]
         return await self._pass_on(INFERENCE, hop["peer"], output, onward_meta, request, tensors, meta, stats)
@@ -402,12 +410,13 @@ def _parse_inference_chain(chain, max_chain: int) -> list[dict]:
     """Validate ``meta['next']`` of a chained inference step: onward hops with their sessions."""
     hops = _parse_chain(chain, max_chain)
     for hop, raw in zip(hops, chain):
-        session_id, spec, last_only = raw.get("session_id"), raw.get("open"), raw.get("last_only", False)
+        session_id, spec = raw.get("session_id"), raw.get("open")
+        last_only, argmax = raw.get("last_only", False), raw.get("argmax", False)
         if not (isinstance(session_id, str) and 0 < len(session_id) <= 128 and (spec is None or isinstance(spec, dict))
-                and isinstance(last_only, bool)):
-            raise BadRequestError("Each onward inference hop needs 'session_id' (str), and may have 'open' (dict) "
-                                  f"and 'last_only' (bool); got {raw!r}.")
-        hop.update(session_id=session_id, open=spec, last_only=last_only)
+                and isinstance(last_only, bool) and isinstance(argmax, bool)):
+            raise BadRequestError("Each onward inference hop needs 'session_id' (str), and may have 'open' (dict), "
+                                  f"'last_only' (bool) and 'argmax' (bool); got {raw!r}.")
+        hop.update(session_id=session_id, open=spec, last_only=last_only, argmax=argmax)
     return hops
 
 

@@ -315,6 +315,10 @@ def test_inference_session_errors(env):
     with rejected(BadRequestError, f"[0, {NODE_MAX_LENGTH})", "got min -3"):
         step("negative", ids[:, :5], open={"max_length": 8}, tensors={"position_ids": torch.arange(-3, 2)[None]})
 
+    with rejected(BadRequestError, "meta['argmax']", "'head': true", "'last_only': true"):  # this node has no head
+        step("argmax", ids[:, :5], open={"max_length": 8, "batch_size": 2}, last_only=True, argmax=True)
+    with rejected(BadRequestError, "meta['last_only'] and meta['argmax'] must be booleans"):
+        step("argmax", ids[:, :5], open={"max_length": 8, "batch_size": 2}, argmax="yes")
     first, reply = step("s", ids[:, :5], open={"max_length": 8, "batch_size": 2})
     assert reply["length"] == 5
     with rejected(BadRequestError, "'s'", "batch size 2; got 3"):

@@ -311,6 +311,8 @@ def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, 
         assert patch_meta["swarm_calls"] == 1
         assert patch_meta["swarm_bytes_received"] < 1.2 * 49152 * 4
         assert got["meta"]["session"]["swarm_calls"] == 2 and got["meta"]["generation"]["swarm_calls"] == 3
+        # the saved logits come back once per step; the next token is picked on the node that ran the head
+        assert got["meta"]["generation"]["swarm_bytes_received"] < 1.1 * 3 * 49152 * 4
     else:  # hidden states cross only after layers 8 and 20: segments 0:9, 9:21 (two nodes: 0:15, 15:30), 21:30
         assert patch_meta["swarm_calls"] == 4
 
