@@ -1,5 +1,5 @@
 """The real nnsight client through ``swarm-gateway``: latency of a small remote trace vs local nnsight, and the bytes
-of the patching example per execution path.
+of a patching trace, a session and a generation per execution path.
 
     python -m bench.gateway_latency [--repeats 10] [--out results]
 
@@ -9,9 +9,11 @@ it twice (gateway execution only, then with the hybrid path), and runs the clien
 
 - ``trace_latency``: median wall time of ``with lm.trace(prompt, remote=True): h = lm.model.layers[5].output.save()``
   after one warm-up, next to the same trace run by local nnsight in the client process.
-- ``patch_bytes``: the patching example (IOI-style: overwrite a row of layer 8's output, scale layer 20's output,
-  save one softmax row); client link = request payload + result (researcher ↔ gateway) and swarm link = gateway ↔
-  nodes (bytes sent + received, calls), as the gateway reports them in the response's ``meta``.
+- ``bytes`` per ``experiment``: ``patch`` (IOI-style: overwrite a row of layer 8's output, scale layer 20's output,
+  save one softmax row), ``session`` (two traces: the second patches in a value the first read) and ``generation``
+  (3 greedy tokens, the last position's logits saved at every step with ``tracer.all()``); client link = request
+  payload + result (researcher ↔ gateway) and swarm link = gateway ↔ nodes (bytes sent + received, calls), as the
+  gateway reports them in the response's ``meta``, with the execution path that ran.
 """
 
 from __future__ import annotations
@@ -47,8 +49,29 @@ def patch(lm, **remote):
     return probs, dict(tracer.backend.meta or {})
 
 
+def session(lm, **remote):
+    with lm.session(**remote) as tracer:
+        with lm.trace(PROMPTS[0]):
+            first = lm.model.layers[6].output[:, -1, :].save()
+        with lm.trace(PROMPTS[1]):
+            lm.model.layers[6].output[:, -1, :] = first
+            second = lm.lm_head.output[:, -1].save()
+    return second, dict(tracer.backend.meta or {})
+
+
+def generation(lm, **remote):
+    with lm.generate(PROMPT, max_new_tokens=3, **remote) as tracer:
+        steps = list().save()
+        for step in tracer.all():
+            steps.append(lm.lm_head.output[:, -1])
+    return steps, dict(tracer.backend.meta or {})
+
+
+EXPERIMENTS = {"patch": patch, "session": session, "generation": generation}
+
+
 def _client(repeats: int, out: str) -> None:
-    """Client process: latencies (remote and local) and the patching example's meta."""
+    """Client process: latencies (remote and local) and each experiment's meta."""
     import nnsight
     from transformers import AutoTokenizer
 
@@ -69,8 +92,8 @@ def _client(repeats: int, out: str) -> None:
 
     remote_s = timed(lambda: small_trace(lm, remote=True))
     local_s = timed(lambda: small_trace(local))
-    _, meta = patch(lm, remote=True)
-    Path(out).write_text(json.dumps({"remote_s": remote_s, "local_s": local_s, "patch_meta": meta}))
+    metas = {name: experiment(lm, remote=True)[1] for name, experiment in EXPERIMENTS.items()}
+    Path(out).write_text(json.dumps({"remote_s": remote_s, "local_s": local_s, "metas": metas}))
 
 
 def _run_client(url: str, repeats: int, workdir: Path) -> dict:
@@ -120,13 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, run in runs.items():
         log("trace_latency", backend=name, remote_median_s=statistics.median(run["remote_s"]),
             local_median_s=statistics.median(run["local_s"]), repeats=args.repeats)
-    for name, run in runs.items():
-        meta = run["patch_meta"]
-        log("patch_bytes", backend=name, path=meta.get("path"),
-            client_link_bytes=meta.get("request_bytes", 0) + meta.get("result_bytes", 0),
-            request_bytes=meta.get("request_bytes"), result_bytes=meta.get("result_bytes"),
-            swarm_link_bytes=meta.get("swarm_bytes_sent", 0) + meta.get("swarm_bytes_received", 0),
-            swarm_calls=meta.get("swarm_calls"))
+    for experiment in EXPERIMENTS:
+        for name, run in runs.items():
+            meta = run["metas"][experiment]
+            log("bytes", experiment=experiment, backend=name, path=meta.get("path"),
+                client_link_bytes=meta.get("request_bytes", 0) + meta.get("result_bytes", 0),
+                request_bytes=meta.get("request_bytes"), result_bytes=meta.get("result_bytes"),
+                swarm_link_bytes=meta.get("swarm_bytes_sent", 0) + meta.get("swarm_bytes_received", 0),
+                swarm_calls=meta.get("swarm_calls"))
     log.write()  # prints "wrote <path>"
 
 
