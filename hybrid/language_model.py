@@ -18,6 +18,7 @@ Placements (see :mod:`hybrid.placements`): ``local``, ``hybrid`` (default with p
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,7 +64,6 @@ class LanguageModel:
         self._client: SwarmModel | None = None
         self._local: SpanModel | None = None
         self._session: Session | None = None
-        self._gen_defaults: dict | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -136,7 +136,7 @@ class LanguageModel:
                 ``eos_token_id`` / ``pad_token_id`` (default: the checkpoint's generation config).
         """
         placement = self._placement(placement)
-        options = GenerateOptions.from_kwargs(kwargs, **self._generation_defaults())
+        options = GenerateOptions.from_kwargs(kwargs, **self.generation_defaults)
         box: list[Tracer] = []
 
         def run(graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -188,10 +188,9 @@ class LanguageModel:
             tokens, values = generate(steps, input_ids, attention_mask, options, links)
         return tokens, values, steps.stats
 
-    def _generation_defaults(self) -> dict:
+    @cached_property
+    def generation_defaults(self) -> dict:
         """EOS and pad ids from the checkpoint's generation config (read once)."""
-        if self._gen_defaults is not None:
-            return self._gen_defaults
         try:
             config = GenerationConfig.from_pretrained(self.path)
         except (OSError, ValueError):
@@ -199,8 +198,7 @@ class LanguageModel:
         eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
         pad = next((p for p in (config.pad_token_id, getattr(self.config, "pad_token_id", None)) if p is not None), eos)
-        self._gen_defaults = {"eos_token_id": eos, "pad_token_id": pad}
-        return self._gen_defaults
+        return {"eos_token_id": eos, "pad_token_id": pad}
 
     def run_graph(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
                   placement: str = "hybrid", links: SessionLinks = NO_LINKS):

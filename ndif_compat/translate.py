@@ -172,10 +172,12 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
     the trace, or for a session ``{"route": ..., "traces": [stats of each trace]}``.
 
     Raises:
-        NotTranslatable: the block cannot be expressed as hybrid graphs; nothing ran on the swarm.
+        NotTranslatable: the block cannot be expressed as hybrid graphs (refused while recording, before anything
+            ran on the swarm), or the swarm failed while running them; the caller runs the request on the gateway.
     """
     from hybrid import save as hybrid_save
     from hybrid.proxy import Proxy, TupleProxy
+    from hybrid.session import Session
     from hybrid.steps import GeneratedTokens
     from hybrid.tracing import _bound
 
@@ -199,16 +201,15 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
         builtins["print"](*args, **kwargs)
 
     context = _context(tracer, hybrid_lm)
+    session = isinstance(context, Session)
     # The scope lives in a namespace object: hybrid binds saved values into the caller's variables, and we want to
     # read the proxies themselves.
-    box = SimpleNamespace(scope={}, before=set())
+    box = SimpleNamespace(scope={})
     try:
-        with context as inner:
-            own = inner if inner is not None and hasattr(inner, "graph") else None
-            box.scope = {name: _hybrid_value(v, hybrid_lm, own)
+        with context:
+            box.scope = {name: _hybrid_value(v, hybrid_lm, None if session else context)
                          for name, v in {**frame.f_globals, **frame.f_locals}.items() if name != "__builtins__"}
             box.scope.update({"__builtins__": {**builtins, "print": printer}, SAVE: save})
-            box.before = set(box.scope)
             exec(code, box.scope)
     except NotTranslatable:
         raise
@@ -222,7 +223,7 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
                 saves[name] = value.value
         elif id(value) in containers:
             saves[name] = _bound(value, 0)
-    if hasattr(context, "graph"):
+    if not session:
         return saves, dict(context.stats)
     traces = [dict(t.stats) for t in context.traces]
     return saves, {"route": traces[0].get("route") if traces else [], "traces": traces}

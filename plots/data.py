@@ -45,18 +45,20 @@ def load(source) -> list[dict]:
         folders = sorted({p.parent for p in root.rglob("*.jsonl")}) if root.is_dir() else []
         if len(folders) > 1:
             raise BenchConfigError(f"{root} holds result files in {len(folders)} directories "
-                                   f"({', '.join(str(f) + '/' for f in folders[:6])}"
-                                   f"{', ...' if len(folders) > 6 else ''}); a figure draws one run: "
+                                   f"({_listing([f'{f}/' for f in folders])}); a figure draws one run: "
                                    f"swarm-bench plot {folders[-1]}/")
         records = read_results(root)
     else:
         records = list(source)
     runs = sorted({r["run_id"] for r in records})
     if len(runs) > 1:
-        raise BenchConfigError(f"the records come from {len(runs)} runs ({', '.join(runs[:6])}"
-                               f"{', ...' if len(runs) > 6 else ''}); a figure draws one run: plot one "
-                               "results/<run-id>/ directory")
+        raise BenchConfigError(f"the records come from {len(runs)} runs ({_listing(runs)}); a figure draws one "
+                               "run: plot one results/<run-id>/ directory")
     return records
+
+
+def _listing(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def _link_key(record: dict) -> str:
