@@ -3,12 +3,14 @@ of a patching trace, a session and a generation per execution path.
 
     python -m bench.gateway_latency [--repeats 10] [--out results]
 
-Starts (and always stops) a local-backend gateway, a 2-node SmolLM2 swarm (0:15, 15:30) with a gateway in front of
+Starts (and always stops) a local-backend gateway twice (each request in a fresh sandboxed cell, the default; then
+``--unsafe-no-sandbox``, persistent workers behind Python-level guardrails only), a 2-node SmolLM2 swarm (0:15, 15:30) with a gateway in front of
 it twice (gateway execution only, then with the hybrid path), and runs the client in a fresh process per gateway
 (nnsight reads NDIF_HOST / HF_ENDPOINT at import). Measurements:
 
 - ``trace_latency``: median wall time of ``with lm.trace(prompt, remote=True): h = lm.model.layers[5].output.save()``
-  after one warm-up, next to the same trace run by local nnsight in the client process.
+  after one warm-up, next to the same trace run by local nnsight in the client process; ``sandbox_cost`` is the
+  sandboxed local backend's median against the unsandboxed one's, side by side in this run.
 - ``bytes`` per ``experiment``: ``patch`` (IOI-style: overwrite a row of layer 8's output, scale layer 20's output,
   save one softmax row), ``session`` (two traces: the second patches in a value the first read) and ``generation``
   (3 greedy tokens, the last position's logits saved at every step with ``tracer.all()``); client link = request
@@ -19,6 +21,7 @@ it twice (gateway execution only, then with the hybrid path), and runs the clien
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--local-only", action="store_true",
+                        help="only the two local-backend gateways (the sandbox's cost), no swarm")
     parser.add_argument("--client", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
@@ -126,16 +131,18 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         runs = {}
-        gateway = Gateway(tmp, "--local", "smollm2-135m")
-        try:
-            runs["local"] = _run_client(gateway.url, args.repeats, tmp)
-        finally:
-            gateway.close()
-        with LocalSwarm(tmp) as swarm:
-            swarm.start(path, "--blocks", "0:15")
-            swarm.start(path, "--blocks", "15:30", initial_peers=swarm.initial_peers)
-            for name, extra in (("swarm-gateway", ["--no-hybrid"]), ("swarm-hybrid", [])):
-                gateway = Gateway(tmp, "--initial-peers", *swarm.initial_peers, *extra)
+        for name, extra in (("local", []), ("local-unsandboxed", ["--unsafe-no-sandbox"])):
+            gateway = Gateway(tmp, "--local", "smollm2-135m", *extra)
+            try:
+                runs[name] = _run_client(gateway.url, args.repeats, tmp)
+            finally:
+                gateway.close()
+        with contextlib.nullcontext() if args.local_only else LocalSwarm(tmp) as swarm:
+            if swarm is not None:
+                swarm.start(path, "--blocks", "0:15")
+                swarm.start(path, "--blocks", "15:30", initial_peers=swarm.initial_peers)
+            for name, extra in () if args.local_only else (("swarm-gateway", ["--no-hybrid"]), ("swarm-hybrid", [])):
+                gateway = Gateway(tmp, "--initial-peers", *swarm.initial_peers, "--unsafe-no-sandbox", *extra)
                 try:
                     runs[name] = _run_client(gateway.url, args.repeats, tmp)
                 finally:
@@ -143,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, run in runs.items():
         log("trace_latency", backend=name, remote_median_s=statistics.median(run["remote_s"]),
             local_median_s=statistics.median(run["local_s"]), repeats=args.repeats)
+    sandboxed, unsandboxed = (statistics.median(runs[n]["remote_s"]) for n in ("local", "local-unsandboxed"))
+    log("sandbox_cost", sandboxed_median_s=sandboxed, unsandboxed_median_s=unsandboxed,
+        added_s=sandboxed - unsandboxed, ratio=sandboxed / unsandboxed)
     for experiment in EXPERIMENTS:
         for name, run in runs.items():
             meta = run["metas"][experiment]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .config import BackendSpec, ExecutionLimits, GatewayConfig
+from .errors import SandboxUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="memory limit of a worker process (default %(default)s)")
     serve.add_argument("--max-request-mb", type=float, default=ExecutionLimits.max_request_bytes / 2**20,
                        help="largest request payload accepted (default %(default)s)")
+    serve.add_argument("--unsafe-no-sandbox", action="store_true",
+                       help="run requests in persistent worker processes behind Python-level guardrails only (no "
+                            "kernel sandbox, writable weights, one worker serves many requests); required by the "
+                            "swarm backend; only for a trusted single-user setup")
     serve.add_argument("--cache-dir", type=Path, default=None, help="where model aliases are converted")
     serve.add_argument("--ready-file", type=Path, default=None, help="write {url, names, pid} here once serving")
     return parser
@@ -67,16 +72,37 @@ def build_config(args: argparse.Namespace, env_keys: str = "") -> GatewayConfig:
                              max_request_bytes=int(args.max_request_mb * 2**20))
     return GatewayConfig(backend, tuple(dict.fromkeys([canonical, *args.name])), host=args.host, port=args.port,
                          workers=args.workers, api_keys=keys, rate_per_minute=args.rate_per_minute, burst=args.burst,
-                         limits=limits)
+                         limits=limits, sandbox=not args.unsafe_no_sandbox)
+
+
+def make_pool(config: GatewayConfig):
+    """Where requests run: sandboxed cells (:mod:`ndif_compat.cells`), or, only when the operator opts out of the
+    sandbox, persistent workers behind Python-level guardrails (:mod:`ndif_compat.workers`; the swarm backend,
+    whose workers need the network, has only these).
+
+    Raises:
+        SandboxUnavailableError: the swarm backend without ``--unsafe-no-sandbox``.
+    """
+    from .cells import CellPool
+    from .errors import SandboxUnavailableError
+    from .workers import WorkerPool
+
+    if not config.sandbox:
+        return WorkerPool(config.backend, config.limits, config.workers, config.worker_start_timeout_s)
+    if config.backend.kind == "local":
+        return CellPool(config.backend, config.limits, config.workers, config.worker_start_timeout_s)
+        raise SandboxUnavailableError(
+            "the swarm backend cannot run requests in the kernel sandbox yet: its workers hold a swarm connection, "
+            "and a sandboxed process has no network. Serve --local MODEL (sandboxed), or pass --unsafe-no-sandbox "
+            "for a trusted single-user setup (request code then runs behind Python-level guardrails only).")
 
 
 def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
     import uvicorn
 
     from .app import Gateway
-    from .workers import WorkerPool
 
-    pool = WorkerPool(config.backend, config.limits, config.workers, config.worker_start_timeout_s)
+    pool = make_pool(config)
     print(f"swarm-gateway: loading {config.backend.kind} backend ({config.workers} worker(s))...", flush=True)
     try:
         pool.start()
@@ -109,9 +135,22 @@ def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(args, os.environ.get("SWARM_GATEWAY_API_KEYS", ""))
-    serve(config, args.ready_file)
+    config = build_config(args, os.environ.pop("SWARM_GATEWAY_API_KEYS", ""))
+    _not_dumpable()
+    try:
+        serve(config, args.ready_file)
+    except SandboxUnavailableError as e:
+        print(f"swarm-gateway: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _not_dumpable() -> None:
+    """No process of another user, and no sandboxed one, may read this process's memory or environment (the API
+    keys) through /proc or ptrace."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)          # PR_SET_DUMPABLE
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ class ExecutionLimits:
     """Size of a request payload after decompression."""
     max_result_bytes: int = 512 * 2**20
     """Size of a result (saved values, serialized)."""
+    max_scratch_bytes: int = 256 * 2**20
+    """Largest file a request's sandboxed process may write (only into its own scratch directory)."""
 
 
 @dataclass(frozen=True)
@@ -60,3 +62,7 @@ class GatewayConfig:
     result_ttl_s: float = 600.0
     """How long a finished job's status and result stay available to GET /response and /result."""
     worker_start_timeout_s: float = 300.0
+    sandbox: bool = True
+    """Run each request in a kernel-contained process forked from a clean template (``ndif_compat.cells``);
+    ``False`` (``--unsafe-no-sandbox``): persistent workers behind Python-level guardrails only, for a trusted
+    single-user setup (the swarm backend has only these for now)."""

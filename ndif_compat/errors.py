@@ -78,3 +78,15 @@ class UnknownJobError(BadRequestError):
 
     code = "unknown_job"
     http_status = 404
+
+
+class SandboxUnavailableError(GatewayError):
+    """This machine lacks a kernel feature the request sandbox needs (Landlock, seccomp, user namespaces); the
+    gateway refuses to start. The operator fixes the host, or passes ``--unsafe-no-sandbox`` for a trusted setup."""
+
+    code = "sandbox_unavailable"
+
+
+class SandboxViolationError(UnsafeRequestError):
+    """The kernel stopped the request's process: a forbidden system call (processes, programs, sockets), or a
+    write to read-only memory (the model's parameters). Nothing it did outlives it."""

@@ -177,7 +177,7 @@ _ALLOWED_GLOBALS = {
     ("nnsight.tracing.tracer", "Tracer.Info"), ("nnsight.tracing.util", "SerializedFrame"),
     ("nnsight.intervention.tracer", "InterleavingTracer.Info"), ("nnsight.modeling.language", "LanguageModel._call"),
     ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"), ("torch", "Size"),
-    ("torch.storage", "_load_from_bytes"), ("torch._tensor", "_rebuild_from_type_v2"), ("torch", "Tensor"),
+    ("torch._tensor", "_rebuild_from_type_v2"), ("torch", "Tensor"),
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
     ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "range"), ("builtins", "complex"),
     ("types", "SimpleNamespace"), ("copyreg", "_reconstructor"), ("builtins", "object"),
@@ -249,6 +249,18 @@ def _checked_load_function(source, name, defaults, kwdefaults, annotations, orig
     return func
 
 
+def _load_storage_bytes(data: bytes):
+    """A tensor storage pickled by ``Tensor.__reduce_ex__`` (``torch.storage._load_from_bytes``, i.e. a full
+    ``torch.load``), read with torch's ``weights_only`` unpickler instead: storages, tensors and plain data only."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise UnsafeRequestError("the request's payload passes a non-bytes value to a storage loader; refused.")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:
+        raise UnsafeRequestError(f"a tensor in the request's payload is not plain tensor data ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''}); refused.") from None
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles an nnsight payload, loading only allow-listed globals; ``persistent_load`` resolves the
     model's modules by id (the model is never in the payload)."""
@@ -274,6 +286,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _builtin_type
         if module == "nnsight.intervention.serialization" and name == "_load_function":
             return _checked_load_function
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return _load_storage_bytes
         if module == "builtins" and name in ("getattr", "eval", "exec", "__import__", "open", "compile"):
             raise UnsafeRequestError(f"the request's payload calls builtins.{name}; refused.")
         raise UnsafeRequestError(f"the request's payload needs {module}.{name}, which the gateway does not load "

@@ -12,6 +12,7 @@ import logging
 from typing import Any, Callable
 
 import torch
+import zstandard
 
 from .config import BackendSpec
 from .errors import ParametersModifiedError
@@ -35,6 +36,11 @@ class _SwarmObjects(dict):
         return module
 
 
+def _rehearsal_trace(lm, backend) -> None:
+    with lm.trace(WARMUP_PROMPT, backend=backend):
+        lm.model.layers[0].output.save()
+
+
 class Runtime:
     """The model of one worker and the request executor. Build with :meth:`load` (does the I/O)."""
 
@@ -46,10 +52,11 @@ class Runtime:
         """The model's persistent objects payloads resolve to; built once, by :meth:`warm_up`."""
 
     @classmethod
-    def load(cls, spec: BackendSpec) -> "Runtime":
+    def load(cls, spec: BackendSpec, threads: int | None = None) -> "Runtime":
+        """Load and warm up the backend with ``threads`` torch threads (default ``spec.threads``)."""
         import nnsight
 
-        torch.set_num_threads(spec.threads)
+        torch.set_num_threads(spec.threads if threads is None else threads)
         if spec.kind == "local":
             lm = nnsight.LanguageModel(str(spec.model_path), dispatch=True, dtype=torch.float32)
             lm._module.requires_grad_(False)
@@ -83,6 +90,28 @@ class Runtime:
         self.seal = ParameterSeal(self.lm._module)
         objects = self.lm._remoteable_persistent_objects()
         self._objects = _SwarmObjects(objects) if self.spec.kind == "swarm" else objects
+
+    def rehearse(self) -> None:
+        """Run one request through the whole request path (unpickling, checks, nnsight's executor, encoding), so
+        the lazy imports and caches it fills are filled here, in the template, and not in every cell."""
+        from nnsight.schema.request import RequestModel
+        from nnsight.tracing.backend import Backend
+
+        class Capture(Backend):
+            def __call__(self, tracer):
+                self.blob = RequestModel.serialize(tracer, compress=True)
+
+        capture = Capture()
+        _rehearsal_trace(self.lm, capture)
+        self.execute(zstandard.ZstdDecompressor().decompress(capture.blob), True, "rehearsal", lambda text: None)
+
+    def seal_weights(self) -> None:
+        """Move the model's parameters and buffers into sealed read-only memory (any write then faults), and
+        fingerprint them again (their storage moved)."""
+        from .sealed_weights import seal_weights
+
+        self._weights = seal_weights(self.lm._module)
+        self.seal = ParameterSeal(self.lm._module)
 
     def traffic(self) -> tuple[int, int, int]:
         if self.client is None:
