@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                 swarm.start(path, "--blocks", "0:15")
                 swarm.start(path, "--blocks", "15:30", initial_peers=swarm.initial_peers)
             for name, extra in () if args.local_only else (("swarm-gateway", ["--no-hybrid"]), ("swarm-hybrid", [])):
-                gateway = Gateway(tmp, "--initial-peers", *swarm.initial_peers, "--unsafe-no-sandbox", *extra)
+                gateway = Gateway(tmp, "--initial-peers", *swarm.initial_peers, *extra)
                 try:
                     runs[name] = _run_client(gateway.url, args.repeats, tmp)
                 finally:

@@ -11,6 +11,8 @@
 - ``run`` hands the request's bytes to a cell over its own socket and enforces, from outside, the wall time
   (``timeout_s``) and the cell's private memory (``max_memory_bytes``); the cell is killed past either and always
   discarded afterwards. At most ``workers`` requests run at once; the rest wait.
+- The swarm backend's cells have no network either: their swarm calls come to this process as data (hidden
+  states, our IR), checked and made here on one swarm connection (:mod:`ndif_compat.broker`).
 - What a cell sends back is read as bounded JSON and bytes (:mod:`ndif_compat.channel`), never unpickled here; its
   metadata is checked field by field; the response to the client is built by the gateway, for the job whose cell
   answered. A cell that dies is classified by its exit status (SIGSEGV: a write to the read-only weights;
@@ -37,6 +39,7 @@ from typing import Callable
 
 import psutil
 
+from .broker import BrokerError
 from .channel import Channel, ChannelError
 from .config import BackendSpec, ExecutionLimits
 from .errors import ExecutionLimitError, GatewayError, SandboxViolationError, WorkerCrashedError
@@ -76,6 +79,8 @@ class CellPool:
         self._failure_class: type[GatewayError] = WorkerCrashedError
         self._closed = False
         self._scratch_root: Path | None = None
+        self.broker = None
+        """The swarm backend's swarm connection (:class:`~ndif_compat.broker.SwarmBroker`), outside the cells."""
 
     # ---- the template ---------------------------------------------------------------------------------------------
 
@@ -85,6 +90,10 @@ class CellPool:
         Raises:
             WorkerCrashedError: the template failed (its message says why: a missing sandbox feature, the model).
         """
+        if self.spec.kind == "swarm" and self.broker is None:
+            from .broker import SwarmBroker
+            self.broker = SwarmBroker(self.spec.model_path, self.spec.initial_peers, self.limits.max_request_bytes)
+            self.broker.connect()
         self._scratch_root = Path(tempfile.mkdtemp(prefix="swarm-gateway-cells-"))
         os.chmod(self._scratch_root, 0o711)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -180,6 +189,19 @@ class CellPool:
 
     def _supervise(self, cell: _Cell, request_id: str, blob: bytes, compress: bool,
                    on_log: Callable[[str], None]) -> Reply:
+        calls = self.broker.request() if self.broker is not None else None
+        try:
+            reply = self._exchange(cell, request_id, blob, compress, on_log, calls)
+        finally:
+            if calls is not None:
+                calls.close()
+        if calls is not None:    # measured here, not reported by the cell
+            reply.meta.update(swarm_bytes_sent=calls.sent, swarm_bytes_received=calls.received,
+                              swarm_calls=calls.count)
+        return reply
+
+    def _exchange(self, cell: _Cell, request_id: str, blob: bytes, compress: bool, on_log: Callable[[str], None],
+                  calls) -> Reply:
         try:
             cell.channel.send("run", {"id": request_id, "compress": bool(compress)}, blob)
         except OSError:
@@ -199,6 +221,15 @@ class CellPool:
                 except ChannelError as e:
                     raise ExecutionLimitError(f"the request's answer was refused: {e}. Save less (a slice, a "
                                               "reduction).") from None
+                if kind == "call" and calls is not None:
+                    try:
+                        answer, data = calls.handle(meta, body)
+                    except GatewayError as e:
+                        text = str(e) if isinstance(e, BrokerError) else f"{type(e).__name__}: {e}"
+                        cell.channel.send("reply_error", {"text": text[:MAX_ERROR_TEXT]})
+                    else:
+                        cell.channel.send("reply", answer, data)
+                    continue
                 if kind == "log":
                     logs += 1
                     if logs <= MAX_LOG_LINES and isinstance(meta.get("text"), str):
@@ -265,6 +296,8 @@ class CellPool:
     def close(self) -> None:
         self._closed = True
         self._stop_template()
+        if self.broker is not None:
+            self.broker.close()
 
 
 def _checked_meta(meta: dict) -> dict:

@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="largest request payload accepted (default %(default)s)")
     serve.add_argument("--unsafe-no-sandbox", action="store_true",
                        help="run requests in persistent worker processes behind Python-level guardrails only (no "
-                            "kernel sandbox, writable weights, one worker serves many requests); required by the "
-                            "swarm backend; only for a trusted single-user setup")
+                            "kernel sandbox, writable weights, one worker serves many requests): only for a "
+                            "trusted single-user setup")
     serve.add_argument("--cache-dir", type=Path, default=None, help="where model aliases are converted")
     serve.add_argument("--ready-file", type=Path, default=None, help="write {url, names, pid} here once serving")
     return parser
@@ -77,24 +77,13 @@ def build_config(args: argparse.Namespace, env_keys: str = "") -> GatewayConfig:
 
 def make_pool(config: GatewayConfig):
     """Where requests run: sandboxed cells (:mod:`ndif_compat.cells`), or, only when the operator opts out of the
-    sandbox, persistent workers behind Python-level guardrails (:mod:`ndif_compat.workers`; the swarm backend,
-    whose workers need the network, has only these).
-
-    Raises:
-        SandboxUnavailableError: the swarm backend without ``--unsafe-no-sandbox``.
-    """
+    sandbox, persistent workers behind Python-level guardrails (:mod:`ndif_compat.workers`)."""
     from .cells import CellPool
-    from .errors import SandboxUnavailableError
     from .workers import WorkerPool
 
     if not config.sandbox:
         return WorkerPool(config.backend, config.limits, config.workers, config.worker_start_timeout_s)
-    if config.backend.kind == "local":
-        return CellPool(config.backend, config.limits, config.workers, config.worker_start_timeout_s)
-        raise SandboxUnavailableError(
-            "the swarm backend cannot run requests in the kernel sandbox yet: its workers hold a swarm connection, "
-            "and a sandboxed process has no network. Serve --local MODEL (sandboxed), or pass --unsafe-no-sandbox "
-            "for a trusted single-user setup (request code then runs behind Python-level guardrails only).")
+    return CellPool(config.backend, config.limits, config.workers, config.worker_start_timeout_s)
 
 
 def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:

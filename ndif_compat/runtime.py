@@ -44,16 +44,20 @@ def _rehearsal_trace(lm, backend) -> None:
 class Runtime:
     """The model of one worker and the request executor. Build with :meth:`load` (does the I/O)."""
 
-    def __init__(self, spec: BackendSpec, lm, client=None, stack=None, hybrid_lm=None):
+    def __init__(self, spec: BackendSpec, lm, client=None, stack=None, hybrid_lm=None, calls=None):
         self.spec, self.lm, self.client, self.stack, self.hybrid_lm = spec, lm, client, stack, hybrid_lm
+        self.calls = calls
+        """Sandboxed swarm backend: the :class:`~ndif_compat.broker.BrokerCalls` whose link the cell sets."""
         self.seal: ParameterSeal | None = None
         """Set by :meth:`warm_up` (after the warm-up traces, which must not count as writes)."""
         self._objects: dict | None = None
         """The model's persistent objects payloads resolve to; built once, by :meth:`warm_up`."""
 
     @classmethod
-    def load(cls, spec: BackendSpec, threads: int | None = None) -> "Runtime":
-        """Load and warm up the backend with ``threads`` torch threads (default ``spec.threads``)."""
+    def load(cls, spec: BackendSpec, threads: int | None = None, brokered: bool = False) -> "Runtime":
+        """Load and warm up the backend with ``threads`` torch threads (default ``spec.threads``). ``brokered``
+        (the sandboxed template of the swarm backend): no swarm connection here; swarm calls go through the cell's
+        broker link (:mod:`ndif_compat.broker`)."""
         import nnsight
 
         torch.set_num_threads(spec.threads if threads is None else threads)
@@ -61,15 +65,29 @@ class Runtime:
             lm = nnsight.LanguageModel(str(spec.model_path), dispatch=True, dtype=torch.float32)
             lm._module.requires_grad_(False)
             runtime = cls(spec, lm)
-        elif spec.kind == "swarm":
+        elif spec.kind == "swarm" and brokered:
+            from swarm.stages import Span, SpanModel
+
+            from .broker import BrokerCalls, brokered_language_model
             from .swarm_layers import build_swarm_model
+
+            calls = BrokerCalls()
+            hybrid_lm = brokered_language_model(spec.model_path, calls) if spec.hybrid else None
+            local = SpanModel.load(spec.model_path, Span(0, 0, embed=True, head=True), dtype=torch.float32)
+            lm, stack = build_swarm_model(spec.model_path, local, calls)
+            runtime = cls(spec, lm, None, stack, hybrid_lm, calls)
+        elif spec.kind == "swarm":
             import hybrid
+            from swarm.model import SwarmModel
+
+            from .swarm_layers import ClientCalls, build_swarm_model
 
             # one swarm connection per worker: the gateway path's layers use the hybrid model's client
             hybrid_lm = hybrid.LanguageModel(str(spec.model_path), initial_peers=list(spec.initial_peers)) \
                 if spec.hybrid else None
-            lm, client, stack = build_swarm_model(spec.model_path, spec.initial_peers,
-                                                  client=hybrid_lm.client if hybrid_lm is not None else None)
+            client = hybrid_lm.client if hybrid_lm is not None else \
+                SwarmModel.from_pretrained(str(spec.model_path), list(spec.initial_peers), dtype=torch.float32)
+            lm, stack = build_swarm_model(spec.model_path, client.local, ClientCalls(client))
             runtime = cls(spec, lm, client, stack, hybrid_lm)
         else:
             raise ValueError(f"backend must be 'local' or 'swarm'; got {spec.kind!r}")
@@ -77,19 +95,38 @@ class Runtime:
         return runtime
 
     def warm_up(self) -> None:
-        """One trace and one short generation, so lazy imports and file reads happen before any guard is armed."""
+        """One trace and one short generation, so lazy imports and file reads happen before any guard is armed.
+        Brokered, the decoder layers answer with their input meanwhile (the values are thrown away)."""
+        if self.calls is not None:
+            from .broker import RehearsalLink
+            self.calls.link = RehearsalLink()
+        try:
+            self._warm_up_traces()
+        finally:
+            if self.calls is not None:
+                self.calls.link = None
+        self.seal = ParameterSeal(self.lm._module)
+        objects = self.lm._remoteable_persistent_objects()
+        self._objects = _SwarmObjects(objects) if self.spec.kind == "swarm" else objects
+
+    def _warm_up_traces(self) -> None:
         with self.lm.trace(WARMUP_PROMPT):
             self.lm.lm_head.output.save()
         with self.lm.generate(WARMUP_PROMPT, max_new_tokens=2):
             self.lm.lm_head.output.save()
         if self.hybrid_lm is not None:
-            with self.hybrid_lm.trace(WARMUP_PROMPT, placement="hybrid"):
+            self._record(lambda: self.hybrid_lm.trace(WARMUP_PROMPT, placement="hybrid"))
+            self._record(lambda: self.hybrid_lm.generate(WARMUP_PROMPT, max_new_tokens=2, placement="hybrid"))
+
+    def _record(self, context) -> None:
+        from .broker import BrokerError
+
+        try:
+            with context():
                 self.hybrid_lm.lm_head.output.save()
-            with self.hybrid_lm.generate(WARMUP_PROMPT, max_new_tokens=2, placement="hybrid"):
-                self.hybrid_lm.lm_head.output.save()
-        self.seal = ParameterSeal(self.lm._module)
-        objects = self.lm._remoteable_persistent_objects()
-        self._objects = _SwarmObjects(objects) if self.spec.kind == "swarm" else objects
+        except BrokerError:  # brokered: the graph was recorded (imports, the generation config), not run
+            if self.calls is None:
+                raise
 
     def rehearse(self) -> None:
         """Run one request through the whole request path (unpickling, checks, nnsight's executor, encoding), so
@@ -103,7 +140,14 @@ class Runtime:
 
         capture = Capture()
         _rehearsal_trace(self.lm, capture)
-        self.execute(zstandard.ZstdDecompressor().decompress(capture.blob), True, "rehearsal", lambda text: None)
+        if self.calls is not None:
+            from .broker import RehearsalLink
+            self.calls.link = RehearsalLink()
+        try:
+            self.execute(zstandard.ZstdDecompressor().decompress(capture.blob), True, "rehearsal", lambda text: None)
+        finally:
+            if self.calls is not None:
+                self.calls.link = None
 
     def seal_weights(self) -> None:
         """Move the model's parameters and buffers into sealed read-only memory (any write then faults), and

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import logging
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -53,57 +53,74 @@ def touched_layers(sources: Iterable[str], num_layers: int) -> set[int] | None:
     return cuts
 
 
+class ClientCalls:
+    """The swarm calls of the decoder stack, made on an open swarm connection (``SwarmModel``): a stateless forward of
+    layers ``[start, end)``, or the next step of a KV-cache session per segment while a generation runs."""
+
+    def __init__(self, client):
+        self.client = client
+        self.sessions: dict[tuple[int, int], Any] = {}
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, start: int,
+                end: int) -> torch.Tensor:
+        out, _ = self.client.loop.run(self.client.sequence.forward(hidden, attention_mask=mask, position_ids=positions,
+                                                                   start=start, end=end))
+        return out
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, start: int,
+             end: int, max_length: int) -> torch.Tensor:
+        from swarm.inference_session import InferenceSession
+
+        loop, sequence = self.client.loop, self.client.sequence
+        if (start, end) not in self.sessions:
+            hops = loop.run(sequence.route(start, end))
+            self.sessions[(start, end)] = InferenceSession(sequence, hops, batch_size=hidden.shape[0],
+                                                           max_length=max_length, embed=False, head=False)
+        return loop.run(self.sessions[(start, end)].step(hidden, attention_mask=mask, position_ids=positions))
+
+    def close(self) -> None:
+        sessions, self.sessions = self.sessions, {}
+        for session in sessions.values():
+            try:
+                self.client.loop.run(session.close())
+            except Exception as e:  # the step already answered; a failed close only leaks a node's cache slot
+                logger.warning("closing a swarm session failed: %s", e)
+
+
 class SwarmStack:
     """Shared state of the swarm layers: where the stack is cut, the 2-D mask and positions of the forward in
-    progress, and during ``generate`` one KV-cache session on the swarm per segment (steps then send only the new
-    tokens' hidden states, exactly as transformers' cached generation computes them)."""
+    progress, and whether a cached generation runs (its steps then send only the new tokens' hidden states, exactly
+    as transformers' cached generation computes them). The swarm calls themselves are ``calls``
+    (:class:`ClientCalls`, or in a sandboxed cell :class:`ndif_compat.broker.BrokerCalls`)."""
 
-    def __init__(self, client, num_layers: int):
-        self.client, self.num_layers = client, num_layers
+    def __init__(self, calls, num_layers: int):
+        self.calls, self.num_layers = calls, num_layers
         self.starts: dict[int, int] = {0: num_layers}
         self.attention_mask: torch.Tensor | None = None
         self.position_ids: torch.Tensor | None = None
-        self.generation: dict | None = None
-        """While ``generate`` runs: ``{"max_new_tokens": n, "sessions": {(start, end): InferenceSession}}``."""
+        self.max_new_tokens: int | None = None
+        """While ``generate`` runs: its ``max_new_tokens``."""
 
     def generate_wrapper(self, generate):
         """Wrap the model's ``generate`` so the layers know a cached generation is running (and its length)."""
         def wrapped(*args, **kwargs):
             config = kwargs.get("generation_config")
             new = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None) or 64
-            self.generation = {"max_new_tokens": int(new), "sessions": {}}
+            self.max_new_tokens = int(new)
             try:
                 return generate(*args, **kwargs)
             finally:
-                self.close_sessions()
+                self.max_new_tokens = None
+                self.calls.close()
         return wrapped
-
-    def close_sessions(self) -> None:
-        if self.generation is not None:
-            for session in self.generation["sessions"].values():
-                try:
-                    self.client.loop.run(session.close())
-                except Exception as e:  # the step already answered; a failed close only leaks a node's cache slot
-                    logger.warning("closing a swarm session failed: %s", e)
-            self.generation = None
 
     def run(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Layers ``[start, end)`` on the swarm: a stateless forward, or the next step of this segment's session."""
-        from swarm.inference_session import InferenceSession
-
         mask = self.attention_mask if self.attention_mask is not None and self.attention_mask.ndim == 2 else None
-        loop, sequence = self.client.loop, self.client.sequence
-        if self.generation is None:
-            out, _ = loop.run(sequence.forward(hidden, attention_mask=mask, position_ids=self.position_ids,
-                                               start=start, end=end))
-            return out
-        sessions = self.generation["sessions"]
-        if (start, end) not in sessions:
-            hops = loop.run(sequence.route(start, end))
-            sessions[(start, end)] = InferenceSession(
-                sequence, hops, batch_size=hidden.shape[0], max_length=hidden.shape[1] +
-                self.generation["max_new_tokens"] + 1, embed=False, head=False)
-        return loop.run(sessions[(start, end)].step(hidden, attention_mask=mask, position_ids=self.position_ids))
+        if self.max_new_tokens is None:
+            return self.calls.forward(hidden, mask, self.position_ids, start, end)
+        return self.calls.step(hidden, mask, self.position_ids, start, end,
+                               max_length=hidden.shape[1] + self.max_new_tokens + 1)
 
     def cut_at(self, cuts: set[int] | None) -> None:
         """Segments between the cut points of :func:`touched_layers` (``None``: one segment per layer)."""
@@ -147,28 +164,25 @@ class Unreachable(nn.Module):
                            "only layer inputs/outputs, the embedding and the head")
 
 
-def build_swarm_model(path, initial_peers, dtype=torch.float32, client=None):
-    """``(nnsight LanguageModel, SwarmModel client, SwarmStack)`` for the checkpoint at ``path``; ``client``: an
-    open swarm connection to share (e.g. a :class:`hybrid.LanguageModel`'s), else one is opened."""
+def build_swarm_model(path, local, calls, dtype=torch.float32):
+    """``(nnsight LanguageModel, SwarmStack)`` for the checkpoint at ``path``: ``local`` holds the embedding, norm
+    and head (a ``SpanModel`` with ``embed`` and ``head``, e.g. ``SwarmModel.local``); the decoder layers make their
+    swarm calls through ``calls`` (:class:`ClientCalls` or :class:`ndif_compat.broker.BrokerCalls`)."""
     import nnsight
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from swarm.checkpoint import load_config
-    from swarm.model import SwarmModel
 
-    if client is None:
-        client = SwarmModel.from_pretrained(str(path), list(initial_peers), dtype=dtype)
     config = load_config(path)
     config._attn_implementation = "sdpa"
     n = config.num_hidden_layers
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    local = client.local
     hf.model.embed_tokens = local.model.embed_tokens
     hf.model.norm = local.model.norm
     hf.lm_head = local.lm_head
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config=config)
-    stack = SwarmStack(client, n)
+    stack = SwarmStack(calls, n)
     hf.model.layers = nn.ModuleList([SwarmLayer(i, stack) for i in range(n)])
     hf.model.register_forward_pre_hook(stack.capture_inputs, with_kwargs=True)
     try:
@@ -182,4 +196,4 @@ def build_swarm_model(path, initial_peers, dtype=torch.float32, client=None):
         raise RuntimeError(f"gateway swarm model left tensors unloaded: {leftover[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = nnsight.LanguageModel(hf, tokenizer=tokenizer)
-    return lm, client, stack
+    return lm, stack

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     try:
         probe(scratch_root)
         from .runtime import Runtime
-        runtime = Runtime.load(spec, threads=1)
+        runtime = Runtime.load(spec, threads=1, brokered=spec.kind == "swarm")
         runtime.seal_weights()
         runtime.rehearse()
         gc.collect()
@@ -125,6 +125,9 @@ def cell_main(fd: int, scratch: Path, runtime, limits: ExecutionLimits, threads:
         tempfile.tempdir = str(scratch)
         import torch
         torch.set_num_threads(threads)
+        if runtime.calls is not None:              # the swarm backend: swarm calls go through the gateway
+            from .broker import BrokerLink
+            runtime.calls.link = BrokerLink(channel, limits.max_result_bytes)
         kind, meta, blob = channel.recv(max_body=limits.max_request_bytes)
         if kind != "run":
             return

@@ -297,7 +297,7 @@ def test_twenty_concurrent_clients(local_run, ns, one_thread):
 
 @pytest.mark.parametrize("hybrid", [False, True], ids=["gateway-execution", "hybrid"])
 def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, workdir, tmp_path):
-    gateway = Gateway(tmp_path, "--initial-peers", *two_node_swarm.initial_peers, "--unsafe-no-sandbox",
+    gateway = Gateway(tmp_path, "--initial-peers", *two_node_swarm.initial_peers,
                       *([] if hybrid else ["--no-hybrid"]))
     try:
         got = run_client(gateway, "correctness", tmp_path)
