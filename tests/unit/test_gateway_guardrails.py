@@ -176,7 +176,7 @@ def test_touched_layers_bounds_where_hidden_states_must_cross(source, cuts):
 
 
 def test_stack_segments_follow_the_cuts():
-    stack = SwarmStack(client=None, num_layers=30)
+    stack = SwarmStack(calls=None, num_layers=30)
     stack.cut_at({9, 21})
     assert stack.starts == {0: 9, 9: 21, 21: 30}
     stack.cut_at(None)
