@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", action="append", default=[], help="extra name clients may use for the model")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     serve.add_argument("--port", type=int, default=8289, help="HTTP/websocket port (default %(default)s)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (each holds the model)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="requests run at once, each in its own sandboxed process (default %(default)s)")
     serve.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     serve.add_argument("--no-hybrid", action="store_true", help="swarm backend: never push graphs to the nodes")
     serve.add_argument("--api-key", action="append", default=[],

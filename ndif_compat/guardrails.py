@@ -1,11 +1,13 @@
-"""Guardrails for the code an nnsight request carries. The gateway runs it; volunteer nodes never do.
+"""Guardrails for the code an nnsight request carries: the first filter, inside the sandbox.
 
-Layers (each enough to stop the test cases on its own; together they are the defence in depth of
-``docs/ndif_compat.md``):
+The boundary is the kernel (:mod:`ndif_compat.sandbox`: each request in a fresh contained process with read-only
+weights, see ``docs/ndif_compat.md``); Python-level checks cannot contain Python code sharing an interpreter with
+its target. These give the common cases a clear, early error, and are all ``--unsafe-no-sandbox`` has. Layers:
 
 1. :class:`RestrictedUnpickler` — the payload is a pickle; only an explicit list of globals may be loaded
    (nnsight's tracer/envoy classes, torch tensor rebuilding, a few builtin types). Module references must be
-   on :data:`ALLOWED_MODULES`. Functions arrive only as source and are checked like the block.
+   on :data:`ALLOWED_MODULES`. Functions arrive only as source and are checked like the block; tensor storages
+   are read with torch's ``weights_only`` loader.
 2. :func:`check_source` — the block and every shipped function are parsed and refused when they import a module
    outside :data:`ALLOWED_MODULES`, name a forbidden builtin (``open``, ``exec``, ``__import__``, ...), touch an
    attribute that starts with ``_`` or is on :data:`FORBIDDEN_ATTRIBUTES` (file I/O, storage, hooks), or assign/
