@@ -97,3 +97,17 @@ def test_file_size_is_bounded(tmp_path):
 def test_processes_programs_sockets_and_signals_end_the_cell(tmp_path, name, action):
     report, code = in_sandbox(tmp_path, action)
     assert code == -signal.SIGSYS, (name, report, code)
+
+
+def test_a_missing_kernel_feature_fails_closed(tmp_path, monkeypatch):
+    """Where Landlock cannot be applied, entering the sandbox raises (the gateway then refuses to start) instead of
+    running unconfined."""
+    import landlock
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise landlock.SyscallError(38, "Function not implemented", reason="Landlock is not supported")
+
+    monkeypatch.setattr(landlock, "Ruleset", Broken)
+    report, code = in_sandbox(tmp_path, lambda scratch: "ran unconfined")
+    assert code == 0 and report.startswith("SandboxUnavailableError") and "Landlock" in report, report
