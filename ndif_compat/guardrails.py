@@ -31,6 +31,7 @@ import ast
 import builtins
 import contextvars
 import io
+import os
 import pickle
 import sys
 import threading
@@ -305,11 +306,29 @@ _BLOCKED_EVENTS = ("open", "socket.", "subprocess.", "os.system", "os.exec", "os
                    "urllib.", "http.", "ftplib.", "smtplib.", "resource.setrlimit", "signal.")
 
 
+_CODE_SUFFIXES = (".py", ".pyc", ".so")
+
+
+def _is_module_code_read(args: tuple) -> bool:
+    """Whether an ``open`` event reads a module's code from the import path (a lazy import inside torch, say):
+    allowed, so a request is accepted or refused the same way whatever the process imported before it."""
+    if len(args) < 3 or not isinstance(args[0], str) or args[1] not in ("r", "rb", None):
+        return False
+    if isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND):
+        return False
+    path = os.path.realpath(args[0])
+    if not path.endswith(_CODE_SUFFIXES):
+        return False
+    roots = [os.path.realpath(p) for p in sys.path if p and os.path.isabs(p)]
+    return any(path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
 class AuditGuard:
     """A process-wide :pep:`578` hook that is armed only on the thread running a request (``with guard:``).
 
-    While armed, file opens, sockets, subprocesses, process control, ``ctypes`` and imports of modules that are
-    not loaded yet raise :class:`UnsafeRequestError`. Audit hooks cannot be removed, so install it once per process.
+    While armed, file opens (except reads of module code from the import path, so lazy imports of installed
+    modules work in every process alike), sockets, subprocesses, process control, ``ctypes`` and imports of modules
+    outside the allowed packages that are not loaded yet raise :class:`UnsafeRequestError`. Audit hooks cannot be removed, so install it once per process.
     """
 
     _installed: "AuditGuard | None" = None
@@ -333,6 +352,8 @@ class AuditGuard:
             if name in sys.modules or name.split(".")[0] in ALLOWED_MODULES:
                 return
             self._refuse(f"import of {name!r}")
+        if event == "open" and _is_module_code_read(args):
+            return
         if event.startswith(_BLOCKED_EVENTS):
             target = args[0] if args and isinstance(args[0], (str, bytes, int)) else ""
             self._refuse(f"{event} {target!r}".strip())

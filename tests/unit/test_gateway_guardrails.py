@@ -3,9 +3,12 @@ the parameter seal, layer-cut analysis, model keys and API keys / rate limits.""
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
+import sys
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -134,6 +137,14 @@ def test_audit_guard_refuses_files_and_processes_only_while_armed(tmp_path):
             os.system("true")
         with pytest.raises(UnsafeRequestError):
             __import__("sqlite3")  # not loaded yet: refused
+        # a lazy import inside an allowed package reads module code only: allowed, whatever was imported before
+        sys.modules.pop("torch._subclasses.schema_check_mode", None)
+        importlib.import_module("torch._subclasses.schema_check_mode")
+        for data in (Path(torch.__file__).parent / "version.py.txt", Path(torch.__file__).with_suffix(".pyi")):
+            with pytest.raises(UnsafeRequestError):
+                open(data)
+        with pytest.raises(UnsafeRequestError):
+            open(Path(torch.__file__), "a")  # module code, but written
     assert not target.exists()
     open(target, "w").close()  # disarmed: the gateway itself works normally
     assert target.exists()
