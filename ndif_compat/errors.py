@@ -90,3 +90,11 @@ class SandboxUnavailableError(GatewayError):
 class SandboxViolationError(UnsafeRequestError):
     """The kernel stopped the request's process: a forbidden system call (processes, programs, sockets), or a
     write to read-only memory (the model's parameters). Nothing it did outlives it."""
+
+
+class FusedSegmentError(GatewayError):
+    """The program read a decoder layer's value that the swarm computed inside a fused segment (several layers in
+    one call), so no such value exists at the gateway. The gateway runs the request again with every layer cut; this
+    error never reaches a client with a value."""
+
+    code = "fused_segment"

@@ -15,10 +15,10 @@ import torch
 import zstandard
 
 from .config import BackendSpec
-from .errors import ParametersModifiedError
+from .errors import FusedSegmentError, ParametersModifiedError
 from .execution import Outcome, _Printer, encode_result, forget, load_request, run_tracer
 from .guardrails import SAFE_BUILTINS, AuditGuard, ParameterSeal
-from .swarm_layers import Unreachable, touched_layers
+from .swarm_layers import Unreachable, guard_fused_reads, touched_layers
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Runtime:
             hybrid_lm = brokered_language_model(spec.model_path, calls) if spec.hybrid else None
             local = SpanModel.load(spec.model_path, Span(0, 0, embed=True, head=True), dtype=torch.float32)
             lm, stack = build_swarm_model(spec.model_path, local, calls)
+            guard_fused_reads(stack)
             runtime = cls(spec, lm, None, stack, hybrid_lm, calls)
         elif spec.kind == "swarm":
             import hybrid
@@ -88,6 +89,7 @@ class Runtime:
             client = hybrid_lm.client if hybrid_lm is not None else \
                 SwarmModel.from_pretrained(str(spec.model_path), list(spec.initial_peers), dtype=torch.float32)
             lm, stack = build_swarm_model(spec.model_path, client.local, ClientCalls(client))
+            guard_fused_reads(stack)
             runtime = cls(spec, lm, client, stack, hybrid_lm)
         else:
             raise ValueError(f"backend must be 'local' or 'swarm'; got {spec.kind!r}")
@@ -183,14 +185,7 @@ class Runtime:
             if self.hybrid_lm is not None:
                 saves, path = self._try_hybrid(tracer, source, log)
             if saves is None:
-                if self.stack is not None:
-                    cuts = touched_layers(sources, self.stack.num_layers)
-                    self.stack.cut_at(cuts)
-                    where = "every layer" if cuts is None else f"layer boundaries {sorted(cuts)}"
-                    log(f"execution path: gateway (decoder layers on the swarm; hidden states cross at {where})")
-                else:
-                    log("execution path: gateway (local model)")
-                saves = run_tracer(tracer, log)
+                saves = self._run_gateway(data, tracer, sources, request_id, log)
         finally:
             forget(tracer.info.frame.f_code.co_filename)
             changed = self.seal.changed()
@@ -201,6 +196,30 @@ class Runtime:
         meta = {"path": path, "swarm_bytes_sent": after[0] - before[0], "swarm_bytes_received": after[1] - before[1],
                 "swarm_calls": after[2] - before[2]}
         return Outcome(encode_result(saves, compress)), meta
+
+    def _run_gateway(self, data: bytes, tracer, sources: list[str], request_id: str, log) -> dict:
+        """The request with nnsight's tracer here; on the swarm backend, cut where :func:`touched_layers` says, and
+        when the program reads a layer value inside a fused segment after all, run it again with every layer cut."""
+        if self.stack is None:
+            log("execution path: gateway (local model)")
+            return run_tracer(tracer, log)
+        cuts = touched_layers(sources, self.stack.num_layers)
+        self.stack.cut_at(cuts)
+        where = "every layer" if cuts is None else f"layer boundaries {sorted(cuts)}"
+        log(f"execution path: gateway (decoder layers on the swarm; hidden states cross at {where})")
+        try:
+            return run_tracer(tracer, log)
+        except FusedSegmentError as e:
+            if cuts is None:
+                raise
+            log(f"{e} (the program names layers in a way the source analysis missed); running it again with "
+                "every layer cut")
+        again, _ = load_request(data, f"{request_id}-every-layer", self._objects)
+        self.stack.cut_at(None)
+        try:
+            return run_tracer(again, log)
+        finally:
+            forget(again.info.frame.f_code.co_filename)
 
     def _try_hybrid(self, tracer, source: str, log) -> tuple[dict | None, str]:
         from .translate import NotTranslatable, translate_and_run

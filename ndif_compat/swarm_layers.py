@@ -53,6 +53,31 @@ def touched_layers(sources: Iterable[str], num_layers: int) -> set[int] | None:
     return cuts
 
 
+LAYERS_PREFIX = "model.model.layers."
+
+
+def guard_fused_reads(stack: SwarmStack) -> None:
+    """Exact or error, whatever :func:`touched_layers` decided: in this process (a gateway worker or cell of the
+    swarm backend), nnsight's interleaver raises :class:`~ndif_compat.errors.FusedSegmentError` instead of handing
+    any intervention or cache a decoder layer's value that the swarm computed inside a fused segment."""
+    from nnsight.intervention.interleaver import Interleaver
+
+    from .errors import FusedSegmentError
+
+    if getattr(Interleaver.handle, "_fused_guard", False):
+        return
+    handle = Interleaver.handle
+
+    def guarded(self, provider: str, value: Any) -> Any:
+        if provider.startswith(LAYERS_PREFIX) and (self._ready(provider) or self.observers.get(provider)) \
+                and not stack.computed(provider):
+            raise FusedSegmentError(f"the program reads {provider}, which the swarm computed inside a fused segment")
+        return handle(self, provider, value)
+
+    guarded._fused_guard = True
+    Interleaver.handle = guarded
+
+
 class ClientCalls:
     """The swarm calls of the decoder stack, made on an open swarm connection (``SwarmModel``): a stateless forward of
     layers ``[start, end)``, or the next step of a KV-cache session per segment while a generation runs."""
@@ -121,6 +146,16 @@ class SwarmStack:
             return self.calls.forward(hidden, mask, self.position_ids, start, end)
         return self.calls.step(hidden, mask, self.position_ids, start, end,
                                max_length=hidden.shape[1] + self.max_new_tokens + 1)
+
+    def computed(self, provider: str) -> bool:
+        """Whether the value nnsight offers at ``provider`` (``model.model.layers.<k>.input|output``) is the one
+        computed there: a layer's input exists only where a segment starts, its output only where one ends."""
+        rest = provider.removeprefix(LAYERS_PREFIX)
+        index, _, kind = rest.partition(".")
+        if not index.isdigit() or kind not in ("input", "output"):
+            return True                     # not a decoder layer's own value (submodules are Unreachable)
+        k = int(index)
+        return (k in self.starts) if kind == "input" else (k + 1 in self.starts or k + 1 == self.num_layers)
 
     def cut_at(self, cuts: set[int] | None) -> None:
         """Segments between the cut points of :func:`touched_layers` (``None``: one segment per layer)."""

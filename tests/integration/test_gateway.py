@@ -69,6 +69,24 @@ def generation(lm, **remote):
 EXPERIMENTS = {"read": read, "patch": patch, "session": session, "generation": generation}
 
 
+def lens_bound_outside(lm, **remote):
+    """A tutorial-style logit lens: the layer list bound before the block and looped with ``enumerate``, and
+    ``lm.inputs`` read (so the swarm backend runs it on the gateway path). The source analysis cannot see which
+    layers it reads; the answer must still be every layer's own lens."""
+    layers = lm.model.layers
+    with lm.trace(PROMPT, **remote) as tracer:
+        inputs = lm.inputs.save()
+        probs = list().save()
+        for i, layer in enumerate(layers):
+            logits = lm.lm_head(lm.model.norm(layer.output))[:, -1]
+            probs.append(logits.softmax(-1).max(-1).values)
+    return {"probs": torch.stack(probs), "ids": inputs[1]["input_ids"]}, _meta(tracer)
+
+
+STYLES = {"lens_bound_outside": lens_bound_outside}
+"""Programs in styles the source analysis of the swarm backend's gateway path cannot follow."""
+
+
 # ---- the client process ---------------------------------------------------------------------------------------------
 
 def _client(url: str, scenario: str, out: str) -> None:
@@ -84,7 +102,7 @@ def _client(url: str, scenario: str, out: str) -> None:
     lm = LanguageModel("smollm2-135m", tokenizer=AutoTokenizer.from_pretrained("smollm2-135m"))
     got: dict = {}
     if "correctness" in scenario:
-        for name, experiment in EXPERIMENTS.items():
+        for name, experiment in {**EXPERIMENTS, **STYLES}.items():
             got[name], got.setdefault("meta", {})[name] = experiment(lm, remote=True)
         with lm.trace(PROMPT, remote=True, blocking=False) as tracer:  # submit, then poll
             h = lm.model.layers[5].output.save()
@@ -212,7 +230,7 @@ def ns(smollm2_dir):
 @pytest.fixture(scope="module")
 def references(ns, one_thread):
     """Every experiment run by local nnsight (one torch thread, as the gateway's workers and nodes)."""
-    return {name: experiment(ns)[0] for name, experiment in EXPERIMENTS.items()}
+    return {name: experiment(ns)[0] for name, experiment in {**EXPERIMENTS, **STYLES}.items()}
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +322,7 @@ def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, 
     finally:
         gateway.close()
     assert_equal_to_local(got, references)
-    paths = {name: meta["path"] for name, meta in got["meta"].items()}
+    paths = {name: meta["path"] for name, meta in got["meta"].items() if name in EXPERIMENTS}
     # every experiment translates into hybrid graphs: sessions and .all() generation too
     assert paths == dict.fromkeys(EXPERIMENTS, "hybrid" if hybrid else "gateway")
     patch_meta = got["meta"]["patch"]
