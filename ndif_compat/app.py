@@ -18,6 +18,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 
+# anyio's asyncio backend (starlette spools uploads over 1 MiB through it) is imported before nnsight, which gives
+# every object a ``save`` attribute that anyio's typed-attribute classes refuse when they are first defined.
+from anyio._backends import _asyncio as _anyio_asyncio  # noqa: F401, I001  (must precede nnsight)
 from nnsight.schema.request import RequestModel
 from nnsight.schema.response import Status
 from starlette.applications import Starlette
@@ -34,6 +37,16 @@ from .protocol import Job, Subscriptions, check_model
 from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
+
+
+ENVELOPE_BYTES = 1 * 2**20
+"""What an upload may carry besides its payload (the JSON envelope, multipart framing)."""
+
+
+def _too_large(size: int, limit: int, qualifier: str = "") -> str:
+    return (f"the request is {qualifier}{size} bytes; this gateway accepts payloads up to {limit} bytes "
+            f"({limit / 2**20:g} MiB, swarm-gateway serve --max-request-mb). Send less: tensors the trace builds on "
+            "the gateway instead of shipping them, or ask the operator to raise the limit.")
 
 
 def _error(e: GatewayError) -> JSONResponse:
@@ -81,6 +94,7 @@ class Gateway:
         try:
             identity = self.keys.identify(request.headers.get("ndif-api-key"), request.client.host)
             self.keys.charge(identity)
+            await self._read_body(request)
             form = await request.form(max_part_size=self.config.limits.max_request_bytes)
             if "data" not in form or "blob" not in form:
                 raise BadRequestError("POST /request needs the form fields 'data' (JSON) and 'blob' (payload).")
@@ -91,8 +105,7 @@ class Gateway:
             check_model(envelope.model_key, self.config.names)
             blob = await form["blob"].read()
             if len(blob) > self.config.limits.max_request_bytes:
-                raise BadRequestError(f"request payload is {len(blob)} bytes; the limit is "
-                                      f"{self.config.limits.max_request_bytes}.")
+                raise BadRequestError(_too_large(len(blob), self.config.limits.max_request_bytes))
         except GatewayError as e:
             return _error(e)
         job = Job(envelope.session_id, blob, envelope.compress, str(request.base_url).rstrip("/"))
@@ -105,6 +118,20 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
         self._purge()
         return Response(received.model_dump_json(), media_type="application/json")
+
+    async def _read_body(self, request: Request) -> None:
+        """Read the upload into memory, refusing it as soon as it passes the limit (declared or streamed), so no
+        upload is spooled to disk or held past ``max_request_bytes`` (plus the envelope's allowance)."""
+        limit = self.config.limits.max_request_bytes + ENVELOPE_BYTES
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BadRequestError(_too_large(int(declared), self.config.limits.max_request_bytes))
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise BadRequestError(_too_large(len(body), self.config.limits.max_request_bytes, "at least "))
+        request._body = bytes(body)  # starlette's form parser reads the cached body
 
     def _emit(self, job: Job, status: Status, description: str | None = None) -> None:
         response = job.response(status, description)

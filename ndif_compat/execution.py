@@ -41,7 +41,8 @@ def decompress(blob: bytes, compress: bool, max_bytes: int) -> bytes:
     """Undo the client's zstd compression, refusing payloads that expand beyond ``max_bytes``."""
     if not compress:
         if len(blob) > max_bytes:
-            raise BadRequestError(f"request payload is {len(blob)} bytes; this gateway accepts at most {max_bytes}.")
+            raise BadRequestError(f"request payload is {len(blob)} bytes; this gateway accepts at most {max_bytes} "
+                                  "(swarm-gateway serve --max-request-mb).")
         return blob
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob))
@@ -49,7 +50,8 @@ def decompress(blob: bytes, compress: bool, max_bytes: int) -> bytes:
     except zstandard.ZstdError as e:
         raise BadRequestError(f"request payload is not valid zstd ({e}); is this an nnsight 0.8 client?") from None
     if len(data) > max_bytes:
-        raise BadRequestError(f"request payload expands beyond {max_bytes} bytes; this gateway refuses it.")
+        raise BadRequestError(f"request payload expands beyond {max_bytes} bytes; this gateway refuses it "
+                              "(swarm-gateway serve --max-request-mb).")
     return data
 
 

@@ -83,8 +83,16 @@ def lens_bound_outside(lm, **remote):
     return {"probs": torch.stack(probs), "ids": inputs[1]["input_ids"]}, _meta(tracer)
 
 
-STYLES = {"lens_bound_outside": lens_bound_outside}
-"""Programs in styles the source analysis of the swarm backend's gateway path cannot follow."""
+def large_matrix(lm, **remote):
+    """A 20 MB dictionary matrix shipped with the trace (uploads over 1 MiB are spooled by the server)."""
+    dictionary = torch.randn(576, 8704, generator=torch.Generator().manual_seed(0))
+    with lm.trace(PROMPT, **remote) as tracer:
+        codes = (lm.model.layers[5].output[:, -1] @ dictionary).save()
+    return {"codes": codes}, _meta(tracer)
+
+
+STYLES = {"lens_bound_outside": lens_bound_outside, "large_matrix": large_matrix}
+"""Programs in styles the source analysis of the swarm backend's gateway path cannot follow, and a large upload."""
 
 
 # ---- the client process ---------------------------------------------------------------------------------------------
@@ -200,7 +208,14 @@ def write_weights(lm):
         h = lm.model.layers[0].output.save()
 
 
-UNSAFE = {"open_file": open_file, "import_os": import_os, "import_subprocess": import_subprocess,
+def too_large(lm):
+    """A 72 MB upload: over the gateway's default 64 MiB limit."""
+    noise = torch.randn(18 * 2**20, generator=torch.Generator().manual_seed(1))
+    with lm.trace(PROMPT, remote=True):
+        h = (lm.model.layers[0].output[:, -1, :1] * noise[:1]).save()
+
+
+UNSAFE = {"too_large": too_large, "open_file": open_file, "import_os": import_os, "import_subprocess": import_subprocess,
           "import_socket": import_socket, "loop_forever": loop_forever, "save_to_file": save_to_file,
           "write_weights": write_weights}
 
@@ -292,6 +307,7 @@ def test_local_backend_equals_local_nnsight(local_run, references):
 
 def test_unsafe_requests_fail_with_clear_errors_and_the_gateway_keeps_serving(local_gateway, references, tmp_path):
     got = run_client(local_gateway, "unsafe", tmp_path)
+    assert "BadRequestError" in got["too_large"] and "--max-request-mb" in got["too_large"], got["too_large"]
     assert "UnsafeRequestError" in got["open_file"] and "'open' is not allowed" in got["open_file"]
     for module in ("os", "subprocess", "socket"):
         assert f"import of '{module}' is not allowed" in got[f"import_{module}"], got[f"import_{module}"]
