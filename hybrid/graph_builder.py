@@ -5,13 +5,14 @@ user-facing handle of one recorded node."""
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any, Callable
 
 import torch
 
-from . import ops
 from .errors import HybridError, TraceError
 from .ir import Attachment, Graph, Node, Ref
+from .meta import run_on_fakes
 from .proxy import Proxy, TupleProxy, at_user_line, describe, describe_node, user_site
 
 
@@ -22,6 +23,11 @@ def _fresh(value: Any) -> Any:
     if type(value) in (tuple, list):
         return type(value)(_fresh(v) for v in value)
     return value
+
+
+def _short_site(site: str) -> str:
+    """``file.py:line`` without the directories (a node learns where an op was traced, not the user's paths)."""
+    return os.path.basename(site)
 
 
 def conform_fake(new: Any, old: Any, where: str) -> Any:
@@ -50,26 +56,6 @@ def conform_fake(new: Any, old: Any, where: str) -> Any:
             raise TraceError(at_user_line(f"setting {where}: the module's value is None here"))
         return None
     raise TraceError(at_user_line(f"setting {where}: a {type(old).__name__} value cannot be replaced"))
-
-
-def _run_op(op: str, target: str, args: list, kwargs: dict) -> Any:
-    """Run one whitelisted op on fake values. Ops whose result is a Python value at run time (``item``,
-    ``torch.allclose``) give a 0-dim meta placeholder after checking what they can."""
-    if op == "function":
-        if target == "torch.allclose":
-            torch.isclose(*args, **kwargs)
-            return torch.empty((), dtype=torch.bool, device="meta")
-        return ops.function(target)(*args, **kwargs)
-    if op == "method":
-        ops.check_method(target)
-        if target == "item":
-            if args[0].numel() != 1:
-                raise RuntimeError(f"item() needs a one-element tensor; this one has shape {tuple(args[0].shape)}")
-            return torch.empty((), dtype=args[0].dtype, device="meta")
-        return getattr(args[0], target)(*args[1:], **kwargs)
-    if op == "operator":
-        return ops.operator_fn(target)(*args, **kwargs)
-    raise TraceError(f"unknown op {op!r}")
 
 
 class GraphBuilder:
@@ -108,7 +94,7 @@ class GraphBuilder:
         try:
             args, kwargs = self._to_ir(list(args)), self._to_ir(dict(kwargs or {}))  # may add load nodes first
             node = Node(id=len(self.graph.nodes), op=op, target=target, args=args, kwargs=kwargs, module=module,
-                        kind=kind, call=call)
+                        kind=kind, call=call, site=_short_site(user_site()))
             fake = self._evaluate(node, self.fakes, self._overrides)
         except BaseException:
             self._forget_attachments(attached)
@@ -174,7 +160,7 @@ class GraphBuilder:
                     raise TraceError("this trace cannot call modules")
                 with torch.no_grad():
                     return self._module_of(node.module)(*args, **kwargs)
-            return _run_op(node.op, node.target, args, kwargs)
+            return run_on_fakes(node.op, node.target, args, kwargs)
         except HybridError:
             raise
         except Exception as e:  # the op itself failed on the fakes: the user's mistake, reported at their line

@@ -6,37 +6,89 @@ every assigned node whose inputs now all exist (in graph order), and applies the
 :meth:`Interpreter.finish` returns the values that leave this executor (carried onward or saved).
 
 Every op is checked against the whitelist here again (the node never trusts the client), and the request's
-limits are enforced: op count, attachment bytes (at parse), elements per result, wall time.
+limits are enforced: op count, attachment bytes (at parse), wall time, and memory *before* it is allocated:
+
+- at each event, before running anything, the ops that are now ready are run on meta values in the order they will
+  run (:mod:`hybrid.meta`), with values freed as they will be; an op whose result has too many elements, would push
+  the live values past ``max_live_bytes`` or the saves past ``max_save_bytes``, or computes a huge Python integer or
+  sequence (:mod:`hybrid.budget`), refuses the request before the first of them runs;
+- an op whose size depends on data seen at run time (after ``x.item()``) is checked the same way just before it
+  runs;
+- each value is dropped after its last use here, unless it is saved, carried onward or kept for the session, so a
+  long chain costs the memory of its widest point (:attr:`Interpreter.peak_live_bytes`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+from torch.func import functional_call
 
 from . import ops
 from swarm.span_hook import active_hook
 
-from .errors import (DisallowedOpError, InvalidGraphError, LimitExceededError, OrderError, SessionValueError,
-                     UnknownModuleError)
+from .budget import Ledger, check_python_op, check_python_value, mib, refusal, sent_bytes, tensors
+from .errors import (DisallowedOpError, HybridError, InvalidGraphError, LimitExceededError, OrderError,
+                     SessionValueError, UnknownModuleError)
 from .ir import Attachment, Graph, Node, Ref
+from .meta import UNKNOWN, has_unknown, meta_params, run_on_fakes, to_fake
 from .planner import Plan
+
+_INPLACE_RESULT = {("operator", "setitem"), ("method", "__setitem__")}
+"""Ops that return None in Python but whose graph value is their first argument, written in place."""
 
 
 class Interpreter:
-    """Executes the nodes assigned to executor ``me`` of ``plan``."""
+    """Executes the nodes assigned to executor ``me`` of ``plan``.
+
+    Args:
+        carried: values of earlier executors (and session values loaded here), by node id.
+        retain: node ids whose values must outlive their last use here besides ``plan.carry[me]`` (values kept for
+            a later trace of the session).
+
+    Raises:
+        LimitExceededError: the carried values alone exceed ``max_live_bytes`` (or their saves ``max_save_bytes``).
+    """
 
     def __init__(self, graph: Graph, plan: Plan, me: int, carried: dict[int, Any], *, device: torch.device | str = "cpu",
-                 limits=None, modules: dict[str, torch.nn.Module] | None = None):
+                 limits=None, modules: dict[str, torch.nn.Module] | None = None, retain: Iterable[int] = ()):
         self.graph, self.plan, self.me = graph, plan, me
         self.limits = limits or graph.limits
         self.device = torch.device(device)
         self.modules = modules or {}
-        self.values: dict[int, Any] = {k: _to(v, self.device) for k, v in carried.items()}
         self.mine = [n for n in graph.nodes if plan.assignment[n.id] == me]
+        self._retain = set(plan.carry[me]) | set(retain)
+        self._last_use: dict[int, int] = {}
+        """Value id -> the last node here that reads it (nodes are in graph order)."""
+        for node in self.mine:
+            for ref in node.refs():
+                self._last_use[ref] = node.id
+        self.values: dict[int, Any] = {}
+        self.ledger = Ledger()
+        """Bytes of the tensors the live values hold."""
+        self.saved_bytes = 0
+        """Bytes of saved values here (carried in or made here), as they will be sent."""
+        self._ahead: dict[int, tuple[Any, int]] = {}
+        """Node id -> (meta result, bytes it adds) from the check before this event's ops ran."""
+        self._meta_modules: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in carried.items():
+            value = _to(v, self.device)
+            self.values[k] = value
+            self.ledger.add(k, value)
+            if graph.nodes[k].save:
+                self.saved_bytes += sent_bytes(value)
+        if self.ledger.total > self.limits.max_live_bytes:
+            raise LimitExceededError(f"The values carried to this executor are {mib(self.ledger.total)}; the "
+                                     f"request's memory budget is {mib(self.limits.max_live_bytes)}.")
+        if self.saved_bytes > self.limits.max_save_bytes:
+            raise LimitExceededError(f"The saved values carried to this executor are {mib(self.saved_bytes)}; the "
+                                     f"limit on saves is {mib(self.limits.max_save_bytes)}.")
         self.done: set[int] = set(self.values)
+        for k in list(self.values):
+            if k not in self._last_use and k not in self._retain:
+                self._free(k)
         self._getters: dict[tuple[str, str, int], list[Node]] = {}
         self._setters: dict[tuple[str, str, int], list[Node]] = {}
         for node in self.mine:
@@ -45,12 +97,17 @@ class Interpreter:
             elif node.op == "setter":
                 self._setters.setdefault((node.module, node.kind, node.call), []).append(node)
         self._pending = [n for n in self.mine if n.op not in ("getter", "setter", "load")]
-        unloaded = [n for n in self.mine if n.op == "load" and n.id not in self.values]
+        unloaded = [n for n in self.mine if n.op == "load" and n.id not in self.done]
         if unloaded:
             raise SessionValueError(f"session value {unloaded[0].target!r} was not provided to this executor")
         self._started = time.monotonic()
         self.ops_run = 0
         self._run_ready()
+
+    @property
+    def peak_live_bytes(self) -> int:
+        """The most bytes the live values held at once (carried values included)."""
+        return self.ledger.peak
 
     # ---- events -------------------------------------------------------------------------------------------
 
@@ -63,11 +120,13 @@ class Interpreter:
         # Getters and setters of one event in graph order: a getter recorded after a setter reads the new value.
         for node in sorted(self._getters.get(key, []) + self._setters.get(key, []), key=lambda n: n.id):
             if node.op == "getter":
-                self.values[node.id] = value
+                self._charge(node, value, self.ledger.added_bytes(value), self.ledger, self.saved_bytes)
+                self._store(node, value)
             else:
                 self._run_ready()
                 (arg,) = node.args
                 value = _conform(self._resolve(arg), value, f"{path}.{kind}")
+            self._release(node)
             self.done.add(node.id)
         self._run_ready()
         return value
@@ -86,20 +145,71 @@ class Interpreter:
     # ---- execution ------------------------------------------------------------------------------------------
 
     def _run_ready(self) -> None:
-        progress = True
-        while progress:
-            progress = False
-            for node in list(self._pending):
-                if all(r in self.done for r in node.refs()):
-                    self._execute(node)
-                    self._pending.remove(node)
-                    progress = True
+        ready = []
+        for node in self._pending:  # graph order: a node's inputs come before it, so one pass finds every chain
+            if all(r in self.done for r in node.refs()):
+                ready.append(node)
+                self.done.add(node.id)
+        if not ready:
+            return
+        ready_ids = {n.id for n in ready}
+        self._pending = [n for n in self._pending if n.id not in ready_ids]
+        self.done.difference_update(ready_ids)
+        self._check_ahead(ready)
+        for node in ready:
+            self._execute(node)
+
+    def _check_ahead(self, ready: list[Node]) -> None:
+        """Run ``ready`` on meta values in order, freeing as the real run will, and refuse the request if any op
+        would break a budget; remember each result's size for :meth:`_execute`."""
+        memo: dict[int, torch.Tensor] = {}
+        alias: dict[int, int] = {}  # id(fake of a real tensor) -> id(real tensor)
+        ledger = self.ledger.copy(key=lambda t: alias.get(id(t), id(t)))
+        fakes: dict[int, Any] = {}  # kept until the end, so ids of fakes stay unique
+        saved = self.saved_bytes
+
+        def fake(ref: int) -> Any:
+            if ref in fakes:
+                return fakes[ref]
+            value = to_fake(self.values[ref], memo)
+            alias.update((id(f), real) for real, f in memo.items())
+            return value
+
+        for node in ready:
+            args = [self._resolve(a, fake) for a in node.args]
+            kwargs = {k: self._resolve(v, fake) for k, v in node.kwargs.items()}
+            if has_unknown(args) or has_unknown(kwargs):
+                fakes[node.id] = UNKNOWN  # sized just before it runs
+                continue
+            result = self._infer(node, args, kwargs)
+            fakes[node.id] = result
+            if result is UNKNOWN:
+                continue
+            added = ledger.added_bytes(result)
+            self._charge(node, result, added, ledger, saved)
+            self._ahead[node.id] = (result, added)
+            ledger.add(node.id, result)
+            if node.save:
+                saved += sent_bytes(result)
+            for ref in self._dead_after(node):
+                ledger.drop(ref)
 
     def _execute(self, node: Node) -> None:
         if time.monotonic() - self._started > self.limits.max_wall_s:
             raise LimitExceededError(f"The graph ran longer than its wall-time limit of {self.limits.max_wall_s} s.")
         args = [self._resolve(a) for a in node.args]
         kwargs = {k: self._resolve(v) for k, v in node.kwargs.items()}
+        ahead = self._ahead.pop(node.id, None)
+        if ahead is None:  # its size depends on values computed in this event (x.item()): size it now
+            memo: dict[int, torch.Tensor] = {}
+            fake_args, fake_kwargs = to_fake(args, memo), to_fake(kwargs, memo)
+            result = self._infer(node, fake_args, fake_kwargs)
+            inputs = {id(t) for t in tensors((fake_args, fake_kwargs))}
+            ahead = (result, 0 if result is UNKNOWN else sum(
+                t.numel() * t.element_size() for t in {id(t): t for t in tensors(result)}.values()
+                if id(t) not in inputs))
+        if ahead[0] is not UNKNOWN:
+            self._charge(node, ahead[0], ahead[1], self.ledger, self.saved_bytes)
         try:
             if node.op == "module":
                 module = self.modules.get(node.module)
@@ -110,44 +220,131 @@ class Interpreter:
             elif node.op == "function":
                 result = ops.function(node.target)(*args, **kwargs)
             elif node.op == "operator":
+                check_python_op(node, args, kwargs)
                 result = ops.operator_fn(node.target)(*args, **kwargs)
                 if node.target == "setitem":
                     result = args[0]
             else:
-                ops.check_method(node.target)
-                if node.target == "to":
-                    ops.check_to_args(tuple(args[1:]), kwargs)
-                target = args[0]
-                if not isinstance(target, torch.Tensor):
-                    raise DisallowedOpError(f"Method {node.target!r} is called on a {type(target).__name__}, not a tensor.")
+                target = self._method_target(node, args, kwargs)
                 result = getattr(target, node.target)(*args[1:], **kwargs)
                 if node.target == "__setitem__":
                     result = target
         except (DisallowedOpError, LimitExceededError, UnknownModuleError):
             raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        except (RuntimeError, ValueError, TypeError, IndexError, ArithmeticError) as e:
             raise InvalidGraphError(f"Node {node.id} ({node.op} {node.target}) failed: {type(e).__name__}: {e}") from None
-        for tensor in _tensors(result):
+        check_python_value(node, result)
+        for tensor in tensors(result):  # the meta check's backstop
             if tensor.numel() > self.limits.max_elements:
                 raise LimitExceededError(f"Node {node.id} ({node.target}) made a tensor of {tensor.numel()} elements; "
                                          f"the limit is {self.limits.max_elements}.")
-        self.values[node.id] = result
+        self._store(node, result)
         self.done.add(node.id)
         self.ops_run += 1
+        self._release(node)
 
-    def _resolve(self, value: Any) -> Any:
+    def _infer(self, node: Node, args: list, kwargs: dict) -> Any:
+        """The meta value ``node`` will compute from the fake ``args``/``kwargs`` (:data:`UNKNOWN` for a Python
+        value read from tensor data). Raises what running the op would raise, or LimitExceededError for a Python
+        value too large to compute."""
+        try:
+            if node.op == "module":
+                module = self.modules.get(node.module)
+                if module is None:
+                    raise UnknownModuleError(f"Module {node.module!r} is not held here ({self.plan.executors[self.me].name}).")
+                params = self._meta_modules.get(node.module)
+                if params is None:
+                    params = self._meta_modules[node.module] = meta_params(module)
+                with torch.no_grad(), active_hook(None):
+                    return functional_call(module, params, tuple(args), kwargs)
+            if node.op == "operator":
+                check_python_op(node, args, kwargs)
+                if not any(True for _ in tensors((args, kwargs))):  # plain Python values: bounded, so just compute
+                    result = ops.operator_fn(node.target)(*args, **kwargs)
+                    check_python_value(node, result)
+                    return args[0] if node.target == "setitem" else result
+            if node.op == "method":
+                self._method_target(node, args, kwargs)
+                if node.target == "item":
+                    return UNKNOWN
+            if node.op == "function" and node.target == "torch.allclose":
+                return UNKNOWN
+            result = run_on_fakes(node.op, node.target, args, kwargs)
+            return args[0] if (node.op, node.target) in _INPLACE_RESULT else result
+        except HybridError:
+            raise
+        except Exception as e:  # what the op would raise on the real values (or a size that needs the data)
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            hint = ("; its result's size would depend on tensor values, which this node must know before running it"
+                    if isinstance(e, NotImplementedError) or "data-dependent" in text or "nonzero" in text else "")
+            raise InvalidGraphError(f"Node {node.id} ({node.op} {node.target}) failed: {type(e).__name__}: "
+                                    f"{text}{hint}") from None
+
+    @staticmethod
+    def _method_target(node: Node, args: list, kwargs: dict) -> torch.Tensor:
+        ops.check_method(node.target)
+        if node.target == "to":
+            ops.check_to_args(tuple(args[1:]), kwargs)
+        target = args[0]
+        if not isinstance(target, torch.Tensor):
+            raise DisallowedOpError(f"Method {node.target!r} is called on a {type(target).__name__}, not a tensor.")
+        return target
+
+    # ---- budgets ------------------------------------------------------------------------------------------
+
+    def _charge(self, node: Node, value: Any, added: int, ledger: Ledger, saved: int) -> None:
+        """Refuse ``node`` if its ``value`` (real or meta) breaks a budget on top of ``ledger`` and ``saved``."""
+        limits = self.limits
+        if node.op != "getter":  # a module's own value is the model's business (the server bounds batch x tokens)
+            for t in tensors(value):
+                if t.numel() > limits.max_elements:
+                    raise refusal(node, f"it would make a {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} "
+                                        f"tensor of {t.numel()} elements; the limit is {limits.max_elements}")
+        if ledger.total + added > limits.max_live_bytes:
+            raise refusal(node, f"its result ({mib(added)}) on top of the {mib(ledger.total)} this request holds "
+                                f"would pass its memory budget of {mib(limits.max_live_bytes)}")
+        if node.save and saved + sent_bytes(value) > limits.max_save_bytes:
+            raise refusal(node, f"saving its {mib(sent_bytes(value))} would bring the request's saves to "
+                                f"{mib(saved + sent_bytes(value))}; the limit is {mib(limits.max_save_bytes)}")
+
+    def _store(self, node: Node, value: Any) -> None:
+        self.values[node.id] = value
+        self.ledger.add(node.id, value)
+        if node.save:
+            self.saved_bytes += sent_bytes(value)
+
+    def _dead_after(self, node: Node) -> list[int]:
+        """Values no longer needed here once ``node`` ran: inputs it read last, and itself if nothing reads it."""
+        dead = [r for r in set(node.refs()) if self._last_use.get(r) == node.id and r not in self._retain]
+        if node.id not in self._last_use and node.id not in self._retain:
+            dead.append(node.id)
+        return dead
+
+    def _release(self, node: Node) -> None:
+        for ref in self._dead_after(node):
+            self._free(ref)
+
+    def _free(self, ref: int) -> None:
+        self.values.pop(ref, None)
+        self.ledger.drop(ref)
+
+    def _resolve(self, value: Any, lookup=None) -> Any:
+        """An argument with node references replaced by ``lookup(id)`` (default: the value) and attachments by
+        their tensors (on this device; as meta fakes when ``lookup`` gives fakes)."""
         if isinstance(value, Ref):
-            return self.values[value.id]
+            return self.values[value.id] if lookup is None else lookup(value.id)
         if isinstance(value, Attachment):
-            return self.graph.attachments[value.index].to(self.device)
+            tensor = self.graph.attachments[value.index]
+            return tensor.to(self.device) if lookup is None else torch.empty_like(tensor, device="meta")
         if isinstance(value, list):
-            return [self._resolve(v) for v in value]
+            return [self._resolve(v, lookup) for v in value]
         if isinstance(value, tuple):
-            return tuple(self._resolve(v) for v in value)
+            return tuple(self._resolve(v, lookup) for v in value)
         if isinstance(value, slice):
-            return slice(self._resolve(value.start), self._resolve(value.stop), self._resolve(value.step))
+            return slice(self._resolve(value.start, lookup), self._resolve(value.stop, lookup),
+                         self._resolve(value.step, lookup))
         if isinstance(value, dict):
-            return {k: self._resolve(v) for k, v in value.items()}
+            return {k: self._resolve(v, lookup) for k, v in value.items()}
         return value
 
 
@@ -173,14 +370,6 @@ def _conform(new: Any, old: Any, where: str) -> Any:
             raise InvalidGraphError(f"Setting {where}: the module's value is None here.")
         return None
     raise InvalidGraphError(f"Setting {where}: values of type {type(old).__name__} cannot be set.")
-
-
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -59,7 +59,10 @@ class Attachment:
 
 @dataclass(frozen=True)
 class Limits:
-    """Budgets that travel with a graph; the node enforces them and answers a violation with a typed error."""
+    """Budgets that travel with a graph; the node enforces them and answers a violation with a typed error.
+
+    On the wire, fields added after version 1 are optional (a graph from an older client gets the defaults) and
+    unknown fields are ignored (an older node reads a newer client's graph)."""
 
     max_ops: int = 10_000
     """Most graph nodes in one request."""
@@ -69,10 +72,16 @@ class Limits:
     """Most tensor elements one op may create."""
     max_wall_s: float = 60.0
     """Most seconds of interpreter time per request on one node."""
+    max_live_bytes: int = 8 << 30
+    """Most bytes of values the graph holds at once on one executor (module values it reads, results of its ops,
+    values carried to it), checked before each op allocates."""
+    max_save_bytes: int = 4 << 30
+    """Most bytes of saved values of one request (as sent back: views count in full)."""
 
     def to_json(self) -> dict:
         return {"max_ops": self.max_ops, "max_attachment_bytes": self.max_attachment_bytes,
-                "max_elements": self.max_elements, "max_wall_s": self.max_wall_s}
+                "max_elements": self.max_elements, "max_wall_s": self.max_wall_s,
+                "max_live_bytes": self.max_live_bytes, "max_save_bytes": self.max_save_bytes}
 
     @classmethod
     def from_json(cls, value: Any) -> "Limits":
@@ -80,8 +89,10 @@ class Limits:
             raise InvalidGraphError(f"limits must be an object; got {type(value).__name__}")
         try:
             return cls(max_ops=int(value["max_ops"]), max_attachment_bytes=int(value["max_attachment_bytes"]),
-                       max_elements=int(value["max_elements"]), max_wall_s=float(value["max_wall_s"]))
-        except (KeyError, TypeError, ValueError) as e:
+                       max_elements=int(value["max_elements"]), max_wall_s=float(value["max_wall_s"]),
+                       max_live_bytes=int(value.get("max_live_bytes", cls.max_live_bytes)),
+                       max_save_bytes=int(value.get("max_save_bytes", cls.max_save_bytes)))
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise InvalidGraphError(f"malformed limits {value!r}: {e}") from None
 
 
@@ -100,6 +111,8 @@ class Node:
     call: int | None = None
     """Call index of the module, for getter/setter."""
     save: bool = False
+    site: str | None = None
+    """Where the user traced this op (``file.py:line``), for error messages; None when unknown."""
 
     def refs(self) -> list[int]:
         """Ids of the nodes this node reads."""
@@ -148,7 +161,7 @@ class Graph:
         nodes = []
         for n in self.nodes:
             optional = (("target", n.target), ("args", encode_value(n.args)), ("kwargs", encode_value(n.kwargs)),
-                        ("module", n.module), ("kind", n.kind), ("call", n.call), ("save", n.save))
+                        ("module", n.module), ("kind", n.kind), ("call", n.call), ("save", n.save), ("site", n.site))
             nodes.append({"id": n.id, "op": n.op, **{k: v for k, v in optional
                                                       if v is not None and v is not False and v != [] and v != {}}})
         return {"version": IR_VERSION, "limits": self.limits.to_json(), "nodes": nodes}
@@ -172,7 +185,7 @@ class Graph:
             raise LimitExceededError(f"graph attachments are {len(blob)} bytes; the limit is {max_attachment_bytes}")
         try:
             doc = json.loads(data[16:16 + length])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, huge int literals
             raise InvalidGraphError(f"graph JSON does not parse: {e}") from None
         try:
             tensors = st_load(blob) if blob else {}
@@ -195,11 +208,17 @@ class Graph:
             try:
                 node = Node(id=i, op=raw["op"], target=raw.get("target"), args=decode_value(raw.get("args", [])),
                             kwargs=decode_value(raw.get("kwargs", {})), module=raw.get("module"),
-                            kind=raw.get("kind"), call=raw.get("call"), save=bool(raw.get("save", False)))
+                            kind=raw.get("kind"), call=raw.get("call"), save=bool(raw.get("save", False)),
+                            site=_site(raw.get("site")))
             except KeyError as e:
                 raise InvalidGraphError(f"node {i} lacks field {e}") from None
             graph.nodes.append(node)
         return graph
+
+
+def _site(value: Any) -> str | None:
+    """A node's ``site`` as sent: a short string, else None (it only ever decorates error messages)."""
+    return value if isinstance(value, str) and len(value) <= 200 else None
 
 
 def encode_value(value: Any) -> Any:

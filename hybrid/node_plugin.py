@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
-from swarm.span_hook import HookContext, HookRegistry
+from swarm.span_hook import HookBudgets, HookContext, HookRegistry
 
 from .errors import InvalidGraphError, UnknownModuleError
 from .interpreter import Interpreter
@@ -16,15 +17,24 @@ from .request import HOOK_KIND, HOOK_VERSION, decode_request
 from .session_store import STORE
 from .values import pack_values, unpack_values
 
-#: The most a request may ask of a node, whatever its own limits say.
-NODE_LIMITS = Limits()
+
+def node_limits(budgets: HookBudgets) -> Limits:
+    """The most a request may ask of a node with these budgets (``swarm-node serve --max-request-memory-mb``...)."""
+    return Limits(max_live_bytes=budgets.max_request_memory_mb << 20, max_save_bytes=budgets.max_save_mb << 20)
 
 
-def cap_limits(limits: Limits) -> Limits:
-    return replace(limits, max_ops=min(limits.max_ops, NODE_LIMITS.max_ops),
-                   max_attachment_bytes=min(limits.max_attachment_bytes, NODE_LIMITS.max_attachment_bytes),
-                   max_elements=min(limits.max_elements, NODE_LIMITS.max_elements),
-                   max_wall_s=min(limits.max_wall_s, NODE_LIMITS.max_wall_s))
+#: The most a request may ask of a node started with the default budgets, whatever its own limits say.
+NODE_LIMITS = node_limits(HookBudgets())
+
+
+def cap_limits(limits: Limits, node: Limits = NODE_LIMITS) -> Limits:
+    """``limits`` lowered to the node's ``node`` limits, field by field."""
+    return replace(limits, max_ops=min(limits.max_ops, node.max_ops),
+                   max_attachment_bytes=min(limits.max_attachment_bytes, node.max_attachment_bytes),
+                   max_elements=min(limits.max_elements, node.max_elements),
+                   max_wall_s=min(limits.max_wall_s, node.max_wall_s),
+                   max_live_bytes=min(limits.max_live_bytes, node.max_live_bytes),
+                   max_save_bytes=min(limits.max_save_bytes, node.max_save_bytes))
 
 
 class InterpreterHook:
@@ -59,10 +69,12 @@ class InterpreterHook:
         return pack_values(values)
 
 
-def build_graph_hook(payload: bytes, context: HookContext) -> InterpreterHook:
-    """Decode and check a hybrid request, and build the hook running this node's share of it."""
-    graph, plan, hop_offset, call, keep = decode_request(payload, max_attachment_bytes=NODE_LIMITS.max_attachment_bytes)
-    validate(graph, cap_limits)
+def build_graph_hook(payload: bytes, context: HookContext, node: Limits = NODE_LIMITS) -> InterpreterHook:
+    """Decode and check a hybrid request, and build the hook running this node's share of it, within the ``node``
+    limits."""
+    graph, plan, hop_offset, call, keep = decode_request(payload, max_attachment_bytes=node.max_attachment_bytes)
+    limits = cap_limits(graph.limits, node)
+    validate(graph, lambda _: limits)
     me = hop_offset + context.hop
     if not 0 <= me < len(plan.executors):
         raise InvalidGraphError(f"plan has no executor for chain position {context.hop}")
@@ -76,9 +88,11 @@ def build_graph_hook(payload: bytes, context: HookContext) -> InterpreterHook:
     for node in graph.nodes:
         if node.op == "load" and plan.assignment[node.id] == me:
             carried[node.id] = STORE.get(node.target)
-    interpreter = Interpreter(graph, plan, me, carried, device=device, limits=cap_limits(graph.limits), modules=modules)
-    return InterpreterHook(interpreter, call, {k: v for k, v in keep.items() if plan.assignment[k] == me})
+    keep = {k: v for k, v in keep.items() if plan.assignment[k] == me}
+    interpreter = Interpreter(graph, plan, me, carried, device=device, limits=limits, modules=modules, retain=keep)
+    return InterpreterHook(interpreter, call, keep)
 
 
 def register(registry: HookRegistry) -> None:
-    registry.register(HOOK_KIND, HOOK_VERSION, build_graph_hook)
+    """Serve hybrid graphs within the registry's per-request budgets (:func:`node_limits`)."""
+    registry.register(HOOK_KIND, HOOK_VERSION, partial(build_graph_hook, node=node_limits(registry.budgets)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import ops
+from .budget import literal_ints_ok
 from .errors import DisallowedOpError, InvalidGraphError, LimitExceededError
 from .ir import KINDS, OPS, Attachment, Graph, Ref
 
@@ -15,7 +16,8 @@ def validate(graph: Graph, limits_cap=None) -> None:
     Raises:
         InvalidGraphError: malformed structure (bad refs, fields).
         DisallowedOpError: an op, function or method outside the whitelist.
-        LimitExceededError: more nodes or attachment bytes than the limits allow.
+        LimitExceededError: more nodes or attachment bytes than the limits allow, or an integer literal beyond
+            64 bits.
     """
     limits = graph.limits
     if limits_cap is not None:
@@ -54,6 +56,9 @@ def validate(graph: Graph, limits_cap=None) -> None:
                 raise InvalidGraphError(f"Node {node.id} refers to node {ref}, a setter, which has no value.")
         _check_attachments(node.args, len(graph.attachments), node.id)
         _check_attachments(node.kwargs, len(graph.attachments), node.id)
+        if not (literal_ints_ok(node.args) and literal_ints_ok(node.kwargs)):
+            raise LimitExceededError(f"Node {node.id} has an integer argument beyond 64 bits; integers in a graph "
+                                     f"must satisfy |x| < 2**63.")
 
 
 def _check_attachments(value: Any, count: int, node_id: int) -> None:

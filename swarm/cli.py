@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .node import NodeConfig, run_node
+from .span_hook import HookBudgets
 from .span_server import ServerLimits
 
 def _field_help(cls, name: str) -> str:
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ServerLimits):
         serve.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                            help=_field_help(ServerLimits, f.name))
+    for f in dataclasses.fields(HookBudgets):
+        serve.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=_field_help(HookBudgets, f.name) + f" Default: {f.default}.")
     serve.add_argument("--ready-file", type=Path, default=None, help=h("ready_file"))
 
     status = sub.add_parser("status", help="show models, spans, who serves them, load and gaps")
@@ -120,18 +124,19 @@ def _serve(args, cache_dir: Path | None) -> int:
                         ready_file=args.ready_file)
     hooks = None
     if os.environ.get("SWARM_HOOKS", "1") != "0":
-        hooks = _default_hooks()
+        hooks = _default_hooks(HookBudgets(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HookBudgets)}))
     asyncio.run(run_node(config, hooks=hooks))
     return 0
 
 
-def _default_hooks():
+def _default_hooks(budgets: HookBudgets = HookBudgets()):
     """Span hooks from installed plugins: every entry point in the group ``swarm.span_hooks`` is called with the
-    registry (``hybrid`` registers its interpreter this way), so volunteers get them by default."""
+    registry (``hybrid`` registers its interpreter this way), so volunteers get them by default. The registry
+    carries the node's per-request ``budgets`` for them to enforce."""
     from importlib.metadata import entry_points
 
     from .span_hook import HookRegistry
-    registry = HookRegistry()
+    registry = HookRegistry(budgets)
     for entry in entry_points(group="swarm.span_hooks"):
         entry.load()(registry)
     return registry

@@ -61,10 +61,27 @@ class SpanHook(Protocol):
 HookFactory = Callable[[bytes, HookContext], SpanHook]
 
 
-class HookRegistry:
-    """Maps ``(kind, version)`` to a factory that builds a :class:`SpanHook` from the request's payload."""
+@dataclass(frozen=True)
+class HookBudgets:
+    """What one request's span hook may use on this node, whatever the request asks for; the hook enforces them
+    before doing the work (``swarm-node serve --max-request-memory-mb ... --max-save-mb ...``)."""
 
-    def __init__(self) -> None:
+    max_request_memory_mb: int = 2048
+    """Most memory (MiB) one request's span hook may hold at once: the module values it reads, what its ops make
+    and what it carries onward. Checked before each op allocates; a request that needs more is refused."""
+    max_save_mb: int = 512
+    """Most MiB of saved values one request may send back from this node."""
+
+
+class HookRegistry:
+    """Maps ``(kind, version)`` to a factory that builds a :class:`SpanHook` from the request's payload.
+
+    Args:
+        budgets: the node's per-request budgets, for the plugins that register here to enforce.
+    """
+
+    def __init__(self, budgets: HookBudgets = HookBudgets()) -> None:
+        self.budgets = budgets
         self._factories: dict[tuple[str, int], HookFactory] = {}
 
     def register(self, kind: str, version: int, factory: HookFactory) -> None:
