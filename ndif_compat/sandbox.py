@@ -10,7 +10,8 @@
 - **No new processes or programs.** seccomp kills it on ``execve``/``execveat``, ``fork``/``vfork``, ``clone``
   without ``CLONE_THREAD`` (threads are allowed; they die with the cell), ``ptrace``, ``process_vm_*``,
   namespace and mount calls, ``bpf``, ``io_uring`` (which would bypass seccomp), keyrings, ``perf_event_open``,
-  ``userfaultfd``, module loading; signals may go only to itself.
+  ``userfaultfd``, module loading, System V and POSIX IPC (which would outlive it; it also has an IPC namespace
+  of its own); signals, rlimits, priorities and scheduling may touch only itself.
 - **Files.** Landlock (:mod:`landlock`) allows reading only the interpreter, its import path, system libraries,
   a few devices and the model's directory (:func:`readable_paths`; not ``/etc``, ``/home``, ``/root``, ``/tmp``),
   and writing only under the cell's scratch directory; no file may be executed. Landlock also refuses ``ptrace``-style access
@@ -40,6 +41,7 @@ from .errors import SandboxUnavailableError
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
 CLONE_THREAD = 0x00010000
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -55,8 +57,16 @@ KILLED_SYSCALLS = (
     "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "setfsuid", "setfsgid",
     "capset", "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self", "seccomp",
     "memfd_secret", "process_madvise", "acct", "quotactl", "syslog", "vhangup", "lookup_dcookie",
+    "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv", "msgctl", "semget", "semop", "semtimedop",
+    "semctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
+    "ioprio_set", "migrate_pages", "move_pages", "set_mempolicy_home_node",
 )
-"""System calls that end the cell (SIGSYS). None has a use while a request is computed."""
+"""System calls that end the cell (SIGSYS). None has a use while a request is computed (System V and POSIX IPC
+objects would outlive the cell)."""
+SIGNAL_SYSCALLS = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
+"""Signals go only to the cell itself (first argument: its pid)."""
+SELF_ONLY_SYSCALLS = ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr")
+"""Calls on a pid allowed only as pid 0, the caller itself (what glibc's setrlimit and friends pass)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,8 @@ def enter(scratch: Path, policy: SandboxPolicy = SandboxPolicy()) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (policy.max_open_files, policy.max_open_files))
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     _check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
-    _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare(CLONE_NEWUSER | CLONE_NEWNET)")
+    _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC), "unshare(CLONE_NEWUSER | CLONE_NEWNET | "
+                                                                      "CLONE_NEWIPC)")
     _restrict_files(scratch, policy.readable)
     _restrict_syscalls(os.getpid())
 
@@ -154,8 +165,12 @@ def _restrict_syscalls(pid: int) -> None:
         # glibc tries clone3 first and falls back to clone, whose flags seccomp can read: threads only
         f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
         f.add_rule(seccomp.KILL_PROCESS, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0))
-        for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+        for name in SIGNAL_SYSCALLS:
             f.add_rule(seccomp.KILL_PROCESS, name, seccomp.Arg(0, seccomp.NE, pid))
+        for name in SELF_ONLY_SYSCALLS:             # libseccomp cannot test one argument twice: 0 (itself) only
+            f.add_rule(seccomp.KILL_PROCESS, name, seccomp.Arg(0, seccomp.NE, 0))
+        f.add_rule(seccomp.KILL_PROCESS, "setpriority", seccomp.Arg(0, seccomp.NE, 0))  # not PRIO_PROCESS
+        f.add_rule(seccomp.KILL_PROCESS, "setpriority", seccomp.Arg(1, seccomp.NE, 0))  # who: 0 is itself
         f.load()
     except OSError as e:
         raise SandboxUnavailableError(f"the seccomp filter could not be loaded ({e}).") from None

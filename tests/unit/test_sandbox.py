@@ -6,8 +6,10 @@ parent reads the report and the child's exit status (SIGSYS: seccomp ended it).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -46,6 +48,17 @@ def in_sandbox(tmp_path: Path, action) -> tuple[str, int]:
 
 def test_probe_passes_on_this_machine(tmp_path):
     probe(tmp_path)  # raises SandboxUnavailableError otherwise (the gateway then refuses to start)
+
+
+def test_own_limits_priority_and_signals_are_allowed(tmp_path):
+    def action(scratch):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        os.setpriority(os.PRIO_PROCESS, 0, 5)
+        os.sched_setaffinity(0, os.sched_getaffinity(0))
+        signal.signal(signal.SIGUSR1, lambda *a: None)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return "ok"
+    assert in_sandbox(tmp_path, action) == ("ok", 0)
 
 
 def test_computation_threads_and_scratch_work(tmp_path):
@@ -93,6 +106,12 @@ def test_file_size_is_bounded(tmp_path):
     ("unix-socket", lambda scratch: socket.socket(socket.AF_UNIX)),
     ("signal-parent", lambda scratch: os.kill(os.getppid(), signal.SIGTERM)),
     ("unshare", lambda scratch: os.unshare(0) if hasattr(os, "unshare") else os.fork()),
+    ("rlimit-of-parent", lambda scratch: resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (64, 64))),
+    ("renice-parent", lambda scratch: os.setpriority(os.PRIO_PROCESS, os.getppid(), 10)),
+    ("renice-user", lambda scratch: os.setpriority(os.PRIO_USER, 0, 10)),
+    ("affinity-of-parent", lambda scratch: os.sched_setaffinity(os.getppid(), {0})),
+    ("sysv-shm", lambda scratch: ctypes.CDLL(None).shmget(0, 4096, 0o1000 | 0o600)),
+    ("posix-mq", lambda scratch: ctypes.CDLL(None).syscall(240, b"/q", 0o100 | 2, 0o600, None)),
 ])
 def test_processes_programs_sockets_and_signals_end_the_cell(tmp_path, name, action):
     report, code = in_sandbox(tmp_path, action)
