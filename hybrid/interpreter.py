@@ -21,6 +21,7 @@ limits are enforced: op count, attachment bytes (at parse), wall time, and memor
 from __future__ import annotations
 
 import time
+from itertools import islice
 from typing import Any, Iterable
 
 import torch
@@ -171,8 +172,9 @@ class Interpreter:
         def fake(ref: int) -> Any:
             if ref in fakes:
                 return fakes[ref]
+            known = len(memo)
             value = to_fake(self.values[ref], memo)
-            alias.update((id(f), real) for real, f in memo.items())
+            alias.update((id(f), real) for real, f in islice(reversed(memo.items()), len(memo) - known))
             return value
 
         for node in ready:

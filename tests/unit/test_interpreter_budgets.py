@@ -117,6 +117,17 @@ def test_an_outer_product_over_the_budget_is_refused_before_it_is_computed(spy):
     assert made == [] and interp.ops_run == 0  # refused before any op of the event ran
 
 
+def test_in_place_writes_cost_nothing_more():
+    """``h[:] = 0`` then ``h.add_(1)`` on a module value that alone fills most of the budget."""
+    g = Graph(limits=Limits(max_live_bytes=MiB + 1024))
+    h = getter(g)                                                                 # 1 MiB
+    zeroed = g.add("operator", target="setitem", args=[Ref(h.id), slice(None), 0.0])
+    g.add("method", target="add_", args=[Ref(zeroed.id), 1.0], save=True)
+    interp = interpreter(g)
+    interp.on_event("model.layers.0", "output", 0, torch.ones(256, 1024))
+    assert torch.equal(interp.finish()[2], torch.ones(256, 1024)) and interp.peak_live_bytes == MiB
+
+
 def test_the_element_limit_is_checked_before_allocating(spy):
     made = spy("mul")
     g = Graph(limits=Limits(max_elements=1000))
