@@ -78,6 +78,8 @@ class CellPool:
         self._failure: str | None = None
         self._failure_class: type[GatewayError] = WorkerCrashedError
         self._closed = False
+        self._launch, self._launched = threading.Event(), threading.Event()
+        self._launch_error: GatewayError | None = None
         self._scratch_root: Path | None = None
         self.broker = None
         """The swarm backend's swarm connection (:class:`~ndif_compat.broker.SwarmBroker`), outside the cells."""
@@ -94,6 +96,31 @@ class CellPool:
             from .broker import SwarmBroker
             self.broker = SwarmBroker(self.spec.model_path, self.spec.initial_peers, self.limits.max_request_bytes)
             self.broker.connect()
+        # The template is started (and restarted) by one thread that lives as long as the pool: a process's
+        # parent-death signal follows the thread that forked it.
+        threading.Thread(target=self._keep_template, daemon=True, name="gateway-template-keeper").start()
+        self._launch.set()
+        self._launched.wait()
+        if self._launch_error is not None:
+            self.close()
+            raise self._launch_error
+
+    def _keep_template(self) -> None:
+        while True:
+            self._launch.wait()
+            self._launch.clear()
+            if self._closed:
+                return
+            self._stop_template()
+            try:
+                self._start_template()
+                self._launch_error = None
+            except GatewayError as e:
+                logger.error("%s", e)
+                self._launch_error = e
+            self._launched.set()
+
+    def _start_template(self) -> None:
         self._scratch_root = Path(tempfile.mkdtemp(prefix="swarm-gateway-cells-"))
         os.chmod(self._scratch_root, 0o711)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -113,7 +140,7 @@ class CellPool:
         if not self._ready.wait(self.start_timeout_s) or self._failure:
             failure = self._failure or f"the model was not loaded within {self.start_timeout_s:g} s"
             cls = self._failure_class if self._failure else WorkerCrashedError
-            self.close()
+            self._stop_template()
             raise cls(f"the gateway's template process failed to start: {failure}")
         for _ in range(self.workers):
             self._ask("fork")
@@ -160,14 +187,7 @@ class CellPool:
                 for cell in self._cells.values():
                     cell.exited.set()
                 self._cells.clear()
-            threading.Thread(target=self._restart, daemon=True).start()
-
-    def _restart(self) -> None:
-        self._stop_template()
-        try:
-            self.start()
-        except GatewayError as e:
-            logger.error("could not restart the template: %s", e)
+            self._launch.set()
 
     # ---- requests -------------------------------------------------------------------------------------------------
 
@@ -246,9 +266,12 @@ class CellPool:
                 raise ExecutionLimitError(f"the request ran past the gateway's time limit of "
                                           f"{self.limits.timeout_s:g} s and was stopped (infinite loop?).")
             try:
-                info = process.memory_info()
+                info, threads = process.memory_info(), process.num_threads()
             except psutil.NoSuchProcess:
                 continue
+            if threads > self.limits.max_threads:
+                raise ExecutionLimitError(f"the request started more than {self.limits.max_threads} threads on the "
+                                          "gateway and was stopped.")
             private = info.rss - info.shared
             if private > self.limits.max_memory_bytes:
                 raise ExecutionLimitError(f"the request used more than {self.limits.max_memory_bytes / 2**30:.1f} "
@@ -271,6 +294,9 @@ class CellPool:
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
             return WorkerCrashedError(f"the process running the request was ended by {name}. Retry, and report it "
                                       "if it repeats.")
+        if status is None:
+            return WorkerCrashedError("the process running the request ended with the gateway's template process, "
+                                      "which is being restarted; retry in a few seconds.")
         return WorkerCrashedError(f"the process running the request exited (status {status}) without an answer. "
                                   "Retry, and report it if it repeats.")
 
@@ -295,6 +321,7 @@ class CellPool:
 
     def close(self) -> None:
         self._closed = True
+        self._launch.set()
         self._stop_template()
         if self.broker is not None:
             self.broker.close()

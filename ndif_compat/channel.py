@@ -43,18 +43,24 @@ class Channel:
     def recv(self, max_body: int) -> tuple[str, dict, bytes]:
         """The next message. Raises ChannelError (malformed, over ``max_body``) or EOFError (closed)."""
         try:
-            header = json.loads(self.conn.recv_bytes(MAX_HEADER_BYTES))
+            header = json.loads(self._recv_bytes(MAX_HEADER_BYTES))
             kind, meta, size = header["kind"], header["meta"], header["body"]
             if not isinstance(kind, str) or not isinstance(meta, dict) or type(size) is not int or size < 0:
                 raise ValueError("bad header fields")
             if size > max_body:
                 raise ChannelError(f"a message of {size} bytes is over the limit of {max_body}")
-            body = self.conn.recv_bytes(max_body) if size else b""
+            body = self._recv_bytes(max_body) if size else b""
             if len(body) != size:
                 raise ValueError("body size differs from its header")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ChannelError(f"malformed message from a cell: {e}") from None
         return kind, meta, body
+
+    def _recv_bytes(self, limit: int) -> bytes:
+        try:
+            return self.conn.recv_bytes(limit)
+        except (ConnectionResetError, BrokenPipeError):
+            raise EOFError("the peer closed the channel") from None
 
     def close(self) -> None:
         self.conn.close()

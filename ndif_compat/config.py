@@ -18,6 +18,9 @@ class ExecutionLimits:
     """Size of a request payload after decompression."""
     max_result_bytes: int = 512 * 2**20
     """Size of a result (saved values, serialized)."""
+    max_threads: int = 256
+    """Threads of a request's process; past it the process is killed (a thread bomb would exhaust the host's
+    pids)."""
     max_scratch_bytes: int = 256 * 2**20
     """Largest file a request's sandboxed process may write (only into its own scratch directory)."""
 

@@ -98,3 +98,8 @@ class FusedSegmentError(GatewayError):
     error never reaches a client with a value."""
 
     code = "fused_segment"
+
+
+class UnreachableModuleError(ExecutionError):
+    """The program reads a submodule inside a decoder layer on the swarm backend's gateway path, where the layers run
+    on the swarm; the message says why the request is on that path and what would push it to the nodes."""

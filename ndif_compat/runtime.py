@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable
 
 import torch
 import zstandard
 
 from .config import BackendSpec
-from .errors import FusedSegmentError, ParametersModifiedError
+from .errors import ExecutionError, FusedSegmentError, ParametersModifiedError, UnreachableModuleError
 from .execution import Outcome, _Printer, encode_result, forget, load_request, run_tracer
 from .guardrails import SAFE_BUILTINS, AuditGuard, ParameterSeal
 from .swarm_layers import Unreachable, guard_fused_reads, touched_layers
@@ -23,6 +24,8 @@ from .swarm_layers import Unreachable, guard_fused_reads, touched_layers
 logger = logging.getLogger(__name__)
 
 WARMUP_PROMPT = "The Eiffel Tower is located in the city of"
+INSIDE_LAYER = re.compile(r"model\.model\.layers\.(\d+)\.([A-Za-z_][\w.]*?)\.(output|inputs|input)\b")
+"""A location inside a decoder layer, as nnsight names it in its errors."""
 
 
 class _SwarmObjects(dict):
@@ -181,11 +184,11 @@ class Runtime:
         sources.insert(0, source)
         path = "gateway"
         try:
-            saves = None
+            saves, reason = None, "this gateway runs every request there (--no-hybrid)"
             if self.hybrid_lm is not None:
-                saves, path = self._try_hybrid(tracer, source, log)
+                saves, path, reason = self._try_hybrid(tracer, source, log)
             if saves is None:
-                saves = self._run_gateway(data, tracer, sources, request_id, log)
+                saves = self._run_gateway(data, tracer, sources, request_id, log, reason)
         finally:
             forget(tracer.info.frame.f_code.co_filename)
             changed = self.seal.changed()
@@ -197,12 +200,28 @@ class Runtime:
                 "swarm_calls": after[2] - before[2]}
         return Outcome(encode_result(saves, compress)), meta
 
-    def _run_gateway(self, data: bytes, tracer, sources: list[str], request_id: str, log) -> dict:
+    def _run_gateway(self, data: bytes, tracer, sources: list[str], request_id: str, log, reason: str) -> dict:
         """The request with nnsight's tracer here; on the swarm backend, cut where :func:`touched_layers` says, and
-        when the program reads a layer value inside a fused segment after all, run it again with every layer cut."""
+        when the program reads a layer value inside a fused segment after all, run it again with every layer cut.
+        ``reason``: why the request is not pushed to the nodes (for the error a submodule inside a layer gets)."""
         if self.stack is None:
             log("execution path: gateway (local model)")
             return run_tracer(tracer, log)
+        try:
+            return self._run_on_stack(data, tracer, sources, request_id, log)
+        except ExecutionError as e:
+            reached = INSIDE_LAYER.search(str(e))
+            if reached is None:
+                raise
+            layer, sub, kind = reached.groups()
+            raise UnreachableModuleError(
+                f"the program reads model.layers.{layer}.{sub}.{kind}, inside decoder layer {layer}. On the swarm "
+                "backend's gateway path the decoder layers run on the swarm, so only their inputs and outputs, the "
+                f"embedding, the final norm and the head are reachable. This request runs on that path because "
+                f"{reason}; without that it would be pushed to the nodes as an intervention graph, where submodules "
+                "are reachable.") from None
+
+    def _run_on_stack(self, data: bytes, tracer, sources: list[str], request_id: str, log) -> dict:
         cuts = touched_layers(sources, self.stack.num_layers)
         self.stack.cut_at(cuts)
         where = "every layer" if cuts is None else f"layer boundaries {sorted(cuts)}"
@@ -221,7 +240,8 @@ class Runtime:
         finally:
             forget(again.info.frame.f_code.co_filename)
 
-    def _try_hybrid(self, tracer, source: str, log) -> tuple[dict | None, str]:
+    def _try_hybrid(self, tracer, source: str, log) -> tuple[dict | None, str, str]:
+        """``(saves, "hybrid", "")``, or ``(None, "gateway", why it cannot be pushed to the nodes)``."""
         from .translate import NotTranslatable, translate_and_run
 
         logs: list[str] = []
@@ -232,8 +252,8 @@ class Runtime:
         except NotTranslatable as e:
             logger.info("request runs on the gateway: %s", e)
             log(f"execution path: gateway (not expressible as an intervention graph: {e})")
-            return None, "gateway"
+            return None, "gateway", f"it is not expressible as an intervention graph ({e})"
         for line in logs:
             log(line)
         log(f"execution path: hybrid (intervention graph pushed to the nodes; route {stats.get('route')})")
-        return saves, "hybrid"
+        return saves, "hybrid", ""

@@ -11,7 +11,9 @@
   without ``CLONE_THREAD`` (threads are allowed; they die with the cell), ``ptrace``, ``process_vm_*``,
   namespace and mount calls, ``bpf``, ``io_uring`` (which would bypass seccomp), keyrings, ``perf_event_open``,
   ``userfaultfd``, module loading, System V and POSIX IPC (which would outlive it; it also has an IPC namespace
-  of its own); signals, rlimits, priorities and scheduling may touch only itself.
+  of its own), ``F_SETOWN``/``F_SETSIG`` (``O_ASYNC`` signal delivery); signals, rlimits, priorities and
+  scheduling may touch only itself. Where the kernel has Landlock ABI 6, signals to processes outside the cell
+  and abstract UNIX sockets are also refused by Landlock, and TCP by Landlock's network rules (ABI 4).
 - **Files.** Landlock (:mod:`landlock`) allows reading only the interpreter, its import path, system libraries,
   a few devices and the model's directory (:func:`readable_paths`; not ``/etc``, ``/home``, ``/root``, ``/tmp``),
   and writing only under the cell's scratch directory; no file may be executed. Landlock also refuses ``ptrace``-style access
@@ -43,6 +45,8 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWIPC = 0x08000000
 CLONE_THREAD = 0x00010000
+F_SETOWN, F_SETSIG, F_SETOWN_EX = 8, 10, 15
+FIOSETOWN, SIOCSPGRP = 0x8901, 0x8902
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
@@ -110,6 +114,7 @@ def enter(scratch: Path, policy: SandboxPolicy = SandboxPolicy()) -> None:
     _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC), "unshare(CLONE_NEWUSER | CLONE_NEWNET | "
                                                                       "CLONE_NEWIPC)")
     _restrict_files(scratch, policy.readable)
+    _restrict_scopes()
     _restrict_syscalls(os.getpid())
 
 
@@ -143,6 +148,35 @@ def _restrict_files(scratch: Path, readable: tuple[str, ...]) -> None:
                                       "single-user setup.") from None
 
 
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+LANDLOCK_NET_ALL = 0b11                 # BIND_TCP | CONNECT_TCP (ABI 4)
+LANDLOCK_SCOPES = 0b11                  # ABSTRACT_UNIX_SOCKET | SIGNAL (ABI 6)
+
+
+def _restrict_scopes() -> None:
+    """A second Landlock layer where the kernel has it (the ``landlock`` binding covers files only): no TCP bind or
+    connect (ABI 4), no signals to processes outside the cell's domain and no abstract UNIX sockets (ABI 6). The
+    seccomp filter covers the same ground on older kernels."""
+    from landlock import landlock_abi_version
+
+    abi = landlock_abi_version()
+    attr = _RulesetAttr(0, LANDLOCK_NET_ALL if abi >= 4 else 0, LANDLOCK_SCOPES if abi >= 6 else 0)
+    if not (attr.handled_access_net or attr.scoped):
+        return
+    libc = _libc()
+    fd = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), 0)
+    if fd < 0:
+        _check(-1, "landlock_create_ruleset (network and scopes)")
+    try:
+        _check(libc.syscall(446, fd, 0), "landlock_restrict_self (network and scopes)")
+    finally:
+        os.close(fd)
+
+
 def _bindings():
     try:
         import landlock  # noqa: F401
@@ -169,6 +203,10 @@ def _restrict_syscalls(pid: int) -> None:
             f.add_rule(seccomp.KILL_PROCESS, name, seccomp.Arg(0, seccomp.NE, pid))
         for name in SELF_ONLY_SYSCALLS:             # libseccomp cannot test one argument twice: 0 (itself) only
             f.add_rule(seccomp.KILL_PROCESS, name, seccomp.Arg(0, seccomp.NE, 0))
+        for cmd in (F_SETOWN, F_SETOWN_EX, F_SETSIG):  # O_ASYNC would signal any process the kernel lets it name
+            f.add_rule(seccomp.KILL_PROCESS, "fcntl", seccomp.Arg(1, seccomp.EQ, cmd))
+        for request in (FIOSETOWN, SIOCSPGRP):
+            f.add_rule(seccomp.KILL_PROCESS, "ioctl", seccomp.Arg(1, seccomp.EQ, request))
         f.add_rule(seccomp.KILL_PROCESS, "setpriority", seccomp.Arg(0, seccomp.NE, 0))  # not PRIO_PROCESS
         f.add_rule(seccomp.KILL_PROCESS, "setpriority", seccomp.Arg(1, seccomp.NE, 0))  # who: 0 is itself
         f.load()

@@ -7,6 +7,7 @@ parent reads the report and the child's exit status (SIGSYS: seccomp ended it).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import resource
@@ -110,6 +111,8 @@ def test_file_size_is_bounded(tmp_path):
     ("renice-parent", lambda scratch: os.setpriority(os.PRIO_PROCESS, os.getppid(), 10)),
     ("renice-user", lambda scratch: os.setpriority(os.PRIO_USER, 0, 10)),
     ("affinity-of-parent", lambda scratch: os.sched_setaffinity(os.getppid(), {0})),
+    ("sigio-owner", lambda scratch: fcntl.fcntl(os.pipe()[0], fcntl.F_SETOWN, os.getppid())),
+    ("sigio-signal", lambda scratch: fcntl.fcntl(os.pipe()[0], 10, signal.SIGKILL)),
     ("sysv-shm", lambda scratch: ctypes.CDLL(None).shmget(0, 4096, 0o1000 | 0o600)),
     ("posix-mq", lambda scratch: ctypes.CDLL(None).syscall(240, b"/q", 0o100 | 2, 0o600, None)),
 ])
