@@ -54,7 +54,8 @@ class Interpreter:
     """
 
     def __init__(self, graph: Graph, plan: Plan, me: int, carried: dict[int, Any], *, device: torch.device | str = "cpu",
-                 limits=None, modules: dict[str, torch.nn.Module] | None = None, retain: Iterable[int] = ()):
+                 limits=None, modules: dict[str, torch.nn.Module] | None = None, retain: Iterable[int] = (),
+                 started: float | None = None):
         self.graph, self.plan, self.me = graph, plan, me
         self.limits = limits or graph.limits
         self.device = torch.device(device)
@@ -101,7 +102,8 @@ class Interpreter:
         unloaded = [n for n in self.mine if n.op == "load" and n.id not in self.done]
         if unloaded:
             raise SessionValueError(f"session value {unloaded[0].target!r} was not provided to this executor")
-        self._started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
+        """When the wall-time limit started counting (``time.monotonic()``; a node passes the request's arrival)."""
         self.ops_run = 0
         self._run_ready()
 
@@ -197,7 +199,7 @@ class Interpreter:
                 ledger.drop(ref)
 
     def _execute(self, node: Node) -> None:
-        if time.monotonic() - self._started > self.limits.max_wall_s:
+        if time.monotonic() - self.started > self.limits.max_wall_s:
             raise LimitExceededError(f"The graph ran longer than its wall-time limit of {self.limits.max_wall_s} s.")
         args = [self._resolve(a) for a in node.args]
         kwargs = {k: self._resolve(v) for k, v in node.kwargs.items()}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -16,6 +17,7 @@ from .ir import Limits
 from .request import HOOK_KIND, HOOK_VERSION, decode_request
 from .session_store import STORE
 from .values import pack_values, unpack_values
+from .watchdog import WATCHDOG
 
 
 def node_limits(budgets: HookBudgets) -> Limits:
@@ -38,16 +40,27 @@ def cap_limits(limits: Limits, node: Limits = NODE_LIMITS) -> Limits:
 
 
 class InterpreterHook:
-    """A :class:`swarm.span_hook.SpanHook` that feeds module events to an :class:`Interpreter`."""
+    """A :class:`swarm.span_hook.SpanHook` that feeds module events to an :class:`Interpreter`.
+
+    Its work runs under the :data:`~hybrid.watchdog.WATCHDOG` with the interpreter's wall-time limit, counted from
+    the interpreter's start (on a node: the request's arrival), so a request cannot overrun it inside long work."""
 
     def __init__(self, interpreter: Interpreter, call: int = 0, keep: dict[int, str] | None = None):
         self.interpreter, self.call = interpreter, call
         self.keep = keep or {}
         """Node id -> session key of values to store here for a later trace (:mod:`hybrid.session_store`)."""
 
+    def _guard(self):
+        limit_s = self.interpreter.limits.max_wall_s
+        return WATCHDOG.guard(self.interpreter.started + limit_s, limit_s)
+
     def before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.interpreter.wants(path):
             return None
+        with self._guard():
+            return self._before(path, args, kwargs)
+
+    def _before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:
             new = self.interpreter.on_event(path, "input", self.call, args[0])
             return None if new is args[0] else ((new, *args[1:]), kwargs)
@@ -60,20 +73,32 @@ class InterpreterHook:
     def after(self, path: str, output: Any) -> Any:
         if not self.interpreter.wants(path):
             return output
-        return self.interpreter.on_event(path, "output", self.call, output)
+        with self._guard():
+            return self.interpreter.on_event(path, "output", self.call, output)
 
     def result(self) -> bytes:
-        values = self.interpreter.finish()
-        for node_id, key in self.keep.items():
+        with self._guard():
+            values = self.interpreter.finish()
+            packed = pack_values(values)
+        for node_id, key in self.keep.items():  # outside the guard: the store is shared
             STORE.put(key, self.interpreter.values[node_id])
-        return pack_values(values)
+        return packed
 
 
 def build_graph_hook(payload: bytes, context: HookContext, node: Limits = NODE_LIMITS) -> InterpreterHook:
     """Decode and check a hybrid request, and build the hook running this node's share of it, within the ``node``
-    limits."""
-    graph, plan, hop_offset, call, keep = decode_request(payload, max_attachment_bytes=node.max_attachment_bytes)
+    limits. The wall-time limit counts from here (decoding a huge graph counts), and the work runs under the
+    :data:`~hybrid.watchdog.WATCHDOG`."""
+    started = time.monotonic()
+    with WATCHDOG.guard(started + node.max_wall_s, node.max_wall_s):
+        graph, plan, hop_offset, call, keep = decode_request(payload, max_attachment_bytes=node.max_attachment_bytes)
     limits = cap_limits(graph.limits, node)
+    with WATCHDOG.guard(started + limits.max_wall_s, limits.max_wall_s):
+        return _build(graph, plan, hop_offset, call, keep, context, limits, started)
+
+
+def _build(graph, plan, hop_offset: int, call: int, keep: dict[int, str], context: HookContext, limits: Limits,
+           started: float) -> InterpreterHook:
     validate(graph, lambda _: limits)
     me = hop_offset + context.hop
     if not 0 <= me < len(plan.executors):
@@ -89,7 +114,8 @@ def build_graph_hook(payload: bytes, context: HookContext, node: Limits = NODE_L
         if node.op == "load" and plan.assignment[node.id] == me:
             carried[node.id] = STORE.get(node.target)
     keep = {k: v for k, v in keep.items() if plan.assignment[k] == me}
-    interpreter = Interpreter(graph, plan, me, carried, device=device, limits=limits, modules=modules, retain=keep)
+    interpreter = Interpreter(graph, plan, me, carried, device=device, limits=limits, modules=modules, retain=keep,
+                              started=started)
     return InterpreterHook(interpreter, call, keep)
 
 

@@ -101,6 +101,8 @@ class SpanServer:
         self.sessions = SessionManager(limits.max_cache_bytes, 2 * config.num_key_value_heads * head_dim * itemsize,
                                        min(limits.max_length, config.max_position_embeddings))
         self.inflight = 0
+        self.computing = 0
+        """Jobs in the compute executor (running or queued): parsing, hooks, the span, serialising answers."""
         self._p2p: P2P | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="span-compute")
         self._device = next(model.parameters()).device
@@ -130,7 +132,8 @@ class SpanServer:
                     self.sessions.close(sid)
 
     async def _info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return runtime_pb2.ExpertResponse(metadata=msgpack.packb({**self.info, "load": self.load}))
+        return runtime_pb2.ExpertResponse(metadata=msgpack.packb({**self.info, "load": self.load,
+                                                                  "computing": self.computing}))
 
     def _framed(self, handler):
         async def serve(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
@@ -140,7 +143,8 @@ class SpanServer:
                 if frame is None:
                     raise BadRequestError("Empty request stream.")
                 tensors, meta = await handler(*frame)
-                messages = encode_frame(tensors, meta, runtime_pb2.ExpertResponse)
+                # Serialising a large answer is work too: it runs in the compute executor, not on the event loop.
+                messages = await self._compute(lambda: list(encode_frame(tensors, meta, runtime_pb2.ExpertResponse)))
             except SwarmError as e:
                 logger.info("Rejected %s from %s: %s", context.handle_name, context.remote_id, e)
                 messages = encode_error(e)
@@ -233,7 +237,13 @@ class SpanServer:
                         meta.get("hop", 0) if hook is not None else 0)
 
     async def _compute(self, fn):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        """Run ``fn`` in the compute executor: everything heavier than moving bytes runs there, so the event loop
+        stays free to answer pings (``info``) while a request decodes, computes or serialises."""
+        self.computing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        finally:
+            self.computing -= 1
 
     def _run(self, request: _Request, inputs: torch.Tensor, cache=None) -> torch.Tensor:
         with active_hook(request.hook):
@@ -242,44 +252,50 @@ class SpanServer:
                               position_ids=request.tensors.get("position_ids"), cache=cache)
 
     @staticmethod
-    def _reply(output: torch.Tensor, request: _Request, extra: dict | None = None):
+    def _reply(output: torch.Tensor, hook_result: bytes | None, extra: dict | None = None):
         tensors, names = [output.cpu()], ["outputs"]
-        if request.hook is not None:
-            tensors.append(torch.frombuffer(bytearray(_hook_result(request.hook)), dtype=torch.uint8))
+        if hook_result is not None:
+            tensors.append(torch.frombuffer(bytearray(hook_result), dtype=torch.uint8))
             names.append("hook_result")
         return tensors, {"names": names, **(extra or {})}
+
+    async def _parsed(self, tensors: list[torch.Tensor], meta: dict, *, step: int = 0, past: int = 0) -> _Request:
+        """:meth:`_parse` in the compute executor: a hook's payload (a graph) is decoded and checked there, never on
+        the event loop, which must stay free to answer pings."""
+        return await self._compute(lambda: self._parse(tensors, meta, step=step, past=past))
 
     # ---- handlers ---------------------------------------------------------------------------------------
 
     async def _forward(self, tensors, meta):
-        request = self._parse(tensors, meta)
         chain = _parse_chain(meta.get("next", []), self.limits.max_chain)
         keep_outputs = meta.get("return_outputs", True)
         if not isinstance(keep_outputs, bool):
             raise BadRequestError("meta['return_outputs'] must be a boolean.")
+        request = await self._parsed(tensors, meta)
 
         def work():
             with torch.no_grad():
-                return self._run(request, request.tensors["inputs"])
+                output = self._run(request, request.tensors["inputs"])
+            return output, _hook_result(request.hook) if request.hook is not None else None
         t0 = time.perf_counter()
-        output = await self._compute(work)
+        output, result = await self._compute(work)
         stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
         if not chain:
-            return self._reply(output if keep_outputs else output.new_empty(0), request, stats)
+            return self._reply(output if keep_outputs else output.new_empty(0), result, stats)
         hop, rest = chain[0], chain[1:]
         onward_meta = {"start": hop["start"], "end": hop["end"], "head": hop["head"], "next": rest,
                        "return_outputs": keep_outputs}
-        return await self._pass_on(FORWARD, hop["peer"], output, onward_meta, request, tensors, meta, stats)
+        return await self._pass_on(FORWARD, hop["peer"], output, result, onward_meta, request, tensors, meta, stats)
 
-    async def _pass_on(self, handle: str, peer: str, output: torch.Tensor, onward_meta: dict, request: _Request,
-                       tensors, meta: dict, stats: dict):
+    async def _pass_on(self, handle: str, peer: str, output: torch.Tensor, hook_result: bytes | None,
+                       onward_meta: dict, request: _Request, tensors, meta: dict, stats: dict):
         """Chained call: send the outputs (with the masks, and the hook's payload and result as the next carry)
         straight to the next node, and relay its answer back with the compute seconds and node → node bytes."""
         onward = {"inputs": output}
         onward.update({k: request.tensors[k].cpu() for k in ("attention_mask", "position_ids") if k in request.tensors})
         if request.hook is not None:
             onward["hook_payload"] = tensors[meta["names"].index("hook_payload")]
-            onward["hook_carry"] = torch.frombuffer(bytearray(_hook_result(request.hook)), dtype=torch.uint8)
+            onward["hook_carry"] = torch.frombuffer(bytearray(hook_result), dtype=torch.uint8)
             onward_meta.update(hook=meta["hook"], hop=request.hop + 1)
         traffic = Traffic()
         out, reply = await call(self._p2p, peer, handle, onward, onward_meta,
@@ -292,7 +308,7 @@ class SpanServer:
                                          **stats}
 
     async def _backward(self, tensors, meta):
-        request = self._parse(tensors, meta)
+        request = await self._parsed(tensors, meta)
         if request.embed:
             raise BadRequestError("Backward through the embedding is not served; send hidden states.")
         grad_outputs = request.tensors.get("grad_outputs")
@@ -307,8 +323,8 @@ class SpanServer:
                     raise BadRequestError(f"grad_outputs must be {outputs.dtype} {tuple(outputs.shape)}; "
                                           f"got {grad_outputs.dtype} {tuple(grad_outputs.shape)}.")
                 (grad_inputs,) = torch.autograd.grad(outputs, inputs, grad_outputs)
-            return grad_inputs
-        return self._reply(await self._compute(work), request)
+            return grad_inputs, _hook_result(request.hook) if request.hook is not None else None
+        return self._reply(*await self._compute(work))
 
     async def _inference(self, tensors, meta):
         session_id = meta.get("session_id")
@@ -319,7 +335,10 @@ class SpanServer:
             return [], {"names": [], "closed": True}
         session = self.sessions.sessions.get(session_id)
         step = session.steps if session is not None else 0
-        request = self._parse(tensors, meta, step=step, past=session.length if session is not None else 0)
+        request = await self._parsed(tensors, meta, step=step, past=session.length if session is not None else 0)
+        if self.sessions.sessions.get(session_id) is not session:
+            raise BadRequestError(f"Session {session_id!r} was opened, closed or dropped while this step was parsed; "
+                                  f"send one step of a session at a time.")
         batch, length = request.tensors["inputs"].shape[:2]
         if session is None:
             spec = meta.get("open")
@@ -368,27 +387,35 @@ class SpanServer:
                         position_ids=positions[:, part] if positions is not None else None, cache=session.cache,
                         logits_to_keep=1 if last_only else 0))
                     offset += size
-            return torch.cat(outputs, dim=1)
+            output = torch.cat(outputs, dim=1)
+            if request.hook is None:
+                return output, None, None
+            try:  # the hook failing after the span ran leaves the cache whole: the session stays usable
+                return output, _hook_result(request.hook), None
+            except SwarmError as e:
+                return output, None, e
         t0 = time.perf_counter()
         try:
-            output = await self._compute(work)
+            output, result, hook_error = await self._compute(work)
         except BaseException:
             self.sessions.close(session_id)  # the cache may be half-updated: never reuse it
             raise
         session.length += length
         session.steps += 1
         session.last_used = time.monotonic()
+        if hook_error is not None:
+            raise hook_error
         stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
         if not chain:
             if argmax:  # greedy decoding's next token (B, 1), after the hook's writes: the logits stay here
                 output = output[:, -1:].float().argmax(-1)
-            return self._reply(output[:, -1:] if last_only else output, request, {"length": session.length, **stats})
+            return self._reply(output[:, -1:] if last_only else output, result, {"length": session.length, **stats})
         hop, rest = chain[0], chain[1:]
         onward_meta = {"session_id": hop["session_id"], "start": hop["start"], "end": hop["end"], "embed": False,
                        "head": hop["head"], "next": rest, "last_only": hop["last_only"], "argmax": hop["argmax"]}
         if hop["open"] is not None:
             onward_meta["open"] = hop["open"]
-        return await self._pass_on(INFERENCE, hop["peer"], output, onward_meta, request, tensors, meta, stats)
+        return await self._pass_on(INFERENCE, hop["peer"], output, result, onward_meta, request, tensors, meta, stats)
 
 
 def _parse_chain(chain, max_chain: int) -> list[dict]:

@@ -1,0 +1,69 @@
+"""Nothing heavy on a node's event loop (issue 10, req. 3): while a request's graph is decoded and checked, the node
+keeps answering pings.
+
+One real node (a tiny random Llama, layers 0:4) gets a hybrid request whose graph is ~20 MB of JSON (300,000 ops:
+seconds of decoding, then refused for its op count). A second connection pings the node's ``info`` RPC the whole
+time. The node must answer pings *while* that request is in its compute executor (the ``info`` answer says how many
+jobs are there), not only after it has been refused; before this change the graph was decoded on the event loop and
+no ping was answered until it was done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from bench.node_event_loop import huge_graph_payload
+from hybrid.errors import LimitExceededError
+from hybrid.request import HOOK_KIND, HOOK_VERSION
+from swarm import SwarmModel
+from swarm.handles import FORWARD
+from swarm.local_swarm import LocalSwarm
+from swarm.transport import call, ping
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def node_and_client(tiny_checkpoint_factory, tmp_path_factory):
+    path = tiny_checkpoint_factory("llama", num_layers=4)
+    with LocalSwarm(tmp_path_factory.mktemp("event_loop")) as swarm:
+        node = swarm.start(path, "--blocks", "0:4")
+        client = SwarmModel.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        try:
+            yield node, client
+        finally:
+            client.close()
+
+
+def test_pings_are_answered_while_a_huge_graph_is_decoded(node_and_client):
+    node, client = node_and_client
+    p2p = client.sequence.p2p
+    payload = huge_graph_payload(300_000)
+    assert len(payload) > 20 << 20
+    tensors = {"inputs": torch.randn(1, 3, HIDDEN),
+               "hook_payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    meta = {"start": 0, "end": 4, "hook": {"kind": HOOK_KIND, "version": HOOK_VERSION}, "hop": 0}
+
+    async def scenario():
+        await ping(p2p, node.peer_id)  # connected before the clock matters
+        heavy = asyncio.ensure_future(call(p2p, node.peer_id, FORWARD, tensors, meta, timeout_s=120))
+        busy_answers, answers = 0, 0
+        while not heavy.done():
+            try:
+                _, info = await ping(p2p, node.peer_id, timeout_s=60)
+            except Exception:
+                break
+            answers += 1
+            if not heavy.done() and info.get("computing", 0) >= 1:
+                busy_answers += 1  # answered while the heavy request was in the compute executor
+            await asyncio.sleep(0.05)
+        with pytest.raises(LimitExceededError, match="ops"):
+            await heavy
+        return busy_answers, answers
+
+    busy_answers, answers = client.loop.run(scenario(), timeout_s=180)
+    assert busy_answers >= 3, f"only {busy_answers} of {answers} pings were answered while the graph was decoded"
+    assert node.proc.poll() is None
