@@ -5,7 +5,9 @@ caller's side as the same type (see :func:`error_from_wire`).
 
 - :class:`BadRequestError` and subclasses: the caller sent something wrong; fix the request.
 - :class:`PeerUnreachableError`: the outside broke (a node died or timed out); the client may reroute.
-- :class:`CapacityError`: the node is healthy but full; retry later or elsewhere.
+  :class:`PeerBusyError`: it timed out but answers pings (slow, not dead): reroute, but do not exclude it.
+- :class:`CapacityError`: the node is healthy but full; retry later or elsewhere (:class:`OverloadedError`: its
+  compute queue is full).
 - :class:`MissingBlocksError`: no node serves some blocks; someone must serve them.
 - :class:`ModelNotFoundError`: the ``--model`` argument does not name a usable checkpoint.
 """
@@ -66,6 +68,19 @@ class PeerUnreachableError(SwarmError):
     """A peer did not answer in time or its connection broke. The client may retry elsewhere."""
 
     code = "peer_unreachable"
+
+
+class PeerBusyError(PeerUnreachableError):
+    """A peer kept answering pings but did not finish a call in time: it is busy, not dead. The client may retry
+    elsewhere, but must not exclude the peer as it would a dead one."""
+
+    code = "peer_busy"
+
+
+class OverloadedError(CapacityError):
+    """The node's queue of compute work is full (in all, or for this client). Retry later or on another node."""
+
+    code = "overloaded"
 
 
 class MissingBlocksError(SwarmError):

@@ -88,7 +88,7 @@ class InferenceSession:
                     raise
                 failed_at = failed_at or t0
                 logger.warning("%s; rebuilding layers %d:%d elsewhere", e, state.hop.start, state.hop.end)
-                self.sequence.ban(state.hop.peer_id)
+                self.sequence.note_failure(state.hop.peer_id, e)
                 await self._replace(i, attention_mask)
                 continue
             state.history.append(x)

@@ -1,8 +1,13 @@
 """The client's view of the swarm for one model: discovery, routing, forward/backward with failover.
 
-Hidden states travel client → node → client → next node (as in Petals). When a node fails with
-:class:`PeerUnreachableError`, it is excluded for ``ban_s`` and the remaining layers are rerouted; errors the
-node *answered* with (bad input, capacity) are raised to the caller unchanged.
+Hidden states travel client → node → client → next node (as in Petals). When a call fails with
+:class:`PeerUnreachableError`, the remaining layers are rerouted; errors the node *answered* with (bad input,
+capacity) are raised to the caller unchanged.
+
+Slow is not dead. A node that failed liveness (a missed ping, a broken connection) is excluded for ``ban_s``, twice
+as long after each further failure (up to ``max_ban_s``), until it answers a ping again. A node that still answers
+pings but did not finish in time (:class:`PeerBusyError`) is not excluded: it counts as loaded (``busy_load``) for
+``busy_s``, so routes prefer its replicas while it catches up, and it is still used where it is the only one.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from hivemind.utils import get_dht_time
 from hivemind.p2p import P2P
 
 from ._loop import BackgroundLoop
-from .errors import MissingBlocksError, PeerUnreachableError
+from .errors import MissingBlocksError, PeerBusyError, PeerUnreachableError
 from .records import ServerRecord, records_with_expiration
 from .routing import Hop, plan_route
 from .handles import BACKWARD, FORWARD
@@ -41,7 +46,13 @@ class ClientConfig:
     records_max_age_s: float = 5.0
     """Re-read the DHT when the cached records are older than this."""
     ban_s: float = 60.0
-    """A node that failed is avoided for this long."""
+    """A node that failed liveness is excluded for this long, doubled after each further failure."""
+    max_ban_s: float = 600.0
+    """The longest exclusion after repeated liveness failures."""
+    busy_s: float = 30.0
+    """A node that answered pings but not the call in time counts as busy for this long (not excluded)."""
+    busy_load: float = 8.0
+    """The load a busy node counts as when routing (a record's ``load`` is requests in flight plus sessions)."""
     max_retries: int = 5
     """Reroutes allowed within one call before giving up."""
     liveness_s: float = 2.0
@@ -76,6 +87,12 @@ class RemoteSequence:
         self._records_at = 0.0
         self._latency_s: dict[str, float] = {}
         self._banned: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        """Peer id -> liveness failures in a row (the exclusion doubles with each)."""
+        self._load: dict[str, float] = {}
+        """Peer id -> load seen in its last ping answer (fresher than its DHT record)."""
+        self._busy: dict[str, float] = {}
+        """Peer id -> until when it counts as busy (``time.monotonic()``)."""
 
     # ---- discovery and routing --------------------------------------------------------------------------
 
@@ -112,16 +129,51 @@ class RemoteSequence:
 
     async def _measure(self, peer_id: str) -> None:
         try:
-            self._latency_s[peer_id], _ = await ping(self.p2p, peer_id, timeout_s=self.config.ping_timeout_s)
+            self._latency_s[peer_id], info = await ping(self.p2p, peer_id, timeout_s=self.config.ping_timeout_s)
         except PeerUnreachableError:
             self.ban(peer_id)
+        else:
+            self.saw_alive(peer_id, info)
 
     def ban(self, peer_id: str) -> None:
-        self._banned[peer_id] = time.monotonic() + self.config.ban_s
+        """``peer_id`` failed liveness: exclude it for ``ban_s``, doubled for each failure in a row before."""
+        failures = self._failures.get(peer_id, 0)
+        self._failures[peer_id] = failures + 1
+        exclusion_s = min(self.config.ban_s * 2 ** min(failures, 16), max(self.config.max_ban_s, self.config.ban_s))
+        self._banned[peer_id] = time.monotonic() + exclusion_s
+
+    def mark_busy(self, peer_id: str) -> None:
+        """``peer_id`` answers pings but did not finish a call in time: route around it for ``busy_s`` where a
+        replica can take its layers, without excluding it."""
+        self._busy[peer_id] = time.monotonic() + self.config.busy_s
+
+    def note_failure(self, peer_id: str, error: PeerUnreachableError) -> None:
+        """Slow or dead: a :class:`PeerBusyError` marks the peer busy; any other failure excludes it (:meth:`ban`)."""
+        if isinstance(error, PeerBusyError):
+            self.mark_busy(peer_id)
+        else:
+            self.ban(peer_id)
+
+    def saw_alive(self, peer_id: str, info: dict | None = None) -> None:
+        """``peer_id`` answered a ping (``info`` is its answer): its failure count restarts; note its load."""
+        self._failures.pop(peer_id, None)
+        load = (info or {}).get("load")
+        if isinstance(load, (int, float)) and not isinstance(load, bool) and load >= 0:
+            self._load[peer_id] = float(load)
 
     def excluded(self) -> frozenset[str]:
         now = time.monotonic()
         return frozenset(p for p, until in self._banned.items() if until > now)
+
+    def loads(self) -> dict[str, float]:
+        """The load to route with, per peer where known better than its record: the last ping's, plus
+        ``busy_load`` while it counts as busy."""
+        now = time.monotonic()
+        out = dict(self._load)
+        for peer_id, until in self._busy.items():
+            if until > now:
+                out[peer_id] = out.get(peer_id, 0.0) + self.config.busy_load
+        return out
 
     async def route(self, start: int = 0, end: int | None = None, *, embed: bool = False, head: bool = False,
                     refresh: bool = False) -> list[Hop]:
@@ -136,7 +188,7 @@ class RemoteSequence:
             records = await self.records(refresh=refresh or attempt > 0)
             try:
                 return plan_route(records, start, end, latency_s=self._latency_s, exclude=self.excluded(),
-                                  model_name=self.model_name, embed=embed, head=head)
+                                  model_name=self.model_name, embed=embed, head=head, load=self.loads())
             except MissingBlocksError:
                 # DHT lookups right after a peer froze can come back incomplete; the next one routes around it.
                 if attempt == 2:
@@ -170,7 +222,7 @@ class RemoteSequence:
                 if retries > self.config.max_retries:
                     raise
                 logger.warning("%s; rerouting layers %d:%d", e, hop.start, self.num_layers)
-                self.ban(hop.peer_id)
+                self.note_failure(hop.peer_id, e)
                 hops = hops[:i] + await self.route(hop.start, end, embed=first, head=head)
                 self.stats.reroutes += 1
                 reroute_started = reroute_started or t0
@@ -230,9 +282,11 @@ class RemoteSequence:
         """Ping every node of a failed route and exclude those that do not answer."""
         async def check(peer_id: str) -> None:
             try:
-                await ping(self.p2p, peer_id, timeout_s=self.config.ping_timeout_s)
+                _, info = await ping(self.p2p, peer_id, timeout_s=self.config.ping_timeout_s)
             except PeerUnreachableError:
                 self.ban(peer_id)
+            else:
+                self.saw_alive(peer_id, info)
         await asyncio.gather(*(check(h.peer_id) for h in hops))
 
     async def backward(self, trail: list[tuple[Hop, torch.Tensor]], grad_outputs: torch.Tensor, *,
@@ -251,10 +305,10 @@ class RemoteSequence:
                                     **self._call_options)
                     grad = out["outputs"]
                     break
-                except PeerUnreachableError:
+                except PeerUnreachableError as e:
                     if attempt == self.config.max_retries:
                         raise
-                    self.ban(hop.peer_id)
+                    self.note_failure(hop.peer_id, e)
                     grad = await self._backward_rerouted(hop, x, grad, extras)
                     break
         return grad

@@ -24,15 +24,18 @@ class Hop:
 
 def plan_route(records: list[ServerRecord], start: int, end: int, *, latency_s: dict[str, float] | None = None,
                exclude: frozenset[str] = frozenset(), model_name: str = "model", embed: bool = False,
-               head: bool = False) -> list[Hop]:
+               head: bool = False, load: dict[str, float] | None = None) -> list[Hop]:
     """Cover layers ``[start, end)`` with the fewest hops; among those, the lowest summed latency × (1 + load).
+
+    A node's load is ``load[peer_id]`` where the caller knows better (a fresher ping, a node seen busy), else the load
+    its record announces; so among replicas the less-loaded one is chosen.
 
     With ``embed`` the first hop must serve the embedding; with ``head`` the last hop must serve the head.
 
     Raises:
         MissingBlocksError: some layers in ``[start, end)`` have no usable node; the message names them.
     """
-    latency_s = latency_s or {}
+    latency_s, load = latency_s or {}, load or {}
     usable = [r for r in records if r.online and r.peer_id not in exclude]
     best: dict[int, tuple[int, float, list[Hop]]] = {start: (0, 0.0, [])}
     for layer in range(start, end):  # layers only increase along a route, so one pass in order is a DP
@@ -46,7 +49,7 @@ def plan_route(records: list[ServerRecord], start: int, end: int, *, latency_s: 
                     continue
                 if head and stop == end and not (record.head and record.end == end):
                     continue
-                candidate = (hops + 1, cost + latency_s.get(record.peer_id, 0.1) * (1 + record.load),
+                candidate = (hops + 1, cost + latency_s.get(record.peer_id, 0.1) * (1 + load.get(record.peer_id, record.load)),
                              route + [Hop(record, layer, stop)])
                 if stop not in best or candidate[:2] < best[stop][:2]:
                     best[stop] = candidate

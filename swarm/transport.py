@@ -17,7 +17,7 @@ from hivemind.p2p import PeerID
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from .errors import BadRequestError, PeerUnreachableError
+from .errors import BadRequestError, PeerBusyError, PeerUnreachableError
 from .handles import INFO
 from .wire import encode_frame, read_frame
 
@@ -61,7 +61,8 @@ async def call(p2p: P2P, peer_id: str, handle: str, tensors: dict[str, torch.Ten
     detected in seconds, not at ``timeout_s``.
 
     Raises:
-        PeerUnreachableError: connection failed or broke, or no answer within ``timeout_s``.
+        PeerBusyError: no answer within ``timeout_s``, but (with ``liveness_s``) the peer still answers pings.
+        PeerUnreachableError: connection failed or broke, a missed ping, or no answer within ``timeout_s``.
         SwarmError subclasses: the node answered with an error.
     """
     meta = {**meta, "names": list(tensors)}
@@ -101,6 +102,14 @@ async def call(p2p: P2P, peer_id: str, handle: str, tensors: dict[str, torch.Ten
     try:
         out, reply = await asyncio.wait_for(guarded(), timeout=timeout_s)
     except asyncio.TimeoutError:
+        if liveness_s is not None:  # slow or dead? one more ping tells
+            try:
+                await ping(p2p, peer_id, timeout_s=liveness_s)
+            except PeerUnreachableError:
+                pass
+            else:
+                raise PeerBusyError(f"Peer {peer_id} answers pings but did not finish {handle} within "
+                                    f"{timeout_s:.1f} s: it is busy, not dead.") from None
         raise PeerUnreachableError(f"Peer {peer_id} did not answer {handle} within {timeout_s:.1f} s.") from None
     except (ConnectionError, OSError, asyncio.IncompleteReadError, EOFError) as e:
         raise PeerUnreachableError(f"Connection to peer {peer_id} broke during {handle}: {type(e).__name__}: {e}") from e
