@@ -131,17 +131,25 @@ def readable_paths(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _fresh_errno(fn, *args, **kwargs):
+    """Call into the ``landlock`` binding with ctypes' errno cleared: it reads errno, not the return value, to
+    detect a failed system call, and errno is not reset by a call that succeeds (a stale value read as a failure)."""
+    ctypes.set_errno(0)
+    return fn(*args, **kwargs)
+
+
 def _restrict_files(scratch: Path, readable: tuple[str, ...]) -> None:
     import landlock
     from landlock import FSAccess
 
     try:
-        handled = FSAccess.all()
-        ruleset = landlock.Ruleset(handled)
+        handled = _fresh_errno(FSAccess.all)
+        ruleset = _fresh_errno(landlock.Ruleset, handled)
         for path in readable_paths(readable):
-            ruleset.allow(path, rules=FSAccess.READ_FILE | (FSAccess.READ_DIR if os.path.isdir(path) else 0))
-        ruleset.allow(str(scratch), rules=handled & ~FSAccess.EXECUTE)
-        ruleset.apply()                          # sets no_new_privs first
+            _fresh_errno(ruleset.allow, path,
+                         rules=FSAccess.READ_FILE | (FSAccess.READ_DIR if os.path.isdir(path) else 0))
+        _fresh_errno(ruleset.allow, str(scratch), rules=handled & ~FSAccess.EXECUTE)
+        _fresh_errno(ruleset.apply)              # sets no_new_privs first
     except (OSError, landlock.LandlockError) as e:
         raise SandboxUnavailableError(f"Landlock could not be applied ({e}); it needs Linux >= 5.13 with Landlock "
                                       "enabled (lsm=...,landlock). Pass --unsafe-no-sandbox only for a trusted "
@@ -163,7 +171,7 @@ def _restrict_scopes() -> None:
     seccomp filter covers the same ground on older kernels."""
     from landlock import landlock_abi_version
 
-    abi = landlock_abi_version()
+    abi = _fresh_errno(landlock_abi_version)
     attr = _RulesetAttr(0, LANDLOCK_NET_ALL if abi >= 4 else 0, LANDLOCK_SCOPES if abi >= 6 else 0)
     if not (attr.handled_access_net or attr.scoped):
         return

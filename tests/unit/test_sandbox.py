@@ -51,6 +51,26 @@ def test_probe_passes_on_this_machine(tmp_path):
     probe(tmp_path)  # raises SandboxUnavailableError otherwise (the gateway then refuses to start)
 
 
+def test_a_stale_errno_is_not_taken_for_a_failure(tmp_path):
+    """The landlock binding reads errno to detect failures; a value left by an earlier call must not count."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (child)
+        ctypes.set_errno(2)  # ENOENT, as a failed lookup earlier in the process leaves it
+        try:
+            enter(scratch, SandboxPolicy())
+            os.write(w, b"entered")
+        except BaseException as e:
+            os.write(w, str(e).encode()[:500])
+        os._exit(0)
+    os.close(w)
+    report = os.read(r, 1000)
+    os.waitpid(pid, 0)
+    assert report == b"entered", report
+
+
 def test_own_limits_priority_and_signals_are_allowed(tmp_path):
     def action(scratch):
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
