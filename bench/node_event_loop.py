@@ -2,9 +2,10 @@
 
     python -m bench.node_event_loop [--ops 800000] [--out results]
 
-Starts (and always stops) one node (a tiny random Llama, layers 0:4) and sends it a hybrid request whose graph is
-``--ops`` constant ops of JSON (800,000 ops ≈ 60 MB; decoded, then refused for its op count), while a second task
-pings the node's ``info`` RPC every 50 ms. Writes one JSONL record: the request's wall time and error, and the pings
+Starts (and always stops) one node (a tiny random Llama, layers 0:4) and sends it two hybrid requests in turn, while
+a second task pings the node's ``info`` RPC every 50 ms: ``huge_json``, a graph of ``--ops`` constant ops (800,000
+≈ 60 MB of JSON; refused before parsing, over the node's ``max_ops × JSON_BYTES_PER_OP``), and ``chain``, a graph of
+``--chain-ops`` tensor ops the node runs (in its compute executor). Writes one JSONL record per request: the request's wall time and error, and the pings
 answered during it (count, median and worst round trip), with the resolved config inside.
 """
 
@@ -26,9 +27,10 @@ from swarm import SwarmModel
 from swarm.handles import FORWARD
 from swarm.local_swarm import LocalSwarm
 from swarm.transport import call, ping
-from hybrid.ir import IR_VERSION, Limits
+from hybrid.ir import IR_VERSION, Graph, Limits, Ref
+from hybrid.planner import Executor, Plan
 from hybrid.ir import MAGIC as GRAPH_MAGIC
-from hybrid.request import MAGIC
+from hybrid.request import MAGIC, encode_request
 from tests.tiny_checkpoints import make_tiny_checkpoint
 
 
@@ -42,6 +44,16 @@ def huge_graph_payload(num_ops: int) -> bytes:
     plan = json.dumps({"executors": [["node", 0, 4]], "assignment": [0] * num_ops, "carry": [[]],
                        "hop_offset": 0}).encode()
     return MAGIC + struct.pack("<Q", len(plan)) + plan + graph
+
+
+def chain_graph_payload(num_ops: int) -> bytes:
+    """A hybrid request whose graph is ``num_ops`` constant tensor ops in a chain (``ones_like`` then ``+ 1.0``), all
+    run by the node while it builds the request's hook (within the default op limit of 10,000: accepted)."""
+    graph = Graph()
+    prev = graph.add("function", target="torch.ones_like", args=[graph.attach(torch.zeros(64, 64))])
+    for _ in range(num_ops - 1):
+        prev = graph.add("operator", target="add", args=[Ref(prev.id), 1.0])
+    return encode_request(graph, Plan([Executor("node", 0, 4)], [0] * len(graph.nodes), [[]], []), 0)
 
 
 async def _measure(p2p, peer_id: str, payload: bytes) -> dict:
@@ -69,25 +81,31 @@ async def _measure(p2p, peer_id: str, payload: bytes) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", type=int, default=800_000)
+    parser.add_argument("--ops", type=int, default=800_000, help="ops of the huge graph (800,000 ≈ 60 MB of JSON)")
+    parser.add_argument("--chain-ops", type=int, default=9_000, help="ops of the accepted chain graph")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
-    payload = huge_graph_payload(args.ops)
+    payloads = {"huge_json": huge_graph_payload(args.ops), "chain": chain_graph_payload(args.chain_ops)}
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_checkpoint("llama", Path(tmp) / "ckpt", num_layers=4)
+        (Path(tmp) / "swarm").mkdir()
         with LocalSwarm(Path(tmp) / "swarm") as swarm:
             node = swarm.start(path, "--blocks", "0:4")
             client = SwarmModel.from_pretrained(str(path), initial_peers=swarm.initial_peers)
             try:
-                result = client.loop.run(_measure(client.sequence.p2p, node.peer_id, payload), timeout_s=900)
+                results = {name: client.loop.run(_measure(client.sequence.p2p, node.peer_id, payload), timeout_s=900)
+                           for name, payload in payloads.items()}
             finally:
                 client.close()
-    record = {"bench": "node_event_loop", "config": {"ops": args.ops, "payload_bytes": len(payload)}, **result}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "node_event_loop.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record))
+    for name, result in results.items():
+        record = {"bench": "node_event_loop", "graph": name,
+                  "config": {"ops": args.ops, "chain_ops": args.chain_ops, "payload_bytes": len(payloads[name])},
+                  **result}
+        with open(out / "node_event_loop.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,11 @@ class Attachment:
     index: int
 
 
+JSON_BYTES_PER_OP = 1024
+"""A node parses at most this many bytes of graph JSON per op it allows (``max_ops``); tensors travel as
+attachments."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Budgets that travel with a graph; the node enforces them and answers a violation with a typed error.
@@ -171,8 +176,11 @@ class Graph:
         return MAGIC + struct.pack("<IQ", IR_VERSION, len(text)) + text + attachments_bytes(self.attachments)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, max_attachment_bytes: int | None = None) -> "Graph":
-        """Parse the wire form. Raises InvalidGraphError on anything malformed (never anything else)."""
+    def from_bytes(cls, data: bytes, *, max_attachment_bytes: int | None = None,
+                   max_json_bytes: int | None = None) -> "Graph":
+        """Parse the wire form. Raises InvalidGraphError on anything malformed (never anything else), and
+        LimitExceededError, before parsing, for attachments or JSON over ``max_attachment_bytes``/``max_json_bytes``
+        (parsing JSON holds the GIL: a node bounds it so its event loop keeps answering pings)."""
         if len(data) < 16 or data[:4] != MAGIC:
             raise InvalidGraphError("payload is not an intervention graph (bad magic)")
         version, length = struct.unpack("<IQ", data[4:16])
@@ -180,6 +188,10 @@ class Graph:
             raise InvalidGraphError(f"graph IR version {version} is not supported; this node speaks {IR_VERSION}")
         if 16 + length > len(data):
             raise InvalidGraphError("graph JSON length exceeds the payload")
+        if max_json_bytes is not None and length > max_json_bytes:
+            raise LimitExceededError(f"graph JSON is {length} bytes; this node parses at most {max_json_bytes} "
+                                     f"({JSON_BYTES_PER_OP} per op of its op limit): send fewer ops or literals "
+                                     f"as attachments")
         blob = data[16 + length:]
         if max_attachment_bytes is not None and len(blob) > max_attachment_bytes:
             raise LimitExceededError(f"graph attachments are {len(blob)} bytes; the limit is {max_attachment_bytes}")

@@ -13,7 +13,7 @@ from swarm.span_hook import HookBudgets, HookContext, HookRegistry
 from .errors import InvalidGraphError, UnknownModuleError
 from .interpreter import Interpreter
 from .validation import validate
-from .ir import Limits
+from .ir import JSON_BYTES_PER_OP, Limits
 from .request import HOOK_KIND, HOOK_VERSION, decode_request
 from .session_store import STORE
 from .values import pack_values, unpack_values
@@ -91,7 +91,8 @@ def build_graph_hook(payload: bytes, context: HookContext, node: Limits = NODE_L
     :data:`~hybrid.watchdog.WATCHDOG`."""
     started = time.monotonic()
     with WATCHDOG.guard(started + node.max_wall_s, node.max_wall_s):
-        graph, plan, hop_offset, call, keep = decode_request(payload, max_attachment_bytes=node.max_attachment_bytes)
+        graph, plan, hop_offset, call, keep = decode_request(payload, max_attachment_bytes=node.max_attachment_bytes,
+                                                             max_json_bytes=node.max_ops * JSON_BYTES_PER_OP)
     limits = cap_limits(graph.limits, node)
     with WATCHDOG.guard(started + limits.max_wall_s, limits.max_wall_s):
         return _build(graph, plan, hop_offset, call, keep, context, limits, started)

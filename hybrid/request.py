@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidGraphError
+from .errors import InvalidGraphError, LimitExceededError
 from .ir import Graph
 from .planner import FUTURE, Executor, Plan
 
@@ -30,13 +30,15 @@ def encode_request(graph: Graph, plan: Plan, hop_offset: int, call: int = 0, kee
     return MAGIC + struct.pack("<Q", len(text)) + text + graph.to_bytes()
 
 
-def decode_request(data: bytes, *, max_attachment_bytes: int | None = None
+def decode_request(data: bytes, *, max_attachment_bytes: int | None = None, max_json_bytes: int | None = None
                    ) -> tuple[Graph, Plan, int, int, dict[int, str]]:
     """``(graph, plan, hop_offset, call, keep)`` of a request. Raises InvalidGraphError (or LimitExceededError) on
     anything malformed."""
     if len(data) < 12 or data[:4] != MAGIC:
         raise InvalidGraphError("span hook payload is not a hybrid request (bad magic)")
     (length,) = struct.unpack("<Q", data[4:12])
+    if max_json_bytes is not None and length > max_json_bytes:
+        raise LimitExceededError(f"plan JSON is {length} bytes; this node parses at most {max_json_bytes}")
     try:
         doc = json.loads(data[12:12 + length])
         executors = [Executor(str(n), int(a), int(b)) for n, a, b in doc["executors"]]
@@ -47,7 +49,8 @@ def decode_request(data: bytes, *, max_attachment_bytes: int | None = None
         keep = {int(k): str(v) for k, v in dict(doc.get("keep", {})).items()}
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise InvalidGraphError(f"malformed plan in hybrid request: {e}") from None
-    graph = Graph.from_bytes(data[12 + length:], max_attachment_bytes=max_attachment_bytes)
+    graph = Graph.from_bytes(data[12 + length:], max_attachment_bytes=max_attachment_bytes,
+                             max_json_bytes=max_json_bytes)
     if len(assignment) != len(graph.nodes) or len(carry) != len(executors) or not all(
             FUTURE <= a < len(executors) for a in assignment) or not 0 <= call < 2 ** 31 or not all(
             0 <= k < len(graph.nodes) and 0 < len(v) <= 200 for k, v in keep.items()):

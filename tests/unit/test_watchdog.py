@@ -58,3 +58,15 @@ def test_decoding_counts_against_the_wall_time_limit():
     payload = _graph_payload(20_000, max_wall_s=0.001)
     with pytest.raises(LimitExceededError, match="wall-time"):
         build_graph_hook(payload, context=None, node=node)
+
+
+def test_graph_json_past_the_nodes_bound_is_refused_before_parsing():
+    """Parsing JSON holds the GIL (the event loop would stall): a node refuses graph JSON over
+    ``max_ops × JSON_BYTES_PER_OP`` bytes without parsing it (this one is not even valid JSON)."""
+    from hybrid.ir import JSON_BYTES_PER_OP
+    node = Limits(max_ops=100)
+    text = b"[" * (100 * JSON_BYTES_PER_OP + 1)
+    plan = json.dumps({"executors": [["n", 0, 1]], "assignment": [], "carry": [[]], "hop_offset": 0}).encode()
+    payload = MAGIC + struct.pack("<Q", len(plan)) + plan + GRAPH_MAGIC + struct.pack("<IQ", IR_VERSION, len(text)) + text
+    with pytest.raises(LimitExceededError, match="graph JSON is 102401 bytes; this node parses at most 102400"):
+        build_graph_hook(payload, context=None, node=node)
