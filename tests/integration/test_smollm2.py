@@ -21,9 +21,9 @@ def test_three_node_smollm2_answers_paris_and_equals_local(smollm2_dir, swarm_fa
     try:
         with torch.no_grad():
             want = ref(ids).logits
+        got = client(ids).logits
     finally:
         torch.set_num_threads(threads)
-    got = client(ids).logits
     assert (got - want).abs().max().item() <= 1e-5
     assert tokenizer.decode(got[0, -1].argmax()) == " Paris"
     assert torch.equal(client.generate(ids, max_new_tokens=8), local_generate(ref, ids, 8))
