@@ -24,6 +24,8 @@ from anyio._backends import _asyncio as _anyio_asyncio  # noqa: F401, I001  (mus
 from nnsight.schema.request import RequestModel
 from nnsight.schema.response import Status
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -95,7 +97,12 @@ class Gateway:
             identity = self.keys.identify(request.headers.get("ndif-api-key"), request.client.host)
             self.keys.charge(identity)
             await self._read_body(request)
-            form = await request.form(max_part_size=self.config.limits.max_request_bytes)
+            try:
+                form = await request.form(max_part_size=self.config.limits.max_request_bytes)
+            except (HTTPException, MultiPartException, ValueError, KeyError) as e:
+                detail = getattr(e, "detail", None) or e
+                raise BadRequestError(f"POST /request must be multipart/form-data with the fields 'data' and "
+                                      f"'blob' ({detail}); is this an nnsight 0.8 client?") from None
             if "data" not in form or "blob" not in form:
                 raise BadRequestError("POST /request needs the form fields 'data' (JSON) and 'blob' (payload).")
             try:
@@ -103,7 +110,8 @@ class Gateway:
             except ValueError as e:
                 raise BadRequestError(f"the request envelope is not nnsight's RequestModel: {e}") from None
             check_model(envelope.model_key, self.config.names)
-            blob = await form["blob"].read()
+            blob = form["blob"]
+            blob = await blob.read() if hasattr(blob, "read") else str(blob).encode()
             if len(blob) > self.config.limits.max_request_bytes:
                 raise BadRequestError(_too_large(len(blob), self.config.limits.max_request_bytes))
         except GatewayError as e:

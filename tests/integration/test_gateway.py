@@ -333,6 +333,22 @@ def test_unsafe_requests_fail_with_clear_errors_and_the_gateway_keeps_serving(lo
         assert (got["after"][key] - want).abs().max().item() <= TOL
 
 
+def test_malformed_uploads_get_typed_errors_never_a_bare_500(local_gateway):
+    import httpx
+
+    url = f"{local_gateway.url}/request"
+    answers = [
+        httpx.post(url, content=b"{}", headers={"content-type": "application/json"}),
+        httpx.post(url, content=b"--x\r\nnot a part", headers={"content-type": "multipart/form-data; boundary=x"}),
+        httpx.post(url, files={"data": (None, "{}")}),
+        httpx.post(url, files={"data": (None, "not json"), "blob": ("blob", b"x")}),
+        httpx.post(url, files={"data": (None, '{"model_key": "x"}'), "blob": (None, "a plain field")}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 400 and answer.json()["detail"].startswith("BadRequestError"), answer.text
+    assert httpx.get(f"{local_gateway.url}/ping").json() == {"status": "ok"}
+
+
 def test_twenty_concurrent_clients(local_run, ns, one_thread):
     rows = local_run["rows"]
     assert len(rows) == 20
