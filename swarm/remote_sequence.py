@@ -8,12 +8,15 @@ Slow is not dead. A node that failed liveness (a missed ping, a broken connectio
 as long after each further failure (up to ``max_ban_s``), until it answers a ping again. A node that still answers
 pings but did not finish in time (:class:`PeerBusyError`) is not excluded: it counts as loaded (``busy_load``) for
 ``busy_s``, so routes prefer its replicas while it catches up, and it is still used where it is the only one.
+A node that answers :class:`OverloadedError` (its compute queue is full) is treated the same way: counted busy,
+routed around where a replica exists, else retried after a backoff (``overload_backoff_s``, doubled per retry).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,7 +27,7 @@ from hivemind.utils import get_dht_time
 from hivemind.p2p import P2P
 
 from ._loop import BackgroundLoop
-from .errors import MissingBlocksError, PeerBusyError, PeerUnreachableError
+from .errors import MissingBlocksError, OverloadedError, PeerBusyError, PeerUnreachableError
 from .records import ServerRecord, records_with_expiration
 from .routing import Hop, plan_route
 from .handles import BACKWARD, FORWARD
@@ -55,6 +58,8 @@ class ClientConfig:
     """The load a busy node counts as when routing (a record's ``load`` is requests in flight plus sessions)."""
     max_retries: int = 5
     """Reroutes allowed within one call before giving up."""
+    overload_backoff_s: float = 0.25
+    """After an OverloadedError with no replica to go to, wait this long before retrying, doubled per retry."""
     liveness_s: float = 2.0
     """A call unanswered this long starts pinging the node; a missed ping marks it dead (see transport.call)."""
 
@@ -147,9 +152,10 @@ class RemoteSequence:
         replica can take its layers, without excluding it."""
         self._busy[peer_id] = time.monotonic() + self.config.busy_s
 
-    def note_failure(self, peer_id: str, error: PeerUnreachableError) -> None:
-        """Slow or dead: a :class:`PeerBusyError` marks the peer busy; any other failure excludes it (:meth:`ban`)."""
-        if isinstance(error, PeerBusyError):
+    def note_failure(self, peer_id: str, error: PeerUnreachableError | OverloadedError) -> None:
+        """Slow or dead: a :class:`PeerBusyError` or :class:`OverloadedError` marks the peer busy; any other failure
+        excludes it (:meth:`ban`)."""
+        if isinstance(error, (PeerBusyError, OverloadedError)):
             self.mark_busy(peer_id)
         else:
             self.ban(peer_id)
@@ -160,6 +166,14 @@ class RemoteSequence:
         load = (info or {}).get("load")
         if isinstance(load, (int, float)) and not isinstance(load, bool) and load >= 0:
             self._load[peer_id] = float(load)
+
+    async def overload_backoff(self, error: Exception, next_peer: str, retries: int) -> None:
+        """After ``error``: if it was an overload and the new route goes to a peer that counts as busy too (no idle
+        replica to take the layers), wait ``overload_backoff_s * 2 ** (retries - 1)`` (at most 4 s, jittered so
+        refused callers do not come back together) first."""
+        if isinstance(error, OverloadedError) and self._busy.get(next_peer, 0.0) > time.monotonic():
+            delay_s = min(self.config.overload_backoff_s * 2 ** max(retries - 1, 0), 4.0)
+            await asyncio.sleep(delay_s * random.uniform(0.5, 1.5))
 
     def excluded(self) -> frozenset[str]:
         now = time.monotonic()
@@ -217,13 +231,14 @@ class RemoteSequence:
                                     {"start": hop.start, "end": hop.end, "embed": first, "head": last},
                                     timeout_s=self.config.request_timeout_s,
                                     **self._call_options)
-            except PeerUnreachableError as e:
+            except (PeerUnreachableError, OverloadedError) as e:
                 retries += 1
                 if retries > self.config.max_retries:
                     raise
                 logger.warning("%s; rerouting layers %d:%d", e, hop.start, self.num_layers)
                 self.note_failure(hop.peer_id, e)
                 hops = hops[:i] + await self.route(hop.start, end, embed=first, head=head)
+                await self.overload_backoff(e, hops[i].peer_id, retries)
                 self.stats.reroutes += 1
                 reroute_started = reroute_started or t0
                 continue
@@ -266,6 +281,12 @@ class RemoteSequence:
                 out, reply = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
                                     timeout_s=self.config.request_timeout_s * len(hops),
                                     **self._call_options)
+            except OverloadedError as e:  # some node of the chain is full; which one, the chain does not say
+                if attempt == self.config.max_retries:
+                    raise
+                logger.warning("Chained forward refused (%s); retrying after a backoff", e)
+                await asyncio.sleep(min(self.config.overload_backoff_s * 2 ** attempt, 4.0))
+                continue
             except PeerUnreachableError as e:
                 if attempt == self.config.max_retries:
                     raise
@@ -305,10 +326,12 @@ class RemoteSequence:
                                     **self._call_options)
                     grad = out["outputs"]
                     break
-                except PeerUnreachableError as e:
+                except (PeerUnreachableError, OverloadedError) as e:
                     if attempt == self.config.max_retries:
                         raise
                     self.note_failure(hop.peer_id, e)
+                    if isinstance(e, OverloadedError):
+                        await asyncio.sleep(min(self.config.overload_backoff_s * 2 ** attempt, 4.0))
                     grad = await self._backward_rerouted(hop, x, grad, extras)
                     break
         return grad

@@ -37,8 +37,8 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from .errors import (BadRequestError, HookError, InternalNodeError, SequenceTooLongError, SwarmError,
-                     UnknownSessionError)
+from .errors import (BadRequestError, HookError, InternalNodeError, OverloadedError, SequenceTooLongError,
+                     SwarmError, UnknownSessionError)
 from .sessions import SessionManager
 from .span_hook import HookContext, HookRegistry, SpanHook, active_hook
 from .stages import SpanModel
@@ -73,6 +73,9 @@ class ServerLimits:
     """Most onward hops a chained forward may name."""
     liveness_s: float = 2.0
     """In a chained forward, ping the next node after this long without an answer; a missed ping fails the chain."""
+    max_queued_compute: int = 8
+    """Most jobs running or queued in the compute executor; a forward/backward/inference request arriving at this
+    bound is refused at once with OverloadedError (the client retries later or on a replica)."""
 
 
 @dataclass
@@ -142,6 +145,7 @@ class SpanServer:
                 frame = await read_frame(requests, max_bytes=self.limits.max_request_bytes, accept_error=False)
                 if frame is None:
                     raise BadRequestError("Empty request stream.")
+                self._admit(frame[1])
                 tensors, meta = await handler(*frame)
                 # Serialising a large answer is work too: it runs in the compute executor, not on the event loop.
                 messages = await self._compute(lambda: list(encode_frame(tensors, meta, runtime_pb2.ExpertResponse)))
@@ -235,6 +239,20 @@ class SpanServer:
             hook = self.hooks.build(spec["kind"], spec["version"], payload.numpy().tobytes(), context)
         return _Request({k: v.to(self._device) for k, v in named.items()}, start, end, bool(embed), bool(head), hook,
                         meta.get("hop", 0) if hook is not None else 0)
+
+    def _admit(self, meta: dict) -> None:
+        """Refuse new compute when the executor already holds ``max_queued_compute`` jobs, before any parsing or
+        compute is queued; closing a session costs no compute and is always admitted.
+
+        Raises:
+            OverloadedError: the compute queue is at its bound.
+        """
+        if meta.get("close") is True:
+            return
+        if self.computing >= self.limits.max_queued_compute:
+            raise OverloadedError(f"This node's compute queue is full: {self.computing} job(s) running or queued, "
+                                  f"the limit (--max-queued-compute) is {self.limits.max_queued_compute}; "
+                                  f"retry after a short backoff or use another replica of these layers.")
 
     async def _compute(self, fn):
         """Run ``fn`` in the compute executor: everything heavier than moving bytes runs there, so the event loop
