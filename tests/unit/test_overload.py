@@ -39,3 +39,11 @@ def test_an_overloaded_peer_counts_as_busy_never_as_dead():
     seq.note_failure("full", OverloadedError("queue full"))
     assert "full" not in seq.excluded()
     assert seq.loads()["full"] == 8.0
+
+
+def test_a_queue_bound_below_one_is_refused_before_serving(capsys):
+    from swarm.cli import _serve, build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "no-such-model", "--max-queued-compute", "0"])
+    assert _serve(args, None) == 2
+    assert "--max-queued-compute must be at least 1" in capsys.readouterr().err
