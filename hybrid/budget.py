@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import LimitExceededError
-from .ir import Node
+from .ir import Node, leaves
 
 #: Largest magnitude of a Python integer a graph may hold or compute (int64 range).
 MAX_INT = 2 ** 63
@@ -159,15 +159,7 @@ def check_python_value(node: Node, value: Any) -> None:
 
 def literal_ints_ok(value: Any) -> bool:
     """Whether every integer literal in an argument is within :data:`MAX_INT` (checked at validation)."""
-    if _is_int(value):
-        return abs(value) < MAX_INT
-    if isinstance(value, (list, tuple)):
-        return all(literal_ints_ok(v) for v in value)
-    if isinstance(value, dict):
-        return all(literal_ints_ok(v) for v in value.values())
-    if isinstance(value, slice):
-        return literal_ints_ok((value.start, value.stop, value.step))
-    return True
+    return all(abs(v) < MAX_INT for v in leaves(value) if _is_int(v))
 
 
 def _is_int(value: Any) -> bool:

@@ -29,7 +29,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load as st_load
@@ -121,10 +121,7 @@ class Node:
 
     def refs(self) -> list[int]:
         """Ids of the nodes this node reads."""
-        out: list[int] = []
-        _collect_refs(self.args, out)
-        _collect_refs(self.kwargs, out)
-        return out
+        return [v.id for v in leaves((self.args, self.kwargs)) if isinstance(v, Ref)]
 
 
 def attachments_bytes(tensors: list[torch.Tensor]) -> bytes:
@@ -308,14 +305,15 @@ def decode_value(value: Any) -> Any:
     return {str(k): decode_value(v) for k, v in value.items()}
 
 
-def _collect_refs(value: Any, out: list[int]) -> None:
-    if isinstance(value, Ref):
-        out.append(value.id)
-    elif isinstance(value, (list, tuple)):
+def leaves(value: Any) -> Iterator[Any]:
+    """The leaves of an argument tree (lists, tuples, dict values, slice bounds), in order."""
+    if isinstance(value, (list, tuple)):
         for v in value:
-            _collect_refs(v, out)
+            yield from leaves(v)
     elif isinstance(value, dict):
         for v in value.values():
-            _collect_refs(v, out)
+            yield from leaves(v)
     elif isinstance(value, slice):
-        _collect_refs([value.start, value.stop, value.step], out)
+        yield from leaves((value.start, value.stop, value.step))
+    else:
+        yield value

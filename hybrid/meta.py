@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import ops
+from .ir import leaves
 
 
 class Unknown:
@@ -69,15 +70,7 @@ def to_fake(value: Any, memo: dict[int, torch.Tensor]) -> Any:
 
 
 def has_unknown(value: Any) -> bool:
-    if value is UNKNOWN:
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(has_unknown(v) for v in value)
-    if isinstance(value, dict):
-        return any(has_unknown(v) for v in value.values())
-    if isinstance(value, slice):
-        return has_unknown((value.start, value.stop, value.step))
-    return False
+    return any(v is UNKNOWN for v in leaves(value))
 
 
 def meta_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -110,3 +110,16 @@ def remote_lm(smollm2_dir, smollm2_swarm):
 def local_lm(smollm2_dir):
     """``hybrid.LanguageModel`` without peers (placement="local")."""
     return hybrid.LanguageModel(str(smollm2_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny_node(tiny_checkpoint_factory, tmp_path_factory):
+    """``(checkpoint path, node, client)``: one node serving a tiny 4-layer Llama whole, and a swarm client of it."""
+    path = tiny_checkpoint_factory("llama", num_layers=4)
+    with Swarm(tmp_path_factory.mktemp("tiny-node")) as swarm:
+        node = swarm.start(path, "--blocks", "0:4")
+        client = SwarmModel.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        try:
+            yield path, node, client
+        finally:
+            client.close()

@@ -14,8 +14,6 @@ from hybrid.planner import Executor, plan_graph
 from hybrid.request import HOOK_KIND, HOOK_VERSION
 from swarm.errors import BadRequestError, SwarmError
 from swarm.handles import FORWARD
-from swarm.local_swarm import LocalSwarm
-from swarm.model import SwarmModel
 from swarm.span_hook import active_hook
 from swarm.transport import call
 from tests.integration.conftest import local_model
@@ -42,18 +40,6 @@ def graphs(draw):
         else:
             graph.add(op, target=draw(st.sampled_from(TARGETS[op])), args=args, save=draw(st.booleans()))
     return graph
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory, tiny_checkpoint_factory):
-    path = tiny_checkpoint_factory("llama", num_layers=4)
-    with LocalSwarm(tmp_path_factory.mktemp("fuzz")) as swarm:
-        node = swarm.start(path, "--blocks", "0:4")
-        client = SwarmModel.from_pretrained(str(path), initial_peers=swarm.initial_peers)
-        try:
-            yield path, node, client
-        finally:
-            client.close()
 
 
 def send(client, node, payload: bytes):
@@ -113,8 +99,8 @@ def check_answer(client, node, payload):
 
 @settings(max_examples=700, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(graph=graphs())
-def test_random_graphs(deployment, graph):
-    path, node, client = deployment
+def test_random_graphs(tiny_node, graph):
+    path, node, client = tiny_node
     try:
         payload = payload_for(graph, client)
     except SwarmError:
@@ -122,8 +108,8 @@ def test_random_graphs(deployment, graph):
     check_answer(client, node, payload)
 
 
-def test_mutated_graphs_then_a_normal_request(deployment):
-    path, node, client = deployment
+def test_mutated_graphs_then_a_normal_request(tiny_node):
+    path, node, client = tiny_node
     g = Graph()
     h = g.add("getter", module="model.layers.1", kind="output", call=0)
     g.add("method", target="sum", args=[Ref(h.id), -1], save=True)

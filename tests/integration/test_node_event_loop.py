@@ -18,28 +18,14 @@ import torch
 from bench.node_event_loop import chain_graph_payload, huge_graph_payload
 from hybrid.errors import LimitExceededError
 from hybrid.request import HOOK_KIND, HOOK_VERSION
-from swarm import SwarmModel
 from swarm.handles import FORWARD
-from swarm.local_swarm import LocalSwarm
 from swarm.transport import call, ping
 
 HIDDEN = 64
 
 
-@pytest.fixture(scope="module")
-def node_and_client(tiny_checkpoint_factory, tmp_path_factory):
-    path = tiny_checkpoint_factory("llama", num_layers=4)
-    with LocalSwarm(tmp_path_factory.mktemp("event_loop")) as swarm:
-        node = swarm.start(path, "--blocks", "0:4")
-        client = SwarmModel.from_pretrained(str(path), initial_peers=swarm.initial_peers)
-        try:
-            yield node, client
-        finally:
-            client.close()
-
-
-def test_pings_are_answered_while_a_graph_runs(node_and_client):
-    node, client = node_and_client
+def test_pings_are_answered_while_a_graph_runs(tiny_node):
+    _, node, client = tiny_node
     p2p = client.sequence.p2p
     payload = chain_graph_payload(9_000)
     tensors = {"inputs": torch.randn(1, 3, HIDDEN),
@@ -68,9 +54,9 @@ def test_pings_are_answered_while_a_graph_runs(node_and_client):
     assert node.proc.poll() is None
 
 
-def test_huge_graph_json_is_refused_before_parsing(node_and_client):
+def test_huge_graph_json_is_refused_before_parsing(tiny_node):
     """60 MB of graph JSON (the issue's attack) is refused at once: parsing JSON holds the GIL, so it never starts."""
-    node, client = node_and_client
+    _, node, client = tiny_node
     payload = huge_graph_payload(800_000)
     tensors = {"inputs": torch.randn(1, 3, HIDDEN),
                "hook_payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
