@@ -12,7 +12,9 @@ import torch
 
 from .errors import HybridError, TraceError
 from .ir import Attachment, Graph, Node, Ref
+from .backward import BackwardRecorder, backward_fake, grad_fake
 from .meta import run_on_fakes
+from .planner import is_inplace
 from .proxy import Proxy, TupleProxy, at_user_line, describe, describe_node, user_site
 
 
@@ -82,6 +84,11 @@ class GraphBuilder:
         self.importer: Callable[[Proxy], str] | None = None
         """The session's key for another trace's value used here (``lm.session()``); raises if it cannot be."""
         self.imports: dict[int, Proxy] = {}
+        self.backward_pass: int | None = None
+        """The backward pass whose ``with`` block is open (``.grad`` belongs to it), else None."""
+        self.gradients = BackwardRecorder(self)
+        self.check_order: Callable[[], None] | None = None
+        """Called after a write into a gradient; raises TraceError if the graph's order rule breaks (the tracer)."""
         """``load`` node id -> the earlier trace's proxy whose value it stands for."""
 
     def record(self, op: str, *, target: str | None = None, args: tuple | list = (), kwargs: dict | None = None,
@@ -101,7 +108,27 @@ class GraphBuilder:
             raise
         self.graph.nodes.append(node)
         self.fakes[node.id] = fake
+        if self.backward_pass is not None and self.check_order is not None and (
+                node.op == "grad_set" or is_inplace(node)):
+            try:
+                self.check_order()
+            except BaseException:
+                self.graph.nodes.pop()
+                del self.fakes[node.id]
+                raise
         return Proxy(self, node.id)
+
+    def grad_of(self, value: "Proxy") -> "Proxy":
+        """``value.grad`` in the open backward pass."""
+        return self.gradients.grad(value)
+
+    def set_grad(self, value: "Proxy", new: Any) -> None:
+        """``value.grad = new`` in the open backward pass."""
+        self.gradients.set_grad(value, new)
+
+    def backward_of(self, root: "Proxy") -> Callable:
+        """``root.backward``: called, it records a backward pass."""
+        return self.gradients.backward(root)
 
     def repropagate(self) -> None:
         """Recompute every fake after the batch shape changed (a new invoke). Raises TraceError if an op no longer
@@ -149,6 +176,15 @@ class GraphBuilder:
         if node.op == "load":
             return _fresh(self.imports[node.id].fake)
         args, kwargs = self._to_fake(node.args, fakes), self._to_fake(node.kwargs, fakes)
+        if node.op == "backward":
+            backward_fake(args)
+            return None
+        if node.op == "grad":
+            return grad_fake(args[0])
+        if node.op == "grad_set":
+            grad_fake(args[0])
+            conform_fake(args[1], torch.empty_like(args[0], device="meta"), "x.grad")
+            return None
         if node.op == "setter":
             key = (node.module, node.kind, node.call)
             old = overrides[key] if key in overrides else self._getter_fake(*key)

@@ -20,7 +20,9 @@ limits are enforced: op count, attachment bytes (at parse), wall time, and memor
 
 from __future__ import annotations
 
+import contextlib
 import time
+from functools import partial
 from itertools import islice
 from typing import Any, Iterable
 
@@ -35,7 +37,7 @@ from .errors import (DisallowedOpError, HybridError, InvalidGraphError, LimitExc
                      SessionValueError, UnknownModuleError)
 from .ir import Attachment, Graph, Node, Ref
 from .meta import UNKNOWN, has_unknown, meta_params, run_on_fakes, to_fake
-from .planner import Plan
+from .planner import Plan, backward_time_nodes
 
 _INPLACE_RESULT = {("operator", "setitem"), ("method", "__setitem__")}
 """Ops that return None in Python but whose graph value is their first argument, written in place."""
@@ -61,7 +63,7 @@ class Interpreter:
         self.device = torch.device(device)
         self.modules = modules or {}
         self.mine = [n for n in graph.nodes if plan.assignment[n.id] == me]
-        self._retain = set(plan.carry[me]) | set(retain)
+        self._retain = set(plan.carry[me]) | set(retain) | set(plan.bcarry[me] if plan.bcarry else ())
         self._last_use: dict[int, int] = {}
         """Value id -> the last node here that reads it (nodes are in graph order)."""
         for node in self.mine:
@@ -98,7 +100,20 @@ class Interpreter:
                 self._getters.setdefault((node.module, node.kind, node.call), []).append(node)
             elif node.op == "setter":
                 self._setters.setdefault((node.module, node.kind, node.call), []).append(node)
-        self._pending = [n for n in self.mine if n.op not in ("getter", "setter", "load")]
+        self._pending = [n for n in self.mine if n.op not in ("getter", "setter", "load", "grad", "grad_set")]
+        self._gradients: dict[tuple[int, int], list[Node]] = {}
+        """(value id, backward pass) -> its ``grad`` / ``grad_set`` nodes here, in graph order."""
+        for node in self.mine:
+            if node.op in ("grad", "grad_set"):
+                self._gradients.setdefault((node.args[0].id, node.call), []).append(node)
+        self.passes = [n for n in graph.nodes if n.op == "backward"]
+        """Every backward node of the graph, in pass order (whichever executor runs it)."""
+        self._backward_time = backward_time_nodes(graph) if self.passes else set()
+        self.span_input: torch.Tensor | None = None
+        """The tensor this executor's span starts from, when it requires grad: its gradient per pass goes to the
+        previous executor (:attr:`input_grads`)."""
+        self.input_grads: dict[int, torch.Tensor] = {}
+        self.backward_pass: int | None = None
         unloaded = [n for n in self.mine if n.op == "load" and n.id not in self.done]
         if unloaded:
             raise SessionValueError(f"session value {unloaded[0].target!r} was not provided to this executor")
@@ -134,16 +149,99 @@ class Interpreter:
         self._run_ready()
         return value
 
+    @property
+    def grad_mode(self) -> bool:
+        """Whether the request runs backward passes (its forward must then track gradients)."""
+        return bool(self.passes)
+
     def finish(self) -> dict[int, Any]:
         """Values leaving this executor: carried to later executors and saved ones."""
         self._run_ready()
+        missing = [n.id for n in self.mine if n.id not in self.done and n.id not in self._backward_time]
+        self._refuse_missing(missing)
+        return {k: self.values[k] for k in self.plan.carry[self.me] if k in self.values}
+
+    def finish_backward(self) -> dict[int, Any]:
+        """After every backward pass reached this executor: the values it sends back (:attr:`Plan.bcarry`)."""
+        self._run_ready()
         missing = [n.id for n in self.mine if n.id not in self.done]
+        for node_id in missing:
+            node = self.graph.nodes[node_id]
+            if node.op in ("grad", "grad_set"):
+                raise OrderError(f"The gradient of node {node.args[0].id} (at {node.site or 'unknown'}) in backward "
+                                 f"pass {node.call} was never computed: the loss of that pass does not depend on it.")
+        self._refuse_missing(missing)
+        return {k: self.values[k] for k in (self.plan.bcarry[self.me] if self.plan.bcarry else ()) if k in self.values}
+
+    def receive(self, values: dict[int, Any]) -> None:
+        """Values later executors sent back after their backward passes (those this executor reads)."""
+        wanted = {r for n in self.mine for r in n.refs()}
+        for k, v in values.items():
+            if k in wanted and k not in self.done and 0 <= k < len(self.graph.nodes):
+                value = _to(v, self.device)
+                self.values[k] = value
+                self.ledger.add(k, value)
+                self.done.add(k)
+        self._run_ready()
+
+    # ---- backward passes --------------------------------------------------------------------------------------
+
+    def backward(self, index: int, roots: list[torch.Tensor], grads: list[torch.Tensor] | None,
+                 retain_graph: bool) -> None:
+        """Backward pass ``index`` from ``roots`` (with ``grads``) through what this executor computed: the
+        gradients of its values reach their ``grad`` nodes (and ``grad_set`` / in-place writes change them) as
+        autograd computes them, and the gradient of :attr:`span_input` is kept for the previous executor."""
+        handles = []
+        try:
+            for (target, k), nodes in sorted(self._gradients.items()):
+                if k != index:
+                    continue
+                value = self.values.get(target)
+                if not isinstance(value, torch.Tensor) or not value.requires_grad:
+                    raise InvalidGraphError(f"Node {nodes[0].id} (at {nodes[0].site or 'unknown'}) reads the gradient "
+                                            f"of node {target}, which does not depend on the model's hidden states "
+                                            "(it does not require grad).")
+                handles.append(value.register_hook(partial(self._on_grad, target, index)))
+            if self.span_input is not None and self.span_input.requires_grad:
+                handles.append(self.span_input.register_hook(partial(self._on_input_grad, index)))
+            self.backward_pass = index
+            with torch.enable_grad():
+                torch.autograd.backward(roots, grads, retain_graph=retain_graph)
+        except HybridError:
+            raise
+        except RuntimeError as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidGraphError(f"Backward pass {index} failed: {text}") from None
+        finally:
+            self.backward_pass = None
+            for handle in handles:
+                handle.remove()
+
+    def _on_grad(self, target: int, index: int, grad: torch.Tensor) -> torch.Tensor:
+        current = grad.clone()  # autograd's own buffer is never written; edits go to this copy, which flows on
+        for node in self._gradients[(target, index)]:
+            if node.op == "grad":
+                self._charge(node, current, self.ledger.added_bytes(current), self.ledger, self.saved_bytes)
+                self._store(node, current)
+                self.done.add(node.id)
+                self._run_ready()  # in-place edits of this gradient run now, before it flows on
+            else:
+                self._run_ready()
+                current = _conform(self._resolve(node.args[1]), grad, f"the gradient of node {target}").clone()
+                self.done.add(node.id)
+            self._release(node)
+        self._run_ready()
+        return current
+
+    def _on_input_grad(self, index: int, grad: torch.Tensor) -> None:
+        self.input_grads[index] = grad
+
+    def _refuse_missing(self, missing: list[int]) -> None:
         if missing:
             node = self.graph.nodes[missing[0]]
             where = f"{node.module}.{node.kind} (call {node.call})" if node.module else f"node {node.id}"
             raise OrderError(f"{len(missing)} op(s) assigned here never ran, first {where}: the module was not "
                              f"called in this request (wrong call index, or a module outside the forward pass).")
-        return {k: self.values[k] for k in self.plan.carry[self.me] if k in self.values}
 
     # ---- execution ------------------------------------------------------------------------------------------
 
@@ -219,8 +317,12 @@ class Interpreter:
                 module = self.modules.get(node.module)
                 if module is None:
                     raise UnknownModuleError(f"Module {node.module!r} is not held here ({self.plan.executors[self.me].name}).")
-                with torch.no_grad(), active_hook(None):  # the module's own span hooks must not fire again
+                grad = contextlib.nullcontext() if self.grad_mode else torch.no_grad()
+                with grad, active_hook(None):  # the module's own span hooks must not fire again
                     result = module(*args, **kwargs)
+            elif node.op == "backward":
+                self.backward(node.call, [args[0]], args[1:] or None, bool(node.kwargs.get("retain_graph")))
+                result = None
             elif node.op == "function":
                 result = ops.function(node.target)(*args, **kwargs)
             elif node.op == "operator":
@@ -261,6 +363,8 @@ class Interpreter:
                     params = self._meta_modules[node.module] = meta_params(module)
                 with torch.no_grad(), active_hook(None):
                     return functional_call(module, params, tuple(args), kwargs)
+            if node.op == "backward":
+                return None
             if node.op == "operator":
                 check_python_op(node, args, kwargs)
                 if not any(True for _ in tensors((args, kwargs))):  # plain Python values: bounded, so just compute
@@ -292,6 +396,9 @@ class Interpreter:
         target = args[0]
         if not isinstance(target, torch.Tensor):
             raise DisallowedOpError(f"Method {node.target!r} is called on a {type(target).__name__}, not a tensor.")
+        if isinstance(target, torch.nn.Parameter) and node.target.endswith("_"):
+            raise DisallowedOpError(f"Method {node.target!r} would change a weight of the model; weights are "
+                                    "read-only (and never require grad).")
         return target
 
     # ---- budgets ------------------------------------------------------------------------------------------

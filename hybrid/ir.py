@@ -13,6 +13,12 @@ Node ops
     ``load``     a value an earlier trace of the same session kept on the node: ``target`` is its key (no args).
     ``module``   apply the model's own module ``module`` (e.g. ``lm_head``, ``model.norm``) to ``args``: runs on
                  the executor that holds that module's weights (the logit lens: ``lm_head(norm(h))``).
+    ``backward`` backward pass ``call`` (0, 1, ... in graph order) from ``args[0]`` (a scalar, or with
+                 ``args[1]`` the gradient of it), ``kwargs`` ``{"retain_graph": bool}``. No value.
+    ``grad``     the gradient of ``args[0]``'s value in backward pass ``call``, as the backward computes it; in-place
+                 writes into it change the gradient that flows on (``x.grad[:] = 0``).
+    ``grad_set`` replace the gradient of ``args[0]`` in backward pass ``call`` by ``args[1]`` (``x.grad = v``).
+                 No value.
 A node with ``save=True`` is returned to the client.
 
 Argument encoding (:func:`encode_value` / :func:`decode_value`): JSON scalars as themselves; a node reference
@@ -39,7 +45,9 @@ from .errors import InvalidGraphError, LimitExceededError
 
 IR_VERSION = 1
 MAGIC = b"HYIR"
-OPS = ("getter", "setter", "function", "method", "operator", "module", "load")
+OPS = ("getter", "setter", "function", "method", "operator", "module", "load", "backward", "grad", "grad_set")
+#: Ops without a value: nothing may refer to them.
+VALUELESS = ("setter", "backward", "grad_set")
 KINDS = ("output", "input")
 
 

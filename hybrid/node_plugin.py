@@ -8,6 +8,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+import torch
+
 from swarm.span_hook import HookBudgets, HookContext, HookRegistry
 
 from .errors import InvalidGraphError, UnknownModuleError
@@ -54,6 +56,39 @@ class InterpreterHook:
         limit_s = self.interpreter.limits.max_wall_s
         return WATCHDOG.guard(self.interpreter.started + limit_s, limit_s)
 
+    # ---- gradients (the span_hook protocol's optional part) -------------------------------------------------
+
+    def wants_grad(self) -> bool:
+        """Whether the span must run with autograd: the graph has backward passes."""
+        return self.interpreter.grad_mode
+
+    def track_input(self, inputs: torch.Tensor) -> None:
+        """The span's input hidden states (a leaf that requires grad): their gradients go to the previous hop."""
+        self.interpreter.span_input = inputs
+
+    def backward(self, outputs: torch.Tensor, grads: dict[int, torch.Tensor], downstream: bytes
+                 ) -> tuple[dict[int, torch.Tensor], bytes]:
+        """Run each backward pass through this span from ``grads`` (pass -> gradient of ``outputs``, as the next hop
+        computed it), after the passes rooted here ran during the forward. ``downstream`` is what the later hops
+        sent back (or this hop's own result, on the last hop). Returns the gradients of the span's input per pass
+        and ``downstream`` with this hop's backward values added."""
+        with self._guard():
+            interpreter = self.interpreter
+            values = unpack_values(downstream) if downstream else {}
+            interpreter.receive(values)
+            for node in interpreter.passes:
+                grad = grads.get(node.call)
+                if grad is not None and outputs.requires_grad:
+                    if grad.shape != outputs.shape:
+                        raise InvalidGraphError(f"the next hop's gradient is {tuple(grad.shape)}; this span's output "
+                                                f"is {tuple(outputs.shape)}")
+                    interpreter.backward(node.call, [outputs], [grad.to(outputs.dtype)],
+                                         bool(node.kwargs.get("retain_graph")))
+            values.update(interpreter.finish_backward())
+            return dict(interpreter.input_grads), pack_values(values)
+
+    # ---- module events ---------------------------------------------------------------------------------------
+
     def before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.interpreter.wants(path):
             return None
@@ -71,6 +106,11 @@ class InterpreterHook:
         return None
 
     def after(self, path: str, output: Any) -> Any:
+        if path == "model.embed_tokens" and self.interpreter.grad_mode and isinstance(output, torch.Tensor):
+            # gradients start here: the hidden states require grad from the embedding on, as when the model's own
+            # weights require grad (nnsight's default), while the weights themselves never do
+            output = output.detach().requires_grad_(True)
+            self.interpreter.span_input = output
         if not self.interpreter.wants(path):
             return output
         with self._guard():

@@ -48,7 +48,7 @@ METHODS: frozenset[str] = frozenset({
     "contiguous", "clone", "detach", "expand", "expand_as", "view_as", "reshape_as", "t", "chunk", "split",
     "gather", "index_select", "size", "dim", "item", "float", "half", "double", "bfloat16", "long", "int", "bool", "to",
     "eq", "ne", "lt", "le", "gt", "ge", "all", "any", "logsumexp", "amax", "amin", "diff", "roll", "flip",
-    "__getitem__", "__setitem__",
+    "__getitem__", "__setitem__", "requires_grad_",
 })
 
 #: Names a tracer may read as plain attributes of a traced value (not calls).

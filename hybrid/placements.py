@@ -61,9 +61,38 @@ class TraceStats:
 
 def run_local_stage(model: SpanModel, interpreter: Interpreter, inputs: torch.Tensor, call: int = 0,
                     **kwargs) -> torch.Tensor:
-    """Run ``model(inputs, **kwargs)`` here with ``interpreter`` on its module events (forward call ``call``)."""
-    with torch.no_grad(), active_hook(InterpreterHook(interpreter, call)):
+    """Run ``model(inputs, **kwargs)`` here with ``interpreter`` on its module events (forward call ``call``); with
+    autograd when the graph has backward passes (the embedding's output is then where gradients start)."""
+    with torch.set_grad_enabled(interpreter.grad_mode), active_hook(InterpreterHook(interpreter, call)):
         return model(inputs, **kwargs)
+
+
+def finish_all(interpreter: Interpreter) -> dict[int, Any]:
+    """An executor that runs every stage: its values after the forward and after its backward passes."""
+    values = interpreter.finish()
+    if interpreter.grad_mode:
+        values.update(interpreter.finish_backward())
+    return values
+
+
+class _RemoteSegment(torch.autograd.Function):
+    """Layers ``[start, end)`` on the swarm with autograd, Petals-style: the forward keeps each hop's input on the
+    client, the backward sends it again with the gradient to each hop's backward RPC."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, client: SwarmModel, start: int, end: int, attention_mask, position_ids):
+        out, trail = client.loop.run(client.sequence.forward(
+            hidden.detach(), attention_mask=attention_mask, position_ids=position_ids, start=start, end=end,
+            keep_hop_inputs=True))
+        ctx.client, ctx.trail, ctx.extras = client, trail, (attention_mask, position_ids)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mask, positions = ctx.extras
+        grad = ctx.client.loop.run(ctx.client.sequence.backward(ctx.trail, grad.contiguous(), attention_mask=mask,
+                                                                position_ids=positions))
+        return grad, None, None, None, None, None
 
 
 class LocalRunner:
@@ -81,7 +110,7 @@ class LocalRunner:
                                   modules=dict(self.model.named_modules()))
         run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask,
                          position_ids=position_ids)
-        saves = {k: v for k, v in interpreter.finish().items() if graph.nodes[k].save}
+        saves = {k: v for k, v in finish_all(interpreter).items() if graph.nodes[k].save}
         return saves, TraceStats("local", wall_s=time.perf_counter() - t0, route=["local"])
 
 
@@ -126,6 +155,10 @@ class SwarmRunner:
 
     def _pushed(self, graph, events, input_ids, attention_mask, position_ids, links, *, single_hop: bool):
         remote_embed, remote_head = self.remote_stages()
+        if any(n.op == "backward" for n in graph.nodes) and not (remote_embed and remote_head):
+            raise HybridError("Gradients pushed to the nodes need nodes that serve the embedding and the head (the "
+                              "backward runs node to node inside the chained forward); this swarm's client runs "
+                              f"the {'embedding' if not remote_embed else 'head'} itself. Use placement='swarm'.")
         hops = self.client.loop.run(self.sequence.route(embed=remote_embed, head=remote_head))
         if single_hop:
             check_one_hop(hops, self.num_layers)
@@ -172,12 +205,15 @@ class SwarmRunner:
         hidden = run_local_stage(self.local, interpreter, input_ids, start=0, end=0, embed=True)
 
         def run_segment(start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+            if interpreter.grad_mode:
+                return _RemoteSegment.apply(hidden, self.client, start, end, attention_mask, position_ids)
             out, _ = self.client.loop.run(self.sequence.forward(
                 hidden, attention_mask=attention_mask, position_ids=position_ids, start=start, end=end))
             return out
-        hidden = pull_through(interpreter, hidden, 0, boundaries, n, run_segment)
+        with torch.set_grad_enabled(interpreter.grad_mode):
+            hidden = pull_through(interpreter, hidden, 0, boundaries, n, run_segment)
         run_local_stage(self.local, interpreter, hidden, start=0, end=0, head=True)
-        values = interpreter.finish()
+        values = finish_all(interpreter)
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
         return saves, TraceStats("swarm", route=["client"])
 

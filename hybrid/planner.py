@@ -12,6 +12,14 @@ route. Time is the position of a module event in forward order (``(call, index i
 
 A setter (or an in-place write into a module's value) fed by a later module is refused (:class:`OrderError`):
 the model has already moved past that module when the value exists (NDIF paper §3.1).
+
+Backward passes (:mod:`hybrid.backward`): a ``backward`` node runs where its root is, when the root exists. The
+gradient of ``x`` (a ``grad`` node) exists in backward time ``(BACKWARD + pass, -time of x)``: after every forward
+event, later passes later, and within a pass in reverse forward order; it is computed on the executor that computed
+``x``. A node reading gradients runs on the earliest executor among them (backward flows from the last executor to the
+first) when its last input exists. Values a backward-time node needs from later executors, and saved backward-time
+values, travel back with the answer, executor to executor (:attr:`Plan.bcarry`). A write into a gradient fed by a
+gradient computed later in the backward is refused, like a setter fed by a later module.
 """
 
 from __future__ import annotations
@@ -74,10 +82,34 @@ class Plan:
     """Nodes of earlier generation steps that this step reads: the client passes their values to executor 0."""
     stages: list[int] = field(default_factory=list)
     """Stage of every node (where its inputs first all exist)."""
+    bcarry: list[list[int]] = field(default_factory=list)
+    """bcarry[k]: node ids whose values executor k sends back after the backward passes (saved gradients, and values
+    an earlier executor's backward-time nodes read). Empty for a graph without ``backward``."""
 
     def to_json(self) -> dict:
-        return {"executors": [[e.name, e.first, e.last] for e in self.executors], "assignment": self.assignment,
-                "carry": self.carry}
+        doc = {"executors": [[e.name, e.first, e.last] for e in self.executors], "assignment": self.assignment,
+               "carry": self.carry}
+        if any(self.bcarry):
+            doc["bcarry"] = self.bcarry
+        return doc
+
+
+#: First element of a backward-time ``times`` entry (plus the pass index); forward times are ``(call, event)``.
+BACKWARD = 1 << 40
+
+
+def is_backward_time(time: tuple) -> bool:
+    return time[0] >= BACKWARD
+
+
+def backward_time_nodes(graph: Graph) -> set[int]:
+    """Ids of the nodes that run in backward time: gradients and everything computed from them (from the graph
+    alone, as a node that did not get the plan's times can tell)."""
+    found: set[int] = set()
+    for node in graph.nodes:
+        if node.op in ("grad", "grad_set") or (node.op != "backward" and any(r in found for r in node.refs())):
+            found.add(node.id)
+    return found
 
 
 #: Assignment of a node computed in an earlier step of a generation (its value is already with the client).
@@ -111,6 +143,8 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
     times: list[tuple[int, int]] = []
     stages: list[int] = []
     alias_root: list[int | None] = []
+    roots: list[tuple] = []
+    """Time of each backward pass's root."""
     for node in graph.nodes:
         refs = node.refs()
         if node.op in ("getter", "setter"):
@@ -128,9 +162,27 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
                                      "node that runs after it.")
         elif node.op == "load":
             time, stage = (-1, -1), held.get(node.id, 0)
+        elif node.op in ("grad", "grad_set"):
+            time, stage = _gradient_time(graph, node, times, stages, roots)
+        elif any(is_backward_time(times[r]) for r in refs):  # reads gradients
+            time = max(times[r] for r in refs)
+            # on the earliest executor among its gradients (backward runs last executor first), when the last exists
+            stage = min(stages[r] for r in refs if is_backward_time(times[r]))
+            late = [r for r in refs if not is_backward_time(times[r]) and times[r] > roots[time[0] - BACKWARD]]
+            if late:
+                raise OrderError(f"Node {node.id} uses gradients of backward pass {time[0] - BACKWARD} with a value "
+                                 f"that depends on {_origin(graph, late[0], times)}, which the model computes after "
+                                 "that backward pass ran.")
+            if node.op in ("module", "backward"):
+                raise OrderError(f"Node {node.id} ({node.op}) uses a gradient; gradients can be read, combined and "
+                                 "written, but not fed to the model's modules or to another backward.")
         else:
             time = max((times[r] for r in refs), default=(-1, -1))
             stage = max((stages[r] for r in refs), default=0)
+            if node.op == "backward":
+                if step is not None:
+                    raise OrderError("Backward passes run in lm.trace(...), not in generation steps.")
+                roots.append(time)
             if node.op == "module":
                 home = module_stage(node.module, num_layers)
                 if stage > home:
@@ -149,7 +201,7 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
                                  "node that runs after it.")
         times.append(time)
         stages.append(stage)
-        if node.op == "getter":
+        if node.op in ("getter", "grad"):
             alias_root.append(node.id)
         elif node.op == "method" and node.target in VIEW_METHODS or node.op == "operator" and node.target == "getitem":
             first = node.args[0] if node.args else None
@@ -183,11 +235,43 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
         needed.update(n.id for n in graph.nodes if n.save and 0 <= assignment[n.id] <= k)
         carry[k] = sorted(needed)
     inputs = sorted({r for n in graph.nodes if assignment[n.id] >= 0 for r in n.refs() if assignment[r] == PAST})
-    return Plan(list(executors), assignment, carry, times, inputs, stages)
+    bcarry: list[list[int]] = [[] for _ in executors]
+    if roots:
+        for k in range(len(executors)):
+            back = {n.id for n in graph.nodes if n.save and assignment[n.id] == k and is_backward_time(times[n.id])}
+            for node in graph.nodes:
+                if 0 <= assignment[node.id] < k and is_backward_time(times[node.id]):
+                    back.update(r for r in node.refs() if assignment[r] == k)
+            bcarry[k] = sorted(back)
+    return Plan(list(executors), assignment, carry, times, inputs, stages, bcarry)
+
+
+def _gradient_time(graph: Graph, node: Node, times: list, stages: list, roots: list) -> tuple[tuple, int]:
+    """Time and stage of a ``grad`` / ``grad_set`` node: when and where the gradient of its value is computed."""
+    target = node.args[0].id
+    if is_backward_time(times[target]):
+        raise OrderError(f"Node {node.id} asks for the gradient of a gradient (node {target}); second derivatives "
+                         "are not supported.")
+    if graph.nodes[target].op == "load" or times[target] > roots[node.call]:
+        raise OrderError(f"Node {node.id} asks for the gradient of node {target} in backward pass {node.call}, but "
+                         f"that value {'comes from another trace' if graph.nodes[target].op == 'load' else 'is computed after the pass ran'}"
+                         "; read gradients of values computed before the loss.")
+    time = (BACKWARD + node.call, *(-t for t in times[target]))
+    if node.op == "grad_set":
+        late = [r for r in node.refs()[1:] if times[r] > time]
+        if late:
+            raise OrderError(f"Node {node.id} replaces the gradient of node {target} with a value that depends on "
+                             f"{_origin(graph, late[0], times)}, which exists only later in the backward pass; "
+                             "gradients arrive in reverse module order.")
+    return time, stages[target]
 
 
 def _late_message(graph: Graph, node: Node, late: int, times: list, write: bool = False) -> str:
     source = _origin(graph, late, times)
+    if node.op == "grad":
+        return (f"Node {node.id}'s gradient (of node {node.args[0].id}, backward pass {node.call}) is written with a "
+                f"value that depends on {source}, which exists only later in the backward pass: gradients arrive in "
+                "reverse module order, so a gradient can only be edited with values available when it is computed.")
     what = f"writes into {node.module}.{node.kind}" if write else f"sets {node.module}.{node.kind}"
     return (f"Node {node.id} {what} with a value that depends on {source}, which the model computes later. "
             f"A module's value can only be changed with values available when the module runs.")
@@ -198,5 +282,7 @@ def _origin(graph: Graph, node_id: int, times: list) -> str:
     node = graph.nodes[node_id]
     if node.op == "getter":
         return f"{node.module}.{node.kind}"
+    if node.op == "grad":
+        return f"the gradient of {_origin(graph, node.args[0].id, times)}"
     refs = node.refs()
     return _origin(graph, max(refs, key=lambda r: times[r]), times) if refs else "a constant"

@@ -66,6 +66,9 @@ def describe_node(node: Node) -> str:
         return f"{node.module}.{node.kind}"
     if node.op == "setter":
         return f"setting {node.module}.{node.kind}"
+    if node.op in ("grad", "grad_set", "backward"):
+        what = {"grad": ".grad", "grad_set": ".grad = ...", "backward": ".backward()"}[node.op]
+        return f"{what} of node {node.args[0].id} (backward pass {node.call})"
     return {"function": f"{node.target}()", "method": f".{node.target}()", "module": f"{node.module}(...)"}.get(
         node.op, f"operator {node.target}")
 
@@ -196,6 +199,12 @@ class Proxy:
             return self[fields.index(name)]
         if name in ops.ATTRIBUTES:
             return self._attribute(name)
+        if name == "grad":
+            return self._builder.grad_of(self)
+        if name == "backward":
+            return self._builder.backward_of(self)
+        if name == "requires_grad":
+            return self._tensor_fake(".requires_grad").requires_grad
         if name in ("size", "dim"):
             return self._size if name == "size" else self._dim
         if name in ops.METHODS and not name.startswith("__"):
@@ -203,6 +212,17 @@ class Proxy:
         hint = "; saved values come back to the client on CPU" if name in ("cpu", "cuda", "numpy", "tolist") else ""
         raise DisallowedOpError(at_user_line(f"tensor method or attribute {name!r} is not in the whitelist{hint}; "
                                              f"allowed methods: {', '.join(sorted(ops.METHODS))}"))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in Proxy.__slots__:
+            object.__setattr__(self, name, value)
+        elif name == "requires_grad":  # nnsight accepts `h.requires_grad = True`
+            self._builder.record("method", target="requires_grad_", args=(self, value))
+        elif name == "grad":  # `h.grad = v` inside `with loss.backward():`
+            self._builder.set_grad(self, value)
+        else:
+            raise TraceError(at_user_line(f"cannot set attribute {name!r} of a traced value; only .requires_grad and "
+                                          ".grad (inside `with loss.backward():`) can be assigned"))
 
     # ---- indexing -------------------------------------------------------------------------------------------
 

@@ -47,15 +47,17 @@ def decode_request(data: bytes, *, max_attachment_bytes: int | None = None, max_
         hop_offset = int(doc["hop_offset"])
         call = int(doc.get("call", 0))
         keep = {int(k): str(v) for k, v in dict(doc.get("keep", {})).items()}
+        bcarry = [[int(x) for x in c] for c in doc.get("bcarry", [[] for _ in executors])]
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise InvalidGraphError(f"malformed plan in hybrid request: {e}") from None
     graph = Graph.from_bytes(data[12 + length:], max_attachment_bytes=max_attachment_bytes,
                              max_json_bytes=max_json_bytes)
     if len(assignment) != len(graph.nodes) or len(carry) != len(executors) or not all(
             FUTURE <= a < len(executors) for a in assignment) or not 0 <= call < 2 ** 31 or not all(
-            0 <= k < len(graph.nodes) and 0 < len(v) <= 200 for k, v in keep.items()):
+            0 <= k < len(graph.nodes) and 0 < len(v) <= 200 for k, v in keep.items()) or len(bcarry) != len(
+            executors) or not all(0 <= x < len(graph.nodes) for c in carry + bcarry for x in c):
         raise InvalidGraphError("plan does not match the graph (assignment/carry sizes or executor indices)")
-    return graph, Plan(executors, assignment, carry, []), hop_offset, call, keep
+    return graph, Plan(executors, assignment, carry, [], bcarry=bcarry), hop_offset, call, keep
 
 
 @dataclass(frozen=True)

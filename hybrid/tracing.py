@@ -50,7 +50,8 @@ import torch
 
 from .envoy import Envoy, ModelSkeleton, ShapeInfo, first_input, root_envoy
 from .steps import GeneratedTokens, Steps
-from .errors import HybridError, TraceError
+from .errors import HybridError, OrderError, TraceError
+from .planner import Executor, plan_graph
 from .ir import Graph
 from .graph_builder import GraphBuilder
 from .proxy import Proxy, TracedShape, TupleProxy, at_user_line, describe
@@ -149,6 +150,10 @@ class Tracer:
         self._containers: list = []
         self._tokenize, self._execute, self._inputs = tokenize, execute, inputs
         self._builder = GraphBuilder(self._getter_fake, skeleton.module)
+        self._builder.check_order = self._check_order
+        if generation:
+            self._builder.gradients.allowed = ("backward passes run in lm.trace(...), not in lm.generate(...): "
+                                               "trace the forward you want gradients of")
         self._invokes: list[_Invoke] = []
         self._current: _Invoke | None = None
         self._row_kind: str | None = None
@@ -276,6 +281,14 @@ class Tracer:
             raise TraceError(at_user_line("no inputs yet: modules can be used once an invoke with inputs has started"))
         ids = torch.empty((self._batch, self._tokens if call == 0 else 1), dtype=torch.long, device="meta")
         return self.skeleton.shapes(ids, ids, logits_to_keep=1 if self.generation else 0)
+
+    def _check_order(self) -> None:
+        """Apply the planner's order rules to the graph so far (after a write into a gradient), at the user's line."""
+        layers = self.skeleton.config.num_hidden_layers
+        try:
+            plan_graph(self.graph, self._shape_info(0).events, layers, [Executor("local", 0, layers + 1)])
+        except OrderError as e:
+            raise TraceError(at_user_line(str(e))) from None
 
     def _getter_fake(self, path: str, kind: str, call: int) -> Any:
         return self._shape_info(call).fake(path, kind)

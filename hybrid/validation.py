@@ -7,7 +7,7 @@ from typing import Any
 from . import ops
 from .budget import literal_ints_ok
 from .errors import DisallowedOpError, InvalidGraphError, LimitExceededError
-from .ir import KINDS, OPS, Attachment, Graph, Ref
+from .ir import KINDS, OPS, VALUELESS, Attachment, Graph, Ref
 
 
 def validate(graph: Graph, limits_cap=None) -> None:
@@ -28,6 +28,7 @@ def validate(graph: Graph, limits_cap=None) -> None:
     if attached > limits.max_attachment_bytes:
         raise LimitExceededError(f"The graph's tensor attachments are {attached} bytes; the limit is "
                                  f"{limits.max_attachment_bytes}.")
+    passes = 0
     for node in graph.nodes:
         if node.op not in OPS:
             raise DisallowedOpError(f"Op {node.op!r} of node {node.id} is not allowed; ops are {', '.join(OPS)}.")
@@ -45,6 +46,8 @@ def validate(graph: Graph, limits_cap=None) -> None:
         elif node.op == "load" and not (isinstance(node.target, str) and 0 < len(node.target) <= 200
                                         and not node.args and not node.kwargs):
             raise InvalidGraphError(f"Node {node.id}: a load needs a key (str, at most 200 chars) and no arguments.")
+        if node.op in ("backward", "grad", "grad_set"):
+            passes = _check_gradient_op(graph, node, passes)
         if node.op == "setter" and len(node.args) != 1:
             raise InvalidGraphError(f"Node {node.id}: a setter takes exactly one argument.")
         if node.op == "method" and (not node.args or not isinstance(node.args[0], Ref)):
@@ -52,13 +55,32 @@ def validate(graph: Graph, limits_cap=None) -> None:
         for ref in node.refs():
             if not 0 <= ref < node.id:
                 raise InvalidGraphError(f"Node {node.id} refers to node {ref}, which does not come before it.")
-            if graph.nodes[ref].op == "setter":
-                raise InvalidGraphError(f"Node {node.id} refers to node {ref}, a setter, which has no value.")
+            if graph.nodes[ref].op in VALUELESS:
+                raise InvalidGraphError(f"Node {node.id} refers to node {ref}, a {graph.nodes[ref].op}, which has no "
+                                        "value.")
         _check_attachments(node.args, len(graph.attachments), node.id)
         _check_attachments(node.kwargs, len(graph.attachments), node.id)
         if not (literal_ints_ok(node.args) and literal_ints_ok(node.kwargs)):
             raise LimitExceededError(f"Node {node.id} has an integer argument beyond 64 bits; integers in a graph "
                                      f"must satisfy |x| < 2**63.")
+
+
+def _check_gradient_op(graph: Graph, node, passes: int) -> int:
+    """Shape of a ``backward`` / ``grad`` / ``grad_set`` node; returns the number of backward passes so far."""
+    arity = {"backward": (1, 2), "grad": (1, 1), "grad_set": (2, 2)}[node.op]
+    if not (arity[0] <= len(node.args) <= arity[1] and isinstance(node.args[0], Ref) and isinstance(node.call, int)):
+        raise InvalidGraphError(f"Node {node.id}: a {node.op} takes {arity[0]}-{arity[1]} arguments, the first a node "
+                                "reference, and a pass index (call).")
+    if node.op == "backward":
+        if node.call != passes or set(node.kwargs) - {"retain_graph"} or not isinstance(
+                node.kwargs.get("retain_graph", False), bool):
+            raise InvalidGraphError(f"Node {node.id}: backward passes are numbered 0, 1, ... in graph order and take "
+                                    "only retain_graph (a bool).")
+        return passes + 1
+    if not 0 <= node.call < passes or node.kwargs:
+        raise InvalidGraphError(f"Node {node.id}: a {node.op} must belong to a backward pass recorded before it "
+                                f"(pass {node.call}; {passes} so far).")
+    return passes
 
 
 def _check_attachments(value: Any, count: int, node_id: int) -> None:

@@ -40,6 +40,7 @@ from hivemind.proto import runtime_pb2
 from .errors import (BadRequestError, HookError, InternalNodeError, OverloadedError, SequenceTooLongError,
                      SwarmError, UnknownSessionError)
 from .sessions import SessionManager
+from .span_grad import SavedTensorBudget, backward_reply, forward_with_grad, wants_grad, weight_storages
 from .span_hook import HookContext, HookRegistry, SpanHook, active_hook
 from .stages import SpanModel
 from .handles import BACKWARD, FORWARD, INFERENCE, INFO
@@ -73,6 +74,9 @@ class ServerLimits:
     """Most onward hops a chained forward may name."""
     liveness_s: float = 2.0
     """In a chained forward, ping the next node after this long without an answer; a missed ping fails the chain."""
+    max_backward_bytes: int = 4 << 30
+    """Most bytes autograd may save for one request's backward passes on this node (requests whose graph asks for
+    gradients); counted as the forward saves them, refused with CapacityError beyond."""
     max_queued_compute: int = 8
     """Most jobs running or queued in the compute executor; a forward/backward/inference request arriving at this
     bound is refused at once with OverloadedError (the client retries later or on a replica)."""
@@ -108,6 +112,7 @@ class SpanServer:
         """Jobs in the compute executor (running or queued): parsing, hooks, the span, serialising answers."""
         self._p2p: P2P | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="span-compute")
+        self._weights = weight_storages(model)
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
 
@@ -290,20 +295,31 @@ class SpanServer:
         if not isinstance(keep_outputs, bool):
             raise BadRequestError("meta['return_outputs'] must be a boolean.")
         request = await self._parsed(tensors, meta)
+        grad = wants_grad(request.hook)
 
         def work():
-            with torch.no_grad():
-                output = self._run(request, request.tensors["inputs"])
+            if grad:  # autograd state is kept until the rest of the chain answers (swarm.span_grad)
+                budget = SavedTensorBudget(self.limits.max_backward_bytes, self._weights)
+                output = forward_with_grad(lambda x: self._run(request, x), request.hook, request.tensors["inputs"],
+                                           budget)
+            else:
+                with torch.no_grad():
+                    output = self._run(request, request.tensors["inputs"])
             return output, _hook_result(request.hook) if request.hook is not None else None
         t0 = time.perf_counter()
         output, result = await self._compute(work)
         stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
         if not chain:
-            return self._reply(output if keep_outputs else output.new_empty(0), result, stats)
-        hop, rest = chain[0], chain[1:]
-        onward_meta = {"start": hop["start"], "end": hop["end"], "head": hop["head"], "next": rest,
-                       "return_outputs": keep_outputs}
-        return await self._pass_on(FORWARD, hop["peer"], output, result, onward_meta, request, tensors, meta, stats)
+            reply = self._reply(output.detach() if keep_outputs else output.new_empty(0), result, stats)
+        else:
+            hop, rest = chain[0], chain[1:]
+            onward_meta = {"start": hop["start"], "end": hop["end"], "head": hop["head"], "next": rest,
+                           "return_outputs": keep_outputs}
+            reply = await self._pass_on(FORWARD, hop["peer"], output.detach(), result, onward_meta, request, tensors,
+                                        meta, stats)
+        if grad:
+            reply = await self._compute(lambda: backward_reply(request.hook, output, *reply))
+        return reply
 
     async def _pass_on(self, handle: str, peer: str, output: torch.Tensor, hook_result: bytes | None,
                        onward_meta: dict, request: _Request, tensors, meta: dict, stats: dict):
