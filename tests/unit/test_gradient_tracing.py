@@ -1,0 +1,128 @@
+"""Backward passes while tracing and in the interpreter (local placement, tiny Llama): what a researcher gets wrong is
+refused at their line with a typed error, and what runs equals plain autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hybrid
+from hybrid.errors import DisallowedOpError, InvalidGraphError, OrderError, TraceError
+
+IDS = torch.tensor([[5, 9, 11, 3, 7], [2, 4, 6, 8, 10]])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint_factory):
+    path = tiny_checkpoint_factory("llama", num_layers=4)
+    return path, hybrid.LanguageModel(str(path))
+
+
+def reference_grads(path, layers: list[int], edit: dict | None = None) -> dict[int, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    outputs, grads = {}, {}
+    for k in layers:
+        model.model.layers[k].register_forward_hook(lambda m, a, o, k=k: outputs.__setitem__(k, o))
+    logits = model(IDS).logits
+    for k, t in outputs.items():
+        def hook(g, k=k):
+            g = (edit or {}).get(k, lambda x: x)(g)
+            grads[k] = g.clone()
+            return g
+        t.register_hook(hook)
+    logits[:, -1, 3].sum().backward()
+    return grads
+
+
+def test_local_gradients_and_an_edit_equal_autograd(tiny):
+    path, lm = tiny
+    with lm.trace(IDS):
+        h1, h2 = lm.model.layers[1].output, lm.model.layers[2].output
+        with lm.lm_head.output[:, -1, 3].sum().backward():
+            h2.grad[:, 0] = 0
+            g1 = h1.grad.save()
+    def zero_row(g):
+        g = g.clone()
+        g[:, 0] = 0
+        return g
+    want = reference_grads(path, [1, 2], {2: zero_row})
+    assert (g1 - want[1]).abs().max() <= 1e-5 and want[1].abs().max() > 0
+
+
+def test_grad_outside_backward_is_refused_at_the_users_line(tiny):
+    _, lm = tiny
+    with pytest.raises(TraceError, match=r"inside `with loss.backward\(\):`.*test_gradient_tracing.py"):
+        with lm.trace(IDS):
+            lm.model.layers[1].output.grad.save()
+
+
+def test_backward_of_a_non_scalar_needs_a_gradient(tiny):
+    _, lm = tiny
+    with pytest.raises(TraceError, match="only for scalar outputs"):
+        with lm.trace(IDS):
+            lm.lm_head.output.backward()
+
+
+def test_backward_is_refused_in_generation(tiny):
+    _, lm = tiny
+    with pytest.raises(TraceError, match="not in lm.generate"):
+        with lm.generate(IDS, max_new_tokens=2):
+            lm.lm_head.output.sum().backward()
+
+
+def test_an_edit_that_needs_a_later_gradient_is_an_order_error_while_tracing(tiny):
+    _, lm = tiny
+    with pytest.raises(TraceError, match="reverse module order") as info:
+        with lm.trace(IDS):
+            h1, h2 = lm.model.layers[1].output, lm.model.layers[2].output
+            with lm.lm_head.output.sum().backward():
+                h2.grad[:] = h1.grad  # h1's gradient exists only after h2's has flowed on
+    assert "test_gradient_tracing.py" in str(info.value)
+
+
+def test_weights_are_not_addressable(tiny):
+    _, lm = tiny
+    with pytest.raises(DisallowedOpError, match="weights"):
+        with lm.trace(IDS):
+            lm.lm_head.weight.grad
+
+
+def test_gradient_of_a_value_without_grad_is_a_typed_error(tiny):
+    _, lm = tiny
+    with pytest.raises(InvalidGraphError, match="does not require grad"):
+        with lm.trace(IDS):
+            const = torch.ones(3) * lm.model.layers[0].output[0, 0, :3].detach()
+            loss = lm.lm_head.output.sum()
+            with loss.backward():
+                const.grad.save()
+
+
+def test_a_gradient_the_loss_does_not_reach_is_a_typed_error(tiny):
+    _, lm = tiny
+    with pytest.raises(OrderError, match="does not depend on it"):
+        with lm.trace(IDS):
+            h = lm.model.layers[1].output
+            side = h * 2  # not on the path to the loss
+            loss = lm.model.layers[2].output.sum()
+            with loss.backward():
+                side.grad.save()
+
+
+def test_grad_assignment_must_fit_the_gradient(tiny):
+    _, lm = tiny
+    with pytest.raises(TraceError):
+        with lm.trace(IDS):
+            h = lm.model.layers[1].output
+            with lm.lm_head.output.sum().backward():
+                h.grad = torch.zeros(7, 7)
+
+
+def test_backward_blocks_do_not_nest(tiny):
+    _, lm = tiny
+    with pytest.raises(TraceError, match="nested"):
+        with lm.trace(IDS):
+            loss = lm.lm_head.output.sum()
+            with loss.backward(retain_graph=True):
+                with loss.backward():
+                    pass
