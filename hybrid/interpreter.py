@@ -109,6 +109,12 @@ class Interpreter:
         self.passes = [n for n in graph.nodes if n.op == "backward"]
         """Every backward node of the graph, in pass order (whichever executor runs it)."""
         self._backward_time = backward_time_nodes(graph) if self.passes else set()
+        if self.passes:  # gradients cross nodes only along the hidden states: refuse one that would reach a carry
+            for k in carried:
+                value = self.values.get(k)
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and graph.nodes[k].op != "load":
+                    self.values[k] = value.detach().requires_grad_(True)
+                    self.values[k].register_hook(partial(self._carried_grad, k))
         self.span_input: torch.Tensor | None = None
         """The tensor this executor's span starts from, when it requires grad: its gradient per pass goes to the
         previous executor (:attr:`input_grads`)."""
@@ -232,6 +238,13 @@ class Interpreter:
             self._release(node)
         self._run_ready()
         return current
+
+    def _carried_grad(self, node_id: int, grad: torch.Tensor) -> None:
+        node = self.graph.nodes[node_id]
+        raise OrderError(f"A gradient would flow into node {node_id} (traced at {node.site or 'unknown'}), a value "
+                         "computed on an earlier node of the route and carried here; gradients cross nodes only "
+                         "along the hidden states. Compute the loss from values of this node's modules, or use "
+                         "placement='local' or 'swarm'.")
 
     def _on_input_grad(self, index: int, grad: torch.Tensor) -> None:
         self.input_grads[index] = grad

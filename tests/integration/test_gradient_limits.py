@@ -1,6 +1,7 @@
 """A node bounds what a gradient request holds: past ``--max-backward-bytes`` of saved autograd state the request gets
-a typed CapacityError before the backward runs; the node then serves gradient and plain requests exactly, with its
-weights unchanged (its outputs still equal a fresh local model's)."""
+a typed CapacityError before the backward runs; a gradient that would have to cross nodes through a carried value is
+refused (OrderError), never returned short of that path; the node then serves gradient and plain requests exactly,
+with its weights unchanged (its outputs still equal a fresh local model's)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import hybrid
+from hybrid.errors import OrderError
 from swarm.errors import CapacityError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,6 +36,11 @@ def test_backward_state_over_budget_is_refused_and_the_node_keeps_serving(swarm_
     with hybrid.LanguageModel(str(path), initial_peers=swarm.initial_peers) as lm:
         with pytest.raises(CapacityError, match="--max-backward-bytes"):
             gradient_of_layer1(lm, IDS_BIG, placement="hybrid")
+        with pytest.raises(OrderError, match="carried here"):
+            with lm.trace(IDS_SMALL, placement="hybrid"):
+                h0 = lm.model.layers[0].output  # on the first node
+                with (lm.lm_head.output.sum() + h0.sum()).backward():  # the loss on the second adds it
+                    h0.grad.save()
         got, logits = gradient_of_layer1(lm, IDS_SMALL, placement="hybrid")
         want, want_logits = gradient_of_layer1(local, IDS_SMALL)
         assert (got - want).abs().max() <= 1e-5 and want.abs().max() > 0
