@@ -6,6 +6,10 @@ serialized bytes cut into chunks of at most :data:`CHUNK_BYTES`:
     message 0:  metadata = msgpack({"v": WIRE_VERSION, "meta": {...}, "parts": [n_0, n_1, ...]})
     message 1.. tensors = [one chunk]    (n_0 chunks of tensor 0, then n_1 of tensor 1, ...)
 
+bfloat16 travels at 2 bytes per element: its bits as an ``int16`` tensor, listed in the header's ``"bf16"`` (tensor
+indices); hivemind's own bfloat16 serialization widens to float32 bytes. A reader that does not know the field refuses
+the ``int16`` tensor rather than misread it.
+
 An error travels as a frame with no tensors and ``meta = {"error": {"code", "message"}}``; the receiving side
 raises it again as the same :class:`~swarm.errors.SwarmError` subclass. Nothing here pickles.
 """
@@ -31,9 +35,13 @@ Message = runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse
 def encode_frame(tensors: Sequence[torch.Tensor], meta: dict,
                  message_type: Type[Message] = runtime_pb2.ExpertRequest) -> Iterator[Message]:
     """Yield the messages of one frame. ``meta`` must be msgpack-serializable (dicts, lists, str, numbers)."""
-    serialized = [serialize_torch_tensor(t.detach().cpu().contiguous()) for t in tensors]
+    plain = [t.detach().cpu().contiguous() for t in tensors]
+    bf16 = [i for i, t in enumerate(plain) if t.dtype == torch.bfloat16]
+    serialized = [serialize_torch_tensor(t.view(torch.int16) if t.dtype == torch.bfloat16 else t) for t in plain]
     chunked = [_split(s) for s in serialized]
     header = {"v": WIRE_VERSION, "meta": meta, "parts": [len(c) for c in chunked]}
+    if bf16:
+        header["bf16"] = bf16
     yield message_type(metadata=msgpack.packb(header, use_bin_type=True))
     for chunks in chunked:
         for chunk in chunks:
@@ -71,9 +79,11 @@ async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None 
         return None
     try:
         header = msgpack.unpackb(first.metadata, raw=False, strict_map_key=False)
-        meta, parts = header["meta"], header["parts"]
+        meta, parts, bf16 = header["meta"], header["parts"], header.get("bf16", [])
         if not isinstance(meta, dict) or not isinstance(parts, list) or not all(isinstance(p, int) and p > 0 for p in parts):
             raise TypeError("bad header layout")
+        if not isinstance(bf16, list) or not all(isinstance(i, int) and 0 <= i < len(parts) for i in bf16):
+            raise TypeError("bad 'bf16' list")
     except Exception as e:
         raise BadRequestError(f"Malformed frame header ({type(e).__name__}: {e}); expected msgpack "
                               f"{{'v', 'meta': dict, 'parts': [int]}}.") from None
@@ -101,15 +111,17 @@ async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None 
                 raise PayloadTooLargeError(f"Request tensors exceed this node's limit of {max_bytes} bytes; "
                                            f"send a smaller batch or sequence.")
             chunks.append(message.tensors[0])
-        tensors.append(_combine(chunks))
+        tensors.append(_combine(chunks, bf16=len(tensors) in bf16))
     return tensors, meta
 
 
-def _combine(chunks: list[runtime_pb2.Tensor]) -> torch.Tensor:
+def _combine(chunks: list[runtime_pb2.Tensor], *, bf16: bool = False) -> torch.Tensor:
     head = chunks[0]
     if head.compression != runtime_pb2.CompressionType.NONE:
         raise BadRequestError("Only uncompressed tensors are accepted.")
-    if head.dtype not in ALLOWED_DTYPES:
+    if bf16 and head.dtype != "int16":
+        raise BadRequestError(f"A tensor listed as bfloat16 bits must arrive as int16; got {head.dtype!r}.")
+    if head.dtype not in ALLOWED_DTYPES and not bf16:
         raise BadRequestError(f"Tensor dtype {head.dtype!r} is not accepted; use one of {sorted(ALLOWED_DTYPES)}.")
     if head.chunks != len(chunks):
         raise BadRequestError(f"Tensor announced {head.chunks} chunks but {len(chunks)} arrived.")
@@ -119,12 +131,13 @@ def _combine(chunks: list[runtime_pb2.Tensor]) -> torch.Tensor:
     numel = 1
     for s in whole.size:
         numel *= s
-    # hivemind carries bfloat16 as float32 bytes
+    # hivemind carries bfloat16 as float32 bytes (ours travel as int16 bits, see the module docstring)
     itemsize = 4 if whole.dtype == "bfloat16" else torch.empty((), dtype=getattr(torch, whole.dtype)).element_size()
     if numel * itemsize != len(whole.buffer):
         raise BadRequestError(f"Tensor of shape {list(whole.size)} and dtype {whole.dtype} needs {numel * itemsize} "
                               f"bytes but {len(whole.buffer)} arrived.")
     try:
-        return deserialize_torch_tensor(whole)
+        tensor = deserialize_torch_tensor(whole)
+        return tensor.view(torch.bfloat16) if bf16 else tensor
     except Exception as e:
         raise BadRequestError(f"Could not decode tensor: {type(e).__name__}: {e}") from None

@@ -58,3 +58,24 @@ def test_oversize_payload_is_refused_before_it_is_assembled():
     messages = encode_frame([torch.zeros(CHUNK_BYTES)], {})  # 4 MiB
     with pytest.raises(PayloadTooLargeError, match="limit"):
         roundtrip(messages, max_bytes=CHUNK_BYTES)
+
+
+def test_half_precision_travels_at_two_bytes_per_element_bit_for_bit():
+    x = torch.randn(4, 64, 576)
+    fp32_bytes = sum(m.ByteSize() for m in encode_frame([x], {}))
+    for dtype in (torch.bfloat16, torch.float16):
+        half = x.to(dtype)
+        half[0, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0], dtype=dtype)
+        messages = list(encode_frame([half, torch.arange(3)], {}))
+        assert sum(m.ByteSize() for m in messages) <= fp32_bytes / 2 + 4096, dtype
+        (out, _), _ = roundtrip(messages)
+        assert out.dtype == dtype and torch.equal(out.view(torch.int16), half.view(torch.int16))
+
+
+def test_a_bfloat16_claim_on_another_dtype_is_refused():
+    messages = list(encode_frame([torch.ones(3)], {}))
+    header = msgpack.unpackb(messages[0].metadata)
+    header["bf16"] = [0]
+    messages[0] = runtime_pb2.ExpertRequest(metadata=msgpack.packb(header))
+    with pytest.raises(BadRequestError, match="bfloat16 bits"):
+        roundtrip(messages)
