@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from functools import partial
 from itertools import islice
 from typing import Any, Iterable
 
@@ -36,14 +35,16 @@ from .budget import Ledger, check_python_op, check_python_value, mib, refusal, s
 from .errors import (DisallowedOpError, HybridError, InvalidGraphError, LimitExceededError, OrderError,
                      SessionValueError, UnknownModuleError)
 from .ir import Attachment, Graph, Node, Ref
+from .gradients import BackwardPasses
 from .meta import UNKNOWN, has_unknown, meta_params, run_on_fakes, to_fake
-from .planner import Plan, backward_time_nodes
+from .planner import Plan, is_inplace
+from .values import conform, to_device
 
 _INPLACE_RESULT = {("operator", "setitem"), ("method", "__setitem__")}
 """Ops that return None in Python but whose graph value is their first argument, written in place."""
 
 
-class Interpreter:
+class Interpreter(BackwardPasses):
     """Executes the nodes assigned to executor ``me`` of ``plan``.
 
     Args:
@@ -78,7 +79,7 @@ class Interpreter:
         """Node id -> (meta result, bytes it adds) from the check before this event's ops ran."""
         self._meta_modules: dict[str, dict[str, torch.Tensor]] = {}
         for k, v in carried.items():
-            value = _to(v, self.device)
+            value = to_device(v, self.device)
             self.values[k] = value
             self.ledger.add(k, value)
             if graph.nodes[k].save:
@@ -101,31 +102,15 @@ class Interpreter:
             elif node.op == "setter":
                 self._setters.setdefault((node.module, node.kind, node.call), []).append(node)
         self._pending = [n for n in self.mine if n.op not in ("getter", "setter", "load", "grad", "grad_set")]
-        self._gradients: dict[tuple[int, int], list[Node]] = {}
-        """(value id, backward pass) -> its ``grad`` / ``grad_set`` nodes here, in graph order."""
-        for node in self.mine:
-            if node.op in ("grad", "grad_set"):
-                self._gradients.setdefault((node.args[0].id, node.call), []).append(node)
-        self.passes = [n for n in graph.nodes if n.op == "backward"]
-        """Every backward node of the graph, in pass order (whichever executor runs it)."""
-        self._backward_time = backward_time_nodes(graph) if self.passes else set()
-        if self.passes:  # gradients cross nodes only along the hidden states: refuse one that would reach a carry
-            for k in carried:
-                value = self.values.get(k)
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and graph.nodes[k].op != "load":
-                    self.values[k] = value.detach().requires_grad_(True)
-                    self.values[k].register_hook(partial(self._carried_grad, k))
-        self.span_input: torch.Tensor | None = None
-        """The tensor this executor's span starts from, when it requires grad: its gradient per pass goes to the
-        previous executor (:attr:`input_grads`)."""
-        self.input_grads: dict[int, torch.Tensor] = {}
-        self.backward_pass: int | None = None
+        self._init_backward(carried)
         unloaded = [n for n in self.mine if n.op == "load" and n.id not in self.done]
         if unloaded:
             raise SessionValueError(f"session value {unloaded[0].target!r} was not provided to this executor")
         self.started = time.monotonic() if started is None else started
         """When the wall-time limit started counting (``time.monotonic()``; a node passes the request's arrival)."""
         self.ops_run = 0
+        self.module_calls = 0
+        """Calls of the model's modules made for ``module`` nodes (batched calls count once)."""
         self._run_ready()
 
     @property
@@ -149,16 +134,11 @@ class Interpreter:
             else:
                 self._run_ready()
                 (arg,) = node.args
-                value = _conform(self._resolve(arg), value, f"{path}.{kind}")
+                value = conform(self._resolve(arg), value, f"{path}.{kind}")
             self._release(node)
             self.done.add(node.id)
         self._run_ready()
         return value
-
-    @property
-    def grad_mode(self) -> bool:
-        """Whether the request runs backward passes (its forward must then track gradients)."""
-        return bool(self.passes)
 
     def finish(self) -> dict[int, Any]:
         """Values leaving this executor: carried to later executors and saved ones."""
@@ -166,88 +146,6 @@ class Interpreter:
         missing = [n.id for n in self.mine if n.id not in self.done and n.id not in self._backward_time]
         self._refuse_missing(missing)
         return {k: self.values[k] for k in self.plan.carry[self.me] if k in self.values}
-
-    def finish_backward(self) -> dict[int, Any]:
-        """After every backward pass reached this executor: the values it sends back (:attr:`Plan.bcarry`)."""
-        self._run_ready()
-        missing = [n.id for n in self.mine if n.id not in self.done]
-        for node_id in missing:
-            node = self.graph.nodes[node_id]
-            if node.op in ("grad", "grad_set"):
-                raise OrderError(f"The gradient of node {node.args[0].id} (at {node.site or 'unknown'}) in backward "
-                                 f"pass {node.call} was never computed: the loss of that pass does not depend on it.")
-        self._refuse_missing(missing)
-        return {k: self.values[k] for k in (self.plan.bcarry[self.me] if self.plan.bcarry else ()) if k in self.values}
-
-    def receive(self, values: dict[int, Any]) -> None:
-        """Values later executors sent back after their backward passes (those this executor reads)."""
-        wanted = {r for n in self.mine for r in n.refs()}
-        for k, v in values.items():
-            if k in wanted and k not in self.done and 0 <= k < len(self.graph.nodes):
-                value = _to(v, self.device)
-                self.values[k] = value
-                self.ledger.add(k, value)
-                self.done.add(k)
-        self._run_ready()
-
-    # ---- backward passes --------------------------------------------------------------------------------------
-
-    def backward(self, index: int, roots: list[torch.Tensor], grads: list[torch.Tensor] | None,
-                 retain_graph: bool) -> None:
-        """Backward pass ``index`` from ``roots`` (with ``grads``) through what this executor computed: the
-        gradients of its values reach their ``grad`` nodes (and ``grad_set`` / in-place writes change them) as
-        autograd computes them, and the gradient of :attr:`span_input` is kept for the previous executor."""
-        handles = []
-        try:
-            for (target, k), nodes in sorted(self._gradients.items()):
-                if k != index:
-                    continue
-                value = self.values.get(target)
-                if not isinstance(value, torch.Tensor) or not value.requires_grad:
-                    raise InvalidGraphError(f"Node {nodes[0].id} (at {nodes[0].site or 'unknown'}) reads the gradient "
-                                            f"of node {target}, which does not depend on the model's hidden states "
-                                            "(it does not require grad).")
-                handles.append(value.register_hook(partial(self._on_grad, target, index)))
-            if self.span_input is not None and self.span_input.requires_grad:
-                handles.append(self.span_input.register_hook(partial(self._on_input_grad, index)))
-            self.backward_pass = index
-            with torch.enable_grad():
-                torch.autograd.backward(roots, grads, retain_graph=retain_graph)
-        except HybridError:
-            raise
-        except RuntimeError as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InvalidGraphError(f"Backward pass {index} failed: {text}") from None
-        finally:
-            self.backward_pass = None
-            for handle in handles:
-                handle.remove()
-
-    def _on_grad(self, target: int, index: int, grad: torch.Tensor) -> torch.Tensor:
-        current = grad.clone()  # autograd's own buffer is never written; edits go to this copy, which flows on
-        for node in self._gradients[(target, index)]:
-            if node.op == "grad":
-                self._charge(node, current, self.ledger.added_bytes(current), self.ledger, self.saved_bytes)
-                self._store(node, current)
-                self.done.add(node.id)
-                self._run_ready()  # in-place edits of this gradient run now, before it flows on
-            else:
-                self._run_ready()
-                current = _conform(self._resolve(node.args[1]), grad, f"the gradient of node {target}").clone()
-                self.done.add(node.id)
-            self._release(node)
-        self._run_ready()
-        return current
-
-    def _carried_grad(self, node_id: int, grad: torch.Tensor) -> None:
-        node = self.graph.nodes[node_id]
-        raise OrderError(f"A gradient would flow into node {node_id} (traced at {node.site or 'unknown'}), a value "
-                         "computed on an earlier node of the route and carried here; gradients cross nodes only "
-                         "along the hidden states. Compute the loss from values of this node's modules, or use "
-                         "placement='local' or 'swarm'.")
-
-    def _on_input_grad(self, index: int, grad: torch.Tensor) -> None:
-        self.input_grads[index] = grad
 
     def _refuse_missing(self, missing: list[int]) -> None:
         if missing:
@@ -270,8 +168,62 @@ class Interpreter:
         self._pending = [n for n in self._pending if n.id not in ready_ids]
         self.done.difference_update(ready_ids)
         self._check_ahead(ready)
+        for group in self._batches(ready):
+            if len(group) == 1:
+                self._execute(group[0])
+            else:
+                self._execute_batched(group)
+
+    def _batches(self, ready: list[Node]) -> list[list[Node]]:
+        """``ready`` in execution order, calls of one position-wise module on inputs that are all ready grouped (the
+        logit lens: 30 ``lm_head(norm(h_i))`` become one ``norm`` and one ``lm_head`` call). Pure ops only: with an
+        in-place write among them, graph order is kept."""
+        if not any(n.op == "module" for n in ready) or any(is_inplace(n) for n in ready):
+            return [[n] for n in ready]
+        wave: dict[int, int] = {}
         for node in ready:
-            self._execute(node)
+            wave[node.id] = 1 + max((wave[r] for r in node.refs() if r in wave), default=0)
+        groups: dict[tuple, list[Node]] = {}
+        order: list[list[Node]] = []
+        for node in sorted(ready, key=lambda n: (wave[n.id], n.id)):
+            if node.op == "module" and not node.kwargs and len(node.args) == 1 and isinstance(node.args[0], Ref) \
+                    and _positionwise(self.modules.get(node.module)):
+                key = (wave[node.id], node.module)
+                if key not in groups:
+                    groups[key] = []
+                    order.append(groups[key])
+                groups[key].append(node)
+            else:
+                order.append([node])
+        return order
+
+    def _execute_batched(self, group: list[Node]) -> None:
+        """One call of a position-wise module on the stacked inputs of ``group``; falls back to one call each when
+        the inputs differ in shape or dtype."""
+        inputs = [self.values[n.args[0].id] for n in group]
+        first = inputs[0]
+        if not all(isinstance(x, torch.Tensor) and x.shape == first.shape and x.dtype == first.dtype for x in inputs):
+            for node in group:
+                self._execute(node)
+            return
+        if time.monotonic() - self.started > self.limits.max_wall_s:
+            raise LimitExceededError(f"The graph ran longer than its wall-time limit of {self.limits.max_wall_s} s.")
+        for node in group:
+            ahead = self._ahead.pop(node.id, None)
+            if ahead is not None and ahead[0] is not UNKNOWN:
+                self._charge(node, ahead[0], ahead[1], self.ledger, self.saved_bytes)
+        grad = contextlib.nullcontext() if self.grad_mode else torch.no_grad()
+        try:
+            with grad, active_hook(None):
+                outputs = self.modules[group[0].module](torch.stack(inputs)).unbind(0)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise InvalidGraphError(f"Node {group[0].id} ({group[0].module}) failed: {type(e).__name__}: {e}") from None
+        self.module_calls += 1
+        for node, result in zip(group, outputs):
+            self._store(node, result)
+            self.done.add(node.id)
+            self.ops_run += 1
+            self._release(node)
 
     def _check_ahead(self, ready: list[Node]) -> None:
         """Run ``ready`` on meta values in order, freeing as the real run will, and refuse the request if any op
@@ -333,6 +285,7 @@ class Interpreter:
                 grad = contextlib.nullcontext() if self.grad_mode else torch.no_grad()
                 with grad, active_hook(None):  # the module's own span hooks must not fire again
                     result = module(*args, **kwargs)
+                self.module_calls += 1
             elif node.op == "backward":
                 self.backward(node.call, [args[0]], args[1:] or None, bool(node.kwargs.get("retain_graph")))
                 result = None
@@ -472,34 +425,10 @@ class Interpreter:
         return value
 
 
-def _conform(new: Any, old: Any, where: str) -> Any:
-    """``new`` shaped like the module's ``old`` value (same structure, broadcast tensors, same dtype/device)."""
-    if isinstance(old, torch.Tensor):
-        if isinstance(new, (int, float, bool)) and not isinstance(new, bool):
-            new = torch.full_like(old, new)
-        if not isinstance(new, torch.Tensor):
-            raise InvalidGraphError(f"Setting {where}: expected a tensor like {tuple(old.shape)}, got {type(new).__name__}.")
-        try:
-            new = new.expand_as(old) if new.shape != old.shape else new
-        except RuntimeError:
-            raise InvalidGraphError(f"Setting {where}: a {tuple(new.shape)} tensor does not broadcast to the "
-                                    f"module's {tuple(old.shape)}.") from None
-        return new.to(dtype=old.dtype, device=old.device)
-    if isinstance(old, tuple):
-        if not isinstance(new, (tuple, list)) or len(new) != len(old):
-            raise InvalidGraphError(f"Setting {where}: expected a tuple of {len(old)} like the module's output.")
-        return tuple(_conform(n, o, f"{where}[{i}]") for i, (n, o) in enumerate(zip(new, old)))
-    if old is None:
-        if new is not None:
-            raise InvalidGraphError(f"Setting {where}: the module's value is None here.")
-        return None
-    raise InvalidGraphError(f"Setting {where}: values of type {type(old).__name__} cannot be set.")
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        items = [_to(v, device) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    return value
+def _positionwise(module: torch.nn.Module | None) -> bool:
+    """Whether ``module`` maps each position on its own (so inputs stacked on a new leading dim give the same rows)."""
+    if module is None:
+        return False
+    name = type(module).__name__
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)) or name.endswith(
+        ("RMSNorm", "MLP"))

@@ -71,3 +71,36 @@ def value_nbytes(value: Any) -> int:
     if isinstance(value, (tuple, list)):
         return sum(value_nbytes(v) for v in value)
     return 0
+
+
+def conform(new: Any, old: Any, where: str) -> Any:
+    """``new`` shaped like the module's ``old`` value (same structure, broadcast tensors, same dtype/device)."""
+    if isinstance(old, torch.Tensor):
+        if isinstance(new, (int, float, bool)) and not isinstance(new, bool):
+            new = torch.full_like(old, new)
+        if not isinstance(new, torch.Tensor):
+            raise InvalidGraphError(f"Setting {where}: expected a tensor like {tuple(old.shape)}, got {type(new).__name__}.")
+        try:
+            new = new.expand_as(old) if new.shape != old.shape else new
+        except RuntimeError:
+            raise InvalidGraphError(f"Setting {where}: a {tuple(new.shape)} tensor does not broadcast to the "
+                                    f"module's {tuple(old.shape)}.") from None
+        return new.to(dtype=old.dtype, device=old.device)
+    if isinstance(old, tuple):
+        if not isinstance(new, (tuple, list)) or len(new) != len(old):
+            raise InvalidGraphError(f"Setting {where}: expected a tuple of {len(old)} like the module's output.")
+        return tuple(conform(n, o, f"{where}[{i}]") for i, (n, o) in enumerate(zip(new, old)))
+    if old is None:
+        if new is not None:
+            raise InvalidGraphError(f"Setting {where}: the module's value is None here.")
+        return None
+    raise InvalidGraphError(f"Setting {where}: values of type {type(old).__name__} cannot be set.")
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        items = [to_device(v, device) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value

@@ -294,6 +294,7 @@ class SpanServer:
         keep_outputs = meta.get("return_outputs", True)
         if not isinstance(keep_outputs, bool):
             raise BadRequestError("meta['return_outputs'] must be a boolean.")
+        t0 = time.perf_counter()  # parsing counts: a hook's graph work may run while it is built
         request = await self._parsed(tensors, meta)
         grad = wants_grad(request.hook)
 
@@ -306,7 +307,6 @@ class SpanServer:
                 with torch.no_grad():
                     output = self._run(request, request.tensors["inputs"])
             return output, _hook_result(request.hook) if request.hook is not None else None
-        t0 = time.perf_counter()
         output, result = await self._compute(work)
         stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
         if not chain:

@@ -126,3 +126,29 @@ def test_backward_blocks_do_not_nest(tiny):
             with loss.backward(retain_graph=True):
                 with loss.backward():
                     pass
+
+
+def test_logit_lens_on_a_later_executor_calls_norm_and_head_once_with_per_layer_values(tiny):
+    """The lens pattern: ``lm_head(norm(h_k))`` of layers carried to the executor holding the head runs as one batched
+    norm call and one batched head call there, equal to per-layer calls of plain transformers within 1e-5."""
+    from hybrid.interpreter import Interpreter
+    from hybrid.placements import run_local_stage
+    from hybrid.planner import Executor, plan_graph
+    path, lm = tiny
+    with lm.trace(IDS) as tracer:  # layers 0 and 1 on the first executor, the head on the second
+        lens = [lm.lm_head(lm.model.norm(lm.model.layers[k].output[:, -1])).save() for k in range(2)]
+        node_ids = [x.node_id for x in lens]
+    graph, model = tracer.graph, lm.local_model
+    plan = plan_graph(graph, lm.skeleton.shapes(IDS, None).events, 4, [Executor("a", 0, 2), Executor("b", 3, 5)])
+    first = Interpreter(graph, plan, 0, {}, modules=dict(model.named_modules()))
+    run_local_stage(model, first, IDS, start=0, end=2, embed=True)
+    second = Interpreter(graph, plan, 1, first.finish(), modules=dict(model.named_modules()))
+    assert second.module_calls == 2  # one norm, one head: the carried lens inputs were decoded together
+    values = second.finish()
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = reference(IDS, output_hidden_states=True).hidden_states
+        for k in range(2):
+            want = reference.lm_head(reference.model.norm(hidden[k + 1][:, -1]))
+            assert (values[node_ids[k]] - want).abs().max() <= 1e-5
+            assert (lens[k] - want).abs().max() <= 1e-5  # the local (unbatched) run agrees too
