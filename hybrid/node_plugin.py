@@ -90,6 +90,8 @@ class InterpreterHook:
     # ---- module events ---------------------------------------------------------------------------------------
 
     def before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if path == "lm_head" and self.interpreter.plan.head_last and args and args[0].ndim == 3:
+            return (args[0][:, -1:], *args[1:]), kwargs  # only the last position's logits are read
         if not self.interpreter.wants(path):
             return None
         with self._guard():

@@ -54,6 +54,9 @@ class TraceStats:
     wall_s: float = 0.0
     route: list[str] = field(default_factory=list)
     """Executors in order: ``client`` or peer ids."""
+    head_positions: str = "all"
+    """Where the model's head ran: ``"last"`` when the graph reads only the last position's logits (the head then
+    runs on that position alone), else ``"all"``."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,7 +114,8 @@ class LocalRunner:
         run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask,
                          position_ids=position_ids)
         saves = {k: v for k, v in finish_all(interpreter).items() if graph.nodes[k].save}
-        return saves, TraceStats("local", wall_s=time.perf_counter() - t0, route=["local"])
+        return saves, TraceStats("local", wall_s=time.perf_counter() - t0, route=["local"],
+                                 head_positions="last" if plan.head_last else "all")
 
 
 class SwarmRunner:
@@ -192,7 +196,8 @@ class SwarmRunner:
             values = head_interp.finish()
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
         stats = TraceStats("hybrid", node_bytes=int(reply.get("node_bytes", 0)),
-                           compute_s=dict(reply.get("compute_s", {})), route=[e.name for e in plan.executors])
+                           compute_s=dict(reply.get("compute_s", {})), route=[e.name for e in plan.executors],
+                           head_positions="last" if plan.head_last else "all")
         return saves, stats
 
     # ---- pulled: swarm (Petals-style) -----------------------------------------------------------------------
@@ -215,7 +220,7 @@ class SwarmRunner:
         run_local_stage(self.local, interpreter, hidden, start=0, end=0, head=True)
         values = finish_all(interpreter)
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
-        return saves, TraceStats("swarm", route=["client"])
+        return saves, TraceStats("swarm", route=["client"], head_positions="last" if plan.head_last else "all")
 
 
 def layer_boundaries(graph: Graph) -> set[int]:

@@ -82,6 +82,9 @@ class Plan:
     """Nodes of earlier generation steps that this step reads: the client passes their values to executor 0."""
     stages: list[int] = field(default_factory=list)
     """Stage of every node (where its inputs first all exist)."""
+    head_last: bool = False
+    """The graph reads the head's output only at the last position (``lm_head.output[:, -1]``...): the head runs
+    on that position alone, as ``generate`` does (:func:`reads_last_logits_only`)."""
     bcarry: list[list[int]] = field(default_factory=list)
     """bcarry[k]: node ids whose values executor k sends back after the backward passes (saved gradients, and values
     an earlier executor's backward-time nodes read). Empty for a graph without ``backward``."""
@@ -91,6 +94,8 @@ class Plan:
                "carry": self.carry}
         if any(self.bcarry):
             doc["bcarry"] = self.bcarry
+        if self.head_last:
+            doc["head_last"] = True
         return doc
 
 
@@ -243,7 +248,31 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
                 if 0 <= assignment[node.id] < k and is_backward_time(times[node.id]):
                     back.update(r for r in node.refs() if assignment[r] == k)
             bcarry[k] = sorted(back)
-    return Plan(list(executors), assignment, carry, times, inputs, stages, bcarry)
+    return Plan(list(executors), assignment, carry, times, inputs, stages, reads_last_logits_only(graph), bcarry)
+
+
+def reads_last_logits_only(graph: Graph) -> bool:
+    """Whether every use of the head's output is an index ``[i, -1, ...]`` (position -1 of dim 1) and nothing reads or
+    writes the final norm or the head's input: then the head may run on the last position only, with equal results
+    (the lens's own ``lm_head(...)`` calls are separate and unaffected)."""
+    outputs = set()
+    for node in graph.nodes:
+        if node.op in ("getter", "setter") and (node.module == "model.norm" or node.module.startswith("model.norm.")
+                                                or (node.module == "lm_head" and (node.kind == "input" or node.op == "setter"))):
+            return False
+        if node.op == "getter" and node.module == "lm_head":
+            outputs.add(node.id)
+    for node in graph.nodes:
+        uses = [r for r in node.refs() if r in outputs]
+        if not uses:
+            continue
+        index = node.args[1] if len(node.args) == 2 else None
+        last = (node.op == "operator" and node.target == "getitem" and uses == [node.args[0].id]
+                and isinstance(index, tuple) and len(index) >= 2 and index[0] is not Ellipsis
+                and type(index[1]) is int and index[1] == -1)
+        if not last:
+            return False
+    return True
 
 
 def _gradient_time(graph: Graph, node: Node, times: list, stages: list, roots: list) -> tuple[tuple, int]:

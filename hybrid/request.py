@@ -57,7 +57,8 @@ def decode_request(data: bytes, *, max_attachment_bytes: int | None = None, max_
             0 <= k < len(graph.nodes) and 0 < len(v) <= 200 for k, v in keep.items()) or len(bcarry) != len(
             executors) or not all(0 <= x < len(graph.nodes) for c in carry + bcarry for x in c):
         raise InvalidGraphError("plan does not match the graph (assignment/carry sizes or executor indices)")
-    return graph, Plan(executors, assignment, carry, [], bcarry=bcarry), hop_offset, call, keep
+    head_last = doc.get("head_last", False) is True
+    return graph, Plan(executors, assignment, carry, [], head_last=head_last, bcarry=bcarry), hop_offset, call, keep
 
 
 @dataclass(frozen=True)

@@ -152,3 +152,23 @@ def test_logit_lens_on_a_later_executor_calls_norm_and_head_once_with_per_layer_
             want = reference.lm_head(reference.model.norm(hidden[k + 1][:, -1]))
             assert (values[node_ids[k]] - want).abs().max() <= 1e-5
             assert (lens[k] - want).abs().max() <= 1e-5  # the local (unbatched) run agrees too
+
+
+@pytest.mark.parametrize("index, positions", [((slice(None), -1), "last"), ((0, -1, slice(None, 5)), "last"),
+                                               ((slice(None), 2), "all"), ((Ellipsis, 3), "all")])
+def test_the_head_runs_only_on_the_positions_the_graph_reads(tiny, index, positions):
+    path, lm = tiny
+    head = lm.local_model.get_submodule("lm_head")
+    seen: list = []
+    handle = head.register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
+    try:
+        with lm.trace(IDS) as tracer:
+            got = lm.lm_head.output[index].save()
+    finally:
+        handle.remove()
+    assert tracer.stats["head_positions"] == positions
+    assert seen == [(2, 1, 64) if positions == "last" else (2, 5, 64)]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(IDS).logits[index]
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
