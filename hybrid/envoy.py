@@ -168,7 +168,10 @@ class Envoy:
 
     @property
     def output(self) -> Any:
-        """The module's output in this invoke (a Proxy, or a TupleProxy of per-invoke rows of a tuple)."""
+        """The module's output in this invoke (a Proxy, or a TupleProxy of per-invoke rows of a tuple). For the root
+        model: its output's ``.logits`` / ``["logits"]`` (the head's output)."""
+        if not self._path:
+            return RootOutput(self._tracer_getter)
         return self._tracer("output").read_module(self._path, "output")
 
     @output.setter
@@ -248,6 +251,50 @@ class Envoy:
 
     def __repr__(self) -> str:
         return f"Envoy({self._path or '<root>'!r}: {type(self._module).__name__})"
+
+
+class RootOutput:
+    """``lm.output`` of a causal LM: its ``logits`` are the head's output (``lm.output.logits`` is
+    ``lm.lm_head.output``, also by assignment); the other fields of transformers' output are not addressable."""
+
+    def __init__(self, tracer_getter: Callable[[], Any]) -> None:
+        object.__setattr__(self, "_tracer_getter", tracer_getter)
+
+    def _tracer(self) -> Any:
+        tracer = self._tracer_getter()
+        if tracer is None:
+            raise TraceError("lm.output can only be used inside `with lm.trace(...)`")
+        return tracer
+
+    @property
+    def logits(self) -> Any:
+        return self._tracer().read_module("lm_head", "output")
+
+    @logits.setter
+    def logits(self, value: Any) -> None:
+        self._tracer().write_module("lm_head", "output", value)
+
+    def __getitem__(self, key: Any) -> Any:
+        if key in ("logits", 0):
+            return self.logits
+        raise TraceError(f"lm.output[{key!r}]: only the logits of the model's output are addressable (the KV cache "
+                         "and hidden states live on the nodes; read module outputs instead)")
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key != "logits":
+            raise TraceError(f"lm.output[{key!r}] cannot be set; only lm.output['logits']")
+        self.logits = value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise TraceError(f"lm.output.{name}: only lm.output.logits is addressable (hidden states: read "
+                         "lm.model.layers[i].output; the KV cache stays on the nodes)")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "logits":
+            raise TraceError(f"lm.output.{name} cannot be set; only lm.output.logits")
+        object.__setattr__(self, name, value)
 
 
 def root_envoy(skeleton: ModelSkeleton, tracer_getter: Callable[[], Any] | None = None) -> Envoy:

@@ -45,8 +45,11 @@ class LanguageModel:
 
     def __init__(self, model: str = "smollm2-135m", initial_peers: Sequence[str] | None = None, *,
                  cache_dir: Path | None = None, client_config: ClientConfig = ClientConfig(),
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, trim_head: bool = False):
         self.path = resolve_checkpoint(model, cache_dir)
+        self.trim_head = trim_head
+        """Run the head only on the positions a trace reads (``lm_head.output[:, -1]``): faster, logits equal to a
+        full-sequence head up to float rounding (~1e-6 relative; see :func:`hybrid.planner.plan_graph`)."""
         self.config = load_config(self.path)
         self.dtype = dtype
         try:
@@ -206,8 +209,10 @@ class LanguageModel:
         events = self.skeleton.shapes(input_ids, attention_mask).events
         positions = nnsight_position_ids(attention_mask) if attention_mask is not None else None
         if placement == "local":
-            return LocalRunner(self.local_model).run(graph, events, input_ids, attention_mask, positions, links)
-        return SwarmRunner(self.client).run(placement, graph, events, input_ids, attention_mask, positions, links)
+            return LocalRunner(self.local_model, self.trim_head).run(graph, events, input_ids, attention_mask, positions,
+                                                                     links)
+        return SwarmRunner(self.client, self.trim_head).run(placement, graph, events, input_ids, attention_mask,
+                                                            positions, links)
 
     def tokenize(self, rows: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts or token-id lists → left-padded ``(input_ids, attention_mask)``, as nnsight batches them."""

@@ -111,8 +111,7 @@ class InterpreterHook:
         if path == "model.embed_tokens" and self.interpreter.grad_mode and isinstance(output, torch.Tensor):
             # gradients start here: the hidden states require grad from the embedding on, as when the model's own
             # weights require grad (nnsight's default), while the weights themselves never do
-            output = output.detach().requires_grad_(True)
-            self.interpreter.span_input = output
+            output = output.detach().requires_grad_(True)  # no earlier hop: its gradient goes nowhere
         if not self.interpreter.wants(path):
             return output
         with self._guard():

@@ -38,6 +38,13 @@ FUNCTIONS: dict[str, Callable] = {
     "torch.nn.functional.cosine_similarity": F.cosine_similarity, "torch.nn.functional.kl_div": F.kl_div,
     "torch.nn.functional.cross_entropy": F.cross_entropy, "torch.nn.functional.relu": F.relu,
     "torch.nn.functional.gelu": F.gelu, "torch.nn.functional.silu": F.silu,
+    # pure tensor functions researchers' own modules use (an SAE or transcoder as an nn.Module traces into these)
+    "torch.nn.functional.linear": F.linear, "torch.relu": torch.relu, "torch.nn.functional.one_hot": F.one_hot,
+    "torch.nan_to_num": torch.nan_to_num, "torch.nn.functional.rms_norm": F.rms_norm, "torch.outer": torch.outer,
+    "torch.bmm": torch.bmm, "torch.index_select": torch.index_select, "torch.take_along_dim": torch.take_along_dim,
+    "torch.tril": torch.tril, "torch.triu": torch.triu, "torch.square": torch.square,
+    "torch.nn.functional.leaky_relu": F.leaky_relu, "torch.nn.functional.softplus": F.softplus,
+    "torch.nn.functional.sigmoid": F.sigmoid, "torch.nn.functional.tanh": F.tanh,
 }
 
 METHODS: frozenset[str] = frozenset({

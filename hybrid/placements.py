@@ -99,16 +99,16 @@ class _RemoteSegment(torch.autograd.Function):
 
 
 class LocalRunner:
-    """HPC placement: the whole model in this process."""
+    """HPC placement: the whole model in this process (``trim_head``: see :func:`hybrid.planner.plan_graph`)."""
 
-    def __init__(self, model: SpanModel):
-        self.model = model
+    def __init__(self, model: SpanModel, trim_head: bool = False):
+        self.model, self.trim_head = model, trim_head
 
     def run(self, graph: Graph, events, input_ids, attention_mask, position_ids=None,
             links: SessionLinks = NO_LINKS) -> tuple[dict[int, Any], TraceStats]:
         t0 = time.perf_counter()
         num_layers = self.model.config.num_hidden_layers
-        plan = plan_graph(graph, events, num_layers, [Executor("local", 0, num_layers + 1)])
+        plan = plan_graph(graph, events, num_layers, [Executor("local", 0, num_layers + 1)], trim_head=self.trim_head)
         interpreter = Interpreter(graph, plan, 0, dict(links.supplied), device=next(self.model.parameters()).device,
                                   modules=dict(self.model.named_modules()))
         run_local_stage(self.model, interpreter, input_ids, embed=True, head=True, attention_mask=attention_mask,
@@ -121,8 +121,8 @@ class LocalRunner:
 class SwarmRunner:
     """Runs graphs on a swarm, pushed (``hybrid``/``centralized``) or pulled (``swarm``)."""
 
-    def __init__(self, client: SwarmModel):
-        self.client = client
+    def __init__(self, client: SwarmModel, trim_head: bool = False):
+        self.client, self.trim_head = client, trim_head
         self.sequence = client.sequence
         self.local = client.local  # embedding + head, with span-hook dispatch installed
         self.modules = dict(self.local.named_modules())
@@ -169,7 +169,8 @@ class SwarmRunner:
         n = self.num_layers
 
         def plan_for(route) -> Plan:
-            return plan_graph(graph, events, n, self.executors(route, remote_embed, remote_head), held=links.held)
+            return plan_graph(graph, events, n, self.executors(route, remote_embed, remote_head), held=links.held,
+                              trim_head=self.trim_head)
 
         plan = plan_for(hops)
         offset = 0 if remote_embed else 1
@@ -205,7 +206,7 @@ class SwarmRunner:
     def _pulled(self, graph, events, input_ids, attention_mask, position_ids, links):
         n = self.num_layers
         boundaries = layer_boundaries(graph)
-        plan = plan_graph(graph, events, n, [Executor("client", 0, n + 1)])
+        plan = plan_graph(graph, events, n, [Executor("client", 0, n + 1)], trim_head=self.trim_head)
         interpreter = Interpreter(graph, plan, 0, dict(links.supplied), modules=self.modules)
         hidden = run_local_stage(self.local, interpreter, input_ids, start=0, end=0, embed=True)
 

@@ -83,8 +83,8 @@ class Plan:
     stages: list[int] = field(default_factory=list)
     """Stage of every node (where its inputs first all exist)."""
     head_last: bool = False
-    """The graph reads the head's output only at the last position (``lm_head.output[:, -1]``...): the head runs
-    on that position alone, as ``generate`` does (:func:`reads_last_logits_only`)."""
+    """The head runs on the last position alone, as ``generate`` does: asked for (``trim_head``) and the graph reads
+    the head's output only there (``lm_head.output[:, -1]``..., :func:`reads_last_logits_only`)."""
     bcarry: list[list[int]] = field(default_factory=list)
     """bcarry[k]: node ids whose values executor k sends back after the backward passes (saved gradients, and values
     an earlier executor's backward-time nodes read). Empty for a graph without ``backward``."""
@@ -129,7 +129,7 @@ def node_step(time: tuple[int, int]) -> int:
 
 
 def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, executors: list[Executor], *,
-               step: int | None = None, held: dict[int, int] | None = None) -> Plan:
+               step: int | None = None, held: dict[int, int] | None = None, trim_head: bool = False) -> Plan:
     """Assign every node to an executor; raise OrderError / UnknownModuleError for graphs that cannot run.
 
     Args:
@@ -141,6 +141,10 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
         held: ``load`` node id -> the stage whose node holds that session value (it is loaded there, in every
             step, and carried onward). A ``load`` not in ``held`` is the client's: :data:`PAST`, sent as the first
             carry like a value of an earlier step.
+        trim_head: run the head only on the last position when the graph reads nothing else of it
+            (:func:`reads_last_logits_only`). Faster, but the logits then come from a GEMM of another shape: they
+            may differ from a full-sequence head (and from nnsight) by float rounding (~1e-6 relative), so it is off
+            unless the caller asks (``hybrid.LanguageModel(..., trim_head=True)``).
     """
     held = held or {}
     validate(graph)
@@ -248,7 +252,8 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
                 if 0 <= assignment[node.id] < k and is_backward_time(times[node.id]):
                     back.update(r for r in node.refs() if assignment[r] == k)
             bcarry[k] = sorted(back)
-    return Plan(list(executors), assignment, carry, times, inputs, stages, reads_last_logits_only(graph), bcarry)
+    return Plan(list(executors), assignment, carry, times, inputs, stages, trim_head and reads_last_logits_only(graph),
+                bcarry)
 
 
 def reads_last_logits_only(graph: Graph) -> bool:
@@ -261,6 +266,8 @@ def reads_last_logits_only(graph: Graph) -> bool:
                                                 or (node.module == "lm_head" and (node.kind == "input" or node.op == "setter"))):
             return False
         if node.op == "getter" and node.module == "lm_head":
+            if node.save:  # the whole output comes back
+                return False
             outputs.add(node.id)
     for node in graph.nodes:
         uses = [r for r in node.refs() if r in outputs]

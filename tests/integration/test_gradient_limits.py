@@ -50,3 +50,19 @@ def test_backward_state_over_budget_is_refused_and_the_node_keeps_serving(swarm_
         with local.trace(IDS_BIG):
             big_want = local.lm_head.output.save()
         assert (big - big_want).abs().max() <= 1e-5
+
+
+def test_only_saved_gradients_reach_the_client(tiny_node):
+    """The node that runs the embedding sends back no gradient of its input: the client gets the saves only."""
+    path, node, _ = tiny_node
+    ids = torch.randint(1, 100, (4, 32), generator=torch.Generator().manual_seed(1))
+    with hybrid.LanguageModel(str(path), initial_peers=node.maddrs) as lm:
+        with lm.trace(ids, placement="hybrid") as plain:
+            lm.lm_head.output[:, -1, 3].sum().save()
+        with lm.trace(ids, placement="hybrid") as tracer:
+            h = lm.model.layers[1].output
+            with lm.lm_head.output[:, -1, 3].sum().backward():
+                h.grad[:, -1, 0].save()
+    extra = tracer.stats["client_bytes_received"] - plain.stats["client_bytes_received"]
+    hidden_bytes = ids.numel() * 64 * 4  # what a gradient of the embedding output would cost
+    assert extra < hidden_bytes / 4, (extra, hidden_bytes)

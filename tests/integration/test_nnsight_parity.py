@@ -1,0 +1,112 @@
+"""nnsight code researchers already have, unchanged, in every placement: the root model's output (``lm.output.logits``
+/ ``lm.output["logits"]``), a sparse autoencoder written as an ``nn.Module`` (random weights, 8×d features) encoding
+and decoding layer 12's output where that layer runs, and pure functions from its forward (``F.linear``, ``F.relu``,
+``F.one_hot``). Values equal real nnsight 0.8.1 run locally (fp32, max abs diff <= 1e-5); ``hybrid`` moves only the
+inputs, the graph and the saved values over the client's link."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hybrid
+from swarm.local_swarm import LocalSwarm
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+PLACEMENTS = ["local", "hybrid", "centralized", "swarm"]
+PROMPTS = ["The Eiffel Tower is located in the city of", "Big Ben is located in the city of"]
+D, TOL = 576, 1e-5
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder as researchers write one."""
+
+    def __init__(self, d: int, features: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.W_enc = nn.Parameter(torch.randn(features, d, generator=generator) / d ** 0.5)
+        self.b_enc = nn.Parameter(torch.zeros(features))
+        self.W_dec = nn.Parameter(torch.randn(d, features, generator=generator) / features ** 0.5)
+        self.b_dec = nn.Parameter(torch.randn(d, generator=generator) * 0.01)
+
+    def forward(self, x):
+        features = F.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
+        return F.linear(features, self.W_dec, self.b_dec), features
+
+
+SAE_12 = SAE(D, 8 * D)
+
+
+@pytest.fixture(scope="module")
+def central_lm(smollm2_dir, tmp_path_factory):
+    swarm = LocalSwarm(tmp_path_factory.mktemp("parity-central"))
+    try:
+        swarm.start(smollm2_dir, "--blocks", "0:30")
+        with hybrid.LanguageModel(str(smollm2_dir), initial_peers=swarm.initial_peers) as lm:
+            yield lm
+    finally:
+        swarm.close()
+
+
+@pytest.fixture(scope="module")
+def ns(smollm2_dir):
+    import nnsight
+    return nnsight.LanguageModel(str(smollm2_dir), dispatch=True, dtype=torch.float32)
+
+
+@pytest.fixture
+def lm_for(request):
+    def get(placement: str):
+        name = {"local": "local_lm", "hybrid": "remote_lm", "swarm": "remote_lm", "centralized": "central_lm"}
+        return request.getfixturevalue(name[placement])
+    return get
+
+
+def root_output(lm, **placement):
+    with lm.trace(PROMPTS, **placement) as tracer:
+        last = lm.output.logits[:, -1].save()
+        whole = lm.output["logits"].save()
+    return (last, whole), tracer
+
+
+def sae_features(lm, **placement):
+    """Encode layer 12's output, keep the 3 strongest features per position, splice the reconstruction back."""
+    with lm.trace(PROMPTS, **placement) as tracer:
+        h = lm.model.layers[12].output
+        recon, features = SAE_12(h)
+        top = features.topk(3, dim=-1)
+        active = F.one_hot(top.indices[:, -1, 0], num_classes=8 * D).sum(0).save()
+        strongest = top.values.save()
+        lm.model.layers[12].output = recon
+        logits = lm.lm_head.output[:, -1].save()
+    return (active, strongest, logits), tracer
+
+
+def close(got, want, what):
+    got, want = (got.detach(), want.detach())
+    assert got.shape == want.shape, f"{what}: {tuple(got.shape)} != {tuple(want.shape)}"
+    assert (got.float() - want.float()).abs().max().item() <= TOL, what
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_root_output_logits(placement, lm_for, ns):
+    (want_last, want_whole), _ = root_output(ns)
+    (last, whole), tracer = root_output(lm_for(placement), placement=placement)
+    close(last, want_last, "lm.output.logits[:, -1]")
+    close(whole, want_whole, "lm.output['logits']")
+    assert tracer.stats["head_positions"] == "all"
+
+
+@pytest.mark.parametrize("placement", ["local", "hybrid", "centralized"])
+def test_sae_module_runs_where_the_layer_is(placement, lm_for, ns):
+    want, _ = sae_features(ns)
+    got, tracer = sae_features(lm_for(placement), placement=placement)
+    for g, w, what in zip(got, want, ("one_hot counts", "top feature values", "logits after splicing")):
+        close(g, w, what)
+    if placement == "hybrid":  # the SAE ran on the node of layer 12: only saves came back, one call
+        stats = tracer.stats
+        saved = got[0].numel() * 8 + got[1].numel() * 4 + got[2].numel() * 4
+        assert stats["round_trips"] == 1 and stats["client_bytes_received"] < saved + 64 * 1024, stats
