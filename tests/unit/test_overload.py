@@ -25,12 +25,29 @@ def server(tiny_checkpoint_factory):
 
 def test_a_full_compute_queue_refuses_new_work_but_not_closes(server):
     server.computing = 1
-    server._admit({"start": 0, "end": 2})  # below the bound: admitted
+    assert server._admit({"start": 0, "end": 2}, "a")  # below the bound: admitted (and counted for client a)
     server.computing = 2
     with pytest.raises(OverloadedError, match=r"2 job\(s\) running or queued.*--max-queued-compute\) is 2.*replica"):
-        server._admit({"start": 0, "end": 2})
-    server._admit({"session_id": "s", "close": True})  # closing costs no compute
+        server._admit({"start": 0, "end": 2}, "b")
+    assert not server._admit({"session_id": "s", "close": True}, "b")  # closing costs no compute
     server.computing = 0
+    server.queue.done("a")
+
+
+def test_one_client_cannot_fill_the_whole_queue(tiny_checkpoint_factory):
+    path = tiny_checkpoint_factory("llama", num_layers=2)
+    server = SpanServer(SpanModel.load(path, Span(0, 2, embed=True, head=True)),
+                        limits=ServerLimits(max_queued_compute=8, max_client_queued_compute=2))
+    try:
+        for _ in range(2):
+            server._admit({}, "flood")
+        with pytest.raises(OverloadedError, match=r"This client already has 2 request.*--max-client-queued-compute"):
+            server._admit({}, "flood")
+        assert server._admit({}, "other")  # another client is still admitted
+        server.queue.done("flood")
+        assert server._admit({}, "flood")  # an answered request frees its place
+    finally:
+        server.shutdown()
 
 
 def test_an_overloaded_peer_counts_as_busy_never_as_dead():
