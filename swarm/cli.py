@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--announce-period", type=float, default=NodeConfig.announce_period_s, help=h("announce_period_s"))
     for f in dataclasses.fields(ServerLimits):
         serve.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                           help=_field_help(ServerLimits, f.name))
+                           help=_field_help(ServerLimits, f.name) + f" Default: {f.default}.")
     for f in dataclasses.fields(HookBudgets):
         serve.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                            help=_field_help(HookBudgets, f.name) + f" Default: {f.default}.")

@@ -64,3 +64,23 @@ def test_a_queue_bound_below_one_is_refused_before_serving(capsys):
     args = build_parser().parse_args(["serve", "--model", "no-such-model", "--max-queued-compute", "0"])
     assert _serve(args, None) == 2
     assert "--max-queued-compute must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--max-client-queued-compute", "--max-client-sessions"])
+def test_per_client_bounds_below_one_are_refused_before_serving(flag, capsys):
+    from swarm.cli import _serve, build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "no-such-model", flag, "0"])
+    assert _serve(args, None) == 2
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def test_every_server_limit_is_a_serve_flag_with_its_default_in_the_help():
+    import dataclasses
+
+    from swarm.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    actions = {a.dest: a for a in serve._actions}
+    for f in dataclasses.fields(ServerLimits):
+        assert actions[f.name].default == f.default and f"Default: {f.default}." in actions[f.name].help
