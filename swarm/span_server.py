@@ -37,20 +37,20 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from .errors import (BadRequestError, CapacityError, HookError, InternalNodeError, OverloadedError,
-                     SequenceTooLongError, SwarmError, UnknownSessionError)
+from .errors import (BadRequestError, CapacityError, InternalNodeError, OverloadedError, SwarmError,
+                     UnknownSessionError)
 from .compute_slot import ComputeSlot
 from .quotas import ClientQueue, client_identity
 from .sessions import SessionManager
-from .span_hook import HookContext, HookRegistry, SpanHook, active_hook
+from .span_hook import HookRegistry, active_hook
+from .span_requests import (TENSOR_NAMES, SpanRequest, hook_result, parse_chain, parse_inference_chain,  # noqa: F401
+                            parse_request)
 from .stages import SpanModel
 from .handles import BACKWARD, FORWARD, INFERENCE, INFO
 from .transport import Traffic, call
 from .wire import encode_error, encode_frame, read_frame
 
 logger = logging.getLogger(__name__)
-
-TENSOR_NAMES = frozenset({"inputs", "attention_mask", "position_ids", "grad_outputs", "hook_payload", "hook_carry"})
 
 
 @dataclass(frozen=True)
@@ -86,19 +86,6 @@ class ServerLimits:
     max_client_queued_compute: int = 4
     """Most requests of one client running or queued on this node; more are refused with OverloadedError, so one
     client cannot fill the whole compute queue and others are still admitted."""
-
-
-@dataclass
-class _Request:
-    tensors: dict[str, torch.Tensor]
-    start: int
-    end: int
-    embed: bool
-    head: bool
-    hook: SpanHook | None
-    hop: int = 0
-    client: str = ""
-    """Who the request counts against (:func:`swarm.quotas.client_identity`)."""
 
 
 class SpanServer:
@@ -193,79 +180,10 @@ class SpanServer:
     # ---- parsing and validation -------------------------------------------------------------------------
 
     def _parse(self, tensors: list[torch.Tensor], meta: dict, *, step: int = 0, past: int = 0,
-               client: str = "") -> _Request:
-        names = meta.get("names")
-        if (not isinstance(names, list) or len(names) != len(tensors) or not all(isinstance(n, str) for n in names)
-                or not set(names) <= TENSOR_NAMES):
-            raise BadRequestError(f"meta['names'] must list one name per tensor from {sorted(TENSOR_NAMES)}; got {names!r}.")
-        if len(set(names)) != len(names):
-            raise BadRequestError(f"Duplicate tensor names: {names}.")
-        named = dict(zip(names, tensors))
-        span = self.model.span
-        start, end = meta.get("start", span.start), meta.get("end", span.end)
-        embed, head = meta.get("embed", False), meta.get("head", False)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
-            raise BadRequestError(f"start/end must be integers; got {start!r}, {end!r}.")
-        if not (span.start <= start <= end <= span.end) or (start == end and not (embed or head)):
-            raise BadRequestError(f"Layers {start}:{end} are not within this node's span {span.start}:{span.end}.")
-        if embed and not (span.embed and start == 0):
-            raise BadRequestError("This node does not serve the embedding for this request (needs start == 0 and an embed span).")
-        if head and not (span.head and end == span.end):
-            raise BadRequestError("This node does not serve the head for this request (needs end == num_layers and a head span).")
-        if "inputs" not in named:
-            raise BadRequestError("The request has no 'inputs' tensor.")
-        x = named["inputs"]
-        config = self.model.config
-        if embed:
-            if x.dtype not in (torch.int64, torch.int32) or x.ndim != 2:
-                raise BadRequestError(f"Token ids must be a 2D int64 tensor (B, T); got {x.dtype} {tuple(x.shape)}.")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= config.vocab_size):
-                raise BadRequestError(f"Token ids must be in [0, {config.vocab_size}); got [{int(x.min())}, {int(x.max())}].")
-        else:
-            if x.ndim != 3 or x.shape[-1] != config.hidden_size:
-                raise BadRequestError(f"Hidden states must be (B, T, {config.hidden_size}); got {tuple(x.shape)}.")
-            if x.dtype != self._dtype:
-                raise BadRequestError(f"Hidden states must be {self._dtype} on this node; got {x.dtype}.")
-        batch, length = x.shape[0], x.shape[1]
-        if batch == 0 or length == 0:
-            raise BadRequestError(f"Empty input of shape {tuple(x.shape)}.")
-        if batch * length > self.limits.max_batch_tokens:
-            raise BadRequestError(f"Batch × length = {batch * length} exceeds this node's limit of "
-                                  f"{self.limits.max_batch_tokens} tokens per call; split the batch.")
-        if length > self.sessions.max_length:
-            raise SequenceTooLongError(f"Sequence of length {length} exceeds this node's limit of {self.sessions.max_length}.")
-        mask = named.get("attention_mask")
-        if mask is not None:
-            if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] != past + length or mask.dtype not in (torch.int64, torch.int32, torch.bool):
-                raise BadRequestError(f"attention_mask must be an integer (B={batch}, past+T={past + length}) tensor; got {mask.dtype} {tuple(mask.shape)}.")
-        pos = named.get("position_ids")
-        if pos is not None:
-            if pos.dtype != torch.int64 or pos.ndim != 2 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
-                raise BadRequestError(f"position_ids must be int64 (1 or B, T={length}); got {pos.dtype} {tuple(pos.shape)}.")
-            if int(pos.min()) < 0:
-                raise BadRequestError(f"position_ids must be in [0, {self.sessions.max_length}); got min {int(pos.min())}.")
-            if int(pos.max()) >= self.sessions.max_length:
-                raise SequenceTooLongError(f"position_ids must be in [0, {self.sessions.max_length}) on this node; "
-                                           f"got max {int(pos.max())}.")
-        hook = None
-        if meta.get("hook") is not None:
-            spec = meta["hook"]
-            if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or not isinstance(spec.get("version"), int):
-                raise BadRequestError("meta['hook'] must be {'kind': str, 'version': int}.")
-            payload = named.get("hook_payload")
-            if payload is None or payload.dtype != torch.uint8 or payload.ndim != 1:
-                raise BadRequestError("A hook request must carry 'hook_payload' as a 1D uint8 tensor.")
-            hop = meta.get("hop", 0)
-            if not isinstance(hop, int) or isinstance(hop, bool) or hop < 0:
-                raise BadRequestError(f"meta['hop'] must be a non-negative integer; got {hop!r}.")
-            carry = named.get("hook_carry")
-            if carry is not None and (carry.dtype != torch.uint8 or carry.ndim != 1):
-                raise BadRequestError("'hook_carry' must be a 1D uint8 tensor.")
-            context = HookContext(self.model, start, end, bool(embed), bool(head), step, hop,
-                                  carry.numpy().tobytes() if carry is not None else b"", client)
-            hook = self.hooks.build(spec["kind"], spec["version"], payload.numpy().tobytes(), context)
-        return _Request({k: v.to(self._device) for k, v in named.items()}, start, end, bool(embed), bool(head), hook,
-                        meta.get("hop", 0) if hook is not None else 0, client)
+               client: str = "") -> SpanRequest:
+        return parse_request(self.model, self.hooks, tensors, meta, max_batch_tokens=self.limits.max_batch_tokens,
+                             max_length=self.sessions.max_length, dtype=self._dtype, device=self._device, step=step,
+                             past=past, client=client)
 
     def _admit(self, meta: dict, client: str) -> bool:
         """Refuse new compute when the executor already holds ``max_queued_compute`` jobs, or ``client`` already has
@@ -306,7 +224,7 @@ class SpanServer:
     def _between_layers(self, client: str):
         return lambda: self._slot.pass_on(client)
 
-    def _run(self, request: _Request, inputs: torch.Tensor, cache=None) -> torch.Tensor:
+    def _run(self, request: SpanRequest, inputs: torch.Tensor, cache=None) -> torch.Tensor:
         with active_hook(request.hook):
             return self.model(inputs, start=request.start, end=request.end, embed=request.embed, head=request.head,
                               attention_mask=request.tensors.get("attention_mask"),
@@ -322,7 +240,7 @@ class SpanServer:
         return tensors, {"names": names, **(extra or {})}
 
     async def _parsed(self, tensors: list[torch.Tensor], meta: dict, client: str, *, step: int = 0,
-                      past: int = 0) -> _Request:
+                      past: int = 0) -> SpanRequest:
         """:meth:`_parse` in the compute executor: a hook's payload (a graph) is decoded and checked there, never on
         the event loop, which must stay free to answer pings."""
         return await self._compute(lambda: self._parse(tensors, meta, step=step, past=past, client=client), client)
@@ -330,7 +248,7 @@ class SpanServer:
     # ---- handlers ---------------------------------------------------------------------------------------
 
     async def _forward(self, tensors, meta, client: str):
-        chain = _parse_chain(meta.get("next", []), self.limits.max_chain)
+        chain = parse_chain(meta.get("next", []), self.limits.max_chain)
         keep_outputs = meta.get("return_outputs", True)
         if not isinstance(keep_outputs, bool):
             raise BadRequestError("meta['return_outputs'] must be a boolean.")
@@ -339,7 +257,7 @@ class SpanServer:
         def work():
             with torch.no_grad():
                 output = self._run(request, request.tensors["inputs"])
-            return output, _hook_result(request.hook) if request.hook is not None else None
+            return output, hook_result(request.hook) if request.hook is not None else None
         t0 = time.perf_counter()
         output, result = await self._compute(work, client)
         stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
@@ -351,7 +269,7 @@ class SpanServer:
         return await self._pass_on(FORWARD, hop["peer"], output, result, onward_meta, request, tensors, meta, stats)
 
     async def _pass_on(self, handle: str, peer: str, output: torch.Tensor, hook_result: bytes | None,
-                       onward_meta: dict, request: _Request, tensors, meta: dict, stats: dict):
+                       onward_meta: dict, request: SpanRequest, tensors, meta: dict, stats: dict):
         """Chained call: send the outputs (with the masks, and the hook's payload and result as the next carry)
         straight to the next node, and relay its answer back with the compute seconds and node → node bytes."""
         onward_meta["origin"] = request.client  # the next node counts this request against the same client
@@ -387,7 +305,7 @@ class SpanServer:
                     raise BadRequestError(f"grad_outputs must be {outputs.dtype} {tuple(outputs.shape)}; "
                                           f"got {grad_outputs.dtype} {tuple(grad_outputs.shape)}.")
                 (grad_inputs,) = torch.autograd.grad(outputs, inputs, grad_outputs)
-            return grad_inputs, _hook_result(request.hook) if request.hook is not None else None
+            return grad_inputs, hook_result(request.hook) if request.hook is not None else None
         return self._reply(*await self._compute(work, client))
 
     async def _inference(self, tensors, meta, client: str):
@@ -431,7 +349,7 @@ class SpanServer:
         if argmax and not (request.head and last_only):
             raise BadRequestError("meta['argmax'] answers the next token's id, which needs the head ('head': true) "
                                   "and the last position only ('last_only': true).")
-        chain = _parse_inference_chain(meta.get("next", []), self.limits.max_chain)
+        chain = parse_inference_chain(meta.get("next", []), self.limits.max_chain)
 
         chunks = meta.get("chunks", [length])
         if not isinstance(chunks, list) or not all(isinstance(c, int) and c > 0 for c in chunks) or sum(chunks) != length:
@@ -469,7 +387,7 @@ class SpanServer:
             if request.hook is None:
                 return output, None, None
             try:  # the hook failing after the span ran leaves the cache whole: the session stays usable
-                return output, _hook_result(request.hook), None
+                return output, hook_result(request.hook), None
             except SwarmError as e:
                 return output, None, e
         t0 = time.perf_counter()
@@ -497,43 +415,3 @@ class SpanServer:
         if hop["open"] is not None:
             onward_meta["open"] = hop["open"]
         return await self._pass_on(INFERENCE, hop["peer"], output, result, onward_meta, request, tensors, meta, stats)
-
-
-def _parse_chain(chain, max_chain: int) -> list[dict]:
-    """Validate ``meta['next']``: the onward hops of a chained forward."""
-    if not isinstance(chain, list) or len(chain) > max_chain:
-        raise BadRequestError(f"meta['next'] must be a list of at most {max_chain} hops.")
-    hops = []
-    for hop in chain:
-        ok = (isinstance(hop, dict) and isinstance(hop.get("peer"), str)
-              and all(isinstance(hop.get(k), int) and not isinstance(hop.get(k), bool) for k in ("start", "end"))
-              and isinstance(hop.get("head", False), bool))
-        if not ok:
-            raise BadRequestError(f"Each onward hop must be {{'peer': str, 'start': int, 'end': int, 'head': bool}}; got {hop!r}.")
-        hops.append({"peer": hop["peer"], "start": hop["start"], "end": hop["end"], "head": hop.get("head", False)})
-    return hops
-
-
-def _parse_inference_chain(chain, max_chain: int) -> list[dict]:
-    """Validate ``meta['next']`` of a chained inference step: onward hops with their sessions."""
-    hops = _parse_chain(chain, max_chain)
-    for hop, raw in zip(hops, chain):
-        session_id, spec = raw.get("session_id"), raw.get("open")
-        last_only, argmax = raw.get("last_only", False), raw.get("argmax", False)
-        if not (isinstance(session_id, str) and 0 < len(session_id) <= 128 and (spec is None or isinstance(spec, dict))
-                and isinstance(last_only, bool) and isinstance(argmax, bool)):
-            raise BadRequestError("Each onward inference hop needs 'session_id' (str), and may have 'open' (dict), "
-                                  f"'last_only' (bool) and 'argmax' (bool); got {raw!r}.")
-        hop.update(session_id=session_id, open=spec, last_only=last_only, argmax=argmax)
-    return hops
-
-
-def _hook_result(hook: SpanHook) -> bytes:
-    """The hook's result bytes; a failure there is the hook's (a typed HookError), not the node's."""
-    try:
-        return hook.result()
-    except SwarmError:
-        raise
-    except Exception as e:
-        raise HookError(f"Span hook failed to produce its result: {type(e).__name__}: {e}") from e
-
