@@ -7,8 +7,9 @@ layer by layer and, between two layers, :meth:`ComputeSlot.pass_on` hands the sl
 (a big batch, a replay of thousands of chunks) delays another client's request by about one layer per client ahead of
 it, not by its whole length (issue 10, req. 4: long requests are preempted at layer boundaries).
 
-Waiting jobs are grouped per client; the slot goes to the client that has waited longest since it last held the slot,
-and within one client in arrival order.
+Waiting jobs are grouped per client; the slot goes to the waiting client that held it least recently (a client that
+never held it first, ties in arrival order), and within one client in arrival order. So a client's second queued job
+does not run before another client's first, whatever their arrival order.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class ComputeSlot:
         self._cond = threading.Condition()
         self._holder: object | None = None
         self._waiting: OrderedDict[str, deque[object]] = OrderedDict()
+        self._turn = 0
+        self._last_turn: dict[str, int] = {}
+        """Client -> the turn at which it last got the slot (pruned to recent clients)."""
         self.handovers = 0
         """How many times a job passed the slot to another between layers (for tests and logs)."""
 
@@ -48,6 +52,7 @@ class ComputeSlot:
         with self._cond:
             if self._holder is None and not self._waiting:
                 self._holder = ticket
+                self._took(client)
                 return
             self._waiting.setdefault(client, deque()).append(ticket)
             try:
@@ -78,12 +83,19 @@ class ComputeSlot:
         self._holder = None
         if not self._waiting:
             return
-        client, queue = next(iter(self._waiting.items()))
+        client = min(self._waiting, key=lambda c: self._last_turn.get(c, -1))
+        queue = self._waiting[client]
         self._holder = queue.popleft()
-        del self._waiting[client]
-        if queue:  # the client's next job waits behind every other waiting client
-            self._waiting[client] = queue
+        if not queue:
+            del self._waiting[client]
+        self._took(client)
         self._cond.notify_all()
+
+    def _took(self, client: str) -> None:
+        self._last_turn[client] = self._turn
+        self._turn += 1
+        if len(self._last_turn) > 4096:  # forget clients not seen for long; they count as new (served first)
+            self._last_turn = {c: t for c, t in self._last_turn.items() if t > self._turn - 1024 or c in self._waiting}
 
     def _forget(self, client: str, ticket: object) -> None:
         queue = self._waiting.get(client)

@@ -100,3 +100,19 @@ def test_waiting_clients_take_turns_round_robin():
     for t in threads:
         t.join(10)
     assert order == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
+
+
+def test_a_clients_queued_job_does_not_go_before_another_clients_first():
+    slot, order = ComputeSlot(), []
+    slot.acquire("flood")  # the flood's first job runs
+    threads = []
+    for client in ("flood", "polite"):  # its second job queued before the polite client's first
+        t = threading.Thread(target=lambda c=client: (slot.acquire(c), order.append(c), slot.release()))
+        t.start()
+        threads.append(t)
+        while slot.waiting < len(threads):
+            time.sleep(0.001)
+    slot.release()
+    for t in threads:
+        t.join(10)
+    assert order == ["polite", "flood"]
