@@ -148,10 +148,10 @@ def queue_flood(swarm: LocalSwarm, path: Path, rounds: int, *, queue: int = 4, p
     ids = torch.randint(3, 128, (1, 9))
     try:
         async def one_round():
-            finished = []
+            finished, session_ids = [], [uuid.uuid4().hex for _ in range(6)]
 
             async def flood_one(i):
-                meta = {"session_id": uuid.uuid4().hex, "start": 0, "end": LAYERS, "chunks": [1] * 250,
+                meta = {"session_id": session_ids[i], "start": 0, "end": LAYERS, "chunks": [1] * 250,
                         "open": {"max_length": 256, "batch_size": 1}}
                 try:
                     return await call(attacker.sequence.p2p, node.peer_id, INFERENCE,
@@ -172,10 +172,15 @@ def queue_flood(swarm: LocalSwarm, path: Path, rounds: int, *, queue: int = 4, p
             finished.append("victim")
             results = await asyncio.gather(*flood, return_exceptions=True)
             flood_s = time.perf_counter() - t_flood
+            for sid in session_ids:  # each round starts clean (else the per-client session bound soon refuses)
+                await call(attacker.sequence.p2p, node.peer_id, INFERENCE, {}, {"session_id": sid, "close": True},
+                           timeout_s=30)
             admitted = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
             first = next((x for x in finished if x == "victim" or x in admitted), None)
             return {"ok": error is None, "latency_s": latency_s, "error": error, "flood_admitted": len(admitted),
-                    "flood_s": flood_s, "victim_served_before_flood": error is None and first == "victim"}
+                    "flood_s": flood_s, "victim_served_before_flood": error is None and first == "victim",
+                    "flood_errors": sorted({f"{type(r).__name__}: {str(r)[:100]}" for r in results
+                                            if isinstance(r, BaseException)})}
         with PeakRss(node.proc.pid) as rss:
             runs = [victim.loop.run(one_round(), timeout_s=300) for _ in range(rounds)]
         return {"per_round": runs, "rounds": len(runs), "victim_ok": sum(r["ok"] for r in runs),
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--attacks", nargs="*", default=None, help="run only these (default: all)")
     parser.add_argument("--label", default="", help="a name for this checkout in the records (e.g. before/after)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         attacks = (("kv_reserve", kv_reserve), ("store_evict", store_evict), ("queue_flood", queue_flood),
                    ("long_requests", lambda *a: queue_flood(*a, queue=8, per_client=8)))
         for name, attack in attacks:
+            if args.attacks and name not in args.attacks:
+                continue
             workdir = Path(tmp) / name
             workdir.mkdir()
             with LocalSwarm(workdir) as swarm:
