@@ -6,7 +6,9 @@ over hivemind's 4 MiB message cap are fine. Handle names are explicit versioned 
 Request metadata (all RPCs):
     ``names``: names of the frame's tensors, from ``inputs``, ``attention_mask``, ``position_ids``,
     ``grad_outputs``, ``hook_payload``, ``hook_carry``; ``start``/``end``: the layers to run (within the node's span);
-    ``embed``/``head``: run those stages too; ``hook``: ``{"kind", "version"}`` or absent.
+    ``embed``/``head``: run those stages too; ``hook``: ``{"kind", "version"}`` or absent; ``origin``: on a chained
+    call, the client the previous node serves (set by nodes; the request counts against ``origin<caller``, see
+    :mod:`swarm.quotas`).
 Inference adds ``session_id`` and, on its first step, ``open: {"max_length", "batch_size"}``; ``close: true``
 ends it; ``chunks: [T_1, T_2, ...]`` runs the inputs as consecutive steps of those lengths (history replay; not with
 a hook, which sees one step per call); with a hook, ``hop`` is the node's position in the client's route;
