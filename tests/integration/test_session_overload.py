@@ -4,7 +4,8 @@ req. 4-5): the output is identical to local transformers.
 Nodes run with ``--max-queued-compute 1``; mid-generation another client holds the node serving the session busy
 (an inference step replaying 250 one-token chunks), so the session's next step is refused with OverloadedError.
 With a replica, the session moves there (its history replayed); without one, it keeps its session and retries after a
-backoff; a chained session routes around the refusing hop, which the relayed error names.
+backoff; a chained session routes around the refusing hop, which the relayed error names. A session that meets a
+full KV cache midway (bytes are charged as used) moves to a replica the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from swarm.chained_session import ChainedSession
+from swarm.errors import CapacityError
 from swarm.handles import INFERENCE
 from swarm.transport import call, ping
 from tests.integration.conftest import local_generate, local_model
@@ -114,3 +116,47 @@ def test_a_chained_session_routes_around_the_refusing_hop(tiny_checkpoint_factor
     assert routes[1] != routes[0], "the chained session stayed on the busy hop although a replica was idle"
     assert not seq.excluded()
     holder.loop.run(finish(held), timeout_s=60)
+
+
+async def fill_cache(p2p, peer_id: str) -> int:
+    """Charge one session on ``peer_id`` with as many tokens as its KV cache takes (to the last 1,024-byte token);
+    returns the tokens held."""
+    session_id, opened, held = uuid.uuid4().hex, False, 0
+    for size in (64, 16, 4, 1):
+        while True:
+            meta = {"session_id": session_id, "start": 0, "end": LAYERS, "chunks": [size]}
+            if not opened:
+                meta["open"] = {"max_length": 256, "batch_size": 1}
+            try:
+                await call(p2p, peer_id, INFERENCE, {"inputs": torch.randn(1, size, HIDDEN)}, meta, timeout_s=30)
+            except CapacityError:
+                break
+            opened, held = True, held + size
+    return held
+
+
+def test_a_generation_meeting_a_full_kv_cache_moves_to_a_replica(tiny_checkpoint_factory, swarm_factory,
+                                                                 client_factory):
+    path = tiny_checkpoint_factory("llama", num_layers=LAYERS)
+    swarm = swarm_factory()
+    for i in range(2):
+        swarm.start(path, "--blocks", f"0:{LAYERS}", "--max-cache-bytes", "200000", "--max-client-cache-bytes",
+                    "200000", initial_peers=swarm.initial_peers if i else None)
+    client, other = client_factory(path, swarm), client_factory(path, swarm)
+    prompt = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    want = local_generate(local_model(path), prompt, 12)
+    filled, routes = [], []
+
+    def fill_at_step_3(step, tokens):
+        if step == 3:  # another client's session takes the rest of the cache the generation's session grows in
+            [hop] = client.active_session.route
+            routes.append(hop.peer_id)
+            filled.append(other.loop.run(fill_cache(other.sequence.p2p, hop.peer_id), timeout_s=60))
+        if step == 11:
+            routes.append(client.active_session.route[0].peer_id)
+
+    got = client.generate(prompt, max_new_tokens=12, on_token=fill_at_step_3)
+    assert filled and filled[0] > 100, filled
+    assert torch.equal(got, want)
+    assert routes[1] != routes[0], "the session was not moved off the node whose cache was full"
+    assert not client.sequence.excluded()
