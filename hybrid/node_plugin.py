@@ -47,10 +47,12 @@ class InterpreterHook:
     Its work runs under the :data:`~hybrid.watchdog.WATCHDOG` with the interpreter's wall-time limit, counted from
     the interpreter's start (on a node: the request's arrival), so a request cannot overrun it inside long work."""
 
-    def __init__(self, interpreter: Interpreter, call: int = 0, keep: dict[int, str] | None = None):
+    def __init__(self, interpreter: Interpreter, call: int = 0, keep: dict[int, str] | None = None, owner: str = ""):
         self.interpreter, self.call = interpreter, call
         self.keep = keep or {}
         """Node id -> session key of values to store here for a later trace (:mod:`hybrid.session_store`)."""
+        self.owner = owner
+        """The client the kept values are charged to (its own share of the store)."""
 
     def _guard(self):
         limit_s = self.interpreter.limits.max_wall_s
@@ -122,7 +124,7 @@ class InterpreterHook:
             values = self.interpreter.finish()
             packed = pack_values(values)
         for node_id, key in self.keep.items():  # outside the guard: the store is shared
-            STORE.put(key, self.interpreter.values[node_id])
+            STORE.put(key, self.interpreter.values[node_id], owner=self.owner)
         return packed
 
 
@@ -158,9 +160,12 @@ def _build(graph, plan, hop_offset: int, call: int, keep: dict[int, str], contex
     keep = {k: v for k, v in keep.items() if plan.assignment[k] == me}
     interpreter = Interpreter(graph, plan, me, carried, device=device, limits=limits, modules=modules, retain=keep,
                               started=started)
-    return InterpreterHook(interpreter, call, keep)
+    return InterpreterHook(interpreter, call, keep, owner=context.client)
 
 
 def register(registry: HookRegistry) -> None:
-    """Serve hybrid graphs within the registry's per-request budgets (:func:`node_limits`)."""
+    """Serve hybrid graphs within the registry's per-request budgets (:func:`node_limits`), with the session store
+    bounded by its ``max_store_mb`` in all and ``max_client_store_mb`` per client."""
+    STORE.configure(max_bytes=registry.budgets.max_store_mb << 20,
+                    max_owner_bytes=registry.budgets.max_client_store_mb << 20)
     registry.register(HOOK_KIND, HOOK_VERSION, partial(build_graph_hook, node=node_limits(registry.budgets)))

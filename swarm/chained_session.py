@@ -10,6 +10,11 @@ Failover: when a step's chain fails, the hops that did run have already grown th
 rebuilt whole: the unreachable nodes are excluded, fresh sessions are opened on a new route, and every earlier
 step is replayed through it with the inputs, masks, span hook and carry it had (one call per step), before the
 failed step runs again. The rebuilt caches are bit-identical, so the result is as if nothing had failed.
+
+A hop that refuses the step as overloaded (:class:`OverloadedError`, naming itself in ``peer_id``) is not dead: it
+counts as busy and the session is rebuilt on a route around it where a replica exists. When the first hop refused
+(nothing ran) and no other route exists, the step is retried on the same sessions after a backoff; when a later hop
+refused, the earlier hops already ran the step, so the session is rebuilt (on the same nodes if need be) after it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import PeerUnreachableError
+from .errors import OverloadedError, PeerUnreachableError
 from .handles import INFERENCE
 from .remote_sequence import HookRequest, RemoteSequence, _extras, hook_result
 from .routing import Hop
@@ -93,6 +98,12 @@ class ChainedSession:
             try:
                 outputs, result = await self._send(step, last_only, argmax)
                 break
+            except OverloadedError as e:
+                retries += 1
+                if retries > self.sequence.config.max_retries:
+                    raise
+                failed_at = failed_at or t0
+                await self._after_overload(e, retries)
             except PeerUnreachableError as e:
                 retries += 1
                 if retries > self.sequence.config.max_retries:
@@ -134,11 +145,30 @@ class ChainedSession:
         self.node_bytes += int(reply.get("node_bytes", 0))
         return out["outputs"], hook_result(out)
 
-    async def _rebuild(self) -> None:
-        """Exclude unreachable nodes, open fresh sessions on a new route and replay every earlier step."""
-        await self.sequence.ban_unreachable(self._hops)
+    async def _after_overload(self, error: OverloadedError, retries: int) -> None:
+        """A hop refused the step as overloaded: count it busy, then retry on the same sessions (the first hop refused
+        and there is no other route) or rebuild the session on the new route; back off first if the refusing node is
+        still on it."""
+        old = [(h.peer_id, h.start, h.end) for h in self._hops]
+        refuser = error.peer_id if error.peer_id in [p for p, _, _ in old] else ""
+        for peer_id in [refuser] if refuser else [p for p, _, _ in old]:  # unnamed: any hop may be the one
+            self.sequence.mark_busy(peer_id)
+        hops = await self.sequence.route(self.start, self.end, embed=self.embed, head=self.head)
+        if not refuser or refuser in [h.peer_id for h in hops]:  # jittered, doubling; only while it counts busy
+            await self.sequence.overload_backoff(error, refuser or old[0][0], retries)
+        if refuser == old[0][0] and [(h.peer_id, h.start, h.end) for h in hops] == old:
+            return  # nothing ran anywhere: the same sessions take the step again
+        logger.warning("Chained step refused (%s); rebuilding the session on a route around it", error)
+        await self._rebuild(hops)
+
+    async def _rebuild(self, hops: list[Hop] | None = None) -> None:
+        """Open fresh sessions on ``hops`` (default: a new route, unreachable nodes excluded) and replay every earlier
+        step."""
+        if hops is None:
+            await self.sequence.ban_unreachable(self._hops)
         await self._close_sessions()
-        self._hops = await self.sequence.route(self.start, self.end, embed=self.embed, head=self.head)
+        self._hops = hops if hops is not None else await self.sequence.route(self.start, self.end, embed=self.embed,
+                                                                              head=self.head)
         self._session_ids = [uuid.uuid4().hex for _ in self._hops]
         self._opened = [False] * len(self._hops)
         for step in self._history:

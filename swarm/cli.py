@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--announce-period", type=float, default=NodeConfig.announce_period_s, help=h("announce_period_s"))
     for f in dataclasses.fields(ServerLimits):
         serve.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                           help=_field_help(ServerLimits, f.name))
+                           help=_field_help(ServerLimits, f.name) + f" Default: {f.default}.")
     for f in dataclasses.fields(HookBudgets):
         serve.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                            help=_field_help(HookBudgets, f.name) + f" Default: {f.default}.")
@@ -115,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args, cache_dir: Path | None) -> int:
     limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
-    if limits.max_queued_compute < 1:
-        print(f"error: --max-queued-compute must be at least 1 (got {limits.max_queued_compute}); a node that may "
-              "queue no work refuses every request.", file=sys.stderr)
-        return 2
+    for flag, value in (("--max-queued-compute", limits.max_queued_compute),
+                        ("--max-client-queued-compute", limits.max_client_queued_compute),
+                        ("--max-client-sessions", limits.max_client_sessions)):
+        if value < 1:
+            print(f"error: {flag} must be at least 1 (got {value}); a node that may "
+                  "queue no work refuses every request." if "queued" in flag else
+                  f"error: {flag} must be at least 1 (got {value}); a node that admits no session serves no "
+                  "generation.", file=sys.stderr)
+            return 2
     config = NodeConfig(model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, serve_embed=args.serve_embed,
                         serve_head=args.serve_head, initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm,
                         host=args.host, port=args.port, announce_host=args.announce_host,

@@ -78,9 +78,19 @@ class PeerBusyError(PeerUnreachableError):
 
 
 class OverloadedError(CapacityError):
-    """The node's queue of compute work is full (in all, or for this client). Retry later or on another node."""
+    """The node's queue of compute work is full (in all, or for this client). Retry later or on another node.
+
+    ``peer_id`` names the refusing node where known (it crosses the wire), so the client of a chained call knows which
+    hop to route around."""
 
     code = "overloaded"
+
+    def __init__(self, message: str, peer_id: str = ""):
+        super().__init__(message)
+        self.peer_id = peer_id
+
+    def to_wire(self) -> dict:
+        return {**super().to_wire(), **({"peer_id": self.peer_id} if self.peer_id else {})}
 
 
 class MissingBlocksError(SwarmError):
@@ -136,4 +146,7 @@ def error_from_wire(payload: dict) -> SwarmError:
     SwarmError.__init__(err, message)
     if cls is MissingBlocksError:
         err.missing = []
+    if isinstance(err, OverloadedError):
+        peer_id = payload.get("peer_id", "")
+        err.peer_id = peer_id if isinstance(peer_id, str) and len(peer_id) <= 128 else ""
     return err

@@ -5,6 +5,12 @@ ran are rerouted to other nodes and the hop's whole history is replayed through 
 node, step by step as originally sent, so the rebuilt caches are bit-identical (each new node's outputs form the
 next new node's history); then the current step continues. The result
 is the same as if nothing had failed.
+
+A node that refuses a step as overloaded (:class:`OverloadedError`) or full (:class:`CapacityError`: its KV cache, or
+this client's share of it; KV bytes are charged as steps append tokens, so a session can meet a full cache midway)
+does so before doing any work, and is not dead: it counts as busy, and the hop moves to an idle replica the same way
+(its session there closed). With no replica to go to, an overloaded node is retried, session kept, after a backoff
+(:meth:`RemoteSequence.overload_backoff`); a full node's CapacityError is raised.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import PeerUnreachableError
+from .errors import CapacityError, OverloadedError, PeerUnreachableError
 from .remote_sequence import RemoteSequence, _extras
 from .routing import Hop
 from .handles import INFERENCE
@@ -82,13 +88,17 @@ class InferenceSession:
             t0 = time.perf_counter()
             try:
                 out = await self._send(state, x, extras)
-            except PeerUnreachableError as e:
+            except (PeerUnreachableError, CapacityError) as e:
                 retries += 1
                 if retries > self.sequence.config.max_retries:
                     raise
                 failed_at = failed_at or t0
+                if isinstance(e, CapacityError):  # full or overloaded: busy, not dead
+                    self.sequence.mark_busy(state.hop.peer_id)
+                    await self._after_refusal(i, attention_mask, e, retries)
+                    continue
+                self.sequence.note_failure(state.hop.peer_id, e)  # slow: busy; dead: excluded
                 logger.warning("%s; rebuilding layers %d:%d elsewhere", e, state.hop.start, state.hop.end)
-                self.sequence.note_failure(state.hop.peer_id, e)
                 await self._replace(i, attention_mask)
                 continue
             state.history.append(x)
@@ -117,10 +127,29 @@ class InferenceSession:
             self.compute_s[peer] = self.compute_s.get(peer, 0.0) + float(seconds)
         return out["outputs"]
 
-    async def _replace(self, index: int, attention_mask: torch.Tensor | None) -> None:
-        """Reroute hop ``index``'s layers and replay its history through the new hops."""
+    async def _after_refusal(self, index: int, attention_mask: torch.Tensor | None, error: CapacityError,
+                             retries: int) -> None:
+        """Hop ``index``'s node refused the step before doing any work (overloaded, or its KV cache or this client's
+        quota there is full): move the hop to an idle replica (closing the session on the refusing node). With none,
+        an overloaded node is retried, session kept, after a backoff; a full one's ``error`` is raised."""
         old = self._hops[index]
         hops = await self.sequence.route(old.hop.start, old.hop.end, embed=old.embed, head=old.head)
+        if [(h.peer_id, h.start, h.end) for h in hops] == [(old.hop.peer_id, old.hop.start, old.hop.end)]:
+            if not isinstance(error, OverloadedError):
+                raise error
+            logger.info("%s; no idle replica for layers %d:%d, retrying after a backoff", error, old.hop.start,
+                        old.hop.end)
+            await self.sequence.overload_backoff(error, old.hop.peer_id, retries)
+            return
+        logger.warning("%s; moving layers %d:%d to a replica", error, old.hop.start, old.hop.end)
+        await self._replace(index, attention_mask, hops)
+        await self._close_state(old)
+
+    async def _replace(self, index: int, attention_mask: torch.Tensor | None, hops: list[Hop] | None = None) -> None:
+        """Reroute hop ``index``'s layers (onto ``hops`` if given) and replay its history through the new hops."""
+        old = self._hops[index]
+        if hops is None:
+            hops = await self.sequence.route(old.hop.start, old.hop.end, embed=old.embed, head=old.head)
         n = self.sequence.num_layers
         new = [_HopState(h, old.embed and h.start == 0, old.head and h.end == n) for h in hops]
         if old.history:
@@ -140,9 +169,12 @@ class InferenceSession:
             return
         self.closed = True
         for state in self._hops:
-            if state.opened:
-                try:
-                    await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {}, {"session_id": state.session_id,
-                               "close": True}, timeout_s=self.sequence.config.ping_timeout_s)
-                except Exception as e:  # the node may be gone; its cache then expires
-                    logger.debug("Closing session on %s failed: %s", state.hop.peer_id, e)
+            await self._close_state(state)
+
+    async def _close_state(self, state: _HopState) -> None:
+        if state.opened:
+            try:
+                await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {}, {"session_id": state.session_id,
+                           "close": True}, timeout_s=self.sequence.config.ping_timeout_s)
+            except Exception as e:  # the node may be gone; its cache then expires
+                logger.debug("Closing session on %s failed: %s", state.hop.peer_id, e)

@@ -43,6 +43,9 @@ class HookContext:
     """Position of this node in a chained forward (0 = the node the client called)."""
     carry: bytes = b""
     """The previous hop's :meth:`SpanHook.result` in a chained forward (empty on the first hop)."""
+    client: str = ""
+    """Who the request counts against on this node (:func:`swarm.quotas.client_identity`): a hook's shared state
+    (e.g. values kept for a later request) is charged to, and evicted within, this client's quota."""
 
 
 class SpanHook(Protocol):
@@ -71,6 +74,11 @@ class HookBudgets:
     and what it carries onward. Checked before each op allocates; a request that needs more is refused."""
     max_save_mb: int = 512
     """Most MiB of saved values one request may send back from this node."""
+    max_store_mb: int = 256
+    """MiB of values all clients' sessions may keep on this node for later requests (``lm.session()``)."""
+    max_client_store_mb: int = 64
+    """MiB of kept values one client may hold; past it, or when the store is full, a client evicts only its own
+    oldest values, never another client's (a put that its own values cannot make room for is refused)."""
 
 
 class HookRegistry:

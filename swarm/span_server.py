@@ -6,7 +6,9 @@ over hivemind's 4 MiB message cap are fine. Handle names are explicit versioned 
 Request metadata (all RPCs):
     ``names``: names of the frame's tensors, from ``inputs``, ``attention_mask``, ``position_ids``,
     ``grad_outputs``, ``hook_payload``, ``hook_carry``; ``start``/``end``: the layers to run (within the node's span);
-    ``embed``/``head``: run those stages too; ``hook``: ``{"kind", "version"}`` or absent.
+    ``embed``/``head``: run those stages too; ``hook``: ``{"kind", "version"}`` or absent; ``origin``: on a chained
+    call, the client the previous node serves (set by nodes; the request counts against ``origin<caller``, see
+    :mod:`swarm.quotas`).
 Inference adds ``session_id`` and, on its first step, ``open: {"max_length", "batch_size"}``; ``close: true``
 ends it; ``chunks: [T_1, T_2, ...]`` runs the inputs as consecutive steps of those lengths (history replay; not with
 a hook, which sees one step per call); with a hook, ``hop`` is the node's position in the client's route;
@@ -37,19 +39,21 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from .errors import (BadRequestError, HookError, InternalNodeError, OverloadedError, SequenceTooLongError,
-                     SwarmError, UnknownSessionError)
+from .errors import (BadRequestError, CapacityError, InternalNodeError, OverloadedError, SwarmError,
+                     UnknownSessionError)
+from .compute_slot import ComputeSlot
+from .quotas import ClientQueue, client_identity
 from .sessions import SessionManager
 from .span_grad import SavedTensorBudget, backward_reply, forward_with_grad, wants_grad, weight_storages
-from .span_hook import HookContext, HookRegistry, SpanHook, active_hook
+from .span_hook import HookRegistry, active_hook
+from .span_requests import (TENSOR_NAMES, SpanRequest, hook_result, parse_chain, parse_inference_chain,  # noqa: F401
+                            parse_request)
 from .stages import SpanModel
 from .handles import BACKWARD, FORWARD, INFERENCE, INFO
 from .transport import Traffic, call
 from .wire import encode_error, encode_frame, read_frame
 
 logger = logging.getLogger(__name__)
-
-TENSOR_NAMES = frozenset({"inputs", "attention_mask", "position_ids", "grad_outputs", "hook_payload", "hook_carry"})
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,12 @@ class ServerLimits:
     max_length: int = 4096
     """Longest sequence (a session's whole history included)."""
     max_cache_bytes: int = 1 << 30
-    """KV-cache memory shared by all open sessions."""
+    """KV-cache bytes all open sessions may hold together, charged as steps append tokens (not reserved for a
+    session's max_length up front); a step past it is refused with CapacityError."""
+    max_client_cache_bytes: int = 256 << 20
+    """KV-cache bytes one client's sessions may hold together on this node (see swarm.quotas for who a client is)."""
+    max_client_sessions: int = 16
+    """Inference sessions one client may hold open on this node at once."""
     session_timeout_s: float = 300.0
     """An inference session idle for this long is dropped."""
     linger_s: float = 30.0
@@ -80,17 +89,9 @@ class ServerLimits:
     max_queued_compute: int = 8
     """Most jobs running or queued in the compute executor; a forward/backward/inference request arriving at this
     bound is refused at once with OverloadedError (the client retries later or on a replica)."""
-
-
-@dataclass
-class _Request:
-    tensors: dict[str, torch.Tensor]
-    start: int
-    end: int
-    embed: bool
-    head: bool
-    hook: SpanHook | None
-    hop: int = 0
+    max_client_queued_compute: int = 4
+    """Most requests of one client running or queued on this node; more are refused with OverloadedError, so one
+    client cannot fill the whole compute queue and others are still admitted."""
 
 
 class SpanServer:
@@ -106,12 +107,20 @@ class SpanServer:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         itemsize = next(model.parameters()).element_size()
         self.sessions = SessionManager(limits.max_cache_bytes, 2 * config.num_key_value_heads * head_dim * itemsize,
-                                       min(limits.max_length, config.max_position_embeddings))
+                                       min(limits.max_length, config.max_position_embeddings),
+                                       max_client_bytes=limits.max_client_cache_bytes,
+                                       max_client_sessions=limits.max_client_sessions)
+        self.queue = ClientQueue(limits.max_client_queued_compute)
+        """Requests admitted and not yet answered, per client."""
         self.inflight = 0
         self.computing = 0
         """Jobs in the compute executor (running or queued): parsing, hooks, the span, serialising answers."""
         self._p2p: P2P | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="span-compute")
+        # Jobs run on several threads but compute one at a time: each holds the compute slot, which a span hands to
+        # other waiting jobs between its layers (swarm.compute_slot), so long requests do not block others.
+        self._slot = ComputeSlot()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max(1, limits.max_queued_compute),
+                                                               thread_name_prefix="span-compute")
         self._weights = weight_storages(model)
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
@@ -150,10 +159,16 @@ class SpanServer:
                 frame = await read_frame(requests, max_bytes=self.limits.max_request_bytes, accept_error=False)
                 if frame is None:
                     raise BadRequestError("Empty request stream.")
-                self._admit(frame[1])
-                tensors, meta = await handler(*frame)
-                # Serialising a large answer is work too: it runs in the compute executor, not on the event loop.
-                messages = await self._compute(lambda: list(encode_frame(tensors, meta, runtime_pb2.ExpertResponse)))
+                client = client_identity(context.remote_id.to_base58(), frame[1].get("origin"))
+                counted = self._admit(frame[1], client)
+                try:
+                    tensors, meta = await handler(*frame, client)
+                    # Serialising a large answer is work too: it runs in the compute executor, not on the event loop.
+                    messages = await self._compute(
+                        lambda: list(encode_frame(tensors, meta, runtime_pb2.ExpertResponse)), client)
+                finally:
+                    if counted:
+                        self.queue.done(client)
             except SwarmError as e:
                 logger.info("Rejected %s from %s: %s", context.handle_name, context.remote_id, e)
                 messages = encode_error(e)
@@ -171,108 +186,57 @@ class SpanServer:
 
     # ---- parsing and validation -------------------------------------------------------------------------
 
-    def _parse(self, tensors: list[torch.Tensor], meta: dict, *, step: int = 0, past: int = 0) -> _Request:
-        names = meta.get("names")
-        if (not isinstance(names, list) or len(names) != len(tensors) or not all(isinstance(n, str) for n in names)
-                or not set(names) <= TENSOR_NAMES):
-            raise BadRequestError(f"meta['names'] must list one name per tensor from {sorted(TENSOR_NAMES)}; got {names!r}.")
-        if len(set(names)) != len(names):
-            raise BadRequestError(f"Duplicate tensor names: {names}.")
-        named = dict(zip(names, tensors))
-        span = self.model.span
-        start, end = meta.get("start", span.start), meta.get("end", span.end)
-        embed, head = meta.get("embed", False), meta.get("head", False)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
-            raise BadRequestError(f"start/end must be integers; got {start!r}, {end!r}.")
-        if not (span.start <= start <= end <= span.end) or (start == end and not (embed or head)):
-            raise BadRequestError(f"Layers {start}:{end} are not within this node's span {span.start}:{span.end}.")
-        if embed and not (span.embed and start == 0):
-            raise BadRequestError("This node does not serve the embedding for this request (needs start == 0 and an embed span).")
-        if head and not (span.head and end == span.end):
-            raise BadRequestError("This node does not serve the head for this request (needs end == num_layers and a head span).")
-        if "inputs" not in named:
-            raise BadRequestError("The request has no 'inputs' tensor.")
-        x = named["inputs"]
-        config = self.model.config
-        if embed:
-            if x.dtype not in (torch.int64, torch.int32) or x.ndim != 2:
-                raise BadRequestError(f"Token ids must be a 2D int64 tensor (B, T); got {x.dtype} {tuple(x.shape)}.")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= config.vocab_size):
-                raise BadRequestError(f"Token ids must be in [0, {config.vocab_size}); got [{int(x.min())}, {int(x.max())}].")
-        else:
-            if x.ndim != 3 or x.shape[-1] != config.hidden_size:
-                raise BadRequestError(f"Hidden states must be (B, T, {config.hidden_size}); got {tuple(x.shape)}.")
-            if x.dtype != self._dtype:
-                raise BadRequestError(f"Hidden states must be {self._dtype} on this node; got {x.dtype}.")
-        batch, length = x.shape[0], x.shape[1]
-        if batch == 0 or length == 0:
-            raise BadRequestError(f"Empty input of shape {tuple(x.shape)}.")
-        if batch * length > self.limits.max_batch_tokens:
-            raise BadRequestError(f"Batch × length = {batch * length} exceeds this node's limit of "
-                                  f"{self.limits.max_batch_tokens} tokens per call; split the batch.")
-        if length > self.sessions.max_length:
-            raise SequenceTooLongError(f"Sequence of length {length} exceeds this node's limit of {self.sessions.max_length}.")
-        mask = named.get("attention_mask")
-        if mask is not None:
-            if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] != past + length or mask.dtype not in (torch.int64, torch.int32, torch.bool):
-                raise BadRequestError(f"attention_mask must be an integer (B={batch}, past+T={past + length}) tensor; got {mask.dtype} {tuple(mask.shape)}.")
-        pos = named.get("position_ids")
-        if pos is not None:
-            if pos.dtype != torch.int64 or pos.ndim != 2 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
-                raise BadRequestError(f"position_ids must be int64 (1 or B, T={length}); got {pos.dtype} {tuple(pos.shape)}.")
-            if int(pos.min()) < 0:
-                raise BadRequestError(f"position_ids must be in [0, {self.sessions.max_length}); got min {int(pos.min())}.")
-            if int(pos.max()) >= self.sessions.max_length:
-                raise SequenceTooLongError(f"position_ids must be in [0, {self.sessions.max_length}) on this node; "
-                                           f"got max {int(pos.max())}.")
-        hook = None
-        if meta.get("hook") is not None:
-            spec = meta["hook"]
-            if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or not isinstance(spec.get("version"), int):
-                raise BadRequestError("meta['hook'] must be {'kind': str, 'version': int}.")
-            payload = named.get("hook_payload")
-            if payload is None or payload.dtype != torch.uint8 or payload.ndim != 1:
-                raise BadRequestError("A hook request must carry 'hook_payload' as a 1D uint8 tensor.")
-            hop = meta.get("hop", 0)
-            if not isinstance(hop, int) or isinstance(hop, bool) or hop < 0:
-                raise BadRequestError(f"meta['hop'] must be a non-negative integer; got {hop!r}.")
-            carry = named.get("hook_carry")
-            if carry is not None and (carry.dtype != torch.uint8 or carry.ndim != 1):
-                raise BadRequestError("'hook_carry' must be a 1D uint8 tensor.")
-            context = HookContext(self.model, start, end, bool(embed), bool(head), step, hop,
-                                  carry.numpy().tobytes() if carry is not None else b"")
-            hook = self.hooks.build(spec["kind"], spec["version"], payload.numpy().tobytes(), context)
-        return _Request({k: v.to(self._device) for k, v in named.items()}, start, end, bool(embed), bool(head), hook,
-                        meta.get("hop", 0) if hook is not None else 0)
+    def _parse(self, tensors: list[torch.Tensor], meta: dict, *, step: int = 0, past: int = 0,
+               client: str = "") -> SpanRequest:
+        return parse_request(self.model, self.hooks, tensors, meta, max_batch_tokens=self.limits.max_batch_tokens,
+                             max_length=self.sessions.max_length, dtype=self._dtype, device=self._device, step=step,
+                             past=past, client=client)
 
-    def _admit(self, meta: dict) -> None:
-        """Refuse new compute when the executor already holds ``max_queued_compute`` jobs, before any parsing or
-        compute is queued; closing a session costs no compute and is always admitted.
+    def _admit(self, meta: dict, client: str) -> bool:
+        """Refuse new compute when the executor already holds ``max_queued_compute`` jobs, or ``client`` already has
+        ``max_client_queued_compute`` requests here, before any parsing or compute is queued; closing a session
+        costs no compute and is always admitted. Returns whether the request was counted in ``client``'s queue.
 
         Raises:
-            OverloadedError: the compute queue is at its bound.
+            OverloadedError: the compute queue is at its bound (in all, or for this client).
         """
         if meta.get("close") is True:
-            return
+            return False
+        me = self._p2p.peer_id.to_base58() if self._p2p is not None else ""
         if self.computing >= self.limits.max_queued_compute:
             raise OverloadedError(f"This node's compute queue is full: {self.computing} job(s) running or queued, "
                                   f"the limit (--max-queued-compute) is {self.limits.max_queued_compute}; "
-                                  f"retry after a short backoff or use another replica of these layers.")
+                                  f"retry after a short backoff or use another replica of these layers.", me)
+        try:
+            self.queue.admit(client)
+        except OverloadedError as e:
+            e.peer_id = me
+            raise
+        return True
 
-    async def _compute(self, fn):
-        """Run ``fn`` in the compute executor: everything heavier than moving bytes runs there, so the event loop
-        stays free to answer pings (``info``) while a request decodes, computes or serialises."""
+    async def _compute(self, fn, client: str = ""):
+        """Run ``fn`` in the compute executor, holding the compute slot (queued round-robin by ``client``): everything
+        heavier than moving bytes runs there, so the event loop stays free to answer pings (``info``) while a request
+        decodes, computes or serialises."""
         self.computing += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._in_slot, fn, client)
         finally:
             self.computing -= 1
 
-    def _run(self, request: _Request, inputs: torch.Tensor, cache=None) -> torch.Tensor:
+    def _in_slot(self, fn, client: str):
+        with self._slot.held(client):
+            return fn()
+
+    def _between_layers(self, client: str):
+        return lambda: self._slot.pass_on(client)
+
+    def _run(self, request: SpanRequest, inputs: torch.Tensor, cache=None) -> torch.Tensor:
         with active_hook(request.hook):
             return self.model(inputs, start=request.start, end=request.end, embed=request.embed, head=request.head,
                               attention_mask=request.tensors.get("attention_mask"),
-                              position_ids=request.tensors.get("position_ids"), cache=cache)
+                              position_ids=request.tensors.get("position_ids"), cache=cache,
+                              between_layers=self._between_layers(request.client))
 
     @staticmethod
     def _reply(output: torch.Tensor, hook_result: bytes | None, extra: dict | None = None):
@@ -282,20 +246,21 @@ class SpanServer:
             names.append("hook_result")
         return tensors, {"names": names, **(extra or {})}
 
-    async def _parsed(self, tensors: list[torch.Tensor], meta: dict, *, step: int = 0, past: int = 0) -> _Request:
+    async def _parsed(self, tensors: list[torch.Tensor], meta: dict, client: str, *, step: int = 0,
+                      past: int = 0) -> SpanRequest:
         """:meth:`_parse` in the compute executor: a hook's payload (a graph) is decoded and checked there, never on
         the event loop, which must stay free to answer pings."""
-        return await self._compute(lambda: self._parse(tensors, meta, step=step, past=past))
+        return await self._compute(lambda: self._parse(tensors, meta, step=step, past=past, client=client), client)
 
     # ---- handlers ---------------------------------------------------------------------------------------
 
-    async def _forward(self, tensors, meta):
-        chain = _parse_chain(meta.get("next", []), self.limits.max_chain)
+    async def _forward(self, tensors, meta, client: str):
+        chain = parse_chain(meta.get("next", []), self.limits.max_chain)
         keep_outputs = meta.get("return_outputs", True)
         if not isinstance(keep_outputs, bool):
             raise BadRequestError("meta['return_outputs'] must be a boolean.")
         t0 = time.perf_counter()  # parsing counts: a hook's graph work may run while it is built
-        request = await self._parsed(tensors, meta)
+        request = await self._parsed(tensors, meta, client)
         grad = wants_grad(request.hook)
 
         def work():
@@ -306,8 +271,8 @@ class SpanServer:
             else:
                 with torch.no_grad():
                     output = self._run(request, request.tensors["inputs"])
-            return output, _hook_result(request.hook) if request.hook is not None else None
-        output, result = await self._compute(work)
+            return output, hook_result(request.hook) if request.hook is not None else None
+        output, result = await self._compute(work, client)
         stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
         if not chain:
             reply = self._reply(output.detach() if keep_outputs else output.new_empty(0), result, stats)
@@ -318,13 +283,14 @@ class SpanServer:
             reply = await self._pass_on(FORWARD, hop["peer"], output.detach(), result, onward_meta, request, tensors,
                                         meta, stats)
         if grad:
-            reply = await self._compute(lambda: backward_reply(request.hook, output, *reply))
+            reply = await self._compute(lambda: backward_reply(request.hook, output, *reply), client)
         return reply
 
     async def _pass_on(self, handle: str, peer: str, output: torch.Tensor, hook_result: bytes | None,
-                       onward_meta: dict, request: _Request, tensors, meta: dict, stats: dict):
+                       onward_meta: dict, request: SpanRequest, tensors, meta: dict, stats: dict):
         """Chained call: send the outputs (with the masks, and the hook's payload and result as the next carry)
         straight to the next node, and relay its answer back with the compute seconds and node → node bytes."""
+        onward_meta["origin"] = request.client  # the next node counts this request against the same client
         onward = {"inputs": output}
         onward.update({k: request.tensors[k].cpu() for k in ("attention_mask", "position_ids") if k in request.tensors})
         if request.hook is not None:
@@ -341,8 +307,8 @@ class SpanServer:
         return [out[n] for n in names], {"names": names, **{k: v for k, v in reply.items() if k not in ("names",)},
                                          **stats}
 
-    async def _backward(self, tensors, meta):
-        request = await self._parsed(tensors, meta)
+    async def _backward(self, tensors, meta, client: str):
+        request = await self._parsed(tensors, meta, client)
         if request.embed:
             raise BadRequestError("Backward through the embedding is not served; send hidden states.")
         grad_outputs = request.tensors.get("grad_outputs")
@@ -357,10 +323,10 @@ class SpanServer:
                     raise BadRequestError(f"grad_outputs must be {outputs.dtype} {tuple(outputs.shape)}; "
                                           f"got {grad_outputs.dtype} {tuple(grad_outputs.shape)}.")
                 (grad_inputs,) = torch.autograd.grad(outputs, inputs, grad_outputs)
-            return grad_inputs, _hook_result(request.hook) if request.hook is not None else None
-        return self._reply(*await self._compute(work))
+            return grad_inputs, hook_result(request.hook) if request.hook is not None else None
+        return self._reply(*await self._compute(work, client))
 
-    async def _inference(self, tensors, meta):
+    async def _inference(self, tensors, meta, client: str):
         session_id = meta.get("session_id")
         if not isinstance(session_id, str) or not 0 < len(session_id) <= 128:
             raise BadRequestError("Inference needs meta['session_id'] as a non-empty string (≤128 chars).")
@@ -369,11 +335,13 @@ class SpanServer:
             return [], {"names": [], "closed": True}
         session = self.sessions.sessions.get(session_id)
         step = session.steps if session is not None else 0
-        request = await self._parsed(tensors, meta, step=step, past=session.length if session is not None else 0)
+        request = await self._parsed(tensors, meta, client, step=step,
+                                     past=session.length if session is not None else 0)
         if self.sessions.sessions.get(session_id) is not session:
             raise BadRequestError(f"Session {session_id!r} was opened, closed or dropped while this step was parsed; "
                                   f"send one step of a session at a time.")
         batch, length = request.tensors["inputs"].shape[:2]
+        opened_here = session is None
         if session is None:
             spec = meta.get("open")
             if not isinstance(spec, dict):
@@ -384,12 +352,14 @@ class SpanServer:
             if not isinstance(max_length, int) or max_length <= 0:
                 raise BadRequestError("meta['open']['max_length'] must be a positive integer.")
             session = self.sessions.open(session_id, start=request.start, end=request.end, embed=request.embed,
-                                         head=request.head, batch_size=batch, max_length=max_length)
+                                         head=request.head, batch_size=batch, max_length=max_length, client=client)
         elif batch != session.batch_size:
             raise BadRequestError(f"Session {session_id!r} was opened with batch size {session.batch_size}; got {batch}.")
         elif (session.start, session.end, session.embed, session.head) != (request.start, request.end, request.embed, request.head):
             raise BadRequestError(f"Session {session_id!r} was opened for layers {session.start}:{session.end}; "
                                   f"steps must use the same layers.")
+        if session.busy:
+            raise BadRequestError(f"Session {session_id!r} is running a step; send one step of a session at a time.")
         session.check_room(length)
         last_only, argmax = meta.get("last_only", False), meta.get("argmax", False)
         if not isinstance(last_only, bool) or not isinstance(argmax, bool):
@@ -397,7 +367,7 @@ class SpanServer:
         if argmax and not (request.head and last_only):
             raise BadRequestError("meta['argmax'] answers the next token's id, which needs the head ('head': true) "
                                   "and the last position only ('last_only': true).")
-        chain = _parse_inference_chain(meta.get("next", []), self.limits.max_chain)
+        chain = parse_inference_chain(meta.get("next", []), self.limits.max_chain)
 
         chunks = meta.get("chunks", [length])
         if not isinstance(chunks, list) or not all(isinstance(c, int) and c > 0 for c in chunks) or sum(chunks) != length:
@@ -406,6 +376,14 @@ class SpanServer:
             raise BadRequestError("A span hook sees one step per call; replay hooked steps one call each, "
                                   "without meta['chunks'].")
 
+        try:  # CapacityError past the node's or this client's KV-cache bytes
+            self.sessions.charge(session, length)
+        except CapacityError:
+            if opened_here:  # a refused first step leaves no empty session behind
+                self.sessions.close(session_id)
+            raise
+        between_layers = self._between_layers(client)
+
         def work():
             # A replayed history arrives as several steps in one call; running them one by one recomputes the
             # KV cache exactly as the original steps did, so a rebuilt session matches bit for bit.
@@ -413,27 +391,32 @@ class SpanServer:
             mask, positions = request.tensors.get("attention_mask"), request.tensors.get("position_ids")
             with torch.no_grad(), active_hook(request.hook):
                 for size in chunks:
+                    if offset:
+                        between_layers()
                     part = slice(offset, offset + size)
                     seen = mask.shape[1] - length + offset + size if mask is not None else None
                     outputs.append(self.model(
                         request.tensors["inputs"][:, part], start=request.start, end=request.end, embed=request.embed,
                         head=request.head, attention_mask=mask[:, :seen] if mask is not None else None,
                         position_ids=positions[:, part] if positions is not None else None, cache=session.cache,
-                        logits_to_keep=1 if last_only else 0))
+                        logits_to_keep=1 if last_only else 0, between_layers=between_layers))
                     offset += size
             output = torch.cat(outputs, dim=1)
             if request.hook is None:
                 return output, None, None
             try:  # the hook failing after the span ran leaves the cache whole: the session stays usable
-                return output, _hook_result(request.hook), None
+                return output, hook_result(request.hook), None
             except SwarmError as e:
                 return output, None, e
         t0 = time.perf_counter()
+        session.busy = True
         try:
-            output, result, hook_error = await self._compute(work)
+            output, result, hook_error = await self._compute(work, client)
         except BaseException:
             self.sessions.close(session_id)  # the cache may be half-updated: never reuse it
             raise
+        finally:
+            session.busy = False
         session.length += length
         session.steps += 1
         session.last_used = time.monotonic()
@@ -450,43 +433,3 @@ class SpanServer:
         if hop["open"] is not None:
             onward_meta["open"] = hop["open"]
         return await self._pass_on(INFERENCE, hop["peer"], output, result, onward_meta, request, tensors, meta, stats)
-
-
-def _parse_chain(chain, max_chain: int) -> list[dict]:
-    """Validate ``meta['next']``: the onward hops of a chained forward."""
-    if not isinstance(chain, list) or len(chain) > max_chain:
-        raise BadRequestError(f"meta['next'] must be a list of at most {max_chain} hops.")
-    hops = []
-    for hop in chain:
-        ok = (isinstance(hop, dict) and isinstance(hop.get("peer"), str)
-              and all(isinstance(hop.get(k), int) and not isinstance(hop.get(k), bool) for k in ("start", "end"))
-              and isinstance(hop.get("head", False), bool))
-        if not ok:
-            raise BadRequestError(f"Each onward hop must be {{'peer': str, 'start': int, 'end': int, 'head': bool}}; got {hop!r}.")
-        hops.append({"peer": hop["peer"], "start": hop["start"], "end": hop["end"], "head": hop.get("head", False)})
-    return hops
-
-
-def _parse_inference_chain(chain, max_chain: int) -> list[dict]:
-    """Validate ``meta['next']`` of a chained inference step: onward hops with their sessions."""
-    hops = _parse_chain(chain, max_chain)
-    for hop, raw in zip(hops, chain):
-        session_id, spec = raw.get("session_id"), raw.get("open")
-        last_only, argmax = raw.get("last_only", False), raw.get("argmax", False)
-        if not (isinstance(session_id, str) and 0 < len(session_id) <= 128 and (spec is None or isinstance(spec, dict))
-                and isinstance(last_only, bool) and isinstance(argmax, bool)):
-            raise BadRequestError("Each onward inference hop needs 'session_id' (str), and may have 'open' (dict), "
-                                  f"'last_only' (bool) and 'argmax' (bool); got {raw!r}.")
-        hop.update(session_id=session_id, open=spec, last_only=last_only, argmax=argmax)
-    return hops
-
-
-def _hook_result(hook: SpanHook) -> bytes:
-    """The hook's result bytes; a failure there is the hook's (a typed HookError), not the node's."""
-    try:
-        return hook.result()
-    except SwarmError:
-        raise
-    except Exception as e:
-        raise HookError(f"Span hook failed to produce its result: {type(e).__name__}: {e}") from e
-

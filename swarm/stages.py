@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -160,7 +161,7 @@ class SpanModel(nn.Module):
     def forward(self, inputs: torch.Tensor, *, start: int | None = None, end: int | None = None,
                 embed: bool = False, head: bool = False, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: DynamicCache | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, between_layers: Callable[[], None] | None = None) -> torch.Tensor:
         """Run layers ``[start, end)`` (default: the whole span), optionally the embedding before and the head after.
 
         Args:
@@ -170,6 +171,8 @@ class SpanModel(nn.Module):
             cache: the session's KV cache (indexed by layer position within this span), or None.
             logits_to_keep: with ``head``, apply ``lm_head`` to the last ``logits_to_keep`` positions only (0: all),
                 as transformers does; its ``generate`` keeps 1, so ``lm_head``'s input and output have one position.
+            between_layers: called between two consecutive layers (the node hands its compute slot to other waiting
+                requests there, see :mod:`swarm.compute_slot`).
         Returns:
             hidden states ``(B, T, D)``, or logits ``(B, T or logits_to_keep, V)`` when ``head``.
         """
@@ -186,6 +189,8 @@ class SpanModel(nn.Module):
             masks = {}
             position_embeddings = self.model.rotary_emb(hidden, position_ids)
             for i in range(start, end):
+                if between_layers is not None and i > start:
+                    between_layers()
                 kind = layer_type(self.config, i)
                 if kind not in masks:
                     build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask

@@ -96,16 +96,28 @@ def test_hook_registry_rejects_unknown_kinds_and_wraps_hook_failures(tiny):
         model(torch.ones(1, 2, dtype=torch.long), embed=True)
 
 
-def test_session_manager_caps_memory_and_length():
-    manager = SessionManager(max_cache_bytes=1000, bytes_per_token=10, max_length=50)
-    manager.open("a", start=0, end=1, embed=False, head=False, batch_size=1, max_length=50)  # 500 bytes
-    with pytest.raises(CapacityError, match="500 of 1000 are free"):
-        manager.open("b", start=0, end=2, embed=False, head=False, batch_size=1, max_length=50)
+def test_session_manager_charges_cache_bytes_as_used_and_caps_length():
+    manager = SessionManager(max_cache_bytes=1000, bytes_per_token=10, max_length=50, max_client_bytes=600,
+                             max_client_sessions=2)
+    a = manager.open("a", start=0, end=1, embed=False, head=False, batch_size=1, max_length=50, client="x")
+    assert manager.used_bytes == 0  # opening reserves nothing; steps are charged as they append tokens
+    manager.charge(a, 50)  # 500 bytes
+    with pytest.raises(CapacityError, match="needs 200 bytes, this client's sessions hold 500 of the 600.*"
+                                            "--max-client-cache-bytes"):
+        manager.charge(manager.open("a2", start=0, end=2, embed=False, head=False, batch_size=1, max_length=50,
+                                    client="x"), 10)
+    with pytest.raises(CapacityError, match="holds 2 open.*--max-client-sessions\) is 2"):
+        manager.open("a3", start=0, end=1, embed=False, head=False, batch_size=1, max_length=50, client="x")
+    b = manager.open("b", start=0, end=2, embed=False, head=False, batch_size=1, max_length=50, client="y")
+    manager.charge(b, 25)  # 500 bytes: the cache is now full
+    with pytest.raises(CapacityError, match="needs 20 bytes, 0 of 1000 are free.*--max-cache-bytes"):
+        manager.charge(b, 1)
     with pytest.raises(SequenceTooLongError):
-        manager.open("c", start=0, end=1, embed=False, head=False, batch_size=1, max_length=51)
+        manager.open("c", start=0, end=1, embed=False, head=False, batch_size=1, max_length=51, client="y")
     manager.close("a")
-    session = manager.open("b", start=0, end=2, embed=False, head=False, batch_size=1, max_length=50)
-    session.length = 49
+    manager.charge(b, 1)
+    assert manager.used_bytes == 520 and manager.client_bytes("y") == 520
+    b.length = 49
     with pytest.raises(SequenceTooLongError, match="max_length=50"):
-        session.check_room(2)
-    assert isinstance(session.cache, DynamicCache)
+        b.check_room(2)
+    assert isinstance(b.cache, DynamicCache)
