@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.ioi import attribution_patching, ioi_batch
 
@@ -27,9 +27,11 @@ def batch(local_lm):
     return batch
 
 
-def autograd_attributions(model_dir, ids: torch.Tensor, batch) -> list[torch.Tensor]:
-    """The independent reference: transformers, forward hooks keeping each layer's output, ``retain_grad``, one
-    ``backward`` of the corrupted rows' logit difference; ``(h[:n] - h[n:]) * h.grad[n:]`` summed over features."""
+def autograd_attributions(model_dir, batch) -> list[torch.Tensor]:
+    """The independent reference: transformers' tokenizer and model, forward hooks keeping each layer's output,
+    ``retain_grad``, one ``backward`` of the corrupted rows' logit difference; ``(h[:n] - h[n:]) * h.grad[n:]``
+    summed over features."""
+    ids = AutoTokenizer.from_pretrained(model_dir)(batch.prompts, return_tensors="pt").input_ids   # (2n, T)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     n = len(batch.io_tokens)
     outputs: dict[int, torch.Tensor] = {}
@@ -62,8 +64,7 @@ def max_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 @pytest.fixture(scope="module")
 def runs(smollm2_dir, remote_lm, local_lm, batch):
     """The program in each placement, and the autograd reference: ``{name: (attributions, stats)}``."""
-    ids, _ = local_lm.tokenize(batch.prompts)
-    out = {"autograd": (autograd_attributions(smollm2_dir, ids, batch), None)}
+    out = {"autograd": (autograd_attributions(smollm2_dir, batch), None)}
     out["local"] = attribution_patching(local_lm, batch, placement="local")
     for placement in ("hybrid", "swarm"):
         out[placement] = attribution_patching(remote_lm, batch, placement=placement)
