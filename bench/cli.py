@@ -2,6 +2,7 @@
 
     swarm-bench run --suite paper --link 60MB/s,20ms
     swarm-bench run --workload ioi_patching --placements hpc,centralized,petals,swarm,hybrid -n 20
+    swarm-bench run --workload attribution_patching --link 60MB/s,20ms -n 3
     swarm-bench run --suite smoke                      # a few minutes (make bench-smoke)
 
 Records go to ``<out>/<run-id>/<workload>.jsonl`` (``--out`` defaults to ``results``). Environment (read here
@@ -44,12 +45,14 @@ PLACEMENTS_OF = {
     "remote_inference": ("centralized", "petals", "swarm", "hybrid"), "patching": ("centralized", "petals", "swarm", "hybrid"),
     "ioi_patching": ("hpc", "centralized", "petals", "swarm", "hybrid"), "logit_lens": ("centralized", "swarm", "hybrid"),
     "steering_generation": ("centralized", "swarm", "hybrid"), "concurrency": ("hybrid", "swarm"),
+    "attribution_patching": ("hpc", "centralized", "swarm", "hybrid"),
 }
 """Placements each workload runs in by default (``--placements`` narrows or widens them)."""
 PETALS_WORKLOADS = ("remote_inference", "patching", "ioi_patching", "concurrency")
-"""What the Petals worker implements (:mod:`bench.petals_worker`)."""
+"""What the Petals worker implements (:mod:`bench.petals_worker`); not ``attribution_patching``: it needs a backward
+through every layer boundary, which the worker does not implement."""
 BATCH = {"ioi_patching": 32, "setup_time": 2, "patching_vs_size": 2, "remote_inference": 8, "patching": 8,
-         "logit_lens": 8, "steering_generation": 2, "concurrency": 8}
+         "logit_lens": 8, "steering_generation": 2, "concurrency": 8, "attribution_patching": 32}
 
 
 def _csv(choices):

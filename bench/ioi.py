@@ -76,3 +76,34 @@ def patch_and_measure(lm, batch: IOIBatch, layer: int, *, placement: str):
         pair = last.gather(1, pick)                                # (n, 2)
         diff = hybrid.save(pair[:, 0] - pair[:, 1])
     return diff, tracer.stats
+
+
+def attribution_patching(lm, batch: IOIBatch, *, placement: str):
+    """Attribution patching (gradient × activation difference) for every layer's output at every position, in one
+    trace: the clean and corrupted rows run together; per layer ``delta = h[:n] - h[n:]`` (clean − corrupt) is taken
+    in the forward, then the backward of the corrupted rows' logit difference (IO − S, last position, summed)
+    gives ``attr[L] = (delta[L] * h[L].grad[n:]).sum(-1)``, an estimate of how much patching that layer's output
+    at each position from clean into corrupt would move the metric.
+
+    Returns:
+        ``(attributions, stats)``: a list of ``(n, T)`` tensors, index ``L`` for layer ``L``, and ``tracer.stats``.
+        In ``hybrid`` only these come back; the deltas and gradients stay on the nodes.
+    """
+    import hybrid
+
+    n = len(batch.io_tokens)
+    layers = lm.config.num_hidden_layers
+    pick = torch.stack([batch.io_tokens, batch.s_tokens], dim=1)  # (n, 2)
+    attr = [None] * layers
+    with lm.trace(batch.prompts, placement=placement) as tracer:
+        acts, deltas = [], []
+        for layer in range(layers):
+            h = lm.model.layers[layer].output                      # (2n, T, D)
+            acts.append(h)
+            deltas.append(h[:n] - h[n:])                           # (n, T, D) clean − corrupt
+        pair = lm.lm_head.output[n:, -1, :].gather(1, pick)        # (n, 2) corrupted rows
+        metric = (pair[:, 0] - pair[:, 1]).sum()
+        with metric.backward():                                    # gradients in reverse module order
+            for layer in reversed(range(layers)):
+                attr[layer] = hybrid.save((deltas[layer] * acts[layer].grad[n:]).sum(-1))   # (n, T)
+    return attr, tracer.stats

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper run behind docs/figures/: every workload (a)-(g) at a 60 MB/s + 20 ms client link (node links the
+# The paper run behind docs/figures/: every workload (a)-(h) at a 60 MB/s + 20 ms client link (node links the
 # same), placements hpc, centralized, petals, swarm, hybrid where each applies (bench/cli.py PLACEMENTS_OF),
 # N measured repetitions + WARMUP warm-ups per point, then the figures and summary.md.
 #
@@ -25,7 +25,8 @@ FIGURES=${FIGURES:-docs/figures}
 
 run() { "$PY" -m plots.cli run --suite paper --link "$LINK" -n "$N" --warmup "$WARMUP" --run-id "$RUN_ID" "$@"; }
 
-run --workload remote_inference,patching,ioi_patching,logit_lens,steering_generation,concurrency --users "$USERS"
+run --workload remote_inference,patching,ioi_patching,logit_lens,steering_generation,concurrency,attribution_patching \
+    --users "$USERS"
 run --workload setup_time,patching_vs_size --sizes "$SIZES_SMALL"
 if [ -n "$SIZES_LARGE" ]; then
     run --workload setup_time,patching_vs_size --sizes "$SIZES_LARGE"

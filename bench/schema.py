@@ -53,9 +53,9 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = "swarm-bench/1"
 WORKLOADS = ("setup_time", "patching_vs_size", "remote_inference", "patching", "ioi_patching", "logit_lens",
-             "steering_generation", "concurrency")
+             "steering_generation", "concurrency", "attribution_patching")
 """Workload names: (a) setup_time, (b) patching_vs_size, (c) remote_inference and patching, (d) ioi_patching,
-(e) logit_lens, (f) steering_generation, (g) concurrency."""
+(e) logit_lens, (f) steering_generation, (g) concurrency, (h) attribution_patching (gradients)."""
 PLACEMENTS = ("hpc", "centralized", "petals", "swarm", "hybrid")
 VERSION_KEYS = ("python", "torch", "transformers", "hivemind", "nnsight")
 COUNTER_FIELDS = ("client_bytes_sent", "client_bytes_received", "node_bytes", "round_trips")

@@ -7,6 +7,9 @@ Workload names follow :data:`bench.schema.WORKLOADS`; each maps to an experiment
 - ``patching``: activation patching at one layer (last position, clean rows → corrupted rows); the client gets
   the corrupted rows' last-position logits ``(B/2, V)``, as a Petals client that patches locally would.
 - ``ioi_patching``: :func:`bench.ioi.patch_and_measure` (IOI batch 32 on SmolLM2; only logit diffs return).
+- ``attribution_patching``: :func:`bench.ioi.attribution_patching` (IOI batch 32 on SmolLM2, one trace: forward of
+  clean + corrupted rows, backward of the corrupted logit difference; only the ``(n, T)`` attribution of every
+  layer's output comes back in ``hybrid``).
 - ``logit_lens``: every layer's last-position hidden state through the final norm and LM head (on the node that
   holds the head in ``hybrid``: hidden states are carried there and decoded in one batch); top-k ids return.
 - ``steering_generation``: greedy generation of ``new_tokens`` tokens (``lm.generate``, KV cache on the nodes) with
@@ -23,10 +26,13 @@ import torch
 
 from .errors import BenchConfigError
 
-EXPERIMENTS = ("remote_inference", "patching", "ioi_patching", "logit_lens", "steering_generation")
+EXPERIMENTS = ("remote_inference", "patching", "ioi_patching", "attribution_patching", "logit_lens",
+               "steering_generation")
 WORKLOAD_EXPERIMENT = {"setup_time": "remote_inference", "patching_vs_size": "patching", "concurrency": "patching",
                        **{name: name for name in EXPERIMENTS}}
 """Which experiment each workload times."""
+IOI_EXPERIMENTS = ("ioi_patching", "attribution_patching")
+"""Experiments on :func:`bench.ioi.ioi_batch` prompts (``batch // 2`` clean/corrupted pairs)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class Experiment:
         self.layer = config.layer if config.layer is not None else self.num_layers // 2
         if not 0 <= self.layer < self.num_layers:
             raise BenchConfigError(f"layer {self.layer} is outside this model's 0..{self.num_layers - 1}")
-        if config.experiment == "ioi_patching":
+        if config.experiment in IOI_EXPERIMENTS:
             from .ioi import ioi_batch
             self.ioi = ioi_batch(lm.tokenizer, pairs=config.batch // 2, seed=config.seed)
             self.ids, _ = lm.tokenize(self.ioi.prompts)
@@ -113,6 +119,15 @@ class Experiment:
         diff = _value(diff)
         return stats, {"layer": self.layer, "logit_diff_mean": float(diff.mean())}
 
+    def _attribution_patching(self, placement):
+        from .ioi import attribution_patching
+        attr, stats = attribution_patching(self.lm, self.ioi, placement=placement)
+        per_layer = torch.stack([_value(a).sum(0) for a in attr])          # (L, T): summed over pairs
+        layer, position = divmod(int(per_layer.abs().argmax()), per_layer.shape[1])
+        return stats, {"layers": len(attr), "s2_position": self.ioi.s2_position, "top_layer": layer,
+                       "top_position": position, "top_attribution": float(per_layer[layer, position]),
+                       "total_attribution": float(per_layer.sum())}
+
     def _logit_lens(self, placement):
         import hybrid
         lm, k = self.lm, self.config.top_k
@@ -145,7 +160,7 @@ def plain_inputs(model_dir, config: ExperimentConfig) -> dict:
 
     model_config = AutoConfig.from_pretrained(model_dir)
     layer = config.layer if config.layer is not None else model_config.num_hidden_layers // 2
-    if config.experiment == "ioi_patching":
+    if config.experiment in IOI_EXPERIMENTS:
         from .ioi import ioi_batch
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         batch = ioi_batch(tokenizer, pairs=config.batch // 2, seed=config.seed)

@@ -32,13 +32,14 @@ Figures (skipped, with a note in summary.md, when the run has no rows for them):
   fig6b_patching_vs_size  activation patching runtime vs model size, HPC vs remote placements
   fig6c_petals_vs_ours    Petals vs swarm vs hybrid: plain remote inference and activation patching
   fig_ioi_patching        IOI patching batch 32: time and client-link bytes (log scale)
+  fig_attribution_patching  IOI attribution patching (forward + backward) batch 32: time and client-link bytes
   fig_logit_lens          all-layer logit lens vs a plain forward
   fig_steering            steering-vector generation: per generation and per token
   fig_concurrency         1..N concurrent users: response time (quartile band) and throughput
 
 summary.md holds the headline ratios (IOI time swarm÷hybrid and petals÷hybrid, client-link bytes
-swarm÷hybrid, hybrid÷centralized, plain forward ours÷petals, logit lens ÷ plain forward), the
-concurrency table and every measurement's median with its 95% CI.
+swarm÷hybrid, hybrid÷centralized; attribution patching time and bytes swarm÷hybrid and hybrid÷centralized;
+plain forward ours÷petals, logit lens ÷ plain forward), the concurrency table and every measurement's median with its 95% CI.
 
 Example:
   swarm-bench plot results/paper-20261122-0600/ --out docs/figures/"""

@@ -1,5 +1,5 @@
-"""Placements side by side: paper Fig. 6c (Petals vs ours, plain inference and patching) and IOI patching
-time and client-link bytes."""
+"""Placements side by side: paper Fig. 6c (Petals vs ours, plain inference and patching), and IOI activation
+patching and attribution patching time and client-link bytes."""
 
 from __future__ import annotations
 
@@ -60,20 +60,45 @@ def fig_ioi_patching(source, out_dir: Path) -> FigureResult:
     Returns:
         The paths written, or a note when there are no ``ioi_patching`` rows.
     """
-    result = FigureResult("fig_ioi_patching")
     records = load(source)
     batch = ioi_batch(records)   # the batch summary.md's IOI ratios use, chosen from the same records
-    records = [r for r in select(records, "ioi_patching", result.notes)
+    return _time_and_bytes(records, out_dir, FigureResult("fig_ioi_patching"), "ioi_patching", batch,
+                           ("petals", "swarm", "hybrid", "centralized"), "IOI activation patching")
+
+
+@styled
+def fig_attribution_patching(source, out_dir: Path) -> FigureResult:
+    """IOI attribution patching (one forward of clean + corrupted rows and one backward; every layer's attribution
+    at every position returns), batch 32 where present, else the largest batch: time per experiment and bytes over
+    the client link per placement, bytes on a log axis, like :func:`fig_ioi_patching`.
+
+    Args:
+        source: a run directory or a list of records (``attribution_patching`` rows).
+        out_dir: where ``fig_attribution_patching.png`` / ``.pdf`` go.
+
+    Returns:
+        The paths written, or a note when there are no ``attribution_patching`` rows.
+    """
+    records = load(source)
+    batch = ioi_batch(records, workload="attribution_patching")
+    return _time_and_bytes(records, out_dir, FigureResult("fig_attribution_patching"), "attribution_patching",
+                           batch, ("swarm", "hybrid", "centralized"), "IOI attribution patching (forward + backward)")
+
+
+def _time_and_bytes(records: list[dict], out_dir: Path, result: FigureResult, workload: str, batch: int | None,
+                    expected: tuple[str, ...], title: str) -> FigureResult:
+    """Two panels per placement for ``workload`` rows at ``batch``: median time, and client-link bytes (log)."""
+    records = [r for r in select(records, workload, result.notes)
                if r["ok"] and not r["warmup"] and r["batch"] == batch]
     if not records:
-        result.notes.append("skipped: no successful ioi_patching repetitions"
+        result.notes.append(f"skipped: no successful {workload} repetitions"
                             + (f" at batch {batch}" if batch is not None else ""))
         return result
     if batch != 32:
-        result.notes.append(f"no batch-32 IOI rows; drew batch {batch}")
+        result.notes.append(f"no batch-32 {WORKLOAD_LABELS[workload]} rows; drew batch {batch}")
     times = summarize(records, by=("placement",))
     sizes = summarize(records, by=("placement",), value=client_bytes)
-    result.notes += missing_note(records, ("petals", "swarm", "hybrid", "centralized"), "IOI patching")
+    result.notes += missing_note(records, expected, WORKLOAD_LABELS[workload])
     fig, (ax_t, ax_b) = new_figure(ncols=2)
     placements = placements_in(records)
     grouped_bars(ax_t, ["time"], placements, lambda _, p: times.get((p,)), [""], annotate=seconds)
@@ -86,7 +111,7 @@ def fig_ioi_patching(source, out_dir: Path) -> FigureResult:
     uncounted = [p for p in placements if (p,) not in sizes]
     ax_b.set_title("bytes over the client link, sent + received" + (f"\n(not counted: {', '.join(uncounted)})" if uncounted else ""))
     link = shaped_link(records)
-    fig.suptitle(f"IOI activation patching, batch {batch}" + (f", client link {link}" if link else ""))
+    fig.suptitle(f"{title}, batch {batch}" + (f", client link {link}" if link else ""))
     legend_below(fig, "median, 95% CI")
     result.paths = save(fig, out_dir, result.name)
     return result

@@ -11,7 +11,7 @@ from bench.errors import BenchConfigError
 from .data import FigureResult, load
 from .fig_concurrency import fig_concurrency
 from .fig_interp import fig_logit_lens, fig_steering
-from .fig_placements import fig6c_petals_vs_ours, fig_ioi_patching
+from .fig_placements import fig6c_petals_vs_ours, fig_attribution_patching, fig_ioi_patching
 from .fig_scaling import fig6a_setup_time, fig6b_patching_vs_size
 from .summary import write_summary
 
@@ -22,6 +22,7 @@ FIGURES: dict[str, Callable[..., FigureResult]] = {
     "fig6b_patching_vs_size": fig6b_patching_vs_size,
     "fig6c_petals_vs_ours": fig6c_petals_vs_ours,
     "fig_ioi_patching": fig_ioi_patching,
+    "fig_attribution_patching": fig_attribution_patching,
     "fig_logit_lens": fig_logit_lens,
     "fig_steering": fig_steering,
     "fig_concurrency": fig_concurrency,

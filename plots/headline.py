@@ -44,15 +44,17 @@ def _ratio(name: str, stats: dict, numerator: tuple, denominator: tuple, unit: s
                  missing=("no " + " / ".join(absent) + " rows") if absent else "")
 
 
-def ioi_batch(records: list[dict], notes: list[str] | None = None) -> int | None:
-    """The IOI batch the headline uses: 32 when measured, else the largest (noted); None without IOI rows."""
-    batches = {r["batch"] for r in records if r["workload"] == "ioi_patching" and r["batch"] is not None}
+def ioi_batch(records: list[dict], notes: list[str] | None = None, workload: str = "ioi_patching") -> int | None:
+    """The IOI batch the headline uses for ``workload`` (``ioi_patching`` or ``attribution_patching``): 32 when
+    measured, else the largest (noted); None without rows."""
+    batches = {r["batch"] for r in records if r["workload"] == workload and r["batch"] is not None}
     if not batches:
         return None
     if 32 in batches:
         return 32
     if notes is not None:
-        notes.append(f"no batch-32 IOI rows; IOI ratios use batch {max(batches)}")
+        what = "IOI" if workload == "ioi_patching" else workload
+        notes.append(f"no batch-32 {what} rows; {what} ratios use batch {max(batches)}")
     return max(batches)
 
 
@@ -77,6 +79,12 @@ def headline_ratios(records: list[dict], notes: list[str] | None = None) -> list
     lens = {(p, w): s for (w, p), s in summarize([r for r in lens_rows if r["model"] in lens_models],
                                                  by=("workload", "placement")).items()}
     b = f"batch {batch}" if batch else "batch 32"
+    attr_batch = ioi_batch(records, notes, workload="attribution_patching")
+    attr = [r for r in select(records, "attribution_patching", notes) if r["batch"] == attr_batch]
+    attr_time = {(p, "attribution patching"): s for (p,), s in summarize(attr, by=("placement",)).items()}
+    attr_bytes = {(p, "attribution patching"): s
+                  for (p,), s in summarize(attr, by=("placement",), value=client_bytes).items()}
+    a = f"batch {attr_batch}" if attr_batch else "batch 32"
     return [
         _ratio(f"IOI patching {b}: time swarm ÷ hybrid", ioi_time, ("swarm", "IOI patching"),
                ("hybrid", "IOI patching"), "s"),
@@ -86,6 +94,14 @@ def headline_ratios(records: list[dict], notes: list[str] | None = None) -> list
                ("hybrid", "IOI patching"), "B"),
         _ratio(f"IOI patching {b}: time hybrid ÷ centralized", ioi_time, ("hybrid", "IOI patching"),
                ("centralized", "IOI patching"), "s"),
+        _ratio(f"attribution patching {a}: time swarm ÷ hybrid", attr_time, ("swarm", "attribution patching"),
+               ("hybrid", "attribution patching"), "s"),
+        _ratio(f"attribution patching {a}: client-link bytes swarm ÷ hybrid", attr_bytes,
+               ("swarm", "attribution patching"), ("hybrid", "attribution patching"), "B"),
+        _ratio(f"attribution patching {a}: time hybrid ÷ centralized", attr_time,
+               ("hybrid", "attribution patching"), ("centralized", "attribution patching"), "s"),
+        _ratio(f"attribution patching {a}: client-link bytes hybrid ÷ centralized", attr_bytes,
+               ("hybrid", "attribution patching"), ("centralized", "attribution patching"), "B"),
         _ratio("plain forward: time hybrid ÷ petals", plain, ("hybrid", "plain forward"),
                ("petals", "plain forward"), "s"),
         _ratio("plain forward: time swarm ÷ petals", plain, ("swarm", "plain forward"),

@@ -25,7 +25,8 @@ LABELS = {"hpc": "HPC (local load)", "centralized": "centralized (NDIF-like)", "
 ORDER = ("hpc", "centralized", "petals", "swarm", "hybrid")
 """Placement order of every legend and bar group."""
 WORKLOAD_LABELS = {"remote_inference": "plain remote inference", "patching": "activation patching",
-                   "ioi_patching": "IOI patching", "logit_lens": "all-layer logit lens",
+                   "ioi_patching": "IOI patching",
+                   "attribution_patching": "IOI attribution patching", "logit_lens": "all-layer logit lens",
                    "steering_generation": "steering-vector generation", "setup_time": "setup",
                    "patching_vs_size": "activation patching", "concurrency": "concurrent users"}
 

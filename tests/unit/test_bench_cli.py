@@ -29,6 +29,27 @@ def test_no_size_workload_runs_on_petals():
     assert not set(SIZE_WORKLOADS) & set(PETALS_WORKLOADS)   # plan_jobs relies on it to leave petals out
 
 
+def test_attribution_patching_plans_batch_32_in_every_placement_but_petals(tmp_path):
+    from bench.cli import plan_jobs
+    from swarm.checkpoint import resolve_checkpoint
+
+    resolve_checkpoint("smollm2-135m")   # the cached checkpoint: plan_jobs reads only its headers
+    for suite in ("paper", "smoke"):
+        args = build_run_parser().parse_args(["--suite", suite, "--workload", "attribution_patching",
+                                              "--petals-venv", str(tmp_path / "nope")])
+        planned = {m.placement: m for job in plan_jobs(args, _cache_dir()) for m in job.measurements}
+        assert set(planned) == {"hpc", "centralized", "swarm", "hybrid"}
+        assert {(m.experiment.experiment, m.experiment.batch) for m in planned.values()} == {
+            ("attribution_patching", 32)}
+    from bench.cli import SUITES
+    assert all("attribution_patching" in suite["workloads"] for suite in SUITES.values())
+
+
+def _cache_dir():
+    from swarm.embedded import default_cache_dir
+    return default_cache_dir()
+
+
 def test_missing_petals_venv_says_how_to_create_it(tmp_path):
     with pytest.raises(PetalsUnavailableError, match="make petals-env"):
         petals_python(tmp_path / "nope")

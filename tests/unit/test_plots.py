@@ -63,6 +63,8 @@ def synthetic_run(seed: int = 0, drop: tuple[str, ...] = (), workloads=WORKLOADS
                 group(workload, placement, extra={"top_k": 5} if workload == "logit_lens" else None)
         if "ioi_patching" in workloads:
             group("ioi_patching", placement, batch=32)
+        if "attribution_patching" in workloads and placement != "petals":   # the Petals worker has no backward
+            group("attribution_patching", placement, batch=32, extra={"layers": 30})
         if "steering_generation" in workloads:
             group("steering_generation", placement, extra={"new_tokens": 16})
         if "concurrency" in workloads and placement in ("centralized", "hybrid"):
@@ -145,6 +147,7 @@ def test_summary_holds_the_headline_ratios_computed_independently(plotted):
     records, out, _, _ = plotted
     text = (out / "summary.md").read_text()
     ioi = dict(workload="ioi_patching", batch=32)
+    attr = dict(workload="attribution_patching", batch=32)
     want = {
         "IOI patching batch 32: time swarm ÷ hybrid": med_time(records, placement="swarm", **ioi)
         / med_time(records, placement="hybrid", **ioi),
@@ -154,6 +157,14 @@ def test_summary_holds_the_headline_ratios_computed_independently(plotted):
         / med_bytes(records, placement="hybrid", **ioi),
         "IOI patching batch 32: time hybrid ÷ centralized": med_time(records, placement="hybrid", **ioi)
         / med_time(records, placement="centralized", **ioi),
+        "attribution patching batch 32: time swarm ÷ hybrid": med_time(records, placement="swarm", **attr)
+        / med_time(records, placement="hybrid", **attr),
+        "attribution patching batch 32: client-link bytes swarm ÷ hybrid": med_bytes(records, placement="swarm", **attr)
+        / med_bytes(records, placement="hybrid", **attr),
+        "attribution patching batch 32: time hybrid ÷ centralized": med_time(records, placement="hybrid", **attr)
+        / med_time(records, placement="centralized", **attr),
+        "attribution patching batch 32: client-link bytes hybrid ÷ centralized":
+        med_bytes(records, placement="hybrid", **attr) / med_bytes(records, placement="centralized", **attr),
         "plain forward: time hybrid ÷ petals": med_time(records, "remote_inference", "hybrid")
         / med_time(records, "remote_inference", "petals"),
         "plain forward: time swarm ÷ petals": med_time(records, "remote_inference", "swarm")
@@ -290,3 +301,27 @@ def test_ioi_figure_uses_the_headline_batch_even_when_it_failed(tmp_path):
     results, _ = plot_run(write_run(records, tmp_path / "run"), tmp_path / "out", only=["fig_ioi_patching"])
     assert results[0].skipped
     assert results[0].notes[-1] == "skipped: no successful ioi_patching repetitions at batch 32"
+
+
+def test_attribution_figure_draws_time_and_bytes_per_placement_and_notes_what_is_missing(tmp_path):
+    records = synthetic_run(workloads=("attribution_patching",), drop=("centralized",))
+    assert {r["placement"] for r in records} == {"hpc", "swarm", "hybrid"}
+    results, summary = plot_run(write_run(records, tmp_path / "run"), tmp_path / "out",
+                                only=["fig_attribution_patching"])
+    [result] = results
+    assert not result.skipped
+    assert_drawn(tmp_path / "out", "fig_attribution_patching")
+    assert result.notes == ["no centralized rows for IOI attribution patching"]
+    text = summary.read_text()
+    swarm = med_bytes(records, "attribution_patching", "swarm", batch=32)
+    hybrid = med_bytes(records, "attribution_patching", "hybrid", batch=32)
+    assert f"| {swarm / hybrid:.2f}× |" in summary_line(text, "attribution patching batch 32: client-link bytes swarm ÷ hybrid")
+    assert "n/a (no centralized attribution patching rows)" in summary_line(
+        text, "attribution patching batch 32: time hybrid ÷ centralized")
+
+
+def test_attribution_figure_skips_with_a_note_without_rows(tmp_path):
+    results, _ = plot_run(write_run(synthetic_run(workloads=("ioi_patching",)), tmp_path / "run"), tmp_path / "out",
+                          only=["fig_attribution_patching"])
+    assert results[0].skipped
+    assert results[0].notes[-1] == "skipped: no successful attribution_patching repetitions"
