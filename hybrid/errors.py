@@ -52,3 +52,10 @@ class SessionValueError(HybridError):
     """A value an earlier trace of the session left on a node is gone (expired, evicted, or the node restarted)."""
 
     code = "session_value_missing"
+
+
+class BlobMissingError(SessionValueError):
+    """A graph names a large attachment by content hash that this node does not hold (never uploaded here, evicted,
+    or the node restarted); the client sends it again inline, once."""
+
+    code = "blob_missing"

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .blobs import parse_entries
 from .errors import InvalidGraphError, LimitExceededError
 
 IR_VERSION = 1
@@ -151,6 +152,8 @@ class Graph:
     nodes: list[Node] = field(default_factory=list)
     attachments: list[torch.Tensor] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
+    blobs: list[dict] = field(default_factory=list)
+    """Attachments named by content hash (:mod:`hybrid.blobs`), as received; resolved by the node."""
 
     def add(self, op: str, **fields) -> Node:
         node = Node(id=len(self.nodes), op=op, **fields)
@@ -176,9 +179,18 @@ class Graph:
                                                       if v is not None and v is not False and v != [] and v != {}}})
         return {"version": IR_VERSION, "limits": self.limits.to_json(), "nodes": nodes}
 
-    def to_bytes(self) -> bytes:
-        text = json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
-        return MAGIC + struct.pack("<IQ", IR_VERSION, len(text)) + text + attachments_bytes(self.attachments)
+    def to_bytes(self, blobs: list[dict] | None = None) -> bytes:
+        """The wire form; ``blobs`` (:func:`hybrid.blobs.entries_for`) sends those attachments by hash (an empty
+        placeholder each) or inline to be kept."""
+        doc = self.to_json()
+        attachments = list(self.attachments)
+        if blobs:
+            doc["blobs"] = blobs
+            for entry in blobs:
+                if not entry["keep"]:
+                    attachments[entry["index"]] = attachments[entry["index"]].new_empty(0)
+        text = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        return MAGIC + struct.pack("<IQ", IR_VERSION, len(text)) + text + attachments_bytes(attachments)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_attachment_bytes: int | None = None,
@@ -218,7 +230,8 @@ class Graph:
     def from_json(cls, doc: Any, attachments: list[torch.Tensor]) -> "Graph":
         if not isinstance(doc, dict) or doc.get("version") != IR_VERSION or not isinstance(doc.get("nodes"), list):
             raise InvalidGraphError("graph must be {'version': 1, 'limits': {...}, 'nodes': [...]}")
-        graph = cls(attachments=list(attachments), limits=Limits.from_json(doc.get("limits")))
+        graph = cls(attachments=list(attachments), limits=Limits.from_json(doc.get("limits")),
+                    blobs=parse_entries(doc.get("blobs"), len(attachments)))
         for i, raw in enumerate(doc["nodes"]):
             if not isinstance(raw, dict) or raw.get("id") != i:
                 raise InvalidGraphError(f"node {i} must be an object with id {i}")

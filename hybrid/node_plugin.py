@@ -17,6 +17,7 @@ from .interpreter import Interpreter
 from .validation import validate
 from .ir import JSON_BYTES_PER_OP, Limits
 from .request import HOOK_KIND, HOOK_VERSION, decode_request
+from .blobs import resolve as resolve_blobs
 from .session_store import STORE
 from .values import pack_values, unpack_values
 from .watchdog import WATCHDOG
@@ -143,6 +144,7 @@ def build_graph_hook(payload: bytes, context: HookContext, node: Limits = NODE_L
 
 def _build(graph, plan, hop_offset: int, call: int, keep: dict[int, str], context: HookContext, limits: Limits,
            started: float) -> InterpreterHook:
+    resolve_blobs(graph.attachments, graph.blobs, STORE, context.client)
     validate(graph, lambda _: limits)
     me = hop_offset + context.hop
     if not 0 <= me < len(plan.executors):

@@ -24,7 +24,8 @@ from swarm.remote_sequence import HookRequest
 from swarm.span_hook import active_hook
 from swarm.stages import SpanModel
 
-from .errors import DisallowedOpError, HybridError
+from .blobs import entries_for
+from .errors import BlobMissingError, DisallowedOpError, HybridError
 from .interpreter import Interpreter
 from .ir import Graph
 from .node_plugin import InterpreterHook
@@ -182,13 +183,24 @@ class SwarmRunner:
             carry = pack_values(embed_interp.finish())
         used: list = []
 
+        blobs = entries_for(graph.attachments, inline=False)  # large attachments go by hash (hybrid.blobs)
+
         def payload(route) -> bytes:
             used[:] = route
-            return encode_request(graph, plan_for(route), offset, keep=links.keep)
+            return encode_request(graph, plan_for(route), offset, keep=links.keep, blobs=blobs)
 
-        outputs, result, route, reply = self.client.loop.run(self.sequence.forward_chain(
-            inputs, attention_mask=attention_mask, position_ids=position_ids, embed=remote_embed, head=remote_head,
-            hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload), carry=carry, return_outputs=not remote_head))
+        def chain():
+            return self.client.loop.run(self.sequence.forward_chain(
+                inputs, attention_mask=attention_mask, position_ids=position_ids, embed=remote_embed,
+                head=remote_head, hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload), carry=carry,
+                return_outputs=not remote_head))
+        try:
+            outputs, result, route, reply = chain()
+        except BlobMissingError:  # some node of the route does not hold them yet: send them once, to be kept
+            if not blobs:
+                raise
+            blobs = entries_for(graph.attachments, inline=True)
+            outputs, result, route, reply = chain()
         values = unpack_values(result)
         plan = plan_for(route)
         if not remote_head:  # the client's head is the last executor

@@ -24,10 +24,11 @@ HOOK_KIND = "hybrid.graph"
 HOOK_VERSION = 1
 
 
-def encode_request(graph: Graph, plan: Plan, hop_offset: int, call: int = 0, keep: dict[int, str] | None = None) -> bytes:
+def encode_request(graph: Graph, plan: Plan, hop_offset: int, call: int = 0, keep: dict[int, str] | None = None,
+                   blobs: list[dict] | None = None) -> bytes:
     doc = {**plan.to_json(), "hop_offset": hop_offset, "call": call, "keep": {str(k): v for k, v in (keep or {}).items()}}
     text = json.dumps(doc, separators=(",", ":")).encode()
-    return MAGIC + struct.pack("<Q", len(text)) + text + graph.to_bytes()
+    return MAGIC + struct.pack("<Q", len(text)) + text + graph.to_bytes(blobs)
 
 
 def decode_request(data: bytes, *, max_attachment_bytes: int | None = None, max_json_bytes: int | None = None
