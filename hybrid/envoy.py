@@ -187,6 +187,12 @@ class Envoy:
     def input(self, value: Any) -> None:
         self._tracer("input").write_module(self._path, "input", value)
 
+    def skip(self, replacement: Any) -> None:
+        """nnsight's ``module.skip(value)``: the module's output is ``replacement`` (e.g. its own ``.input``). The
+        values are exactly those of a skipped module; the module still runs where it lives and its result is
+        discarded (no time is saved)."""
+        self._tracer("skip").write_module(self._path, "output", replacement)
+
     @property
     def inputs(self) -> Any:
         raise DisallowedOpError(f"{self._name('inputs')}: the full (args, kwargs) of a module is not addressable "

@@ -187,13 +187,21 @@ class Tracer:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        stopped = exc_type is _Stop and exc is not None and exc.tracer is self
         try:
-            if exc_type is None:
+            if exc_type is None or stopped:
                 self._run()
                 _bind_locals(_user_frame())
         finally:
             self._close()
-        return False
+        return stopped
+
+    def stop(self) -> None:
+        """nnsight's ``tracer.stop()``: the rest of the ``with`` block is not run (no more ops are recorded); what was
+        recorded runs and saved values are bound as usual."""
+        if self._state != "tracing":
+            raise TraceError(at_user_line("tracer.stop() can only be called inside its `with` block"))
+        raise _Stop(self)
 
     @property
     def iter(self) -> Steps:
@@ -420,6 +428,14 @@ class Tracer:
                 f"assign in place: `{name}[:] = value`"))
         pieces = [full[: invoke.start], value, full[invoke.stop:]]
         return self._builder.record("function", target="torch.cat", args=(pieces,), kwargs={"dim": 0})
+
+
+class _Stop(Exception):
+    """Raised by :meth:`Tracer.stop` to leave the ``with`` block; the tracer catches its own."""
+
+    def __init__(self, tracer: "Tracer") -> None:
+        super().__init__("tracer.stop()")
+        self.tracer = tracer
 
 
 class _InvokeContext:

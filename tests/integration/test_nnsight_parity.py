@@ -135,3 +135,22 @@ def test_sae_weights_travel_once_then_by_hash(remote_lm, ns):
         assert sent[1][0] < weights / 100 and sent[1][1] < weights / 10 and sent[1][2] == 1
     finally:
         SAE_12 = first_sae
+
+
+def skip_then_stop(lm, **placement):
+    """Skip layer 3 (its output is its input), read layer 10, stop: nothing after ``tracer.stop()`` runs."""
+    after_stop = []
+    with lm.trace(PROMPTS, **placement) as tracer:
+        lm.model.layers[3].skip(lm.model.layers[3].input)
+        h = lm.model.layers[10].output[:, -1].save()
+        tracer.stop()
+        after_stop.append(lm.model.layers[20].output.save())  # never reached
+    return (h, after_stop), tracer
+
+
+@pytest.mark.parametrize("placement", ["local", "hybrid"])
+def test_skip_and_early_stop(placement, lm_for, ns):
+    (want, want_after), _ = skip_then_stop(ns)
+    (got, after), _ = skip_then_stop(lm_for(placement), placement=placement)
+    close(got, want, "layer 10 after skipping layer 3")
+    assert after == want_after == []
