@@ -10,6 +10,14 @@ pings but did not finish in time (:class:`PeerBusyError`) is not excluded: it co
 ``busy_s``, so routes prefer its replicas while it catches up, and it is still used where it is the only one.
 A node that answers :class:`OverloadedError` (its compute queue is full) is treated the same way: counted busy,
 routed around where a replica exists, else retried after a backoff (``overload_backoff_s``, doubled per retry).
+
+Claims are checked (:mod:`swarm.claims`). Before first use, a node's ``info`` answer must match its record (span,
+stages, checkpoint hash). A call refused with :class:`BadRequestError` is probed with one well-formed token per hop:
+a node that refuses the probe for layers it announced is *distrusted* (excluded for ``refusal_ban_s``, a ping does
+not lift it) and the request is rerouted; if every hop takes the probe, the request itself was bad and the error is
+raised. A chained forward refused with :class:`OverloadedError` is probed the same way to find the full node, which
+is then routed around like any busy node. Nodes whose answers this client used are *trusted*: routing prefers them
+(``untrusted_factor``), and each client draws its own cost ``jitter`` per node to spread near-equal routes.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from hivemind.utils import get_dht_time
 from hivemind.p2p import P2P
 
 from ._loop import BackgroundLoop
-from .errors import MissingBlocksError, OverloadedError, PeerBusyError, PeerUnreachableError
+from .claims import claim_mismatch, find_refusing_hop
+from .errors import BadRequestError, MissingBlocksError, OverloadedError, PeerBusyError, PeerUnreachableError
 from .records import ServerRecord, records_with_expiration
-from .routing import Hop, plan_route
+from .routing import Hop, RouteCosts, plan_route
 from .handles import BACKWARD, FORWARD
 from .transport import Traffic, call, ping
 
@@ -62,6 +71,15 @@ class ClientConfig:
     """After an OverloadedError with no replica to go to, wait this long before retrying, doubled per retry."""
     liveness_s: float = 2.0
     """A call unanswered this long starts pinging the node; a missed ping marks it dead (see transport.call)."""
+    refusal_ban_s: float = 600.0
+    """A node whose info contradicts its record, or that refuses a probe of layers it announced, is excluded this
+    long (pings do not lift it)."""
+    untrusted_factor: float = 1.5
+    """Route cost factor of a node whose answers this client has not used yet."""
+    route_jitter: float = 0.3
+    """Each node's route cost is scaled by a factor drawn once per client in ``[1, 1 + route_jitter]``."""
+    hop_s: float = 0.02
+    """Fixed route cost of one hop beyond its ping (so fewer hops win at similar latency)."""
 
 
 @dataclass
@@ -71,13 +89,15 @@ class RouteStats:
     reroutes: int = 0
     reroute_s: list[float] = field(default_factory=list)
     """Seconds from the failed call's start to the rerouted call's success, per reroute."""
+    distrusted: list[str] = field(default_factory=list)
+    """Peers excluded because their info contradicted their record or they refused layers they announced."""
 
 
 class RemoteSequence:
     """Layers ``[0, num_layers)`` of one model, served by the swarm."""
 
     def __init__(self, dht: DHT, p2p: P2P, loop: BackgroundLoop, *, key: str, model_name: str, num_layers: int,
-                 checkpoint_hash: str, config: ClientConfig = ClientConfig()):
+                 checkpoint_hash: str, config: ClientConfig = ClientConfig(), hidden_size: int | None = None):
         self.dht, self.p2p, self.loop = dht, p2p, loop
         self.key, self.model_name, self.num_layers = key, model_name, num_layers
         self.checkpoint_hash = checkpoint_hash
@@ -98,6 +118,16 @@ class RemoteSequence:
         """Peer id -> load seen in its last ping answer (fresher than its DHT record)."""
         self._busy: dict[str, float] = {}
         """Peer id -> until when it counts as busy (``time.monotonic()``)."""
+        self.hidden_size = hidden_size
+        """Width of the hidden states (for claim probes; None = refusals cannot be attributed and are raised)."""
+        self._distrusted: dict[str, float] = {}
+        """Peer id -> until when it is excluded for a false claim (``time.monotonic()``)."""
+        self._checked: dict[str, tuple] = {}
+        """Peer id -> the record claim its info answer was last checked against."""
+        self._trusted: set[str] = set()
+        """Peers whose answers this client has used."""
+        self._rng = random.Random()
+        self._jitter: dict[str, float] = {}
 
     # ---- discovery and routing --------------------------------------------------------------------------
 
@@ -128,17 +158,30 @@ class RemoteSequence:
             self._known = {p: (r, e) for p, (r, e) in self._known.items() if e > now}
         self._records = [r for r, _ in self._known.values()]
         self._records_at = time.monotonic()
-        unknown = [r.peer_id for r in self._records if r.online and r.peer_id not in self._latency_s]
-        if unknown:
-            await asyncio.gather(*(self._measure(p) for p in unknown))
+        unchecked = [r for r in self._records if r.online and self._checked.get(r.peer_id) != _claim(r)]
+        if unchecked:
+            await asyncio.gather(*(self._measure(r) for r in unchecked))
 
-    async def _measure(self, peer_id: str) -> None:
+    async def _measure(self, record: ServerRecord) -> None:
+        """Ping a node (its latency) and check that its info answer states what its record claims."""
+        peer_id = record.peer_id
         try:
             self._latency_s[peer_id], info = await ping(self.p2p, peer_id, timeout_s=self.config.ping_timeout_s)
         except PeerUnreachableError:
             self.ban(peer_id)
-        else:
-            self.saw_alive(peer_id, info)
+            return
+        self._checked[peer_id] = _claim(record)
+        wrong = claim_mismatch(record, info)
+        if wrong is not None:
+            self.distrust(peer_id, f"its info answer contradicts its record ({wrong})")
+        self.saw_alive(peer_id, info)
+
+    def distrust(self, peer_id: str, why: str) -> None:
+        """Exclude ``peer_id`` for ``refusal_ban_s``: it does not serve what it announces."""
+        logger.warning("Excluding peer %s for %.0f s: %s", peer_id, self.config.refusal_ban_s, why)
+        self._distrusted[peer_id] = time.monotonic() + self.config.refusal_ban_s
+        self._trusted.discard(peer_id)
+        self.stats.distrusted.append(peer_id)
 
     def ban(self, peer_id: str) -> None:
         """``peer_id`` failed liveness: exclude it for ``ban_s``, doubled for each failure in a row before."""
@@ -175,9 +218,41 @@ class RemoteSequence:
             delay_s = min(self.config.overload_backoff_s * 2 ** max(retries - 1, 0), 4.0)
             await asyncio.sleep(delay_s * random.uniform(0.5, 1.5))
 
+    async def _backoff(self, retries: int) -> None:
+        """Wait ``overload_backoff_s * 2 ** (retries - 1)`` (at most 4 s), jittered."""
+        delay_s = min(self.config.overload_backoff_s * 2 ** max(retries - 1, 0), 4.0)
+        await asyncio.sleep(delay_s * random.uniform(0.5, 1.5))
+
     def excluded(self) -> frozenset[str]:
         now = time.monotonic()
-        return frozenset(p for p, until in self._banned.items() if until > now)
+        return frozenset(p for bans in (self._banned, self._distrusted) for p, until in bans.items() if until > now)
+
+    def costs(self) -> RouteCosts:
+        """What routing weighs beyond the records: latency, fresher load, trust, this client's jitter per node."""
+        for record in self._records:
+            if record.peer_id not in self._jitter:
+                self._jitter[record.peer_id] = self._rng.uniform(1.0, 1.0 + self.config.route_jitter)
+        return RouteCosts(latency_s=dict(self._latency_s), load=self.loads(), trusted=frozenset(self._trusted),
+                          jitter=dict(self._jitter), hop_s=self.config.hop_s,
+                          untrusted_factor=self.config.untrusted_factor)
+
+    async def find_refusing(self, hops: list[Hop], error: Exception, *, embed: bool, head: bool) -> Hop | None:
+        """After ``hops`` (a chain, or one hop) were refused with ``error``: probe each hop's layers and act on the
+        first that fails (a refusal of announced layers distrusts it; an overload marks it busy; a dead node is
+        banned). Returns that hop, or None when every hop took the probe (or probes are impossible)."""
+        if self.hidden_size is None:
+            return None
+        found = await find_refusing_hop(self.p2p, hops, hidden_size=self.hidden_size, embed=embed, head=head,
+                                        num_layers=self.num_layers, timeout_s=self.config.request_timeout_s,
+                                        **self._call_options)
+        if found is None:
+            return None
+        hop, why = found
+        if isinstance(why, BadRequestError):
+            self.distrust(hop.peer_id, f"it refused a probe of layers {hop.start}:{hop.end} it announced ({why})")
+        else:
+            self.note_failure(hop.peer_id, why)
+        return hop
 
     def loads(self) -> dict[str, float]:
         """The load to route with, per peer where known better than its record: the last ping's, plus
@@ -201,8 +276,8 @@ class RemoteSequence:
         for attempt in range(3):
             records = await self.records(refresh=refresh or attempt > 0)
             try:
-                return plan_route(records, start, end, latency_s=self._latency_s, exclude=self.excluded(),
-                                  model_name=self.model_name, embed=embed, head=head, load=self.loads())
+                return plan_route(records, start, end, exclude=self.excluded(), model_name=self.model_name,
+                                  embed=embed, head=head, costs=self.costs())
             except MissingBlocksError:
                 # DHT lookups right after a peer froze can come back incomplete; the next one routes around it.
                 if attempt == 2:
@@ -231,12 +306,16 @@ class RemoteSequence:
                                     {"start": hop.start, "end": hop.end, "embed": first, "head": last},
                                     timeout_s=self.config.request_timeout_s,
                                     **self._call_options)
-            except (PeerUnreachableError, OverloadedError) as e:
+            except (PeerUnreachableError, OverloadedError, BadRequestError) as e:
                 retries += 1
                 if retries > self.config.max_retries:
                     raise
+                if isinstance(e, BadRequestError):
+                    if await self.find_refusing([hop], e, embed=first, head=last) is None:
+                        raise  # the node takes well-formed requests for its layers: this request is at fault
+                else:
+                    self.note_failure(hop.peer_id, e)
                 logger.warning("%s; rerouting layers %d:%d", e, hop.start, self.num_layers)
-                self.note_failure(hop.peer_id, e)
                 hops = hops[:i] + await self.route(hop.start, end, embed=first, head=head)
                 await self.overload_backoff(e, hops[i].peer_id, retries)
                 self.stats.reroutes += 1
@@ -245,6 +324,7 @@ class RemoteSequence:
             if reroute_started is not None:
                 self.stats.reroute_s.append(time.perf_counter() - reroute_started)
                 reroute_started = None
+            self._trusted.add(hop.peer_id)
             if keep_hop_inputs:
                 trail.append((hop, x))
             x = out["outputs"]
@@ -267,8 +347,11 @@ class RemoteSequence:
             (bytes that crossed node → node links).
         """
         extras = _extras(attention_mask, position_ids)
+        failed_at, overloaded = None, False
         for attempt in range(self.config.max_retries + 1):
             hops = await self.route(embed=embed, head=head)
+            if overloaded and any(self._busy.get(h.peer_id, 0.0) > time.monotonic() for h in hops):
+                await self._backoff(attempt)  # the full node has no idle replica: give it time
             chain = [{"peer": h.peer_id, "start": h.start, "end": h.end, "head": head and h.end == self.num_layers}
                      for h in hops]
             tensors = {"inputs": inputs, **extras}
@@ -279,23 +362,33 @@ class RemoteSequence:
             t0 = time.perf_counter()
             try:
                 out, reply = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
-                                    timeout_s=self.config.request_timeout_s * len(hops),
-                                    **self._call_options)
-            except OverloadedError as e:  # some node of the chain is full; which one, the chain does not say
+                                        timeout_s=self.config.request_timeout_s * len(hops), **self._call_options)
+            except (OverloadedError, BadRequestError) as e:  # which node of the chain refused, the error does not say
+                failed_at = failed_at or t0
                 if attempt == self.config.max_retries:
                     raise
-                logger.warning("Chained forward refused (%s); retrying after a backoff", e)
-                await asyncio.sleep(min(self.config.overload_backoff_s * 2 ** attempt, 4.0))
+                refused = await self.find_refusing(hops, e, embed=embed, head=head)
+                if refused is None and isinstance(e, BadRequestError):
+                    raise  # every node takes well-formed requests for its layers: this request is at fault
+                logger.warning("Chained forward refused (%s); %s", e,
+                               f"routing around {refused.peer_id}" if refused else "retrying after a backoff")
+                overloaded = isinstance(e, OverloadedError)
+                if refused is None:  # the overload passed before the probe: back off, then retry the same route
+                    await self._backoff(attempt + 1)
+                else:
+                    self.stats.reroutes += 1
                 continue
             except PeerUnreachableError as e:
+                failed_at = failed_at or t0
                 if attempt == self.config.max_retries:
                     raise
                 logger.warning("Chained forward failed (%s); checking the route's nodes", e)
                 await self.ban_unreachable(hops)
                 self.stats.reroutes += 1
                 continue
-            if attempt:
-                self.stats.reroute_s.append(time.perf_counter() - t0)
+            if failed_at is not None:
+                self.stats.reroute_s.append(time.perf_counter() - failed_at)
+            self._trusted.update(h.peer_id for h in hops)
             return out["outputs"], hook_result(out), hops, reply
         raise AssertionError("unreachable")
 
@@ -376,6 +469,10 @@ def hook_result(out: dict) -> bytes:
     """The last hop's hook result in an answer (``b""`` without one)."""
     result = out.get("hook_result")
     return result.numpy().tobytes() if result is not None else b""
+
+
+def _claim(record: ServerRecord) -> tuple:
+    return (record.start, record.end, record.embed, record.head, record.checkpoint_hash)
 
 
 def _log_failure(task: asyncio.Future) -> None:
