@@ -84,6 +84,8 @@ class NodeConfig:
     test_announce_blocks: tuple[int, int] | None = None
     """TEST ONLY (fault injection; set by the environment variable SWARM_TEST_ANNOUNCE_BLOCKS=START:END, never by a
     flag): announce these layers in the record and the info RPC while serving ``blocks``, i.e. lie about the span."""
+    test_info_tells_truth: bool = False
+    """TEST ONLY (SWARM_TEST_INFO_TELLS_TRUTH=1): with ``test_announce_blocks``, lie in the record only."""
 
     def __post_init__(self):
         if not 0 < self.record_ttl_s <= MAX_RECORD_TTL_S:
@@ -160,8 +162,9 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         base = dict(peer_id=dht.peer_id.to_base58(), start=claimed[0], end=claimed[1], model_name=name, checkpoint_hash=digest,
                     num_layers=num_layers, embed=span.embed, head=span.head, dtype=config.dtype,
                     version=__version__, throughput=throughput, hooks=tuple(hooks.kinds()))
+        truth = {"start": start, "end": end} if config.test_info_tells_truth else {}
         server = SpanServer(model, limits=config.limits, hooks=hooks,
-                            info={**base, "hooks": list(base["hooks"]), "weight_bytes": model.weight_bytes()})
+                            info={**base, "hooks": list(base["hooks"]), "weight_bytes": model.weight_bytes(), **truth})
         p2p = await dht.replicate_p2p()
         await server.register(p2p)
         expire = asyncio.create_task(server.expire_sessions_forever())
