@@ -12,7 +12,8 @@ A node that answers :class:`OverloadedError` (its compute queue is full) is trea
 routed around where a replica exists, else retried after a backoff (``overload_backoff_s``, doubled per retry).
 
 Claims are checked (:mod:`swarm.claims`). Before first use, a node's ``info`` answer must match its record (span,
-stages, checkpoint hash). A call refused with :class:`BadRequestError` is probed with one well-formed token per hop:
+stages, checkpoint hash). A call refused with a plain :class:`BadRequestError` (not a subclass: those are about the
+request's payload, sizes or session) is probed with one well-formed token per hop:
 a node that refuses the probe for layers it announced is *distrusted* (excluded for ``refusal_ban_s``, a ping does
 not lift it) and the request is rerouted; if every hop takes the probe, the request itself was bad and the error is
 raised. A chained forward refused with :class:`OverloadedError` is probed the same way to find the full node, which
@@ -311,7 +312,7 @@ class RemoteSequence:
                 if retries > self.config.max_retries:
                     raise
                 if isinstance(e, BadRequestError):
-                    if await self.find_refusing([hop], e, embed=first, head=last) is None:
+                    if not _may_be_false_claim(e) or await self.find_refusing([hop], e, embed=first, head=last) is None:
                         raise  # the node takes well-formed requests for its layers: this request is at fault
                 else:
                     self.note_failure(hop.peer_id, e)
@@ -365,7 +366,7 @@ class RemoteSequence:
                                         timeout_s=self.config.request_timeout_s * len(hops), **self._call_options)
             except (OverloadedError, BadRequestError) as e:  # which node of the chain refused, the error does not say
                 failed_at = failed_at or t0
-                if attempt == self.config.max_retries:
+                if attempt == self.config.max_retries or (isinstance(e, BadRequestError) and not _may_be_false_claim(e)):
                     raise
                 refused = await self.find_refusing(hops, e, embed=embed, head=head)
                 if refused is None and isinstance(e, BadRequestError):
@@ -469,6 +470,12 @@ def hook_result(out: dict) -> bytes:
     """The last hop's hook result in an answer (``b""`` without one)."""
     result = out.get("hook_result")
     return result.numpy().tobytes() if result is not None else b""
+
+
+def _may_be_false_claim(error: BadRequestError) -> bool:
+    """Only a plain :class:`BadRequestError` (what a node answers for layers or stages it does not serve) may mean a
+    false claim; its subclasses (a hook's payload, sizes, sessions) are about the request and are raised unprobed."""
+    return type(error) is BadRequestError
 
 
 def _claim(record: ServerRecord) -> tuple:
