@@ -88,3 +88,12 @@ def test_records_tolerate_unknown_fields_and_reject_bad_spans():
     assert ServerRecord.from_dict(rec("a", 0, 4).to_dict() | {"end": 40}) is None
     assert ServerRecord.from_dict({"peer_id": "a"}) is None
     assert ServerRecord.from_dict("nonsense") is None
+
+
+def test_claim_mismatch_names_what_the_info_answer_contradicts():
+    from swarm.claims import claim_mismatch
+    record = rec("a", 0, 6, embed=True)
+    info = {**record.to_dict(), "load": 3, "weight_bytes": 10}
+    assert claim_mismatch(record, info) is None
+    assert claim_mismatch(record, {**info, "start": 3}) == "start: record 0, info 3"
+    assert "checkpoint_hash" in claim_mismatch(record, {k: v for k, v in info.items() if k != "checkpoint_hash"})
