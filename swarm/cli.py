@@ -9,7 +9,8 @@ Environment (read here only): ``SWARM_CACHE_DIR`` is the default for ``--cache-d
 ``SWARM_HOOKS=0`` starts a node without plugin span hooks (entry points ``swarm.span_hooks``).
 Test only (fault injection, off unless set): ``SWARM_TEST_ANNOUNCE_BLOCKS=START:END`` makes ``serve`` announce those
 layers (record and info RPC) while it serves ``--blocks``, so tests can check that clients route around a liar;
-with ``SWARM_TEST_INFO_TELLS_TRUTH=1`` too, it lies in its record only.
+with ``SWARM_TEST_INFO_TELLS_TRUTH=1`` too, it lies in its record only. ``SWARM_TEST_OUTPUT_NOISE=<std>`` adds
+Gaussian noise to every output of the node's span (a node computing wrong numbers, for spot-check tests).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def _serve(args, cache_dir: Path | None) -> int:
                         record_ttl_s=args.record_ttl, announce_period_s=args.announce_period, limits=limits,
                         ready_file=args.ready_file, identity_path=args.identity_path,
                         test_announce_blocks=_blocks(lie) if lie else None,
-                        test_info_tells_truth=os.environ.get("SWARM_TEST_INFO_TELLS_TRUTH") == "1")
+                        test_info_tells_truth=os.environ.get("SWARM_TEST_INFO_TELLS_TRUTH") == "1",
+                        test_output_noise=float(os.environ.get("SWARM_TEST_OUTPUT_NOISE", "0")))
     hooks = None
     if os.environ.get("SWARM_HOOKS", "1") != "0":
         hooks = _default_hooks(HookBudgets(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HookBudgets)}))

@@ -137,3 +137,10 @@ def error_from_wire(payload: dict) -> SwarmError:
     if cls is MissingBlocksError:
         err.missing = []
     return err
+
+
+class ResultMismatchError(SwarmError):
+    """A spot check found two nodes disagreeing on the same hop and no third opinion could settle it. No result is
+    returned; the nodes involved are named in the message."""
+
+    code = "result_mismatch"

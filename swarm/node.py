@@ -86,6 +86,8 @@ class NodeConfig:
     flag): announce these layers in the record and the info RPC while serving ``blocks``, i.e. lie about the span."""
     test_info_tells_truth: bool = False
     """TEST ONLY (SWARM_TEST_INFO_TELLS_TRUTH=1): with ``test_announce_blocks``, lie in the record only."""
+    test_output_noise: float = 0.0
+    """TEST ONLY (SWARM_TEST_OUTPUT_NOISE=<std>): add Gaussian noise of this std to every output of the span."""
 
     def __post_init__(self):
         if not 0 < self.record_ttl_s <= MAX_RECORD_TTL_S:
@@ -152,6 +154,8 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         t0 = time.perf_counter()
         model = SpanModel.load(path, span, dtype=DTYPES[config.dtype], device=config.device)
         install_dispatch(model)
+        if config.test_output_noise:
+            _add_output_noise(model, config.test_output_noise)
         logger.info("Loaded %s of %s in %.1f s (%.1f MB of weights)", span, name, time.perf_counter() - t0,
                     model.weight_bytes() / 1e6)
         throughput = _measure_throughput(model)
@@ -205,6 +209,17 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         if server is not None:
             server.shutdown()
         dht.shutdown()
+
+
+def _add_output_noise(model: SpanModel, std: float) -> None:
+    """TEST ONLY fault injection: every floating-point output of the span gets Gaussian noise of ``std``."""
+    logger.warning("TEST FAULT INJECTION: adding noise (std %g) to every output", std)
+    inner = model.forward
+
+    def noisy(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        return out + std * torch.randn_like(out) if out.is_floating_point() else out
+    model.forward = noisy
 
 
 def peak_rss_bytes(pid: int | str = "self") -> int:

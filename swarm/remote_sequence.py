@@ -42,6 +42,7 @@ from .records import ServerRecord, records_with_expiration
 from .routing import Hop, plan_route
 from .handles import BACKWARD, FORWARD
 from .transport import Traffic, call, ping
+from .verification import should_check, spot_check
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class ClientConfig:
     """Each node's route cost is scaled by a factor drawn once per client in ``[1, 1 + route_jitter]``."""
     hop_s: float = 0.02
     """Fixed route cost of one hop beyond its ping (so fewer hops win at similar latency)."""
+    verify: float = 0.0
+    """Share of hops of a hop-by-hop forward recomputed on other nodes and compared (swarm/verification.py);
+    1.0 checks every hop, 0 none. Chained forwards and inference steps are not checked yet."""
 
 
 @dataclass
@@ -91,7 +95,14 @@ class RouteStats:
     reroute_s: list[float] = field(default_factory=list)
     """Seconds from the failed call's start to the rerouted call's success, per reroute."""
     distrusted: list[str] = field(default_factory=list)
-    """Peers excluded because their info contradicted their record or they refused layers they announced."""
+    """Peers excluded because their info contradicted their record, they refused layers they announced, or a spot
+    check outvoted their output."""
+    verify_checks: int = 0
+    """Hops drawn for a spot check (``ClientConfig.verify``), skipped ones included."""
+    verify_mismatches: int = 0
+    """Spot checks where the second opinion disagreed."""
+    verify_skipped: int = 0
+    """Spot checks skipped because no other node serves the hop's layers."""
 
 
 class RemoteSequence(PeerHealth):
@@ -243,7 +254,10 @@ class RemoteSequence(PeerHealth):
             self._trusted.add(hop.peer_id)
             if keep_hop_inputs:
                 trail.append((hop, x))
-            x = out["outputs"]
+            y = out["outputs"]
+            if should_check(self.config.verify):
+                y = await spot_check(self, hop, x, y, extras, embed=first, head=last)
+            x = y
             i += 1
         return x, trail
 

@@ -1,0 +1,93 @@
+"""Spot checks (issue 13, requirement 3, hop-by-hop forwards): recompute a random share of hops elsewhere.
+
+With ``ClientConfig.verify = p``, each hop of :meth:`swarm.remote_sequence.RemoteSequence.forward` is checked with
+probability ``p``, drawn from the OS's CSPRNG on the client (nothing the nodes see tells a check from a request).
+A checked hop is recomputed with the same inputs and masks on other nodes serving those layers; outputs must agree
+within :data:`TOLERANCE` of their dtype. On a disagreement a third opinion (a route avoiding both) settles it: the
+outvoted single node is distrusted, and only an output two routes agree on is used. Where no other node serves the
+layers the check is skipped (counted in ``RouteStats.verify_skipped``).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .errors import MissingBlocksError, ResultMismatchError
+from .handles import FORWARD
+from .routing import Hop, plan_route
+from .transport import call
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+"""Absolute and relative tolerance per output dtype (fp32: the golden tests' bound; half types: their rounding)."""
+
+_draw = random.SystemRandom()
+
+
+def agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and dtype, and equal within the dtype's tolerance (exact for integer outputs)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    tol = TOLERANCE.get(a.dtype, 1e-5)
+    return torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def should_check(fraction: float) -> bool:
+    return fraction > 0 and _draw.random() < fraction
+
+
+async def recompute(sequence, hop: Hop, x: torch.Tensor, extras: dict, *, embed: bool, head: bool,
+                    avoid: frozenset[str]) -> tuple[torch.Tensor, list[str]]:
+    """Run ``hop``'s layers on a route avoiding ``avoid`` (and excluded peers); returns the output and its peers.
+
+    Raises:
+        MissingBlocksError: no such route.
+    """
+    records = await sequence.records()
+    route = plan_route(records, hop.start, hop.end, exclude=sequence.excluded() | avoid, model_name=sequence.model_name,
+                       embed=embed, head=head, costs=sequence.costs())
+    for i, sub in enumerate(route):
+        out, _ = await call(sequence.p2p, sub.peer_id, FORWARD, {"inputs": x, **extras},
+                            {"start": sub.start, "end": sub.end, "embed": embed and i == 0,
+                             "head": head and i == len(route) - 1},
+                            timeout_s=sequence.config.request_timeout_s, **sequence._call_options)
+        x = out["outputs"]
+    return x, [sub.peer_id for sub in route]
+
+
+async def spot_check(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extras: dict, *, embed: bool,
+                     head: bool) -> torch.Tensor:
+    """Check ``y`` (``hop``'s answer to ``x``) against other nodes; return an output two routes agree on.
+
+    Raises:
+        ResultMismatchError: the answers disagree and no third route exists, or all three disagree.
+    """
+    stats = sequence.stats
+    stats.verify_checks += 1
+    try:
+        second, second_peers = await recompute(sequence, hop, x, extras, embed=embed, head=head,
+                                               avoid=frozenset({hop.peer_id}))
+    except MissingBlocksError:
+        stats.verify_skipped += 1
+        return y
+    if agree(y, second):
+        return y
+    stats.verify_mismatches += 1
+    where = f"layers {hop.start}:{hop.end}: {hop.peer_id} vs {', '.join(second_peers)}"
+    try:
+        third, _ = await recompute(sequence, hop, x, extras, embed=embed, head=head,
+                                   avoid=frozenset({hop.peer_id, *second_peers}))
+    except MissingBlocksError:
+        raise ResultMismatchError(f"Nodes disagree on {where}, and no third node serves those layers to settle it; "
+                                  "no result is returned. Retry when more nodes serve them.") from None
+    if agree(third, second):
+        sequence.distrust(hop.peer_id, f"its output for layers {hop.start}:{hop.end} was outvoted by two others")
+        return second
+    if agree(third, y):
+        if len(second_peers) == 1:
+            sequence.distrust(second_peers[0], f"its output for layers {hop.start}:{hop.end} was outvoted by two others")
+        return y
+    raise ResultMismatchError(f"Three routes disagree on {where}; no result is returned.")
