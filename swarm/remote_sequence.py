@@ -24,6 +24,7 @@ is then routed around like any busy node. Nodes whose answers this client used a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from .records import ServerRecord, records_with_expiration
 from .routing import Hop, plan_route
 from .handles import BACKWARD, FORWARD
 from .transport import Traffic, call, ping
-from .verification import should_check, spot_check
+from .verification import plan_avoiding, should_check, spot_check, spot_check_chain
 
 logger = logging.getLogger(__name__)
 
@@ -275,11 +276,28 @@ class RemoteSequence(PeerHealth):
         Returns:
             ``(outputs, hook_result, route, reply meta)``; the meta has ``compute_s`` per peer and ``node_bytes``
             (bytes that crossed node → node links).
+        Raises:
+            ResultMismatchError: with ``ClientConfig.verify``, a checked answer was contradicted and not settled.
         """
         extras = _extras(attention_mask, position_ids)
+        run = functools.partial(self._forward_chain, inputs, extras, embed=embed, head=head, hook=hook, carry=carry,
+                                return_outputs=return_outputs)
+        answer = await run()
+        if self.config.verify > 0:
+            answer = await spot_check_chain(self, answer, run)
+        return answer
+
+    async def _forward_chain(self, inputs: torch.Tensor, extras: dict, *, embed: bool, head: bool,
+                             hook: HookRequest | None, carry: bytes, return_outputs: bool,
+                             avoid: frozenset[str] = frozenset()) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
+        """:meth:`forward_chain` without spot checks, on a route avoiding ``avoid`` (planned on the known records
+        at once, no DHT retries, where ``avoid`` is given: a spot check's re-run)."""
         failed_at, overloaded = None, False
         for attempt in range(self.config.max_retries + 1):
-            hops = await self.route(embed=embed, head=head)
+            if avoid:
+                hops = await plan_avoiding(self, 0, self.num_layers, embed=embed, head=head, avoid=avoid)
+            else:
+                hops = await self.route(embed=embed, head=head)
             if overloaded and any(self._busy.get(h.peer_id, 0.0) > time.monotonic() for h in hops):
                 await self._backoff(attempt)  # the full node has no idle replica: give it time
             chain = [{"peer": h.peer_id, "start": h.start, "end": h.end, "head": head and h.end == self.num_layers}

@@ -39,6 +39,18 @@ def should_check(fraction: float) -> bool:
     return fraction > 0 and _draw.random() < fraction
 
 
+async def plan_avoiding(sequence, start: int, end: int, *, embed: bool, head: bool,
+                        avoid: frozenset[str]) -> list[Hop]:
+    """A route for ``[start, end)`` on the known records avoiding ``avoid`` and excluded peers (no DHT retries).
+
+    Raises:
+        MissingBlocksError: no such route.
+    """
+    records = await sequence.records()
+    return plan_route(records, start, end, exclude=sequence.excluded() | avoid, model_name=sequence.model_name,
+                      embed=embed, head=head, costs=sequence.costs())
+
+
 async def recompute(sequence, hop: Hop, x: torch.Tensor, extras: dict, *, embed: bool, head: bool,
                     avoid: frozenset[str]) -> tuple[torch.Tensor, list[str]]:
     """Run ``hop``'s layers on a route avoiding ``avoid`` (and excluded peers); returns the output and its peers.
@@ -46,9 +58,7 @@ async def recompute(sequence, hop: Hop, x: torch.Tensor, extras: dict, *, embed:
     Raises:
         MissingBlocksError: no such route.
     """
-    records = await sequence.records()
-    route = plan_route(records, hop.start, hop.end, exclude=sequence.excluded() | avoid, model_name=sequence.model_name,
-                       embed=embed, head=head, costs=sequence.costs())
+    route = await plan_avoiding(sequence, hop.start, hop.end, embed=embed, head=head, avoid=avoid)
     for i, sub in enumerate(route):
         out, _ = await call(sequence.p2p, sub.peer_id, FORWARD, {"inputs": x, **extras},
                             {"start": sub.start, "end": sub.end, "embed": embed and i == 0,
@@ -91,3 +101,50 @@ async def spot_check(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extra
             sequence.distrust(second_peers[0], f"its output for layers {hop.start}:{hop.end} was outvoted by two others")
         return y
     raise ResultMismatchError(f"Three routes disagree on {where}; no result is returned.")
+
+
+def _answers_agree(a: tuple, b: tuple) -> bool:
+    """Two chained answers ``(outputs, hook_result, route, meta)`` agree: outputs within tolerance, and the hook's
+    results byte for byte (the span hook's result is opaque to the swarm)."""
+    return agree(a[0], b[0]) and a[1] == b[1]
+
+
+async def spot_check_chain(sequence, answer: tuple, run) -> tuple:
+    """Check a chained forward's ``answer``: each hop is checked with probability ``verify`` by re-running the whole
+    chain (same inputs, hook payload for the new route, carry) on a route avoiding that hop's node
+    (``await run(avoid=...)``); a disagreement is settled by a third route avoiding the nodes the two routes do not
+    share. Returns the answer two routes agree on.
+
+    Raises:
+        ResultMismatchError: a disagreement no third route could settle.
+    """
+    stats = sequence.stats
+    for hop in list(answer[2]):
+        if not should_check(sequence.config.verify):
+            continue
+        stats.verify_checks += 1
+        try:
+            second = await run(avoid=frozenset({hop.peer_id}))
+        except MissingBlocksError:
+            stats.verify_skipped += 1
+            continue
+        if _answers_agree(answer, second):
+            continue
+        stats.verify_mismatches += 1
+        only_first = {h.peer_id for h in answer[2]} - {h.peer_id for h in second[2]}
+        only_second = {h.peer_id for h in second[2]} - {h.peer_id for h in answer[2]}
+        where = f"chained routes differing in {sorted(only_first)} vs {sorted(only_second)}"
+        try:
+            third = await run(avoid=frozenset(only_first | only_second))
+        except MissingBlocksError:
+            raise ResultMismatchError(f"Nodes disagree ({where}) and no third route settles it; no result is "
+                                      "returned. Retry when more nodes serve those layers.") from None
+        if _answers_agree(third, second):
+            outvoted, answer = only_first, second
+        elif _answers_agree(third, answer):
+            outvoted = only_second
+        else:
+            raise ResultMismatchError(f"Three chained routes disagree ({where}); no result is returned.")
+        if len(outvoted) == 1:
+            sequence.distrust(next(iter(outvoted)), "its chained output was outvoted by two other routes")
+    return answer
