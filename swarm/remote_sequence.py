@@ -84,8 +84,8 @@ class ClientConfig:
     hop_s: float = 0.02
     """Fixed route cost of one hop beyond its ping (so fewer hops win at similar latency)."""
     verify: float = 0.0
-    """Share of hops of a hop-by-hop forward recomputed on other nodes and compared (swarm/verification.py);
-    1.0 checks every hop, 0 none. Chained forwards and inference steps are not checked yet."""
+    """Share of hops recomputed on other nodes and compared (swarm/verification.py); 1.0 checks every hop, 0 none.
+    Covers forwards and chained forwards; inference steps are not checked yet."""
 
 
 @dataclass
