@@ -64,11 +64,11 @@ class SwarmModel:
         digest = checkpoint_hash(path)
         name = model if not Path(model).exists() else Path(model).resolve().name
         loop = BackgroundLoop()
-        dht, _ = swarm_dht(initial_peers, checkpoint_hashes=(digest,), client_mode=True)
+        dht, owner = swarm_dht(initial_peers, checkpoint_hashes=(digest,), client_mode=True)
         p2p = loop.run(dht.replicate_p2p())
         sequence = RemoteSequence(dht, p2p, loop, key=model_key(digest), model_name=name,
                                   num_layers=config.num_hidden_layers, checkpoint_hash=digest, config=client_config,
-                                  hidden_size=config.hidden_size)
+                                  hidden_size=config.hidden_size, owner=owner)
         local = None if remote_stages else SpanModel.load(path, Span(0, 0, embed=True, head=True), dtype=dtype)
         return cls(sequence, local, loop, dht, path, remote_stages=remote_stages)
 

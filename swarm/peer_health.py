@@ -46,6 +46,8 @@ class PeerHealth:
         """Peers whose answers this client has used."""
         self._rng = random.Random()
         self._jitter: dict[str, float] = {}
+        self._suspects: dict[str, int] = {}
+        """Peer id -> distinct clients whose signed suspect reports name it (read with the records)."""
 
     def distrust(self, peer_id: str, why: str) -> None:
         """Exclude ``peer_id`` for ``refusal_ban_s``: it does not serve what it announces."""
@@ -105,7 +107,8 @@ class PeerHealth:
                 self._jitter[record.peer_id] = self._rng.uniform(1.0, 1.0 + self.config.route_jitter)
         return RouteCosts(latency_s=dict(self._latency_s), load=self.loads(), trusted=frozenset(self._trusted),
                           jitter=dict(self._jitter), hop_s=self.config.hop_s,
-                          untrusted_factor=self.config.untrusted_factor)
+                          untrusted_factor=self.config.untrusted_factor, suspects=dict(self._suspects),
+                          suspect_weight=self.config.suspect_weight)
 
     def loads(self) -> dict[str, float]:
         """The load to route with, per peer where known better than its record: the last ping's, plus

@@ -66,6 +66,20 @@ class ModelServersSchema(pydantic.BaseModel):
     servers: Dict[BytesWithPublicKey, ServerRecordSchema]
 
 
+class SuspectReportSchema(pydantic.BaseModel):
+    """A client's report that ``suspect`` computed wrong numbers (outvoted by two other routes in a spot check)."""
+
+    suspect: pydantic.StrictStr
+    reason: pydantic.StrictStr
+
+    class Config:
+        extra = pydantic.Extra.allow
+
+
+class SuspectsSchema(pydantic.BaseModel):
+    suspects: Dict[BytesWithPublicKey, SuspectReportSchema]
+
+
 class ModelEntrySchema(pydantic.BaseModel):
     name: pydantic.StrictStr
     num_layers: _Int
@@ -129,6 +143,7 @@ def make_validators(private_key: Optional[RSAPrivateKey] = None, checkpoint_hash
                                              SchemaValidator(ModelsSchema, allow_extra_keys=True, prefix=MODELS_PREFIX)]
     for digest in checkpoint_hashes:
         validators.append(SchemaValidator(ModelServersSchema, allow_extra_keys=True, prefix=model_prefix(digest)))
+        validators.append(SchemaValidator(SuspectsSchema, allow_extra_keys=True, prefix=model_prefix(digest)))
     return validators, signer.local_public_key
 
 

@@ -44,6 +44,15 @@ def model_key(checkpoint_hash: str) -> str:
     return f"{model_prefix(checkpoint_hash)}_servers"
 
 
+def suspects_key(checkpoint_hash: str) -> str:
+    """The DHT key of clients' signed reports of nodes caught computing wrong numbers (SuspectsSchema names it)."""
+    return f"{model_prefix(checkpoint_hash)}_suspects"
+
+
+SUSPECT_TTL_S = 240.0
+"""A suspect report expires this long after it was made (unless the reporter sees the node misbehave again)."""
+
+
 def owner_peer_id(subkey) -> str | None:
     """The peer id of the one owner key in a record's subkey; None if it has none, several, or a bad one."""
     if not isinstance(subkey, bytes):
@@ -141,3 +150,21 @@ def records_with_expiration(value) -> list[tuple[ServerRecord, float]]:
             continue
         records.append((record, float(item.expiration_time)))
     return records
+
+
+def suspect_reporters(value) -> dict[str, int]:
+    """Peer id -> how many distinct reporters (owner keys) suspect it, from ``dht.get(suspects_key(...))``.
+
+    Each report's subkey is ``<suspect peer id> + [owner:<reporter key>]`` and its value ``{"suspect": peer id,
+    ...}``; reports that do not match, or expire beyond the record TTL limit, are ignored."""
+    if value is None or not isinstance(value.value, dict):
+        return {}
+    reporters: dict[str, set[bytes]] = {}
+    latest = get_dht_time() + MAX_RECORD_TTL_S
+    for subkey, item in value.value.items():
+        report = item.value
+        if (owner_peer_id(subkey) is None or not isinstance(report, dict) or not isinstance(report.get("suspect"), str)
+                or not subkey.startswith(report["suspect"].encode()) or float(item.expiration_time) > latest):
+            continue
+        reporters.setdefault(report["suspect"], set()).add(_OWNER_RE.findall(subkey)[0])
+    return {peer: len(keys) for peer, keys in reporters.items()}

@@ -39,7 +39,7 @@ from ._loop import BackgroundLoop
 from .claims import claim_mismatch, find_refusing_hop
 from .errors import BadRequestError, MissingBlocksError, OverloadedError, PeerUnreachableError
 from .peer_health import PeerHealth
-from .records import ServerRecord, records_with_expiration
+from .records import SUSPECT_TTL_S, ServerRecord, records_with_expiration, suspect_reporters, suspects_key
 from .routing import Hop, plan_route
 from .handles import BACKWARD, FORWARD
 from .transport import Traffic, call, ping
@@ -83,6 +83,8 @@ class ClientConfig:
     """Each node's route cost is scaled by a factor drawn once per client in ``[1, 1 + route_jitter]``."""
     hop_s: float = 0.02
     """Fixed route cost of one hop beyond its ping (so fewer hops win at similar latency)."""
+    suspect_weight: float = 1.0
+    """Each distinct client reporting a node as computing wrong numbers adds this to its route cost factor."""
     verify: float = 0.0
     """Share of hops recomputed on other nodes and compared (swarm/verification.py); 1.0 checks every hop, 0 none.
     Covers forwards and chained forwards; inference steps are not checked yet."""
@@ -110,7 +112,8 @@ class RemoteSequence(PeerHealth):
     """Layers ``[0, num_layers)`` of one model, served by the swarm (what it knows of each peer: :class:`PeerHealth`)."""
 
     def __init__(self, dht: DHT, p2p: P2P, loop: BackgroundLoop, *, key: str, model_name: str, num_layers: int,
-                 checkpoint_hash: str, config: ClientConfig = ClientConfig(), hidden_size: int | None = None):
+                 checkpoint_hash: str, config: ClientConfig = ClientConfig(), hidden_size: int | None = None,
+                 owner: bytes | None = None):
         self.dht, self.p2p, self.loop = dht, p2p, loop
         self.key, self.model_name, self.num_layers = key, model_name, num_layers
         self.checkpoint_hash = checkpoint_hash
@@ -126,6 +129,8 @@ class RemoteSequence(PeerHealth):
         """Width of the hidden states (for claim probes; None = refusals cannot be attributed and are raised)."""
         self._checked: dict[str, tuple] = {}
         """Peer id -> the record claim its info answer was last checked against."""
+        self.owner = owner
+        """This client's owner marker (``[owner:<key>]``) for signing suspect reports; None = it does not report."""
 
     # ---- discovery and routing --------------------------------------------------------------------------
 
@@ -143,8 +148,21 @@ class RemoteSequence(PeerHealth):
             self._refreshing.add_done_callback(_log_failure)
         return self._records
 
+    async def report_suspect(self, peer_id: str, reason: str) -> None:
+        """Publish a signed, expiring report that ``peer_id`` computed wrong numbers (other clients weigh it)."""
+        if self.owner is None:
+            return
+        stored = await self.dht.store(suspects_key(self.checkpoint_hash), {"suspect": peer_id, "reason": reason},
+                                      get_dht_time() + SUSPECT_TTL_S, subkey=peer_id.encode() + self.owner,
+                                      return_future=True)
+        if not stored:
+            logger.warning("No DHT peer stored the suspect report on %s", peer_id)
+
     async def _refresh(self) -> None:
-        found = await self.dht.get(self.key, latest=True, return_future=True)
+        found, suspects = await asyncio.gather(
+            self.dht.get(self.key, latest=True, return_future=True),
+            self.dht.get(suspects_key(self.checkpoint_hash), latest=True, return_future=True))
+        self._suspects = suspect_reporters(suspects)
         # A lookup may miss records (those right after a peer froze time out with nothing): merge with what is
         # known and forget a record only when its own expiration time has passed.
         fresh = records_with_expiration(found)

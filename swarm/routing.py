@@ -41,6 +41,10 @@ class RouteCosts:
     """Peers with a good history with this client (answers it used); the others cost ``untrusted_factor`` more."""
     jitter: dict[str, float] = field(default_factory=dict)
     """Peer id -> this client's random cost factor (≥ 1) for it; missing = 1."""
+    suspects: dict[str, int] = field(default_factory=dict)
+    """Peer id -> distinct clients reporting it as computing wrong numbers; each adds ``suspect_weight`` to its
+    cost factor (weighed, never excluded on others' word)."""
+    suspect_weight: float = 1.0
     hop_s: float = 0.02
     """Fixed cost of one hop (a round trip's overhead beyond the ping), so fewer hops win at similar latency."""
     default_latency_s: float = 0.1
@@ -68,7 +72,7 @@ def plan_route(records: list[ServerRecord], start: int, end: int, *, latency_s: 
         peer = record.peer_id
         trust = 1.0 if peer in costs.trusted else costs.untrusted_factor
         return ((costs.hop_s + latency.get(peer, costs.default_latency_s)) * (1 + loads.get(peer, record.load))
-                * trust * costs.jitter.get(peer, 1.0))
+                * trust * costs.jitter.get(peer, 1.0) * (1 + costs.suspect_weight * costs.suspects.get(peer, 0)))
 
     best: dict[int, tuple[float, int, list[Hop]]] = {start: (0.0, 0, [])}
     for layer in range(start, end):  # layers only increase along a route, so one pass in order is a DP

@@ -93,12 +93,13 @@ async def spot_check(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extra
     except MissingBlocksError:
         raise ResultMismatchError(f"Nodes disagree on {where}, and no third node serves those layers to settle it; "
                                   "no result is returned. Retry when more nodes serve them.") from None
+    why = f"its output for layers {hop.start}:{hop.end} was outvoted by two other routes"
     if agree(third, second):
-        sequence.distrust(hop.peer_id, f"its output for layers {hop.start}:{hop.end} was outvoted by two others")
+        await _outvoted(sequence, hop.peer_id, why)
         return second
     if agree(third, y):
         if len(second_peers) == 1:
-            sequence.distrust(second_peers[0], f"its output for layers {hop.start}:{hop.end} was outvoted by two others")
+            await _outvoted(sequence, second_peers[0], why)
         return y
     raise ResultMismatchError(f"Three routes disagree on {where}; no result is returned.")
 
@@ -146,5 +147,11 @@ async def spot_check_chain(sequence, answer: tuple, run) -> tuple:
         else:
             raise ResultMismatchError(f"Three chained routes disagree ({where}); no result is returned.")
         if len(outvoted) == 1:
-            sequence.distrust(next(iter(outvoted)), "its chained output was outvoted by two other routes")
+            await _outvoted(sequence, next(iter(outvoted)), "its chained output was outvoted by two other routes")
     return answer
+
+
+async def _outvoted(sequence, peer_id: str, why: str) -> None:
+    """Distrust ``peer_id`` here and publish a signed suspect report others weigh (they do not exclude on it)."""
+    sequence.distrust(peer_id, why)
+    await sequence.report_suspect(peer_id, why)

@@ -4,7 +4,8 @@ Layers 0:2 on one node; 2:4 on two honest replicas and on a node started with th
 ``SWARM_TEST_OUTPUT_NOISE=1e-2`` (Gaussian noise on every output, see ``swarm/cli.py``). The clients are steered to
 the noisy node (their per-node route jitter is set). Without verification its wrong numbers reach the client; with
 ``verify=1.0`` every hop is recomputed elsewhere, the disagreement is settled by a third opinion, the noisy node is
-excluded, and every result equals local transformers, hop by hop and in chained forwards.
+excluded, and every result equals local transformers, hop by hop and in chained forwards; the signed suspect
+report they publish steers another client away from the node.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def test_verify_catches_a_node_adding_noise_and_returns_only_verified_results(ti
     assert noisy.peer_id not in [h.peer_id for h in client.route()]
 
     # Chained forwards (node → node, as hybrid runs them): each hop's check re-runs the chain avoiding that node.
-    chained = client_factory(path, swarm, client_config=ClientConfig(verify=1.0))
+    # (suspect_weight=0: this client ignores the report the first client published, so it can be steered to the node)
+    chained = client_factory(path, swarm, client_config=ClientConfig(verify=1.0, suspect_weight=0.0))
     steer_to(chained, noisy.peer_id)
     for ids, w in zip(inputs[:3], want):
         out, _, route, _ = chained.loop.run(chained.sequence.forward_chain(chained.local(ids, start=0, end=0,
@@ -58,4 +60,15 @@ def test_verify_catches_a_node_adding_noise_and_returns_only_verified_results(ti
         assert (chained.local(out, start=0, end=0, head=True) - w).abs().max().item() <= 1e-5
         assert noisy.peer_id not in [h.peer_id for h in route]
     assert chained.sequence.stats.distrusted == [noisy.peer_id]
+
+    # The catching clients published a signed suspect report: another client weighs it (one reporter: the noisy
+    # node's cost doubles, so even this client's jitter favouring it no longer routes there), without excluding it.
+    observer = client_factory(path, swarm)
+    observer.route()
+    assert observer.sequence._suspects == {noisy.peer_id: 1}
+    for peer in observer.sequence._jitter:
+        observer.sequence._jitter[peer] = 1.0 if peer == noisy.peer_id else 1.3
+    assert noisy.peer_id not in [h.peer_id for h in observer.route()]
+    assert noisy.peer_id not in observer.sequence.excluded()
+    assert (observer(inputs[0]).logits - want[0]).abs().max().item() <= 1e-5
     assert all(n.proc.poll() is None for n in [first, *honest, noisy])

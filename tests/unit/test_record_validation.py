@@ -72,3 +72,19 @@ def test_clients_ignore_records_without_a_matching_owner(identity):
 def test_record_ttl_beyond_the_limit_is_a_config_error():
     with pytest.raises(BadRequestError, match="--record-ttl"):
         NodeConfig(record_ttl_s=MAX_RECORD_TTL_S + 1)
+
+
+def test_suspect_reports_count_distinct_reporters_and_ignore_bad_ones(identity):
+    from swarm.records import suspect_reporters
+    _, mine = make_validators(identity.private_key)
+    _, other = make_validators(load_identity(None).private_key)
+    soon = get_dht_time() + 30
+    report = {"suspect": "QmBad", "reason": "outvoted"}
+    value = ValueWithExpiration({
+        b"QmBad" + mine: ValueWithExpiration(report, soon),
+        b"QmBad" + other: ValueWithExpiration(report, soon),
+        b"QmOther" + other: ValueWithExpiration(report, soon),  # subkey names another peer than the report
+        b"QmBad": ValueWithExpiration(report, soon),  # unsigned
+        b"QmLate" + mine: ValueWithExpiration({"suspect": "QmLate", "reason": "x"}, soon + 2 * MAX_RECORD_TTL_S),
+    }, soon)
+    assert suspect_reporters(value) == {"QmBad": 2}

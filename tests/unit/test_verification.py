@@ -24,7 +24,7 @@ class FakeSequence:
     def __init__(self, peers):
         self._records = [rec(p) for p in peers]
         self.stats = RouteStats()
-        self.distrusted = []
+        self.distrusted, self.reported = [], []
 
     async def records(self):
         return self._records
@@ -37,6 +37,9 @@ class FakeSequence:
 
     def distrust(self, peer_id, why):
         self.distrusted.append(peer_id)
+
+    async def report_suspect(self, peer_id, why):
+        self.reported.append(peer_id)
 
 
 def run(monkeypatch, peers, liars, checked):
@@ -56,6 +59,7 @@ def test_agreeing_answers_pass_and_a_liar_is_outvoted(monkeypatch):
     assert torch.equal(out, torch.ones(1, 2, 3)) and seq.distrusted == [] and seq.stats.verify_mismatches == 0
     seq, out = run(monkeypatch, ["a", "b", "c"], liars={"a"}, checked="a")
     assert torch.equal(out, torch.ones(1, 2, 3)) and seq.distrusted == ["a"] and seq.stats.verify_mismatches == 1
+    assert seq.reported == ["a"]
 
 
 def test_a_disagreement_without_a_third_opinion_returns_nothing(monkeypatch):
