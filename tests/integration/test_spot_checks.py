@@ -71,4 +71,21 @@ def test_verify_catches_a_node_adding_noise_and_returns_only_verified_results(ti
     assert noisy.peer_id not in [h.peer_id for h in observer.route()]
     assert noisy.peer_id not in observer.sequence.excluded()
     assert (observer(inputs[0]).logits - want[0]).abs().max().item() <= 1e-5
+
+    # verify=0.2: each request through the noisy node is checked with p = 0.2 (hop 2:4; 0:2 has no replica), so
+    # it escapes n requests with probability 0.8^n; n = 42 makes that < 1e-4.
+    sampled = client_factory(path, swarm, client_config=ClientConfig(verify=0.2, suspect_weight=0.0))
+    steer_to(sampled, noisy.peer_id)
+    probe = torch.randint(3, 128, (1, 4))
+    for requests in range(1, 43):
+        sampled(probe)
+        if sampled.sequence.stats.distrusted:
+            break
+    assert sampled.sequence.stats.distrusted == [noisy.peer_id], "not caught within the 42-request bound"
+    print(f"verify=0.2: noisy node excluded after {requests} request(s)")
+
+    # Honest nodes are never outvoted: 100 clean requests, every hop checked.
+    for _ in range(100):
+        client(probe)
+    assert client.sequence.stats.distrusted == [noisy.peer_id] and client.sequence.stats.verify_mismatches == 1
     assert all(n.proc.poll() is None for n in [first, *honest, noisy])
