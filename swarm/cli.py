@@ -7,6 +7,10 @@
 
 Environment (read here only): ``SWARM_CACHE_DIR`` is the default for ``--cache-dir``;
 ``SWARM_HOOKS=0`` starts a node without plugin span hooks (entry points ``swarm.span_hooks``).
+Test only (fault injection, off unless set): ``SWARM_TEST_ANNOUNCE_BLOCKS=START:END`` makes ``serve`` announce those
+layers (record and info RPC) while it serves ``--blocks``, so tests can check that clients route around a liar;
+with ``SWARM_TEST_INFO_TELLS_TRUTH=1`` too, it lies in its record only. ``SWARM_TEST_OUTPUT_NOISE=<std>`` adds
+Gaussian noise to every output of the node's span (a node computing wrong numbers, for spot-check tests).
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                            help=_field_help(HookBudgets, f.name) + f" Default: {f.default}.")
     serve.add_argument("--ready-file", type=Path, default=None, help=h("ready_file"))
+    serve.add_argument("--identity-path", type=Path, default=None, help=h("identity_path"))
 
     status = sub.add_parser("status", help="show models, spans, who serves them, load and gaps")
     status.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any peer in the swarm")
@@ -124,13 +129,17 @@ def _serve(args, cache_dir: Path | None) -> int:
                   f"error: {flag} must be at least 1 (got {value}); a node that admits no session serves no "
                   "generation.", file=sys.stderr)
             return 2
+    lie = os.environ.get("SWARM_TEST_ANNOUNCE_BLOCKS")
     config = NodeConfig(model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, serve_embed=args.serve_embed,
                         serve_head=args.serve_head, initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm,
                         host=args.host, port=args.port, announce_host=args.announce_host,
                         announce_port=args.announce_port, device=args.device,
                         dtype=args.dtype, num_threads=args.num_threads, cache_dir=cache_dir,
                         record_ttl_s=args.record_ttl, announce_period_s=args.announce_period, limits=limits,
-                        ready_file=args.ready_file)
+                        ready_file=args.ready_file, identity_path=args.identity_path,
+                        test_announce_blocks=_blocks(lie) if lie else None,
+                        test_info_tells_truth=os.environ.get("SWARM_TEST_INFO_TELLS_TRUTH") == "1",
+                        test_output_noise=float(os.environ.get("SWARM_TEST_OUTPUT_NOISE", "0")))
     hooks = None
     if os.environ.get("SWARM_HOOKS", "1") != "0":
         hooks = _default_hooks(HookBudgets(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HookBudgets)}))

@@ -150,3 +150,10 @@ def error_from_wire(payload: dict) -> SwarmError:
         peer_id = payload.get("peer_id", "")
         err.peer_id = peer_id if isinstance(peer_id, str) and len(peer_id) <= 128 else ""
     return err
+
+
+class ResultMismatchError(SwarmError):
+    """A spot check found two nodes disagreeing on the same hop and no third opinion could settle it. No result is
+    returned; the nodes involved are named in the message."""
+
+    code = "result_mismatch"

@@ -62,8 +62,8 @@ class LocalSwarm:
         self.nodes: list[NodeProcess] = []
 
     def start(self, model: str | Path, *args: str, initial_peers: list[str] | None = None,
-              timeout_s: float = 180.0, threads: int = 1) -> NodeProcess:
-        """Start ``swarm-node serve`` with extra CLI ``args`` and wait until it serves.
+              timeout_s: float = 180.0, threads: int = 1, env: dict[str, str] | None = None) -> NodeProcess:
+        """Start ``swarm-node serve`` with extra CLI ``args`` (and extra environment ``env``) and wait until it serves.
 
         Raises:
             RuntimeError: the node exited before it was ready (its log tail is in the message).
@@ -76,7 +76,7 @@ class LocalSwarm:
                "--num-threads", str(threads), "--ready-file", str(ready), "--announce-period", "2",
                "--record-ttl", "6", *args]
         cmd += ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), **(env or {})}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                     start_new_session=True)

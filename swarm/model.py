@@ -21,6 +21,7 @@ from hivemind.dht import DHT
 from ._loop import BackgroundLoop
 from .checkpoint import checkpoint_hash, load_config, resolve_checkpoint
 from .inference_session import InferenceSession
+from .record_validation import swarm_dht
 from .records import model_key
 from .remote_sequence import ClientConfig, RemoteSequence
 from .stages import Span, SpanModel
@@ -63,10 +64,11 @@ class SwarmModel:
         digest = checkpoint_hash(path)
         name = model if not Path(model).exists() else Path(model).resolve().name
         loop = BackgroundLoop()
-        dht = DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        dht, owner = swarm_dht(initial_peers, checkpoint_hashes=(digest,), client_mode=True)
         p2p = loop.run(dht.replicate_p2p())
         sequence = RemoteSequence(dht, p2p, loop, key=model_key(digest), model_name=name,
-                                  num_layers=config.num_hidden_layers, checkpoint_hash=digest, config=client_config)
+                                  num_layers=config.num_hidden_layers, checkpoint_hash=digest, config=client_config,
+                                  hidden_size=config.hidden_size, owner=owner)
         local = None if remote_stages else SpanModel.load(path, Span(0, 0, embed=True, head=True), dtype=dtype)
         return cls(sequence, local, loop, dht, path, remote_stages=remote_stages)
 

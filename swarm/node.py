@@ -19,13 +19,15 @@ from pathlib import Path
 
 import psutil
 import torch
-from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 from . import __version__
 from .checkpoint import checkpoint_hash, load_config, resolve_checkpoint
 from .errors import BadRequestError
-from .records import MODELS_KEY, STATE_OFFLINE, STATE_ONLINE, ServerRecord, model_key, records_from_dht_value
+from .identity import load_identity
+from .record_validation import swarm_dht
+from .records import (MAX_RECORD_TTL_S, MODELS_KEY, STATE_OFFLINE, STATE_ONLINE, ServerRecord, model_key,
+                      records_from_dht_value)
 from .span_hook import HookRegistry, install_dispatch
 from .span_selection import choose_span
 from .span_server import ServerLimits, SpanServer
@@ -76,6 +78,21 @@ class NodeConfig:
     """Request limits the node enforces."""
     ready_file: Path | None = None
     """If set, a JSON file with peer id, addresses and span is written here once the node serves."""
+    identity_path: Path | None = None
+    """RSA identity file (libp2p format): the node's peer id and the key that signs its records. Generated there if
+    missing and kept, so the peer id survives restarts; None = a new identity each run."""
+    test_announce_blocks: tuple[int, int] | None = None
+    """TEST ONLY (fault injection; set by the environment variable SWARM_TEST_ANNOUNCE_BLOCKS=START:END, never by a
+    flag): announce these layers in the record and the info RPC while serving ``blocks``, i.e. lie about the span."""
+    test_info_tells_truth: bool = False
+    """TEST ONLY (SWARM_TEST_INFO_TELLS_TRUTH=1): with ``test_announce_blocks``, lie in the record only."""
+    test_output_noise: float = 0.0
+    """TEST ONLY (SWARM_TEST_OUTPUT_NOISE=<std>): add Gaussian noise of this std to every output of the span."""
+
+    def __post_init__(self):
+        if not 0 < self.record_ttl_s <= MAX_RECORD_TTL_S:
+            raise BadRequestError(f"--record-ttl must be in (0, {MAX_RECORD_TTL_S:.0f}] s (DHT peers refuse records "
+                                  f"expiring further ahead); got {self.record_ttl_s}.")
 
 
 def _auto_num_blocks(per_layer_bytes: int, num_layers: int, device: str) -> int:
@@ -101,14 +118,25 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
     announce = None
     if config.announce_host or config.announce_port:
         announce = [f"/ip4/{config.announce_host or config.host}/tcp/{config.announce_port or config.port}"]
-    dht = DHT(initial_peers=list(config.initial_peers), start=True, host_maddrs=[maddr],
-              **({"announce_maddrs": announce} if announce else {}))
+    path = resolve_checkpoint(config.model, config.cache_dir, progress=True)
+    digest = checkpoint_hash(path)
+    identity = load_identity(config.identity_path)
+    try:
+        dht, owner = swarm_dht(config.initial_peers, private_key=identity.private_key, checkpoint_hashes=(digest,),
+                               host_maddrs=[maddr], identity_path=str(identity.path),
+                               check_if_identity_free=identity.persistent,
+                               **({"announce_maddrs": announce} if announce else {}))
+    finally:
+        if not identity.persistent:
+            identity.path.unlink(missing_ok=True)  # the daemon has read it; the key stays in memory only
+    if dht.peer_id.to_base58() != identity.peer_id:
+        dht.shutdown()
+        raise BadRequestError(f"The p2p daemon's peer id {dht.peer_id} is not the identity key's {identity.peer_id}; "
+                              "records would not validate. Is the identity file an RSA key?")
     server = None
     try:
-        path = resolve_checkpoint(config.model, config.cache_dir, progress=True)
         model_config = load_config(path)
         num_layers = model_config.num_hidden_layers
-        digest = checkpoint_hash(path)
         key = model_key(digest)
         name = config.model if not Path(config.model).exists() else Path(config.model).resolve().name
         if config.blocks is not None:
@@ -126,15 +154,21 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         t0 = time.perf_counter()
         model = SpanModel.load(path, span, dtype=DTYPES[config.dtype], device=config.device)
         install_dispatch(model)
+        if config.test_output_noise:
+            _add_output_noise(model, config.test_output_noise)
         logger.info("Loaded %s of %s in %.1f s (%.1f MB of weights)", span, name, time.perf_counter() - t0,
                     model.weight_bytes() / 1e6)
         throughput = _measure_throughput(model)
         hooks = hooks or HookRegistry()
-        base = dict(peer_id=dht.peer_id.to_base58(), start=start, end=end, model_name=name, checkpoint_hash=digest,
+        claimed = config.test_announce_blocks or (start, end)
+        if config.test_announce_blocks:
+            logger.warning("TEST FAULT INJECTION: announcing layers %d:%d while serving %d:%d", *claimed, start, end)
+        base = dict(peer_id=dht.peer_id.to_base58(), start=claimed[0], end=claimed[1], model_name=name, checkpoint_hash=digest,
                     num_layers=num_layers, embed=span.embed, head=span.head, dtype=config.dtype,
                     version=__version__, throughput=throughput, hooks=tuple(hooks.kinds()))
+        truth = {"start": start, "end": end} if config.test_info_tells_truth else {}
         server = SpanServer(model, limits=config.limits, hooks=hooks,
-                            info={**base, "hooks": list(base["hooks"]), "weight_bytes": model.weight_bytes()})
+                            info={**base, "hooks": list(base["hooks"]), "weight_bytes": model.weight_bytes(), **truth})
         p2p = await dht.replicate_p2p()
         await server.register(p2p)
         expire = asyncio.create_task(server.expire_sessions_forever())
@@ -143,9 +177,9 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
             record = ServerRecord(**base, load=server.load, state=state)
             now = get_dht_time()
             await asyncio.gather(
-                dht.store(key, record.to_dict(), expiration_time=now + ttl, subkey=record.peer_id, return_future=True),
-                dht.store(MODELS_KEY, {"name": name, "num_layers": num_layers, "hash": digest},
-                          expiration_time=now + ttl, subkey=key, return_future=True))
+                dht.store(key, record.to_dict(), expiration_time=now + ttl, subkey=owner, return_future=True),
+                dht.store(MODELS_KEY, {"name": name, "num_layers": num_layers, "hash": digest, "key": key},
+                          expiration_time=now + ttl, subkey=owner, return_future=True))
 
         await announce_state(STATE_ONLINE, config.record_ttl_s)
         maddrs = [str(a) for a in dht.get_visible_maddrs()]
@@ -175,6 +209,17 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         if server is not None:
             server.shutdown()
         dht.shutdown()
+
+
+def _add_output_noise(model: SpanModel, std: float) -> None:
+    """TEST ONLY fault injection: every floating-point output of the span gets Gaussian noise of ``std``."""
+    logger.warning("TEST FAULT INJECTION: adding noise (std %g) to every output", std)
+    inner = model.forward
+
+    def noisy(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        return out + std * torch.randn_like(out) if out.is_floating_point() else out
+    model.forward = noisy
 
 
 def peak_rss_bytes(pid: int | str = "self") -> int:

@@ -10,13 +10,22 @@ pings but did not finish in time (:class:`PeerBusyError`) is not excluded: it co
 ``busy_s``, so routes prefer its replicas while it catches up, and it is still used where it is the only one.
 A node that answers :class:`OverloadedError` (its compute queue is full) is treated the same way: counted busy,
 routed around where a replica exists, else retried after a backoff (``overload_backoff_s``, doubled per retry).
+
+Claims are checked (:mod:`swarm.claims`). Before first use, a node's ``info`` answer must match its record (span,
+stages, checkpoint hash). A call refused with a plain :class:`BadRequestError` (not a subclass: those are about the
+request's payload, sizes or session) is probed with one well-formed token per hop:
+a node that refuses the probe for layers it announced is *distrusted* (excluded for ``refusal_ban_s``, a ping does
+not lift it) and the request is rerouted; if every hop takes the probe, the request itself was bad and the error is
+raised. A chained forward refused with :class:`OverloadedError` is probed the same way to find the full node, which
+is then routed around like any busy node. Nodes whose answers this client used are *trusted*: routing prefers them
+(``untrusted_factor``), and each client draws its own cost ``jitter`` per node to spread near-equal routes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,11 +36,14 @@ from hivemind.utils import get_dht_time
 from hivemind.p2p import P2P
 
 from ._loop import BackgroundLoop
-from .errors import MissingBlocksError, OverloadedError, PeerBusyError, PeerUnreachableError
-from .records import ServerRecord, records_with_expiration
+from .claims import claim_mismatch, find_refusing_hop
+from .errors import BadRequestError, MissingBlocksError, OverloadedError, PeerUnreachableError
+from .peer_health import PeerHealth
+from .records import SUSPECT_TTL_S, ServerRecord, records_with_expiration, suspect_reporters, suspects_key
 from .routing import Hop, plan_route
 from .handles import BACKWARD, FORWARD
 from .transport import Traffic, call, ping
+from .verification import plan_avoiding, should_check, spot_check, spot_check_chain
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +74,20 @@ class ClientConfig:
     """After an OverloadedError with no replica to go to, wait this long before retrying, doubled per retry."""
     liveness_s: float = 2.0
     """A call unanswered this long starts pinging the node; a missed ping marks it dead (see transport.call)."""
+    refusal_ban_s: float = 600.0
+    """A node whose info contradicts its record, or that refuses a probe of layers it announced, is excluded this
+    long (pings do not lift it)."""
+    untrusted_factor: float = 1.5
+    """Route cost factor of a node whose answers this client has not used yet."""
+    route_jitter: float = 0.3
+    """Each node's route cost is scaled by a factor drawn once per client in ``[1, 1 + route_jitter]``."""
+    hop_s: float = 0.02
+    """Fixed route cost of one hop beyond its ping (so fewer hops win at similar latency)."""
+    suspect_weight: float = 1.0
+    """Each distinct client reporting a node as computing wrong numbers adds this to its route cost factor."""
+    verify: float = 0.0
+    """Share of hops recomputed on other nodes and compared (swarm/verification.py); 1.0 checks every hop, 0 none.
+    Covers forwards and chained forwards; inference steps are not checked yet."""
 
 
 @dataclass
@@ -71,18 +97,27 @@ class RouteStats:
     reroutes: int = 0
     reroute_s: list[float] = field(default_factory=list)
     """Seconds from the failed call's start to the rerouted call's success, per reroute."""
+    distrusted: list[str] = field(default_factory=list)
+    """Peers excluded because their info contradicted their record, they refused layers they announced, or a spot
+    check outvoted their output."""
+    verify_checks: int = 0
+    """Hops drawn for a spot check (``ClientConfig.verify``), skipped ones included."""
+    verify_mismatches: int = 0
+    """Spot checks where the second opinion disagreed."""
+    verify_skipped: int = 0
+    """Spot checks skipped because no other node serves the hop's layers."""
 
 
-class RemoteSequence:
-    """Layers ``[0, num_layers)`` of one model, served by the swarm."""
+class RemoteSequence(PeerHealth):
+    """Layers ``[0, num_layers)`` of one model, served by the swarm (what it knows of each peer: :class:`PeerHealth`)."""
 
     def __init__(self, dht: DHT, p2p: P2P, loop: BackgroundLoop, *, key: str, model_name: str, num_layers: int,
-                 checkpoint_hash: str, config: ClientConfig = ClientConfig()):
+                 checkpoint_hash: str, config: ClientConfig = ClientConfig(), hidden_size: int | None = None,
+                 owner: bytes | None = None):
         self.dht, self.p2p, self.loop = dht, p2p, loop
         self.key, self.model_name, self.num_layers = key, model_name, num_layers
         self.checkpoint_hash = checkpoint_hash
-        self.config = config
-        self.stats = RouteStats()
+        PeerHealth.__init__(self, config, RouteStats())
         self.traffic = Traffic()
         """Bytes and calls over this client's links (every call of this sequence credits it)."""
         self._call_options = {"traffic": self.traffic, "liveness_s": config.liveness_s}
@@ -90,14 +125,12 @@ class RemoteSequence:
         self._known: dict[str, tuple[ServerRecord, float]] = {}
         self._refreshing: asyncio.Future | None = None
         self._records_at = 0.0
-        self._latency_s: dict[str, float] = {}
-        self._banned: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
-        """Peer id -> liveness failures in a row (the exclusion doubles with each)."""
-        self._load: dict[str, float] = {}
-        """Peer id -> load seen in its last ping answer (fresher than its DHT record)."""
-        self._busy: dict[str, float] = {}
-        """Peer id -> until when it counts as busy (``time.monotonic()``)."""
+        self.hidden_size = hidden_size
+        """Width of the hidden states (for claim probes; None = refusals cannot be attributed and are raised)."""
+        self._checked: dict[str, tuple] = {}
+        """Peer id -> the record claim its info answer was last checked against."""
+        self.owner = owner
+        """This client's owner marker (``[owner:<key>]``) for signing suspect reports; None = it does not report."""
 
     # ---- discovery and routing --------------------------------------------------------------------------
 
@@ -115,8 +148,21 @@ class RemoteSequence:
             self._refreshing.add_done_callback(_log_failure)
         return self._records
 
+    async def report_suspect(self, peer_id: str, reason: str) -> None:
+        """Publish a signed, expiring report that ``peer_id`` computed wrong numbers (other clients weigh it)."""
+        if self.owner is None:
+            return
+        stored = await self.dht.store(suspects_key(self.checkpoint_hash), {"suspect": peer_id, "reason": reason},
+                                      get_dht_time() + SUSPECT_TTL_S, subkey=peer_id.encode() + self.owner,
+                                      return_future=True)
+        if not stored:
+            logger.warning("No DHT peer stored the suspect report on %s", peer_id)
+
     async def _refresh(self) -> None:
-        found = await self.dht.get(self.key, latest=True, return_future=True)
+        found, suspects = await asyncio.gather(
+            self.dht.get(self.key, latest=True, return_future=True),
+            self.dht.get(suspects_key(self.checkpoint_hash), latest=True, return_future=True))
+        self._suspects = suspect_reporters(suspects)
         # A lookup may miss records (those right after a peer froze time out with nothing): merge with what is
         # known and forget a record only when its own expiration time has passed.
         fresh = records_with_expiration(found)
@@ -128,66 +174,41 @@ class RemoteSequence:
             self._known = {p: (r, e) for p, (r, e) in self._known.items() if e > now}
         self._records = [r for r, _ in self._known.values()]
         self._records_at = time.monotonic()
-        unknown = [r.peer_id for r in self._records if r.online and r.peer_id not in self._latency_s]
-        if unknown:
-            await asyncio.gather(*(self._measure(p) for p in unknown))
+        unchecked = [r for r in self._records if r.online and self._checked.get(r.peer_id) != _claim(r)]
+        if unchecked:
+            await asyncio.gather(*(self._measure(r) for r in unchecked))
 
-    async def _measure(self, peer_id: str) -> None:
+    async def _measure(self, record: ServerRecord) -> None:
+        """Ping a node (its latency) and check that its info answer states what its record claims."""
+        peer_id = record.peer_id
         try:
             self._latency_s[peer_id], info = await ping(self.p2p, peer_id, timeout_s=self.config.ping_timeout_s)
         except PeerUnreachableError:
             self.ban(peer_id)
+            return
+        self._checked[peer_id] = _claim(record)
+        wrong = claim_mismatch(record, info)
+        if wrong is not None:
+            self.distrust(peer_id, f"its info answer contradicts its record ({wrong})")
+        self.saw_alive(peer_id, info)
+
+    async def find_refusing(self, hops: list[Hop], error: Exception, *, embed: bool, head: bool) -> Hop | None:
+        """After ``hops`` (a chain, or one hop) were refused with ``error``: probe each hop's layers and act on the
+        first that fails (a refusal of announced layers distrusts it; an overload marks it busy; a dead node is
+        banned). Returns that hop, or None when every hop took the probe (or probes are impossible)."""
+        if self.hidden_size is None:
+            return None
+        found = await find_refusing_hop(self.p2p, hops, hidden_size=self.hidden_size, embed=embed, head=head,
+                                        num_layers=self.num_layers, timeout_s=self.config.request_timeout_s,
+                                        **self._call_options)
+        if found is None:
+            return None
+        hop, why = found
+        if isinstance(why, BadRequestError):
+            self.distrust(hop.peer_id, f"it refused a probe of layers {hop.start}:{hop.end} it announced ({why})")
         else:
-            self.saw_alive(peer_id, info)
-
-    def ban(self, peer_id: str) -> None:
-        """``peer_id`` failed liveness: exclude it for ``ban_s``, doubled for each failure in a row before."""
-        failures = self._failures.get(peer_id, 0)
-        self._failures[peer_id] = failures + 1
-        exclusion_s = min(self.config.ban_s * 2 ** min(failures, 16), max(self.config.max_ban_s, self.config.ban_s))
-        self._banned[peer_id] = time.monotonic() + exclusion_s
-
-    def mark_busy(self, peer_id: str) -> None:
-        """``peer_id`` answers pings but did not finish a call in time: route around it for ``busy_s`` where a
-        replica can take its layers, without excluding it."""
-        self._busy[peer_id] = time.monotonic() + self.config.busy_s
-
-    def note_failure(self, peer_id: str, error: PeerUnreachableError | OverloadedError) -> None:
-        """Slow or dead: a :class:`PeerBusyError` or :class:`OverloadedError` marks the peer busy; any other failure
-        excludes it (:meth:`ban`)."""
-        if isinstance(error, (PeerBusyError, OverloadedError)):
-            self.mark_busy(peer_id)
-        else:
-            self.ban(peer_id)
-
-    def saw_alive(self, peer_id: str, info: dict | None = None) -> None:
-        """``peer_id`` answered a ping (``info`` is its answer): its failure count restarts; note its load."""
-        self._failures.pop(peer_id, None)
-        load = (info or {}).get("load")
-        if isinstance(load, (int, float)) and not isinstance(load, bool) and load >= 0:
-            self._load[peer_id] = float(load)
-
-    async def overload_backoff(self, error: Exception, next_peer: str, retries: int) -> None:
-        """After ``error``: if it was an overload and the new route goes to a peer that counts as busy too (no idle
-        replica to take the layers), wait ``overload_backoff_s * 2 ** (retries - 1)`` (at most 4 s, jittered so
-        refused callers do not come back together) first."""
-        if isinstance(error, OverloadedError) and self._busy.get(next_peer, 0.0) > time.monotonic():
-            delay_s = min(self.config.overload_backoff_s * 2 ** max(retries - 1, 0), 4.0)
-            await asyncio.sleep(delay_s * random.uniform(0.5, 1.5))
-
-    def excluded(self) -> frozenset[str]:
-        now = time.monotonic()
-        return frozenset(p for p, until in self._banned.items() if until > now)
-
-    def loads(self) -> dict[str, float]:
-        """The load to route with, per peer where known better than its record: the last ping's, plus
-        ``busy_load`` while it counts as busy."""
-        now = time.monotonic()
-        out = dict(self._load)
-        for peer_id, until in self._busy.items():
-            if until > now:
-                out[peer_id] = out.get(peer_id, 0.0) + self.config.busy_load
-        return out
+            self.note_failure(hop.peer_id, why)
+        return hop
 
     async def route(self, start: int = 0, end: int | None = None, *, embed: bool = False, head: bool = False,
                     refresh: bool = False) -> list[Hop]:
@@ -201,8 +222,8 @@ class RemoteSequence:
         for attempt in range(3):
             records = await self.records(refresh=refresh or attempt > 0)
             try:
-                return plan_route(records, start, end, latency_s=self._latency_s, exclude=self.excluded(),
-                                  model_name=self.model_name, embed=embed, head=head, load=self.loads())
+                return plan_route(records, start, end, exclude=self.excluded(), model_name=self.model_name,
+                                  embed=embed, head=head, costs=self.costs())
             except MissingBlocksError:
                 # DHT lookups right after a peer froze can come back incomplete; the next one routes around it.
                 if attempt == 2:
@@ -231,12 +252,16 @@ class RemoteSequence:
                                     {"start": hop.start, "end": hop.end, "embed": first, "head": last},
                                     timeout_s=self.config.request_timeout_s,
                                     **self._call_options)
-            except (PeerUnreachableError, OverloadedError) as e:
+            except (PeerUnreachableError, OverloadedError, BadRequestError) as e:
                 retries += 1
                 if retries > self.config.max_retries:
                     raise
+                if isinstance(e, BadRequestError):
+                    if not _may_be_false_claim(e) or await self.find_refusing([hop], e, embed=first, head=last) is None:
+                        raise  # the node takes well-formed requests for its layers: this request is at fault
+                else:
+                    self.note_failure(hop.peer_id, e)
                 logger.warning("%s; rerouting layers %d:%d", e, hop.start, self.num_layers)
-                self.note_failure(hop.peer_id, e)
                 hops = hops[:i] + await self.route(hop.start, end, embed=first, head=head)
                 await self.overload_backoff(e, hops[i].peer_id, retries)
                 self.stats.reroutes += 1
@@ -245,9 +270,13 @@ class RemoteSequence:
             if reroute_started is not None:
                 self.stats.reroute_s.append(time.perf_counter() - reroute_started)
                 reroute_started = None
+            self._trusted.add(hop.peer_id)
             if keep_hop_inputs:
                 trail.append((hop, x))
-            x = out["outputs"]
+            y = out["outputs"]
+            if should_check(self.config.verify):
+                y = await spot_check(self, hop, x, y, extras, embed=first, head=last)
+            x = y
             i += 1
         return x, trail
 
@@ -265,10 +294,30 @@ class RemoteSequence:
         Returns:
             ``(outputs, hook_result, route, reply meta)``; the meta has ``compute_s`` per peer and ``node_bytes``
             (bytes that crossed node → node links).
+        Raises:
+            ResultMismatchError: with ``ClientConfig.verify``, a checked answer was contradicted and not settled.
         """
         extras = _extras(attention_mask, position_ids)
+        run = functools.partial(self._forward_chain, inputs, extras, embed=embed, head=head, hook=hook, carry=carry,
+                                return_outputs=return_outputs)
+        answer = await run()
+        if self.config.verify > 0:
+            answer = await spot_check_chain(self, answer, run)
+        return answer
+
+    async def _forward_chain(self, inputs: torch.Tensor, extras: dict, *, embed: bool, head: bool,
+                             hook: HookRequest | None, carry: bytes, return_outputs: bool,
+                             avoid: frozenset[str] = frozenset()) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
+        """:meth:`forward_chain` without spot checks, on a route avoiding ``avoid`` (planned on the known records
+        at once, no DHT retries, where ``avoid`` is given: a spot check's re-run)."""
+        failed_at, overloaded = None, False
         for attempt in range(self.config.max_retries + 1):
-            hops = await self.route(embed=embed, head=head)
+            if avoid:
+                hops = await plan_avoiding(self, 0, self.num_layers, embed=embed, head=head, avoid=avoid)
+            else:
+                hops = await self.route(embed=embed, head=head)
+            if overloaded and any(self._busy.get(h.peer_id, 0.0) > time.monotonic() for h in hops):
+                await self._backoff(attempt)  # the full node has no idle replica: give it time
             chain = [{"peer": h.peer_id, "start": h.start, "end": h.end, "head": head and h.end == self.num_layers}
                      for h in hops]
             tensors = {"inputs": inputs, **extras}
@@ -279,23 +328,33 @@ class RemoteSequence:
             t0 = time.perf_counter()
             try:
                 out, reply = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
-                                    timeout_s=self.config.request_timeout_s * len(hops),
-                                    **self._call_options)
-            except OverloadedError as e:  # some node of the chain is full; which one, the chain does not say
-                if attempt == self.config.max_retries:
+                                        timeout_s=self.config.request_timeout_s * len(hops), **self._call_options)
+            except (OverloadedError, BadRequestError) as e:  # which node of the chain refused, the error does not say
+                failed_at = failed_at or t0
+                if attempt == self.config.max_retries or (isinstance(e, BadRequestError) and not _may_be_false_claim(e)):
                     raise
-                logger.warning("Chained forward refused (%s); retrying after a backoff", e)
-                await asyncio.sleep(min(self.config.overload_backoff_s * 2 ** attempt, 4.0))
+                refused = await self.find_refusing(hops, e, embed=embed, head=head)
+                if refused is None and isinstance(e, BadRequestError):
+                    raise  # every node takes well-formed requests for its layers: this request is at fault
+                logger.warning("Chained forward refused (%s); %s", e,
+                               f"routing around {refused.peer_id}" if refused else "retrying after a backoff")
+                overloaded = isinstance(e, OverloadedError)
+                if refused is None:  # the overload passed before the probe: back off, then retry the same route
+                    await self._backoff(attempt + 1)
+                else:
+                    self.stats.reroutes += 1
                 continue
             except PeerUnreachableError as e:
+                failed_at = failed_at or t0
                 if attempt == self.config.max_retries:
                     raise
                 logger.warning("Chained forward failed (%s); checking the route's nodes", e)
                 await self.ban_unreachable(hops)
                 self.stats.reroutes += 1
                 continue
-            if attempt:
-                self.stats.reroute_s.append(time.perf_counter() - t0)
+            if failed_at is not None:
+                self.stats.reroute_s.append(time.perf_counter() - failed_at)
+            self._trusted.update(h.peer_id for h in hops)
             return out["outputs"], hook_result(out), hops, reply
         raise AssertionError("unreachable")
 
@@ -376,6 +435,16 @@ def hook_result(out: dict) -> bytes:
     """The last hop's hook result in an answer (``b""`` without one)."""
     result = out.get("hook_result")
     return result.numpy().tobytes() if result is not None else b""
+
+
+def _may_be_false_claim(error: BadRequestError) -> bool:
+    """Only a plain :class:`BadRequestError` (what a node answers for layers or stages it does not serve) may mean a
+    false claim; its subclasses (a hook's payload, sizes, sessions) are about the request and are raised unprobed."""
+    return type(error) is BadRequestError
+
+
+def _claim(record: ServerRecord) -> tuple:
+    return (record.start, record.end, record.embed, record.head, record.checkpoint_hash)
 
 
 def _log_failure(task: asyncio.Future) -> None:

@@ -1,8 +1,15 @@
-"""Routes: which node runs which layers. Fewest hops first, then lowest measured latency."""
+"""Routes: which node runs which layers. The cheapest route wins: each hop costs its round trip.
+
+A hop's cost is ``(hop_s + latency) × (1 + load) × trust × jitter`` (see :class:`RouteCosts`): with similar
+latencies the route with fewer hops wins, a much faster route wins over a shorter one, a loaded node loses to its
+replica, a node this client has no good history with costs ``untrusted_factor`` more than one it has, and every
+client draws its own ``jitter`` per node, so routes of near-equal cost are spread over the swarm's clients instead of
+all going to the node that claims the longest span.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import MissingBlocksError
 from .records import ServerRecord
@@ -22,26 +29,56 @@ class Hop:
         return self.record.peer_id
 
 
+@dataclass(frozen=True)
+class RouteCosts:
+    """What a client knows about nodes beyond their records, for :func:`plan_route`."""
+
+    latency_s: dict[str, float] = field(default_factory=dict)
+    """Peer id -> measured round trip (unknown: ``default_latency_s``)."""
+    load: dict[str, float] = field(default_factory=dict)
+    """Peer id -> load where the caller knows better than the record (a fresher ping, a node seen busy)."""
+    trusted: frozenset[str] = frozenset()
+    """Peers with a good history with this client (answers it used); the others cost ``untrusted_factor`` more."""
+    jitter: dict[str, float] = field(default_factory=dict)
+    """Peer id -> this client's random cost factor (≥ 1) for it; missing = 1."""
+    suspects: dict[str, int] = field(default_factory=dict)
+    """Peer id -> distinct clients reporting it as computing wrong numbers; each adds ``suspect_weight`` to its
+    cost factor (weighed, never excluded on others' word)."""
+    suspect_weight: float = 1.0
+    hop_s: float = 0.02
+    """Fixed cost of one hop (a round trip's overhead beyond the ping), so fewer hops win at similar latency."""
+    default_latency_s: float = 0.1
+    untrusted_factor: float = 1.0
+
+
 def plan_route(records: list[ServerRecord], start: int, end: int, *, latency_s: dict[str, float] | None = None,
                exclude: frozenset[str] = frozenset(), model_name: str = "model", embed: bool = False,
-               head: bool = False, load: dict[str, float] | None = None) -> list[Hop]:
-    """Cover layers ``[start, end)`` with the fewest hops; among those, the lowest summed latency × (1 + load).
+               head: bool = False, load: dict[str, float] | None = None, costs: RouteCosts | None = None) -> list[Hop]:
+    """Cover layers ``[start, end)`` at the lowest summed hop cost (see the module doc and :class:`RouteCosts`).
 
-    A node's load is ``load[peer_id]`` where the caller knows better (a fresher ping, a node seen busy), else the load
-    its record announces; so among replicas the less-loaded one is chosen.
+    ``latency_s`` and ``load`` are shortcuts for the fields of ``costs`` of the same name. A node's load is
+    ``load[peer_id]`` where given, else the load its record announces.
 
     With ``embed`` the first hop must serve the embedding; with ``head`` the last hop must serve the head.
 
     Raises:
         MissingBlocksError: some layers in ``[start, end)`` have no usable node; the message names them.
     """
-    latency_s, load = latency_s or {}, load or {}
+    costs = costs or RouteCosts()
+    latency, loads = {**costs.latency_s, **(latency_s or {})}, {**costs.load, **(load or {})}
     usable = [r for r in records if r.online and r.peer_id not in exclude]
-    best: dict[int, tuple[int, float, list[Hop]]] = {start: (0, 0.0, [])}
+
+    def hop_cost(record: ServerRecord) -> float:
+        peer = record.peer_id
+        trust = 1.0 if peer in costs.trusted else costs.untrusted_factor
+        return ((costs.hop_s + latency.get(peer, costs.default_latency_s)) * (1 + loads.get(peer, record.load))
+                * trust * costs.jitter.get(peer, 1.0) * (1 + costs.suspect_weight * costs.suspects.get(peer, 0)))
+
+    best: dict[int, tuple[float, int, list[Hop]]] = {start: (0.0, 0, [])}
     for layer in range(start, end):  # layers only increase along a route, so one pass in order is a DP
         if layer not in best:
             continue
-        hops, cost, route = best[layer]
+        cost, hops, route = best[layer]
         for record in usable:
             if record.start <= layer < record.end:
                 stop = min(record.end, end)
@@ -49,8 +86,7 @@ def plan_route(records: list[ServerRecord], start: int, end: int, *, latency_s: 
                     continue
                 if head and stop == end and not (record.head and record.end == end):
                     continue
-                candidate = (hops + 1, cost + latency_s.get(record.peer_id, 0.1) * (1 + load.get(record.peer_id, record.load)),
-                             route + [Hop(record, layer, stop)])
+                candidate = (cost + hop_cost(record), hops + 1, route + [Hop(record, layer, stop)])
                 if stop not in best or candidate[:2] < best[stop][:2]:
                     best[stop] = candidate
     if end not in best:

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from hivemind.dht import DHT
 
-from .records import MODELS_KEY, ServerRecord, records_from_dht_value
+from .record_validation import swarm_dht
+from .records import MODELS_KEY, ServerRecord, owner_peer_id, records_from_dht_value
 from .span_selection import missing_spans
 
 
 def collect_status(dht: DHT) -> list[tuple[dict, list[ServerRecord]]]:
     """Every model announced in the swarm with its node records."""
     found = dht.get(MODELS_KEY, latest=True)
-    models = []
+    entries: dict[str, dict] = {}  # one entry per node that serves the model; keep one per model key
     if found is not None and isinstance(found.value, dict):
-        for key, item in found.value.items():
+        for subkey, item in found.value.items():
             info = item.value if isinstance(item.value, dict) else {}
-            records = records_from_dht_value(dht.get(key, latest=True))
-            models.append(({"key": key, **info}, records))
-    return models
+            if owner_peer_id(subkey) is not None and isinstance(info.get("key"), str):
+                entries.setdefault(info["key"], info)
+    return [(info, records_from_dht_value(dht.get(key, latest=True))) for key, info in entries.items()]
 
 
 def print_status(initial_peers: list[str]) -> int:
-    dht = DHT(initial_peers=initial_peers, client_mode=True, start=True)
+    dht, _ = swarm_dht(initial_peers, client_mode=True)
     try:
         models = collect_status(dht)
     finally:

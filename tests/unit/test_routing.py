@@ -4,7 +4,7 @@ import pytest
 
 from swarm.errors import MissingBlocksError
 from swarm.records import ServerRecord
-from swarm.routing import plan_route
+from swarm.routing import RouteCosts, plan_route
 from swarm.span_selection import choose_span, coverage, missing_spans
 
 
@@ -12,10 +12,27 @@ def rec(peer, start, end, n=12, **kw):
     return ServerRecord(peer_id=peer, start=start, end=end, model_name="m", checkpoint_hash="h", num_layers=n, **kw)
 
 
-def test_fewest_hops_wins_over_latency():
+def test_fewest_hops_win_at_similar_latency_and_a_much_faster_route_wins_over_fewer_hops():
     records = [rec("a", 0, 6), rec("b", 6, 12), rec("c", 0, 4), rec("d", 4, 8), rec("e", 8, 12)]
-    route = plan_route(records, 0, 12, latency_s={"a": 1.0, "b": 1.0, "c": 0.01, "d": 0.01, "e": 0.01})
+    route = plan_route(records, 0, 12, latency_s={"a": 0.012, "b": 0.01, "c": 0.01, "d": 0.01, "e": 0.01})
     assert [(h.peer_id, h.start, h.end) for h in route] == [("a", 0, 6), ("b", 6, 12)]
+    route = plan_route(records, 0, 12, latency_s={"a": 1.0, "b": 1.0, "c": 0.01, "d": 0.01, "e": 0.01})
+    assert [h.peer_id for h in route] == ["c", "d", "e"]
+
+
+def test_near_equal_routes_are_spread_over_clients_and_trusted_nodes_are_preferred():
+    import random
+    records = [rec("a", 0, 12), rec("b", 0, 12)]
+    latency = {"a": 0.01, "b": 0.011}
+    chosen = []
+    for seed in range(200):  # each client draws its own jitter per node
+        rng = random.Random(seed)
+        costs = RouteCosts(latency_s=latency, jitter={p: rng.uniform(1.0, 1.3) for p in "ab"})
+        chosen.append(plan_route(records, 0, 12, costs=costs)[0].peer_id)
+    assert 60 <= chosen.count("b") <= 140, chosen.count("b")
+    # A node with no history with this client costs more: its slightly faster replica with history wins.
+    costs = RouteCosts(latency_s={"a": 0.01, "b": 0.008}, trusted=frozenset({"a"}), untrusted_factor=1.5)
+    assert plan_route(records, 0, 12, costs=costs)[0].peer_id == "a"
 
 
 def test_latency_breaks_ties_and_partial_spans_are_used():
@@ -71,3 +88,12 @@ def test_records_tolerate_unknown_fields_and_reject_bad_spans():
     assert ServerRecord.from_dict(rec("a", 0, 4).to_dict() | {"end": 40}) is None
     assert ServerRecord.from_dict({"peer_id": "a"}) is None
     assert ServerRecord.from_dict("nonsense") is None
+
+
+def test_claim_mismatch_names_what_the_info_answer_contradicts():
+    from swarm.claims import claim_mismatch
+    record = rec("a", 0, 6, embed=True)
+    info = {**record.to_dict(), "load": 3, "weight_bytes": 10}
+    assert claim_mismatch(record, info) is None
+    assert claim_mismatch(record, {**info, "start": 3}) == "start: record 0, info 3"
+    assert "checkpoint_hash" in claim_mismatch(record, {k: v for k, v in info.items() if k != "checkpoint_hash"})

@@ -1,0 +1,157 @@
+"""Spot checks (issue 13, requirement 3, hop-by-hop forwards): recompute a random share of hops elsewhere.
+
+With ``ClientConfig.verify = p``, each hop of :meth:`swarm.remote_sequence.RemoteSequence.forward` is checked with
+probability ``p``, drawn from the OS's CSPRNG on the client (nothing the nodes see tells a check from a request).
+A checked hop is recomputed with the same inputs and masks on other nodes serving those layers; outputs must agree
+within :data:`TOLERANCE` of their dtype. On a disagreement a third opinion (a route avoiding both) settles it: the
+outvoted single node is distrusted, and only an output two routes agree on is used. Where no other node serves the
+layers the check is skipped (counted in ``RouteStats.verify_skipped``).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .errors import MissingBlocksError, ResultMismatchError
+from .handles import FORWARD
+from .routing import Hop, plan_route
+from .transport import call
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+"""Absolute and relative tolerance per output dtype (fp32: the golden tests' bound; half types: their rounding)."""
+
+_draw = random.SystemRandom()
+
+
+def agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and dtype, and equal within the dtype's tolerance (exact for integer outputs)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    tol = TOLERANCE.get(a.dtype, 1e-5)
+    return torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def should_check(fraction: float) -> bool:
+    return fraction > 0 and _draw.random() < fraction
+
+
+async def plan_avoiding(sequence, start: int, end: int, *, embed: bool, head: bool,
+                        avoid: frozenset[str]) -> list[Hop]:
+    """A route for ``[start, end)`` on the known records avoiding ``avoid`` and excluded peers (no DHT retries).
+
+    Raises:
+        MissingBlocksError: no such route.
+    """
+    records = await sequence.records()
+    return plan_route(records, start, end, exclude=sequence.excluded() | avoid, model_name=sequence.model_name,
+                      embed=embed, head=head, costs=sequence.costs())
+
+
+async def recompute(sequence, hop: Hop, x: torch.Tensor, extras: dict, *, embed: bool, head: bool,
+                    avoid: frozenset[str]) -> tuple[torch.Tensor, list[str]]:
+    """Run ``hop``'s layers on a route avoiding ``avoid`` (and excluded peers); returns the output and its peers.
+
+    Raises:
+        MissingBlocksError: no such route.
+    """
+    route = await plan_avoiding(sequence, hop.start, hop.end, embed=embed, head=head, avoid=avoid)
+    for i, sub in enumerate(route):
+        out, _ = await call(sequence.p2p, sub.peer_id, FORWARD, {"inputs": x, **extras},
+                            {"start": sub.start, "end": sub.end, "embed": embed and i == 0,
+                             "head": head and i == len(route) - 1},
+                            timeout_s=sequence.config.request_timeout_s, **sequence._call_options)
+        x = out["outputs"]
+    return x, [sub.peer_id for sub in route]
+
+
+async def spot_check(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extras: dict, *, embed: bool,
+                     head: bool) -> torch.Tensor:
+    """Check ``y`` (``hop``'s answer to ``x``) against other nodes; return an output two routes agree on.
+
+    Raises:
+        ResultMismatchError: the answers disagree and no third route exists, or all three disagree.
+    """
+    stats = sequence.stats
+    stats.verify_checks += 1
+    try:
+        second, second_peers = await recompute(sequence, hop, x, extras, embed=embed, head=head,
+                                               avoid=frozenset({hop.peer_id}))
+    except MissingBlocksError:
+        stats.verify_skipped += 1
+        return y
+    if agree(y, second):
+        return y
+    stats.verify_mismatches += 1
+    where = f"layers {hop.start}:{hop.end}: {hop.peer_id} vs {', '.join(second_peers)}"
+    try:
+        third, _ = await recompute(sequence, hop, x, extras, embed=embed, head=head,
+                                   avoid=frozenset({hop.peer_id, *second_peers}))
+    except MissingBlocksError:
+        raise ResultMismatchError(f"Nodes disagree on {where}, and no third node serves those layers to settle it; "
+                                  "no result is returned. Retry when more nodes serve them.") from None
+    why = f"its output for layers {hop.start}:{hop.end} was outvoted by two other routes"
+    if agree(third, second):
+        await _outvoted(sequence, hop.peer_id, why)
+        return second
+    if agree(third, y):
+        if len(second_peers) == 1:
+            await _outvoted(sequence, second_peers[0], why)
+        return y
+    raise ResultMismatchError(f"Three routes disagree on {where}; no result is returned.")
+
+
+def _answers_agree(a: tuple, b: tuple) -> bool:
+    """Two chained answers ``(outputs, hook_result, route, meta)`` agree: outputs within tolerance, and the hook's
+    results byte for byte (the span hook's result is opaque to the swarm)."""
+    return agree(a[0], b[0]) and a[1] == b[1]
+
+
+async def spot_check_chain(sequence, answer: tuple, run) -> tuple:
+    """Check a chained forward's ``answer``: each hop is checked with probability ``verify`` by re-running the whole
+    chain (same inputs, hook payload for the new route, carry) on a route avoiding that hop's node
+    (``await run(avoid=...)``); a disagreement is settled by a third route avoiding the nodes the two routes do not
+    share. Returns the answer two routes agree on.
+
+    Raises:
+        ResultMismatchError: a disagreement no third route could settle.
+    """
+    stats = sequence.stats
+    for hop in list(answer[2]):
+        if not should_check(sequence.config.verify):
+            continue
+        stats.verify_checks += 1
+        try:
+            second = await run(avoid=frozenset({hop.peer_id}))
+        except MissingBlocksError:
+            stats.verify_skipped += 1
+            continue
+        if _answers_agree(answer, second):
+            continue
+        stats.verify_mismatches += 1
+        only_first = {h.peer_id for h in answer[2]} - {h.peer_id for h in second[2]}
+        only_second = {h.peer_id for h in second[2]} - {h.peer_id for h in answer[2]}
+        where = f"chained routes differing in {sorted(only_first)} vs {sorted(only_second)}"
+        try:
+            third = await run(avoid=frozenset(only_first | only_second))
+        except MissingBlocksError:
+            raise ResultMismatchError(f"Nodes disagree ({where}) and no third route settles it; no result is "
+                                      "returned. Retry when more nodes serve those layers.") from None
+        if _answers_agree(third, second):
+            outvoted, answer = only_first, second
+        elif _answers_agree(third, answer):
+            outvoted = only_second
+        else:
+            raise ResultMismatchError(f"Three chained routes disagree ({where}); no result is returned.")
+        if len(outvoted) == 1:
+            await _outvoted(sequence, next(iter(outvoted)), "its chained output was outvoted by two other routes")
+    return answer
+
+
+async def _outvoted(sequence, peer_id: str, why: str) -> None:
+    """Distrust ``peer_id`` here and publish a signed suspect report others weigh (they do not exclude on it)."""
+    sequence.distrust(peer_id, why)
+    await sequence.report_suspect(peer_id, why)
