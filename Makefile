@@ -1,6 +1,7 @@
 # Everything a fresh machine needs: `make demo` (set up + run a local 3-node swarm) and `make test`.
-# Python 3.11 or 3.12 (pyproject: requires-python >=3.11,<3.13); the first found, or PYTHON=/path/to/python.
-PYTHON ?= $(or $(shell command -v python3.11 2>/dev/null),$(shell command -v python3.12 2>/dev/null),python3.11)
+# Python 3.11 or 3.12 (pyproject: requires-python >=3.11,<3.13): the first of the two that runs here (a pyenv shim
+# of a version that is not active does not), or PYTHON=/path/to/python.
+PYTHON ?= $(or $(shell for p in python3.11 python3.12; do $$p -c '' 2>/dev/null && command -v $$p && break; done),python3.11)
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 # The interpreter the bench targets run with. Override it to use an existing environment where the project is
