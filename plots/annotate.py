@@ -1,5 +1,5 @@
 """What a figure says about itself: the interval its bars and bands really show, the workload behind it (model,
-batch, tokens, layers) and the series it lacks, drawn on the figure (under the legend's title) so a PNG read alone is honest."""
+batch, tokens, layers) and the series it lacks, drawn under the legend's title so a PNG read alone is honest."""
 
 from __future__ import annotations
 
