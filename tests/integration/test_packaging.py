@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = {"swarm-node": "serve", "swarm-gateway": "serve", "swarm-bench": "run"}
 """Console script → a word its --help must show."""
 CLEAN = os.environ.get("SWARM_TEST_CLEAN_INSTALL") == "1"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400 if CLEAN else 300)]
 
 
 SATISFIED = """
