@@ -37,9 +37,17 @@ def test_interval_label_follows_the_coverage_actually_reached():
         "median; 95% CI where n ≥ 6, min–max where n = 2")
 
 
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """Every figure drawn twice: from 3 repetitions per group (too few for a 95 % CI), and from the full run."""
+    out = tmp_path_factory.mktemp("annotated")
+    records = {"few": few(synthetic_run(seed=2), 3), "full": synthetic_run(seed=2)}
+    return records, {(kind, name): FIGURES[name](rs, out / kind) for kind, rs in records.items() for name in FIGURES}
+
+
 @pytest.mark.parametrize("name", list(FIGURES))
-def test_figures_from_few_repetitions_never_claim_a_95_ci(name, tmp_path):
-    result = FIGURES[name](few(synthetic_run(seed=2), 3), tmp_path)
+def test_figures_from_few_repetitions_never_claim_a_95_ci(name, drawn):
+    result = drawn[1][("few", name)]
     assert not result.skipped
     text = text_of(result)
     assert "95% CI" not in text.replace("too few for a 95% CI", "")
@@ -47,21 +55,26 @@ def test_figures_from_few_repetitions_never_claim_a_95_ci(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", [n for n in FIGURES if n != "fig_concurrency"])
-def test_figures_from_enough_repetitions_say_95_ci(name, tmp_path):
-    text = text_of(FIGURES[name](synthetic_run(seed=2), tmp_path))
+def test_figures_from_enough_repetitions_say_95_ci(name, drawn):
+    text = text_of(drawn[1][("full", name)])
     assert "median, 95% CI" in text and "min–max" not in text
 
 
 @pytest.mark.parametrize("name", list(FIGURES))
-def test_every_figure_names_its_workload_parameters(name, tmp_path):
-    records = synthetic_run(seed=3)
-    result = FIGURES[name](records, tmp_path)
-    text = text_of(result)
-    used = [r for r in records if r["ok"] and not r["warmup"]]
-    assert any(f"model {r['model']}" in text or ("models " in text and r["model"] in text) for r in used)
+def test_every_figure_names_its_workload_parameters(name, drawn):
+    records, results = drawn
+    text = text_of(results[("full", name)])
+    workload = {"fig6a_setup_time": ("setup_time",), "fig6b_patching_vs_size": ("patching_vs_size",),
+                "fig6c_petals_vs_ours": ("remote_inference", "patching"), "fig_ioi_patching": ("ioi_patching",),
+                "fig_logit_lens": ("logit_lens", "remote_inference"), "fig_steering": ("steering_generation",),
+                "fig_concurrency": ("concurrency",)}[name]
+    used = [r for r in records["full"] if r["workload"] in workload and r["ok"] and not r["warmup"]]
+    models = sorted({r["model"] for r in used})
+    assert (f"model {models[0]}" in text) if len(models) == 1 else all(m in text for m in models)
+    batches = {r["batch"] for r in used if r["batch"]}
     seq_lens = {r["seq_len"] for r in used if r["seq_len"]}
-    if name != "fig6a_setup_time":   # setup has no input batch
-        assert "batch " in text and any(f"{s} tokens" in text for s in seq_lens)
+    if batches:   # setup has no input batch
+        assert any(f"batch {b}" in text for b in batches) and any(f"{s} tokens" in text for s in seq_lens)
     if name == "fig_logit_lens":
         assert "top-5" in text
     if name == "fig_steering":
