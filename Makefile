@@ -41,6 +41,7 @@ test-integration: setup
 
 # `pip install .` from scratch into a fresh venv (torch==2.13.0 first), then every console script's --help: minutes
 # (downloads every dependency). `make test` runs the fast form of the same test (tests/integration/test_packaging.py).
+# SWARM_TEST_PYTHON=python3.12 tries another interpreter (it needs a non-CUDA torch 2.13.0 wheel for it).
 test-install: setup
 	SWARM_TEST_CLEAN_INSTALL=1 $(PY) -m pytest -q tests/integration/test_packaging.py
 

@@ -9,9 +9,10 @@ Two forms of one test:
   scripts import (each module is checked to load from the fresh venv, not from the checkout), its entry points
   start, and every ``Requires-Dist`` of the wheel is satisfied by an installed distribution (``pip check``'s rule
   for our package). It does not prove that pip can resolve and download those dependencies from an index.
-- **clean** (``make test-install``, sets ``SWARM_TEST_CLEAN_INSTALL=1``; minutes): ``pip install torch==2.13.0``, then
-  ``pip install -c constraints.txt .`` into a bare venv, exactly as the README says — the resolver and the index
-  included.
+- **clean** (``make test-install``, sets ``SWARM_TEST_CLEAN_INSTALL=1``; ~4 min with a warm pip cache):
+  ``pip install torch==2.13.0``, then ``pip install -c constraints.txt .`` into a bare venv, exactly as the README
+  says — the resolver and the index included. ``SWARM_TEST_PYTHON=python3.12`` picks the venv's interpreter (it
+  needs a torch 2.13.0 wheel for that Python that is not PyPI's multi-GB CUDA build, e.g. a local CPU wheel).
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def tracked_copy(dest: Path) -> Path:
     return dest
 
 
-def fresh_venv(path: Path, with_pip: bool) -> Path:
-    """A new venv on this interpreter's base Python; returns its python."""
-    run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), path], path.parent, 120)
+def fresh_venv(path: Path, with_pip: bool, python: str = sys.executable) -> Path:
+    """A new venv on ``python`` (its base interpreter); returns the venv's python."""
+    run([python, "-m", "venv", *([] if with_pip else ["--without-pip"]), path], path.parent, 120)
     return path / "bin" / "python"
 
 
@@ -83,7 +84,7 @@ def test_pip_install_gives_every_console_script(tmp_path):
     source = tracked_copy(tmp_path / "src")
     venv = tmp_path / "venv"
     if CLEAN:
-        python = fresh_venv(venv, with_pip=True)
+        python = fresh_venv(venv, with_pip=True, python=os.environ.get("SWARM_TEST_PYTHON", sys.executable))
         run([python, "-m", "pip", "install", "-q", "torch==2.13.0"], tmp_path, 900)
         run([python, "-m", "pip", "install", "-q", "-c", source / "constraints.txt", source], tmp_path, 1800)
     else:
