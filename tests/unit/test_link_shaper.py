@@ -7,7 +7,8 @@ import trio
 import trio.testing
 
 from bench.errors import BenchConfigError
-from bench.link_shaper import BIT_UNITS, BYTE_UNITS, LinkSpec, Pacer, pump
+from bench.link_shaper import LinkSpec, Pacer, pump
+from bench.link_spec import BIT_UNITS, BYTE_UNITS
 
 
 # Every accepted spelling, with the bytes per second it stands for. Capital B = bytes; "bit"/"bps" = bits.
