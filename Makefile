@@ -1,5 +1,7 @@
 # Everything a fresh machine needs: `make demo` (set up + run a local 3-node swarm) and `make test`.
-PYTHON ?= python3.11
+# Python 3.11 or 3.12 (pyproject: requires-python >=3.11,<3.13): the first of the two that runs here (a pyenv shim
+# of a version that is not active does not), or PYTHON=/path/to/python.
+PYTHON ?= $(or $(shell for p in python3.11 python3.12; do $$p -c '' 2>/dev/null && command -v $$p && break; done),python3.11)
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 # The interpreter the bench targets run with. Override it to use an existing environment where the project is
@@ -7,11 +9,13 @@ STAMP  := $(VENV)/.installed
 PY     ?= $(VENV)/bin/python
 BENCH_SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),setup,)
 
-.PHONY: setup model demo test test-unit test-integration clean bench-smoke petals-env
+.PHONY: setup model demo test test-unit test-integration test-install clean bench-smoke petals-env
 
 setup: $(STAMP) model
 
 $(STAMP): requirements.lock constraints.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 11) <= v < (3, 13) else \
+	  f"Python 3.11 or 3.12 is needed, $(PYTHON) is {v[0]}.{v[1]}: make setup PYTHON=python3.12")'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -r requirements.lock
@@ -34,6 +38,12 @@ test-unit: setup
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
+
+# `pip install .` from scratch into a fresh venv (torch==2.13.0 first), then every console script's --help: minutes
+# (downloads every dependency). `make test` runs the fast form of the same test (tests/integration/test_packaging.py).
+# SWARM_TEST_PYTHON=python3.12 tries another interpreter (it needs a non-CUDA torch 2.13.0 wheel for it).
+test-install: setup
+	SWARM_TEST_CLEAN_INSTALL=1 $(PY) -m pytest -q tests/integration/test_packaging.py
 
 # The benchmark suite in a few minutes: SmolLM2 + the 10M synthetic model, small n; petals rows only with
 # .petals-venv (skipped with a message otherwise). Figures and summary.md go to figures/.

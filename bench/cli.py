@@ -24,7 +24,7 @@ import trio
 from swarm.embedded import default_cache_dir
 
 from .deployments import PLACEMENT_DEPLOYMENT, DeploymentConfig, deploy
-from .errors import BenchError, PetalsUnavailableError
+from .errors import BenchConfigError, BenchError, PetalsUnavailableError
 from .harness import open_harness
 from .link_shaper import LinkSpec
 from .petals import petals_python
@@ -65,6 +65,27 @@ def _csv(choices):
     return parse
 
 
+def _link(text: str) -> LinkSpec | None:
+    """``--link``: a link spec parsed at once, so a wrong unit stops the command before anything starts."""
+    try:
+        return LinkSpec.parse(text)
+    except BenchConfigError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _node_link(text: str) -> LinkSpec | None | str:
+    return "same" if text == "same" else _link(text)
+
+
+def run_config(args: argparse.Namespace, run_id: str) -> dict:
+    """The resolved config recorded in every record: paths as text, links as parsed (``LinkSpec.as_record``)."""
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        return value.as_record() if isinstance(value, LinkSpec) else value
+    return {k: plain(v) for k, v in vars(args).items()} | {"run_id": run_id}
+
+
 def build_run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarm-bench run", description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="paper", help="workloads, sizes and defaults")
@@ -72,8 +93,12 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--placements", type=_csv(PLACEMENTS), default=None, help=f"only these of {','.join(PLACEMENTS)}")
     p.add_argument("-n", type=int, default=None, help="measured repetitions (suite default: paper 20, smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up repetitions, recorded and flagged")
-    p.add_argument("--link", default="none", help="client link, e.g. 60MB/s,20ms (default: none = loopback)")
-    p.add_argument("--node-link", default="same", help="node↔node links: 'same' as --link (default), none, or a spec")
+    p.add_argument("--link", type=_link, default=None,
+                   help="client link, e.g. 60MB/s,20ms or 100Mbit/s,5ms; units are case-sensitive: MB/s KB/s GB/s "
+                        "MiB/s = bytes, Mbit/s Gbit/s Kbit/s Mbps Gbps = bits; Mb/s, MBps are refused "
+                        "(default: none = loopback)")
+    p.add_argument("--node-link", type=_node_link, default="same",
+                   help="node↔node links: 'same' as --link (default), none, or a spec")
     p.add_argument("--nodes", type=int, default=3, help="span nodes of the swarm / petals deployments")
     p.add_argument("--sizes", type=_csv(tuple(SIZES)), default=None, help="synthetic models for the size workloads")
     p.add_argument("--users", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
@@ -101,8 +126,8 @@ def plan_jobs(args, cache_dir: Path) -> list[Job]:
     n = args.n if args.n is not None else suite["n"]
     warmup = args.warmup if args.warmup is not None else suite["warmup"]
     workloads = args.workload or suite["workloads"]
-    link = LinkSpec.parse(args.link)
-    node_link = link if args.node_link == "same" else LinkSpec.parse(args.node_link)
+    link = args.link
+    node_link = link if args.node_link == "same" else args.node_link
     groups: dict[tuple, list[Measurement]] = {}
     params: dict[Path, int] = {}   # per model path: count_params reads every safetensors header
 
@@ -190,7 +215,7 @@ def run_main(argv: list[str]) -> int:
         run_id = args.run_id or time.strftime(f"{args.suite}-%Y%m%d-%H%M%S")
         run_dir = args.out / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"run_id": run_id}
+        config = run_config(args, run_id)
         total = sum((m.warmup + m.n) * m.users for j in jobs for m in j.measurements)
         with tqdm(total=total, unit="rep", dynamic_ncols=True) as progress:
             written = trio.run(run_jobs, jobs, run_dir, config, progress)

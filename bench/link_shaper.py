@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,58 +27,9 @@ from pathlib import Path
 import trio
 
 from .errors import BenchConfigError
+from .link_spec import LinkSpec as LinkSpec   # importable from here, where the relay uses it
 
 CHUNK_BYTES = 64 * 1024
-_UNITS = {"b/s": 1, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "kib/s": 1024, "mib/s": 1024**2, "gib/s": 1024**3,
-          "kbit/s": 125, "mbit/s": 125e3, "gbit/s": 125e6, "kbps": 125, "mbps": 125e3, "gbps": 125e6}
-_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
-
-
-@dataclass(frozen=True)
-class LinkSpec:
-    """One emulated link, applied to each direction separately."""
-
-    bandwidth_Bps: float | None
-    """Bytes per second per direction; None = unlimited."""
-    latency_s: float = 0.0
-    """One-way delay added to each direction (so a round trip gains ``2 * latency_s``)."""
-
-    @classmethod
-    def parse(cls, text: str | None) -> "LinkSpec | None":
-        """``"60MB/s,20ms"`` / ``"100Mbit/s"`` / ``"20ms"`` / ``"none"`` → a spec (None for ``none``/empty).
-
-        Units: B/s, kB/s, MB/s, GB/s (powers of 10), KiB/s, MiB/s, GiB/s, kbit/s, Mbit/s, Gbit/s (also Mbps);
-        latency in s, ms or us.
-
-        Raises:
-            BenchConfigError: an unparseable part, a unit not listed, or a value that is not positive.
-        """
-        if text is None or text.strip().lower() in ("", "none", "off"):
-            return None
-        bandwidth, latency = None, 0.0
-        for part in (p.strip() for p in text.split(",")):
-            match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z/]+)", part)
-            if not match:
-                raise BenchConfigError(f"cannot parse link part {part!r} of {text!r}; write e.g. '60MB/s,20ms'")
-            value, unit = float(match.group(1)), match.group(2).lower()
-            if unit in _TIME_UNITS:
-                latency = value * _TIME_UNITS[unit]
-            elif unit in _UNITS:
-                if value <= 0:
-                    raise BenchConfigError(f"bandwidth must be > 0; got {part!r} (use 'none' for an unshaped link)")
-                bandwidth = value * _UNITS[unit]
-            else:
-                raise BenchConfigError(f"unknown unit {match.group(2)!r} in {text!r}; bandwidth units: MB/s, MiB/s, "
-                                       f"Mbit/s, ... (see bench.link_shaper); latency: s, ms, us")
-        return cls(bandwidth, latency)
-
-    def as_record(self) -> dict:
-        """The record form ``{"bandwidth_Bps", "latency_s"}`` (an unlimited bandwidth is recorded as ``inf``→1e18)."""
-        return {"bandwidth_Bps": float(self.bandwidth_Bps or 1e18), "latency_s": float(self.latency_s)}
-
-    def __str__(self) -> str:
-        rate = f"{self.bandwidth_Bps / 1e6:g}MB/s" if self.bandwidth_Bps else "unlimited"
-        return f"{rate},{self.latency_s * 1e3:g}ms"
 
 
 class Pacer:

@@ -24,6 +24,8 @@ class FigureResult:
     """PNG and PDF written; empty when the figure was skipped."""
     notes: list[str] = field(default_factory=list)
     """Why the figure was skipped or what it leaves out (absent series, pooled data); go into summary.md."""
+    text: list[str] = field(default_factory=list)
+    """Every text drawn on the figure (titles, legend, "n/a" slots, caption): what a reader of the PNG sees."""
 
     @property
     def skipped(self) -> bool:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .annotate import finish, interval_label, workload_text
 from .data import FigureResult, load, placements_in, select, shaped_link
 from .draw import series
 from .headline import concurrency_rows
-from .style import legend_below, new_figure, save, styled
+from .style import new_figure, styled
 
 
 @styled
@@ -46,11 +47,10 @@ def fig_concurrency(source, out_dir: Path) -> FigureResult:
     ax_lat.set_ylabel("response time (s)")
     ax_lat.set_title("response time (median, quartile band)")
     ax_tp.set_ylabel("throughput (requests/s)")
-    ax_tp.set_title("throughput (median, 95% CI band)")
-    legend_below(fig, "placement")
+    ax_tp.set_title("throughput (" + interval_label([r.throughput for r in rows if r.throughput], " band") + ")")
     link = shaped_link(records)
     models = sorted({r["model"] for r in records})
     fig.suptitle(f"Concurrent users on one deployment ({', '.join(models)})"
                  + (f", client link {link}" if link else ""))
-    result.paths = save(fig, out_dir, result.name)
+    finish(fig, result, out_dir, "placement", [workload_text([r for r in records if r["ok"] and not r["warmup"]])])
     return result

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from bench.stats import summarize
 
+from .annotate import finish, interval_label, workload_text
 from .data import FigureResult, load, placements_in, select, shaped_link
 from .draw import grouped_bars, seconds
-from .style import WORKLOAD_LABELS, legend_below, new_figure, save, styled
+from .style import WORKLOAD_LABELS, new_figure, styled
 
 
 @styled
@@ -44,8 +45,9 @@ def fig_logit_lens(source, out_dir: Path) -> FigureResult:
     link = shaped_link(records)
     ax.set_title("Logit lens vs plain forward" + (f" (top-{top_k[0]})" if len(top_k) == 1 else "")
                  + (f"\nclient link {link}" if link else ""))
-    legend_below(fig, "median, 95% CI")
-    result.paths = save(fig, out_dir, result.name)
+    kept = [r for r in records if r["ok"] and not r["warmup"] and r["placement"] in lens_placements]
+    finish(fig, result, out_dir, interval_label(s for (w, p), s in stats.items() if p in lens_placements),
+           [workload_text(kept)])
     return result
 
 
@@ -85,6 +87,6 @@ def fig_steering(source, out_dir: Path) -> FigureResult:
     ax_token.set_title("per token")
     link = shaped_link(records)
     fig.suptitle(WORKLOAD_LABELS["steering_generation"] + (f", client link {link}" if link else ""))
-    legend_below(fig, "median, 95% CI")
-    result.paths = save(fig, out_dir, result.name)
+    finish(fig, result, out_dir, interval_label([*totals.values(), *per_token.values()]),
+           [workload_text([r for r in records if r["ok"] and not r["warmup"]])])
     return result

@@ -7,18 +7,27 @@ from pathlib import Path
 
 from bench.stats import client_bytes, summarize
 
+from .annotate import finish, interval_label, missing_text, workload_text
 from .data import FigureResult, load, missing_note, placements_in, select, shaped_link
 from .draw import grouped_bars, seconds
 from .headline import ioi_batch
-from .style import BYTES_FORMATTER, WORKLOAD_LABELS, human_bytes, legend_below, new_figure, save, styled
+from .style import BYTES_FORMATTER, ORDER, WORKLOAD_LABELS, human_bytes, new_figure, styled
 
 REMOTE = ("petals", "swarm", "hybrid")
+
+
+def _with(placements: list[str], wanted) -> list[str]:
+    """``placements`` plus the ``wanted`` ones the run lacks (their slots show "n/a"), in the house order."""
+    present = set(placements) | set(wanted)
+    return [p for p in ORDER if p in present] + [p for p in placements if p not in ORDER]
 
 
 @styled
 def fig6c_petals_vs_ours(source, out_dir: Path) -> FigureResult:
     """Petals vs swarm vs hybrid (paper Fig. 6c): median time of plain remote inference and of activation
-    patching, bars with 95 % CI error bars; centralized is drawn too when present.
+    patching, bars with interval error bars (95 % CI, or min–max below n = 6, as the legend says); centralized is
+    drawn too when present. Petals, swarm and hybrid always have a slot: an absent one shows "n/a" and the
+    caption says so (e.g. no Petals rows when its venv was absent).
 
     Args:
         source: a run directory or a list of records (``remote_inference`` and ``patching`` rows).
@@ -37,21 +46,28 @@ def fig6c_petals_vs_ours(source, out_dir: Path) -> FigureResult:
     for group in groups:
         result.notes += missing_note([r for r in records if r["workload"] == group], REMOTE, WORKLOAD_LABELS[group])
     fig, (ax,) = new_figure(width_in=4.8, height_in=3.6)
-    grouped_bars(ax, groups, placements_in(records), lambda g, p: stats.get((g, p)),
+    placements = _with(placements_in(records), REMOTE)
+    grouped_bars(ax, groups, placements, lambda g, p: stats.get((g, p)),
                  [WORKLOAD_LABELS[g] for g in groups], annotate=seconds)
     ax.set_ylabel("time per request (s)")
     link = shaped_link(records)
     ax.set_title("Petals vs ours" + (f" — client link {link}" if link else ""))
-    legend_below(fig, "median, 95% CI")
-    result.paths = save(fig, out_dir, result.name)
+    absent = [p for p in REMOTE if not any(k[1] == p for k in stats)]
+    finish(fig, result, out_dir, interval_label(stats.values()),
+           [workload_text(_ok(records)), missing_text(absent)])
     return result
+
+
+def _ok(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["ok"] and not r["warmup"]]
 
 
 @styled
 def fig_ioi_patching(source, out_dir: Path) -> FigureResult:
     """IOI activation patching (batch 32 where present, else the largest batch): time per experiment and bytes
-    over the client link per placement; bytes on a log axis. Placements that do not count bytes (``hpc``,
-    ``petals``) have no bytes bar.
+    over the client link per placement; bytes on a log axis whose bars start at a stated decade. Placements that do
+    not count bytes (``hpc``, ``petals``) show "n/a" in the bytes panel; absent remote placements show "n/a" in
+    both, and the caption says which.
 
     Args:
         source: a run directory or a list of records (``ioi_patching`` rows).
@@ -99,19 +115,22 @@ def _time_and_bytes(records: list[dict], out_dir: Path, result: FigureResult, wo
     times = summarize(records, by=("placement",))
     sizes = summarize(records, by=("placement",), value=client_bytes)
     result.notes += missing_note(records, expected, WORKLOAD_LABELS[workload])
-    fig, (ax_t, ax_b) = new_figure(ncols=2)
-    placements = placements_in(records)
+    fig, (ax_t, ax_b) = new_figure(ncols=2, height_in=3.6)
+    wanted = tuple(p for p in ("centralized", *REMOTE) if p in expected)
+    placements = _with(placements_in(records), wanted)
     grouped_bars(ax_t, ["time"], placements, lambda _, p: times.get((p,)), [""], annotate=seconds)
     ax_t.set_ylabel("time per experiment (s)")
     ax_t.set_title("time")
-    grouped_bars(ax_b, ["bytes"], placements, lambda _, p: sizes.get((p,)), [""], annotate=human_bytes)
-    ax_b.set_yscale("log")
+    grouped_bars(ax_b, ["bytes"], placements, lambda _, p: sizes.get((p,)), [""], annotate=human_bytes, log=True)
     ax_b.yaxis.set_major_formatter(BYTES_FORMATTER)
-    ax_b.set_ylabel("client-link bytes (B)")
-    uncounted = [p for p in placements if (p,) not in sizes]
-    ax_b.set_title("bytes over the client link, sent + received" + (f"\n(not counted: {', '.join(uncounted)})" if uncounted else ""))
+    ax_b.set_ylabel("bytes sent + received")
+    present = {p for (p,) in times}
+    uncounted = [p for p in placements if (p,) not in sizes and p in present]
+    notes = ([f"log axis, bars from {human_bytes(ax_b.get_ylim()[0])}"] if sizes else []) + (
+        [f"not counted: {', '.join(uncounted)}"] if uncounted else [])
+    ax_b.set_title("bytes over the client link" + ("\n" + "; ".join(notes) if notes else ""))
     link = shaped_link(records)
     fig.suptitle(f"{title}, batch {batch}" + (f", client link {link}" if link else ""))
-    legend_below(fig, "median, 95% CI")
-    result.paths = save(fig, out_dir, result.name)
+    finish(fig, result, out_dir, interval_label([*times.values(), *sizes.values()]),
+           [workload_text(records), missing_text([p for p in wanted if p not in present])])
     return result

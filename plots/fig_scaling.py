@@ -6,9 +6,10 @@ from pathlib import Path
 
 from bench.stats import summarize
 
+from .annotate import finish, interval_label, missing_text, workload_text
 from .data import FigureResult, load, placements_in, select, shaped_link
 from .draw import series
-from .style import human_count, legend_below, log_labels, new_figure, save, styled
+from .style import human_count, log_labels, new_figure, styled
 
 
 def _versus_params(source, out_dir: Path, *, name: str, workload: str, title: str, ylabel: str,
@@ -34,8 +35,9 @@ def _versus_params(source, out_dir: Path, *, name: str, workload: str, title: st
     ax.set_ylabel(ylabel)
     link = shaped_link(records)
     ax.set_title(title + (f"\nclient link {link}" if link else ""))
-    legend_below(fig, "median, 95% CI band")
-    result.paths = save(fig, out_dir, name)
+    finish(fig, result, out_dir, interval_label(stats.values(), " band"),
+           [workload_text([r for r in records if r["ok"] and not r["warmup"]]),
+            missing_text([p for p in wanted if p not in drawn])])
     return result
 
 

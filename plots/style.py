@@ -62,9 +62,9 @@ def new_figure(ncols: int = 1, width_in: float = 3.6, height_in: float = 2.8) ->
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
-def legend_below(fig: Figure, title: str) -> None:
+def legend_below(fig: Figure, title: str) -> bool:
     """One legend for the whole figure, under the axes (bars and bands stay uncovered); placements in house order,
-    each once even when several panels draw it."""
+    each once even when several panels draw it. Returns whether there was anything to put in it."""
     seen: dict[str, object] = {}
     for ax in fig.axes:
         for handle, text in zip(*ax.get_legend_handles_labels()):
@@ -73,6 +73,7 @@ def legend_below(fig: Figure, title: str) -> None:
         columns = max(1, min(len(seen), 3, int(fig.get_figwidth() / 2.1)))
         fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=columns,
                    title=title, frameon=False)
+    return bool(seen)
 
 
 def label(placement: str) -> str:

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from bench.cli import build_run_parser
+from bench.cli import build_run_parser, run_config
 from bench.errors import PetalsUnavailableError
+from bench.link_shaper import LinkSpec
 from bench.petals import dht_prefix, petals_checkpoint, petals_python
 
 
@@ -67,3 +68,22 @@ def test_petals_checkpoint_rewrites_the_config_for_transformers_4_34(tmp_path):
     assert "rope_parameters" not in config and "dtype" not in config
     assert (out / "model.safetensors").resolve() == (model / "model.safetensors").resolve()
     assert "." not in dht_prefix(out) and dht_prefix(out).endswith("-petals")
+
+
+def test_link_is_parsed_on_the_command_line_and_recorded_as_parsed(capsys):
+    parser = build_run_parser()
+    args = parser.parse_args(["--link", "100Mbit/s,20ms", "--node-link", "none"])
+    assert args.link == LinkSpec(12.5e6, 0.02) and args.node_link is None
+    config = run_config(args, "r1")
+    assert config["link"] == {"bandwidth_Bps": 12.5e6, "latency_s": 0.02} and config["node_link"] is None
+    json.dumps(config)                                    # it goes into every record
+    assert parser.parse_args([]).link is None and parser.parse_args([]).node_link == "same"
+
+
+@pytest.mark.parametrize("flag", ["--link", "--node-link"])
+def test_a_case_confusable_link_stops_the_command(flag, capsys):
+    with pytest.raises(SystemExit) as caught:
+        build_run_parser().parse_args([flag, "100Mb/s"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "'Mb/s'" in err and "Mbit/s" in err and "MB/s" in err
