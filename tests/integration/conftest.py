@@ -85,9 +85,10 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2_swarm(smollm2_dir, tmp_path_factory):
-    """A 3-node SmolLM2 swarm (layers 0:10, 10:20, 20:30) shared by one test module."""
+    """A 3-node SmolLM2 swarm (layers 0:10, 10:20, 20:30) shared by the whole test session (tests must not stop or
+    reconfigure its nodes: failover tests start their own)."""
     swarm = Swarm(tmp_path_factory.mktemp("smollm2-swarm"))
     try:
         start_split(swarm, smollm2_dir, SMOLLM2_THIRDS)
@@ -96,7 +97,7 @@ def smollm2_swarm(smollm2_dir, tmp_path_factory):
         swarm.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def remote_lm(smollm2_dir, smollm2_swarm):
     """``hybrid.LanguageModel`` connected to :func:`smollm2_swarm`."""
     lm = hybrid.LanguageModel(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers)
@@ -106,7 +107,7 @@ def remote_lm(smollm2_dir, smollm2_swarm):
         lm.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_lm(smollm2_dir):
     """``hybrid.LanguageModel`` without peers (placement="local")."""
     return hybrid.LanguageModel(str(smollm2_dir))
@@ -123,3 +124,31 @@ def tiny_node(tiny_checkpoint_factory, tmp_path_factory):
             yield path, node, client
         finally:
             client.close()
+
+
+@pytest.fixture(scope="session")
+def central_lm(smollm2_dir, tmp_path_factory):
+    """``hybrid.LanguageModel`` on a deployment where one node serves every stage of SmolLM2 (``centralized``)."""
+    swarm = Swarm(tmp_path_factory.mktemp("smollm2-central"))
+    try:
+        swarm.start(smollm2_dir, "--blocks", "0:30")
+        with hybrid.LanguageModel(str(smollm2_dir), initial_peers=swarm.initial_peers) as lm:
+            yield lm
+    finally:
+        swarm.close()
+
+
+@pytest.fixture(scope="session")
+def ns(smollm2_dir):
+    """Real nnsight 0.8.1 on SmolLM2, fp32, run locally: the reference for nnsight parity."""
+    import nnsight
+    return nnsight.LanguageModel(str(smollm2_dir), dispatch=True, dtype=torch.float32)
+
+
+@pytest.fixture
+def lm_for(request):
+    """``lm_for(placement)`` → the LanguageModel that runs that placement (starting its deployment if needed)."""
+    def get(placement: str):
+        name = {"local": "local_lm", "hybrid": "remote_lm", "swarm": "remote_lm", "centralized": "central_lm"}
+        return request.getfixturevalue(name[placement])
+    return get

@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hybrid
 from hybrid.tracing import nnsight_position_ids
-from swarm.local_swarm import LocalSwarm
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -28,31 +27,6 @@ CITIES = ["The Eiffel Tower is located in the city of", "The Brandenburg Gate is
 PARIS, BERLIN, ROME, LONDON = 7042, 11452, 7268, 4528
 PICK = torch.tensor([[PARIS, BERLIN], [BERLIN, PARIS], [ROME, LONDON], [LONDON, ROME]])  # (B, 2): right, wrong
 LAYERS = (3, 14, 27)  # one on each node
-
-
-@pytest.fixture(scope="module")
-def central_lm(smollm2_dir, tmp_path_factory):
-    swarm = LocalSwarm(tmp_path_factory.mktemp("grad-central"))
-    try:
-        swarm.start(smollm2_dir, "--blocks", "0:30")
-        with hybrid.LanguageModel(str(smollm2_dir), initial_peers=swarm.initial_peers) as lm:
-            yield lm
-    finally:
-        swarm.close()
-
-
-@pytest.fixture(scope="module")
-def ns(smollm2_dir):
-    import nnsight
-    return nnsight.LanguageModel(str(smollm2_dir), dispatch=True, dtype=torch.float32)
-
-
-@pytest.fixture
-def lm_for(request):
-    def get(placement: str):
-        name = {"local": "local_lm", "hybrid": "remote_lm", "swarm": "remote_lm", "centralized": "central_lm"}
-        return request.getfixturevalue(name[placement])
-    return get
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hybrid
 from hybrid.errors import DisallowedOpError, HybridError
 from hybrid.tracing import nnsight_position_ids
-from swarm.local_swarm import LocalSwarm
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -41,23 +40,6 @@ STEER = torch.randn(D, generator=torch.Generator().manual_seed(0)) * 8
 
 
 # ---- deployments and references ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def central_lm(smollm2_dir, tmp_path_factory):
-    """A deployment where one node serves every stage (embedding, 30 layers, head): ``centralized``."""
-    swarm = LocalSwarm(tmp_path_factory.mktemp("hybrid-central"))
-    try:
-        swarm.start(smollm2_dir, "--blocks", "0:30")
-        with hybrid.LanguageModel(str(smollm2_dir), initial_peers=swarm.initial_peers) as lm:
-            yield lm
-    finally:
-        swarm.close()
-
-
-@pytest.fixture(scope="module")
-def ns(smollm2_dir):
-    import nnsight
-    return nnsight.LanguageModel(str(smollm2_dir), dispatch=True, dtype=torch.float32)
 
 
 class Hooks:
@@ -97,15 +79,6 @@ def hooks(smollm2_dir):
 def refs():
     """Reference results computed once per module: ``{name: value}``."""
     return {}
-
-
-@pytest.fixture
-def lm_for(request):
-    """``lm_for(placement)`` → the LanguageModel that runs that placement (starting its deployment if needed)."""
-    def get(placement: str):
-        name = {"local": "local_lm", "hybrid": "remote_lm", "swarm": "remote_lm", "centralized": "central_lm"}
-        return request.getfixturevalue(name[placement])
-    return get
 
 
 def cached(refs: dict, key: str, compute: Callable[[], Any]) -> Any:

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hybrid
-from swarm.local_swarm import LocalSwarm
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -38,31 +37,6 @@ class SAE(nn.Module):
 
 
 SAE_12 = SAE(D, 8 * D)
-
-
-@pytest.fixture(scope="module")
-def central_lm(smollm2_dir, tmp_path_factory):
-    swarm = LocalSwarm(tmp_path_factory.mktemp("parity-central"))
-    try:
-        swarm.start(smollm2_dir, "--blocks", "0:30")
-        with hybrid.LanguageModel(str(smollm2_dir), initial_peers=swarm.initial_peers) as lm:
-            yield lm
-    finally:
-        swarm.close()
-
-
-@pytest.fixture(scope="module")
-def ns(smollm2_dir):
-    import nnsight
-    return nnsight.LanguageModel(str(smollm2_dir), dispatch=True, dtype=torch.float32)
-
-
-@pytest.fixture
-def lm_for(request):
-    def get(placement: str):
-        name = {"local": "local_lm", "hybrid": "remote_lm", "swarm": "remote_lm", "centralized": "central_lm"}
-        return request.getfixturevalue(name[placement])
-    return get
 
 
 def root_output(lm, **placement):
