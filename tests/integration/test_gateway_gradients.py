@@ -79,6 +79,38 @@ def forward_only(lm, **remote):
     return {"metric": value, "h": acts[1]}, _meta(tracer)
 
 
+def fixed_layers(lm, **remote):
+    """Constant layer indices: the swarm backend cuts only after layers 9 and 20, so the segment ``[10, 21)`` spans
+    both nodes (its backward runs node by node); the embedding's output takes the gradient too."""
+    right, wrong = _ids(lm)
+    with lm.trace(PROMPTS, **remote) as tracer:
+        emb = lm.model.embed_tokens.output
+        emb.requires_grad_(True)
+        h9 = lm.model.layers[9].output
+        h20 = lm.model.layers[20].output
+        logits = lm.lm_head.output[:, -1]
+        metric = (logits[:, right] - logits[:, wrong]).sum()
+        with metric.backward():
+            g20 = h20.grad.save()
+            g9 = h9.grad.save()
+            g_emb = emb.grad.save()
+    return {"g20": g20, "g9": g9, "g_emb": g_emb}, _meta(tracer)
+
+
+def inside_layer(lm, **remote):
+    """The gradient of an MLP's output: inside a decoder layer, which the swarm backend's gateway path cannot reach."""
+    with lm.trace(PROMPTS, **remote) as tracer:
+        m = lm.model.layers[3].mlp.output
+        m.requires_grad_(True)
+        loss = lm.lm_head.output[:, -1].sum()
+        with loss.backward():
+            g = m.grad.save()
+    return {"g": g}, _meta(tracer)
+
+
+EXTRA = {"fixed_layers": fixed_layers, "inside_layer": inside_layer}
+
+
 def weight_requires_grad(lm):
     with lm.trace(PROMPTS, remote=True):
         w = lm.model.norm.weight
@@ -136,6 +168,11 @@ def _client(out: str) -> None:
             t0 = time.perf_counter()
             got[name], got["meta"][name] = experiment(lm, remote=True)
             got["wall_s"][name].append(time.perf_counter() - t0)
+    for name, experiment in EXTRA.items():
+        try:
+            got[name], got["meta"][name] = experiment(lm, remote=True)
+        except RemoteError as e:
+            got[name] = str(e)
     for name, experiment in BAD.items():
         try:
             experiment(lm)
@@ -175,15 +212,16 @@ def ns(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def references(ns, one_thread):
-    return {"attribution": attribution(ns)[0], "forward_only": forward_only(ns)[0], "weights": weights(ns)}
+    return {"attribution": attribution(ns)[0], "forward_only": forward_only(ns)[0], "weights": weights(ns),
+            **{name: experiment(ns)[0] for name, experiment in EXTRA.items()}}
 
 
 def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
 
 
-def check(got: dict, references: dict) -> None:
-    for name in ("attribution", "forward_only"):
+def check(got: dict, references: dict, names=("attribution", "forward_only", "fixed_layers")) -> None:
+    for name in names:
         for key, want in references[name].items():
             have = got[name][key]
             assert have.shape == want.shape, f"{name}.{key}: {tuple(have.shape)} vs {tuple(want.shape)}"
@@ -215,7 +253,7 @@ def check(got: dict, references: dict) -> None:
 def test_local_backend_gradients_equal_local_nnsight(references, tmp_path):
     with Gateway(tmp_path, "--local", "smollm2-135m") as gateway:
         got = run_client(gateway, tmp_path)
-    check(got, references)
+    check(got, references, ("attribution", "forward_only", "fixed_layers", "inside_layer"))
     assert got["meta"]["after"]["path"] == "gateway"
 
 
@@ -232,6 +270,13 @@ def test_swarm_backend_gradients_equal_local_nnsight(smollm2_dir, references, tm
     check(got, references)
     # gradients run on the gateway path (each segment's backward through the nodes' backward RPC) ...
     assert got["meta"]["attribution"]["swarm_calls"] > got["meta"]["forward_only"]["swarm_calls"]
+    # fixed_layers: forwards [0,10) [10,15) [15,21) [21,30); backwards [21,30), then [10,21) on both nodes (each
+    # node's input recomputed: 2 forwards + 2 backwards), then [0,10)
+    assert got["meta"]["fixed_layers"]["swarm_calls"] == 4 + 1 + 4 + 1, got["meta"]["fixed_layers"]
+    # a submodule inside a decoder layer is out of reach there; the error says so and why the request is there
+    error = got["inside_layer"]
+    assert isinstance(error, str) and error.startswith("UnreachableModuleError") and "layers.3.mlp" in error \
+        and "takes gradients" in error, error
     # ... while a plain request is still pushed to the nodes as an intervention graph
     assert got["meta"]["after"]["path"] == "hybrid" and got["meta"]["after"]["gradients"] is False
 
