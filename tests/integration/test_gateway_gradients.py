@@ -4,7 +4,8 @@
 The program is issue 12's attribution patching, scaled down: layer outputs made to require grad (both spellings),
 a logit-difference metric, ``.grad`` read in reverse order inside ``with metric.backward(retain_graph=True):``, one
 gradient edited in place and one replaced (which changes every earlier layer's gradient), then a second backward.
-Bad input: a weight's gradient (two ways), ``.grad`` outside a backward block, a backward with no graph; after them
+Bad input: a weight's gradient (two ways), ``.grad`` outside a backward block, a backward with no graph, a graph
+that outgrows the cell's memory limit; after them
 the gateway serves a plain request equal to local nnsight, and the weights it holds are byte-identical.
 """
 
@@ -143,8 +144,24 @@ def backward_without_graph(lm):
             g = lm.model.layers[LAYERS[0]].output.save()
 
 
+def runaway_graph(lm):
+    """An autograd graph that grows without bound (each step keeps a 2 MB tensor alive for the backward): the
+    cell's memory limit (the tests' gateways run with --max-memory-gb 1.5) stops it, at most ~2.6 GB if it did not."""
+    with lm.trace(PROMPTS, remote=True):
+        h = lm.model.layers[LAYERS[0]].output
+        h.requires_grad_(True)
+        big = h.repeat(32, 1, 1)
+        for _ in range(1200):
+            big = big * 1.0001
+        loss = big.sum()
+        with loss.backward():
+            g = h.grad.save()
+
+
 BAD = {"weight_requires_grad": weight_requires_grad, "weight_grad_in_backward": weight_grad_in_backward,
-       "grad_outside_backward": grad_outside_backward, "backward_without_graph": backward_without_graph}
+       "grad_outside_backward": grad_outside_backward, "backward_without_graph": backward_without_graph,
+       "runaway_graph": runaway_graph}
+MEMORY_LIMIT = ("--max-memory-gb", "1.5")
 
 
 def weights(lm, **remote):
@@ -238,6 +255,8 @@ def check(got: dict, references: dict, names=("attribution", "forward_only", "fi
     assert got["grad_outside_backward"].startswith("GradientUnavailableError") and "backward" in \
         got["grad_outside_backward"], got["grad_outside_backward"]
     assert "does not require grad" in got["backward_without_graph"], got["backward_without_graph"]
+    assert got["runaway_graph"].startswith("ExecutionLimitError") and "memory" in got["runaway_graph"], \
+        got["runaway_graph"]
     for key, want in references["forward_only"].items():          # served after all of that
         assert (got["after"][key] - want).abs().max().item() <= TOL
     assert _digest(got["weights"]["norm"]) == _digest(references["weights"]["norm"])
@@ -251,7 +270,7 @@ def check(got: dict, references: dict, names=("attribution", "forward_only", "fi
 
 
 def test_local_backend_gradients_equal_local_nnsight(references, tmp_path):
-    with Gateway(tmp_path, "--local", "smollm2-135m") as gateway:
+    with Gateway(tmp_path, "--local", "smollm2-135m", *MEMORY_LIMIT) as gateway:
         got = run_client(gateway, tmp_path)
     check(got, references, ("attribution", "forward_only", "fixed_layers", "inside_layer"))
     assert got["meta"]["after"]["path"] == "gateway"
@@ -265,7 +284,7 @@ def test_swarm_backend_gradients_equal_local_nnsight(smollm2_dir, references, tm
     (tmp_path / "swarm").mkdir()
     with LocalSwarm(tmp_path / "swarm") as swarm:
         start_split(swarm, smollm2_dir, [(0, 15), (15, 30)])
-        with Gateway(tmp_path, "--initial-peers", *swarm.initial_peers) as gateway:
+        with Gateway(tmp_path, *MEMORY_LIMIT, "--initial-peers", *swarm.initial_peers) as gateway:
             got = run_client(gateway, tmp_path)
     check(got, references)
     # gradients run on the gateway path (each segment's backward through the nodes' backward RPC) ...
