@@ -3,6 +3,8 @@ the guard that keeps the model's parameters out of autograd."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -131,3 +133,90 @@ def test_check_tensor_class_notices_a_replaced_descriptor():
         else:
             torch.Tensor.grad = original
     check_tensor_class()
+
+
+# ---- the swarm backend's gateway path: decoder segments as autograd nodes ------------------------------------------
+
+class _Calls:
+    """Stands in for the swarm: layer ``k`` is ``tanh(x * (1 + k/10))``; the backward recomputes, as a node does."""
+
+    def __init__(self):
+        self.log: list[tuple[str, int, int]] = []
+
+    @staticmethod
+    def layers(x, start, end):
+        for k in range(start, end):
+            x = torch.tanh(x * (1 + k / 10))
+        return x
+
+    def forward(self, hidden, mask, positions, start, end):
+        self.log.append(("forward", start, end))
+        assert not hidden.requires_grad
+        return self.layers(hidden, start, end)
+
+    def backward(self, hidden, grad, mask, positions, start, end):
+        self.log.append(("backward", start, end))
+        with torch.enable_grad():
+            x = hidden.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.layers(x, start, end), x, grad)
+        return g
+
+
+def test_swarm_segments_are_autograd_nodes_whose_backward_asks_the_nodes():
+    from ndif_compat.swarm_layers import SwarmLayer, SwarmStack
+
+    calls = _Calls()
+    stack = SwarmStack(calls, 4)
+    layers = [SwarmLayer(i, stack) for i in range(4)]
+    stack.cut_at({2})
+    x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    h = x
+    for layer in layers:
+        h = layer(h)
+    (h * torch.arange(5.0)).sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    (h * torch.arange(5.0)).sum().backward()                      # stateless on the nodes: a second backward works
+    want_x = x.detach().clone().requires_grad_(True)
+    (_Calls.layers(want_x, 0, 4) * torch.arange(5.0)).sum().backward()
+    assert torch.allclose(first, want_x.grad, atol=1e-6) and torch.allclose(x.grad, 2 * want_x.grad, atol=1e-6)
+    assert calls.log == [("forward", 0, 2), ("forward", 2, 4), ("backward", 2, 4), ("backward", 0, 2),
+                         ("backward", 2, 4), ("backward", 0, 2)]
+    calls.log.clear()
+    with torch.no_grad():                                       # a request without gradients: plain calls
+        for layer in layers:
+            x = layer(x)
+    assert calls.log == [("forward", 0, 2), ("forward", 2, 4)]
+
+
+def _broker_request(received: list):
+    from types import SimpleNamespace
+
+    from ndif_compat.broker import BrokerRequest
+
+    traffic = SimpleNamespace(bytes_sent=0, bytes_received=0, calls=0)
+    client = SimpleNamespace(sequence=SimpleNamespace(traffic=traffic))
+    lm = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=4, hidden_size=5), dtype=torch.float32,
+                         client=client)
+    broker = SimpleNamespace(lm=lm, _lock=threading.Lock())
+    request = BrokerRequest(broker)
+    request.calls = SimpleNamespace(backward=lambda *args: received.append(args) or args[1] * 3)
+    return request
+
+
+def test_broker_checks_a_backward_call_before_asking_the_swarm():
+    from hybrid.values import pack_values, unpack_values
+
+    from ndif_compat.errors import BadRequestError
+
+    received: list = []
+    request = _broker_request(received)
+    hidden, grad = torch.ones(2, 3, 5), torch.full((2, 3, 5), 0.5)
+    _, body = request.handle({"op": "backward", "start": 1, "end": 3}, pack_values({0: hidden, 3: grad}))
+    assert torch.equal(unpack_values(body)[0], grad * 3) and received[0][4:] == (1, 3)
+    for meta, values in [({"start": 1, "end": 3}, {0: hidden}),                          # no gradient
+                         ({"start": 1, "end": 3}, {0: hidden, 3: grad[:, :2]}),          # wrong shape
+                         ({"start": 1, "end": 3}, {0: hidden, 3: torch.ones(2, 3, 5, dtype=torch.long)}),
+                         ({"start": 3, "end": 9}, {0: hidden, 3: grad})]:                # outside the model
+        with pytest.raises(BadRequestError):
+            request.handle({"op": "backward", **meta}, pack_values(values))
+    assert len(received) == 1
