@@ -26,6 +26,7 @@ import torch
 import zstandard
 
 from .errors import BadRequestError, ExecutionError, GatewayError
+from .gradients import GradientGuard
 from .guardrails import SAFE_BUILTINS, AuditGuard, RestrictedUnpickler, check_source
 
 logger = logging.getLogger(__name__)
@@ -124,8 +125,6 @@ def run_tracer(tracer, log: Callable[[str], None], gradients: torch.nn.Module | 
         GatewayError: typed; one the guards raised inside nnsight keeps its type.
     """
     from nnsight.tracing import tracer as nnsight_tracer
-
-    from .gradients import GradientGuard
 
     frame = tracer.info.frame
     printed = _Printer(log)

@@ -18,6 +18,7 @@ import zstandard
 from .config import BackendSpec
 from .errors import ExecutionError, FusedSegmentError, ParametersModifiedError, UnreachableModuleError
 from .execution import Outcome, _Printer, encode_result, forget, load_request, run_tracer
+from .gradients import check_tensor_class, needs_gradients
 from .guardrails import SAFE_BUILTINS, AuditGuard, ParameterSeal
 from .swarm_layers import Unreachable, guard_fused_reads, touched_layers
 
@@ -176,7 +177,6 @@ class Runtime:
                 this worker, restoring the weights).
         """
         from . import guardrails
-        from .gradients import check_tensor_class, needs_gradients
 
         before = self.traffic()
         sources: list[str] = []
