@@ -68,6 +68,14 @@ class GradientUnavailableError(BadRequestError):
     http_status = 200
 
 
+class GradientUnsupportedError(BadRequestError):
+    """The request asks for a gradient this execution path cannot compute exactly (the message says which and why);
+    nothing approximate is returned."""
+
+    code = "gradient_unsupported"
+    http_status = 200
+
+
 class ExecutionLimitError(GatewayError):
     """The request ran past a limit (wall time, memory). Its worker process was killed and replaced."""
 

@@ -166,8 +166,12 @@ class SwarmStack:
     def differentiable(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """:meth:`run` as one autograd node: its backward asks the nodes (:meth:`ClientCalls.backward`) with the
         mask and positions of this forward."""
-        if self.max_new_tokens is not None:  # HF generate runs under no_grad; a request cannot get here
-            raise RuntimeError("gradients through a cached generation are not served")
+        if self.max_new_tokens is not None:   # HF generate runs under no_grad; only a request re-enabling it gets here
+            from .errors import GradientUnsupportedError
+            raise GradientUnsupportedError(
+                "a gradient through a generation's decoder layers: on the swarm backend each generation step is one "
+                "step of a KV-cache session on the nodes, which keeps no autograd state (and transformers' generate "
+                "runs without gradients, as local nnsight does). Take gradients in a trace (lm.trace) instead.")
         mask = self.attention_mask if self.attention_mask is not None and self.attention_mask.ndim == 2 else None
         return _SwarmSegment.apply(hidden, self, mask, self.position_ids, start, end)
 

@@ -220,3 +220,13 @@ def test_broker_checks_a_backward_call_before_asking_the_swarm():
         with pytest.raises(BadRequestError):
             request.handle({"op": "backward", **meta}, pack_values(values))
     assert len(received) == 1
+
+
+def test_a_gradient_through_a_cached_generation_is_refused_with_a_typed_error():
+    from ndif_compat.errors import GradientUnsupportedError
+    from ndif_compat.swarm_layers import SwarmLayer, SwarmStack
+
+    stack = SwarmStack(_Calls(), 2)
+    stack.max_new_tokens = 3
+    with pytest.raises(GradientUnsupportedError, match="KV-cache session"):
+        SwarmLayer(0, stack)(torch.ones(1, 2, 5, requires_grad=True))
