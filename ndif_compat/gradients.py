@@ -6,7 +6,7 @@
     check_tensor_class()                             # after it: torch.Tensor's .grad/.requires_grad are torch's own
 
 A request that never names a gradient (``.grad``, ``requires_grad``, ``backward``, ``enable_grad``, ``autograd``,
-in code or in a string) runs under ``torch.no_grad()``, as fast as before. One that does runs with gradient tracking
+as an attribute, an import or a string) runs under ``torch.no_grad()``, as fast as before. One that does runs with gradient tracking
 inside :class:`GradientGuard`, a :class:`~torch.overrides.TorchFunctionMode` that sees every tensor operation,
 property read and write of the request's thread and refuses, with :class:`~ndif_compat.errors.ParameterGradientError`:
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import sys
 from typing import Any, Iterable
 
@@ -32,8 +33,13 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import GradientUnavailableError, ParameterGradientError, ParametersModifiedError
 
-GRADIENT_WORDS = ("grad", "backward")
-"""A request whose code names one of these (attribute, name or string) runs with gradient tracking."""
+GRADIENT_NAME = re.compile(r"grad|backward")
+"""An attribute, imported name or imported module matching this (``.grad``, ``.requires_grad_``, ``.backward``,
+``enable_grad``, ``torch.autograd``) makes a request run with gradient tracking."""
+
+GRADIENT_STRING = re.compile(r"^(grad|backward)$|_grad|grad_|autograd")
+"""So does a string matching this (``operator.attrgetter("requires_grad")``), but not a prompt that says
+"graduated" or a variable named ``backwards``."""
 
 REQUEST_FILE_MARK = " [request "
 """Request code is compiled under a file name with this mark (:func:`ndif_compat.execution.load_request`)."""
@@ -45,16 +51,18 @@ _BACKWARDS = (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backwar
 
 
 def needs_gradients(sources: Iterable[str]) -> bool:
-    """Whether the code may take a gradient: it names ``grad``/``backward`` somewhere (an attribute such as
-    ``.grad``, ``.requires_grad_``, ``.backward``, a name such as ``enable_grad``, or a string, so
-    ``operator.attrgetter("requires_grad")`` counts too). Code that does not cannot reach autograd, and runs
-    under ``torch.no_grad()``."""
+    """Whether the code may take a gradient (:data:`GRADIENT_NAME`, :data:`GRADIENT_STRING`). Code that does not
+    runs under ``torch.no_grad()``; should it reach autograd in a way this misses, its backward finds no graph
+    (nnsight's error), and a parameter it made require grad fails the seal: never a gradient of a weight."""
     for source in sources:
         for node in ast.walk(ast.parse(source)):
-            text = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else \
-                node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else \
-                node.name if isinstance(node, ast.alias) else None
-            if text is not None and any(word in text for word in GRADIENT_WORDS):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if GRADIENT_STRING.search(node.value):
+                    return True
+                continue
+            name = node.attr if isinstance(node, ast.Attribute) else node.name if isinstance(node, ast.alias) else \
+                node.module if isinstance(node, ast.ImportFrom) else None
+            if name and GRADIENT_NAME.search(name):
                 return True
     return False
 

@@ -54,6 +54,10 @@ def test_check_source_still_refuses_autograd_state_and_shared_objects(source, fr
     ("from torch import enable_grad", True),
     ("f = operator.attrgetter('requires' + '_grad_')", True),
     ("torch.autograd.grad(m, h)", True),
+    ("from torch.autograd import functional", True),
+    ("f = operator.attrgetter('grad')", True),
+    ("backwards = list(reversed(lm.model.layers))\nh = backwards[3].output.save()", False),
+    ("with lm.trace('She graduated from the university of'):\n    pass", False),
 ])
 def test_needs_gradients(source, expected):
     assert needs_gradients([source]) is expected
