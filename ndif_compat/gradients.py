@@ -52,8 +52,10 @@ _BACKWARDS = (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backwar
 
 def needs_gradients(sources: Iterable[str]) -> bool:
     """Whether the code may take a gradient (:data:`GRADIENT_NAME`, :data:`GRADIENT_STRING`). Code that does not
-    runs under ``torch.no_grad()``; should it reach autograd in a way this misses, its backward finds no graph
-    (nnsight's error), and a parameter it made require grad fails the seal: never a gradient of a weight."""
+    runs under ``torch.no_grad()``. Code that reaches autograd in a way this misses (names built from pieces) runs
+    without the guard, but a parameter it made require grad fails the seal after the run (``requires_grad`` is in
+    the fingerprint): :class:`~ndif_compat.errors.ParametersModifiedError`, no result, the worker replaced. Never a
+    gradient of a weight."""
     for source in sources:
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
