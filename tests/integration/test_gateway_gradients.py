@@ -158,7 +158,17 @@ def runaway_graph(lm):
             g = h.grad.save()
 
 
-BAD = {"weight_requires_grad": weight_requires_grad, "weight_grad_in_backward": weight_grad_in_backward,
+def disguised_weight_grad(lm):
+    """Names built from pieces slip past the gradient gate (the request runs under no_grad, unguarded): flipping a
+    weight's requires_grad still fails the seal after the run, and no result comes back."""
+    with lm.trace(PROMPTS, remote=True):
+        import operator
+        operator.methodcaller("requires" + "_gr" + "ad" + "_", True)(lm.model.norm.weight)
+        h = lm.model.layers[LAYERS[0]].output.save()
+
+
+BAD = {"disguised_weight_grad": disguised_weight_grad, "weight_requires_grad": weight_requires_grad,
+       "weight_grad_in_backward": weight_grad_in_backward,
        "grad_outside_backward": grad_outside_backward, "backward_without_graph": backward_without_graph,
        "runaway_graph": runaway_graph}
 MEMORY_LIMIT = ("--max-memory-gb", "1.5")
@@ -252,6 +262,8 @@ def check(got: dict, references: dict, names=("attribution", "forward_only", "fi
     for name in ("weight_requires_grad", "weight_grad_in_backward"):
         assert got[name].startswith("ParameterGradientError") and "model.norm.weight" in got[name] \
             and "gradients of weights are not served" in got[name], got[name]
+    assert got["disguised_weight_grad"].startswith("ParametersModifiedError") and "model.norm.weight" in \
+        got["disguised_weight_grad"], got["disguised_weight_grad"]
     assert got["grad_outside_backward"].startswith("GradientUnavailableError") and "backward" in \
         got["grad_outside_backward"], got["grad_outside_backward"]
     assert "does not require grad" in got["backward_without_graph"], got["backward_without_graph"]
