@@ -9,6 +9,7 @@ safetensors), graphs as our IR (:class:`hybrid.ir.Graph`, validated and capped a
 
 =================  ============================================================================================
 ``forward``        layers ``[start, end)`` on a hidden state (gateway execution)
+``backward``       the gradient w.r.t. a hidden state fed to layers ``[start, end)``, given their output's gradient
 ``step``           the next step of this request's KV-cache session for ``[start, end)`` (gateway generation)
 ``close``          end this request's sessions
 ``run_graph``      a hybrid trace: graph + input ids + mask (+ values a session supplies) → saves + stats
@@ -29,7 +30,7 @@ import torch
 
 from .errors import BadRequestError, GatewayError
 
-OPS = ("forward", "step", "close", "run_graph", "run_generation")
+OPS = ("forward", "backward", "step", "close", "run_graph", "run_generation")
 PLACEMENTS = ("hybrid",)
 """Placements a cell may ask for: ``hybrid`` runs each part of the graph on the node owning its module (the
 gateway runs only the embedding and head parts, with the node's caps)."""
@@ -93,17 +94,20 @@ class BrokerCalls:
         self.link = link
         """Set in the cell, once it is connected (the template has none)."""
 
-    def _call(self, op: str, hidden, mask, positions, start: int, end: int, **extra) -> torch.Tensor:
+    def _call(self, op: str, hidden, mask, positions, start: int, end: int, grad=None, **extra) -> torch.Tensor:
         from hybrid.values import pack_values, unpack_values
 
         if self.link is None:
             raise BrokerError("this process has no swarm connection")
-        _, body = self.link.call(op, {"start": start, "end": end, **extra},
-                                 pack_values({0: hidden, 1: mask, 2: positions}))
+        values = {0: hidden, 1: mask, 2: positions, **({3: grad} if grad is not None else {})}
+        _, body = self.link.call(op, {"start": start, "end": end, **extra}, pack_values(values))
         return unpack_values(body)[0]
 
     def forward(self, hidden, mask, positions, start: int, end: int) -> torch.Tensor:
         return self._call("forward", hidden, mask, positions, start, end)
+
+    def backward(self, hidden, grad, mask, positions, start: int, end: int) -> torch.Tensor:
+        return self._call("backward", hidden, mask, positions, start, end, grad=grad)
 
     def step(self, hidden, mask, positions, start: int, end: int, max_length: int) -> torch.Tensor:
         return self._call("step", hidden, mask, positions, start, end, max_length=max_length)
@@ -225,10 +229,10 @@ class BrokerRequest:
             raise BadRequestError(f"a swarm call names layers [{start!r}, {end!r}); the model has {n}")
         return start, end
 
-    def _states(self, body: bytes) -> tuple[torch.Tensor, Any, Any]:
+    def _states(self, body: bytes, values: dict | None = None) -> tuple[torch.Tensor, Any, Any]:
         from hybrid.values import unpack_values
 
-        values = unpack_values(body)
+        values = unpack_values(body) if values is None else values
         hidden, mask, positions = values.get(0), values.get(1), values.get(2)
         d = self.broker.lm.config.hidden_size
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.shape[-1] != d or \
@@ -245,6 +249,19 @@ class BrokerRequest:
 
         start, end = self._span(meta)
         out = self.calls.forward(*self._states(body), start, end)
+        return {}, pack_values({0: out})
+
+    def _backward(self, meta: dict, body: bytes) -> tuple[dict, bytes]:
+        from hybrid.values import pack_values, unpack_values
+
+        start, end = self._span(meta)
+        values = unpack_values(body)
+        hidden, mask, positions = self._states(body, values)
+        grad = values.get(3)
+        if not isinstance(grad, torch.Tensor) or grad.shape != hidden.shape or not grad.is_floating_point():
+            raise BadRequestError(f"a swarm backward's gradient must be floats shaped like its hidden state "
+                                  f"{tuple(hidden.shape)}")
+        out = self.calls.backward(hidden, grad.to(hidden.dtype), mask, positions, start, end)
         return {}, pack_values({0: out})
 
     def _step(self, meta: dict, body: bytes) -> tuple[dict, bytes]:

@@ -53,6 +53,29 @@ class ParametersModifiedError(UnsafeRequestError):
     """The request wrote a model parameter or buffer; its worker is replaced (the weights reloaded)."""
 
 
+class ParameterGradientError(UnsafeRequestError):
+    """The request asked for the gradient of a model parameter or buffer (``requires_grad_``, ``.grad``, a hook, or
+    ``autograd.grad`` inputs): weights never require grad on this gateway. Take gradients of activations instead."""
+
+    code = "parameter_gradient"
+
+
+class GradientUnavailableError(BadRequestError):
+    """The request's code read ``.grad`` where no gradient exists: outside a ``with loss.backward():`` block (nnsight
+    serves gradients inside it)."""
+
+    code = "gradient_unavailable"
+    http_status = 200
+
+
+class GradientUnsupportedError(BadRequestError):
+    """The request asks for a gradient this execution path cannot compute exactly (the message says which and why);
+    nothing approximate is returned."""
+
+    code = "gradient_unsupported"
+    http_status = 200
+
+
 class ExecutionLimitError(GatewayError):
     """The request ran past a limit (wall time, memory). Its worker process was killed and replaced."""
 

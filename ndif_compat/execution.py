@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 import zstandard
 
-from .errors import BadRequestError, ExecutionError, GatewayError, UnsafeRequestError
+from .errors import BadRequestError, ExecutionError, GatewayError
+from .gradients import GradientGuard
 from .guardrails import SAFE_BUILTINS, AuditGuard, RestrictedUnpickler, check_source
 
 logger = logging.getLogger(__name__)
@@ -112,9 +113,17 @@ def forget(filename: str) -> None:
             cache.pop(key, None)
 
 
-def run_tracer(tracer, log: Callable[[str], None]) -> dict[str, Any]:
+def run_tracer(tracer, log: Callable[[str], None], gradients: torch.nn.Module | None = None) -> dict[str, Any]:
     """Execute a loaded tracer with nnsight's machinery; returns the saved variables by name. The caller
-    forgets the request's file name afterwards (:func:`forget`)."""
+    forgets the request's file name afterwards (:func:`forget`).
+
+    Args:
+        gradients: the model, when the request takes gradients (:func:`~ndif_compat.gradients.needs_gradients`):
+            it then runs with gradient tracking, its parameters guarded (:class:`~ndif_compat.gradients.GradientGuard`);
+            otherwise under ``torch.no_grad()``.
+    Raises:
+        GatewayError: typed; one the guards raised inside nnsight keeps its type.
+    """
     from nnsight.tracing import tracer as nnsight_tracer
 
     frame = tracer.info.frame
@@ -124,27 +133,40 @@ def run_tracer(tracer, log: Callable[[str], None]) -> dict[str, Any]:
     frame.f_globals["__builtins__"] = SAFE_BUILTINS_WITH_PRINT
     nnsight_tracer.inc()
     try:
-        with AuditGuard.install(), torch.no_grad():
+        with AuditGuard.install(), GradientGuard(gradients) if gradients is not None else torch.no_grad():
             tracer.execute(tracer.info.code)
         saves = nnsight_tracer._saves()
         return {k: v for k, v in frame.f_locals.items() if id(v) in saves and not k.startswith("__")}
     except GatewayError:
         raise
     except Exception as e:
+        typed = _typed_cause(e)
+        if typed is not None:
+            raise type(typed)(f"{typed}\n{_where(e)}".rstrip()) from None
         raise ExecutionError(_describe(e)) from None
     finally:
         nnsight_tracer.dec()
 
 
+def _typed_cause(e: BaseException) -> GatewayError | None:
+    """The gateway's own error that nnsight wrapped (raised by a guard inside the request's code), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, GatewayError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _where(e: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "[request " in f.filename]
+    return "".join(traceback.format_list(frames[-3:]))
+
+
 def _describe(e: BaseException) -> str:
     """The remote error text: the exception and the user's own frames (nnsight internals left out)."""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "[request " in f.filename]
-    where = "".join(traceback.format_list(frames[-3:]))
-    unsafe = e if isinstance(e, UnsafeRequestError) else None
-    text = f"{type(e).__name__}: {e}"
-    if unsafe is None and isinstance(e.__cause__ or e.__context__, UnsafeRequestError):
-        text = f"UnsafeRequestError: {e.__cause__ or e.__context__}"
-    return f"{text}\n{where}".rstrip()
+    return f"{type(e).__name__}: {e}\n{_where(e)}".rstrip()
 
 
 class _Printer:

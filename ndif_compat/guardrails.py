@@ -58,14 +58,20 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     "classes", "library", "utils", "cpp_extension", "backends", "distributed", "multiprocessing", "storage",
     "untyped_storage", "data", "set_", "share_memory_", "register_forward_hook", "register_forward_pre_hook",
     "register_full_backward_hook", "register_backward_hook", "register_module", "register_parameter",
-    "register_buffer", "apply", "to_empty", "requires_grad_", "zero_grad", "f_globals", "f_locals", "gi_frame",
+    "register_buffer", "apply", "to_empty", "zero_grad", "f_globals", "f_locals", "gi_frame",
     "tb_frame", "modules", "system", "popen", "environ", "compile", "set_default_dtype", "set_num_threads",
     "set_default_device", "manual_seed", "seed", "dump", "dumps", "loads", "export", "profiler", "package",
-    "memmap", "savez", "savetxt", "serialization"})
-"""Attribute names the code may not touch (I/O, storage, hooks, global torch state)."""
+    "memmap", "savez", "savetxt", "serialization", "set_grad_enabled", "set_detect_anomaly",
+    "set_multithreading_enabled", "saved_tensors_hooks", "disable_saved_tensors_hooks", "register_multi_grad_hook",
+    "allow_mutation_on_saved_tensors", "register_post_accumulate_grad_hook"})
+"""Attribute names the code may not touch (I/O, storage, hooks, global torch and autograd state). Gradients of
+activations are allowed (``requires_grad_``, ``.grad``, ``with loss.backward():``); :mod:`ndif_compat.gradients`
+keeps the model's parameters out of them."""
 
-ASSIGNABLE_ATTRIBUTES = frozenset({"output", "input", "inputs"})
-"""The only attributes request code may assign (nnsight envoys' interventions, ``layer.output = ...``). Modules,
+ASSIGNABLE_ATTRIBUTES = frozenset({"output", "input", "inputs", "grad", "requires_grad"})
+"""The only attributes request code may assign (nnsight envoys' interventions, ``layer.output = ...``; a tensor's
+``.grad`` inside ``with loss.backward():`` and ``requires_grad``, which :class:`~ndif_compat.gradients.GradientGuard`
+refuses on parameters, and :func:`~ndif_compat.gradients.check_tensor_class` checks on ``torch.Tensor``). Modules,
 functions and classes a request sees are shared by every request of a worker (the module views are cached and
 their submodules, functions and classes are the real ones), so assigning or deleting any other attribute could
 change what later requests, of any user, run."""
@@ -151,7 +157,8 @@ def check_source(source: str, where: str = "the request") -> None:
             verb = "deleting" if isinstance(node.ctx, ast.Del) else "assigning"
             if isinstance(node.ctx, ast.Del) or node.attr not in ASSIGNABLE_ATTRIBUTES:
                 problem = (f"{verb} the attribute {node.attr!r} is not allowed (modules, functions and classes are "
-                           "shared by every request; only an envoy's .output/.input/.inputs may be assigned)")
+                           "shared by every request; only an envoy's .output/.input/.inputs or a tensor's "
+                           ".grad/.requires_grad may be assigned)")
             elif root in module_names:
                 problem = (f"assigning an attribute of the module {root!r} is not allowed (modules are shared by "
                            "every request)")

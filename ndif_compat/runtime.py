@@ -18,6 +18,7 @@ import zstandard
 from .config import BackendSpec
 from .errors import ExecutionError, FusedSegmentError, ParametersModifiedError, UnreachableModuleError
 from .execution import Outcome, _Printer, encode_result, forget, load_request, run_tracer
+from .gradients import check_tensor_class, needs_gradients
 from .guardrails import SAFE_BUILTINS, AuditGuard, ParameterSeal
 from .swarm_layers import Unreachable, guard_fused_reads, touched_layers
 
@@ -182,33 +183,42 @@ class Runtime:
         guardrails.SHIPPED_SOURCES.set(sources)
         tracer, source = load_request(data, request_id, self._objects)
         sources.insert(0, source)
+        gradients = needs_gradients(sources)
         path = "gateway"
         try:
             saves, reason = None, "this gateway runs every request there (--no-hybrid)"
-            if self.hybrid_lm is not None:
+            if self.hybrid_lm is not None and gradients:
+                reason = ("it takes gradients, which the swarm backend runs on its gateway path (each decoder "
+                          "segment's backward through the nodes' backward RPC) for now")
+            elif self.hybrid_lm is not None:
                 saves, path, reason = self._try_hybrid(tracer, source, log)
             if saves is None:
-                saves = self._run_gateway(data, tracer, sources, request_id, log, reason)
+                saves = self._run_gateway(data, tracer, sources, request_id, log, reason, gradients)
         finally:
             forget(tracer.info.frame.f_code.co_filename)
             changed = self.seal.changed()
+            check_tensor_class()
         if changed:
             raise ParametersModifiedError(f"the request modified model parameters ({', '.join(changed[:3])}); parameters "
                                      "are read-only on this gateway. The worker was replaced to restore them.")
         after = self.traffic()
-        meta = {"path": path, "swarm_bytes_sent": after[0] - before[0], "swarm_bytes_received": after[1] - before[1],
-                "swarm_calls": after[2] - before[2]}
+        meta = {"path": path, "gradients": gradients, "swarm_bytes_sent": after[0] - before[0],
+                "swarm_bytes_received": after[1] - before[1], "swarm_calls": after[2] - before[2]}
         return Outcome(encode_result(saves, compress)), meta
 
-    def _run_gateway(self, data: bytes, tracer, sources: list[str], request_id: str, log, reason: str) -> dict:
+    def _run_gateway(self, data: bytes, tracer, sources: list[str], request_id: str, log, reason: str,
+                     gradients: bool = False) -> dict:
         """The request with nnsight's tracer here; on the swarm backend, cut where :func:`touched_layers` says, and
         when the program reads a layer value inside a fused segment after all, run it again with every layer cut.
-        ``reason``: why the request is not pushed to the nodes (for the error a submodule inside a layer gets)."""
+        ``reason``: why the request is not pushed to the nodes (for the error a submodule inside a layer gets).
+        ``gradients``: run with gradient tracking, the parameters guarded (:mod:`ndif_compat.gradients`)."""
+        model = self.lm._module if gradients else None
+        tracking = ", with gradient tracking" if gradients else ""
         if self.stack is None:
-            log("execution path: gateway (local model)")
-            return run_tracer(tracer, log)
+            log(f"execution path: gateway (local model{tracking})")
+            return run_tracer(tracer, log, model)
         try:
-            return self._run_on_stack(data, tracer, sources, request_id, log)
+            return self._run_on_stack(data, tracer, sources, request_id, log, model)
         except ExecutionError as e:
             reached = INSIDE_LAYER.search(str(e))
             if reached is None:
@@ -221,13 +231,14 @@ class Runtime:
                 f"{reason}; without that it would be pushed to the nodes as an intervention graph, where submodules "
                 "are reachable.") from None
 
-    def _run_on_stack(self, data: bytes, tracer, sources: list[str], request_id: str, log) -> dict:
+    def _run_on_stack(self, data: bytes, tracer, sources: list[str], request_id: str, log, model) -> dict:
         cuts = touched_layers(sources, self.stack.num_layers)
         self.stack.cut_at(cuts)
         where = "every layer" if cuts is None else f"layer boundaries {sorted(cuts)}"
-        log(f"execution path: gateway (decoder layers on the swarm; hidden states cross at {where})")
+        tracking = "; gradients through the nodes' backward RPC" if model is not None else ""
+        log(f"execution path: gateway (decoder layers on the swarm; hidden states cross at {where}{tracking})")
         try:
-            return run_tracer(tracer, log)
+            return run_tracer(tracer, log, model)
         except FusedSegmentError as e:
             if cuts is None:
                 raise
@@ -236,7 +247,7 @@ class Runtime:
         again, _ = load_request(data, f"{request_id}-every-layer", self._objects)
         self.stack.cut_at(None)
         try:
-            return run_tracer(again, log)
+            return run_tracer(again, log, model)
         finally:
             forget(again.info.frame.f_code.co_filename)
 

@@ -5,7 +5,9 @@ Before a request runs, :func:`touched_layers` reads its code and the stack is cu
 a run of untouched layers is one swarm call (the first layer of the run calls the swarm for the whole run, the
 others pass the state through), so hidden states reach the gateway only where the program touches them.
 Code that names layers in a way the analysis cannot bound (a loop over layers, a computed index) cuts at every
-layer: slower, still exact.
+layer: slower, still exact. A segment whose input requires grad is one autograd node whose backward is the nodes'
+backward RPC (:class:`_SwarmSegment`), so ``.grad`` of layer outputs, gradient edits and ``retain_graph`` work as
+with local autograd.
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ class ClientCalls:
                                                                    start=start, end=end))
         return out
 
+    def backward(self, hidden: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None,
+                 positions: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        """The gradient w.r.t. ``hidden`` (the input of layers ``[start, end)``) given ``grad`` w.r.t. their output,
+        through the nodes' backward RPC (each node recomputes its part's forward; a segment that spans several nodes
+        is run forward once more to get each node's input)."""
+        loop, sequence = self.client.loop, self.client.sequence
+        hops = loop.run(sequence.route(start, end))
+        if len(hops) == 1:
+            trail = [(hops[0], hidden)]
+        else:
+            _, trail = loop.run(sequence.forward(hidden, attention_mask=mask, position_ids=positions, start=start,
+                                                 end=end, keep_hop_inputs=True))
+        return loop.run(sequence.backward(trail, grad.contiguous(), attention_mask=mask, position_ids=positions))
+
     def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, start: int,
              end: int, max_length: int) -> torch.Tensor:
         from swarm.inference_session import InferenceSession
@@ -147,6 +163,18 @@ class SwarmStack:
         return self.calls.step(hidden, mask, self.position_ids, start, end,
                                max_length=hidden.shape[1] + self.max_new_tokens + 1)
 
+    def differentiable(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """:meth:`run` as one autograd node: its backward asks the nodes (:meth:`ClientCalls.backward`) with the
+        mask and positions of this forward."""
+        if self.max_new_tokens is not None:   # HF generate runs under no_grad; only a request re-enabling it gets here
+            from .errors import GradientUnsupportedError
+            raise GradientUnsupportedError(
+                "a gradient through a generation's decoder layers: on the swarm backend each generation step is one "
+                "step of a KV-cache session on the nodes, which keeps no autograd state (and transformers' generate "
+                "runs without gradients, as local nnsight does). Take gradients in a trace (lm.trace) instead.")
+        mask = self.attention_mask if self.attention_mask is not None and self.attention_mask.ndim == 2 else None
+        return _SwarmSegment.apply(hidden, self, mask, self.position_ids, start, end)
+
     def computed(self, provider: str) -> bool:
         """Whether the value nnsight offers at ``provider`` (``model.model.layers.<k>.input|output``) is the one
         computed there: a layer's input exists only where a segment starts, its output only where one ends."""
@@ -184,7 +212,31 @@ class SwarmLayer(nn.Module):
         end = stack.starts.get(self.index)
         if end is None:
             return hidden_states
+        if torch.is_grad_enabled() and hidden_states.requires_grad:
+            return stack.differentiable(hidden_states.contiguous(), self.index, end).to(hidden_states.dtype)
         return stack.run(hidden_states.detach().contiguous(), self.index, end).to(hidden_states.dtype)
+
+
+class _SwarmSegment(torch.autograd.Function):
+    """Layers ``[start, end)`` on the swarm, differentiable w.r.t. their input: the forward keeps only that input
+    (a ``(B, T, D)`` tensor the gateway already holds); the backward sends it with the output's gradient to the nodes,
+    which recompute the segment and return the input's gradient. Stateless on the nodes, so a backward may run
+    twice (``retain_graph=True``) or after a node was replaced."""
+
+    @staticmethod
+    def forward(ctx, hidden, stack, mask, positions, start: int, end: int):
+        ctx.stack, ctx.mask, ctx.positions, ctx.span = stack, mask, positions, (start, end)
+        ctx.save_for_backward(hidden)
+        return stack.calls.forward(hidden.detach(), mask, positions, start, end)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (hidden,) = ctx.saved_tensors
+        start, end = ctx.span
+        with torch.no_grad():
+            grad_in = ctx.stack.calls.backward(hidden.detach(), grad.contiguous(), ctx.mask, ctx.positions, start,
+                                               end)
+        return grad_in.to(hidden.dtype), None, None, None, None, None
 
 
 class Unreachable(nn.Module):
