@@ -103,7 +103,7 @@ class GradientGuard(TorchFunctionMode):
             parameter = self._parameter(args[0])
             if parameter is not None:
                 self._check_parameter(parameter, name, target, args, kwargs)
-        if func in _BACKWARDS:
+        if func in _BACKWARDS or name == "backward":  # nnsight replaces Tensor.backward once imported
             inputs = kwargs.get("inputs", args[1] if func is torch.autograd.grad and len(args) > 1 else None)
             for value in inputs if isinstance(inputs, (list, tuple)) else (inputs,):
                 parameter = self._parameter(value)

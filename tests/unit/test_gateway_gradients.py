@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import nnsight  # noqa: F401  (as in the gateway: nnsight's Tensor.backward is installed, whatever the test order)
 import torch
 
 from ndif_compat.errors import GradientUnavailableError, ParameterGradientError, ParametersModifiedError, \
