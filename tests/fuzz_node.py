@@ -111,9 +111,10 @@ class InProcessNode:
         self.store = SessionStore(max_bytes=store_bytes)
         self.store.put("fuzz:a", torch.arange(12.0).view(3, 4))
 
-    def run(self, payload: bytes, *, real: bool = False) -> tuple[str, str | None]:
-        """``(verdict, detail)`` of one request; ``detail`` is the traceback of an untyped failure."""
-        spy, shared = None, node_plugin.STORE
+    def run(self, payload: bytes, *, real: bool = False) -> tuple[str, str | None, list[str]]:
+        """``(verdict, detail, executed)`` of one request: ``detail`` is the traceback of an untyped failure,
+        ``executed`` the ops that ran to completion (``op:target``, or ``setter``/``module``/``load``)."""
+        spy, hook, shared = None, None, node_plugin.STORE
         node_plugin.STORE = self.store
         try:
             hook = node_plugin.build_graph_hook(payload, self.context, node=self.limits)
@@ -133,7 +134,10 @@ class InProcessNode:
         finally:
             node_plugin.STORE = shared
         kind = verdict(error)
-        return kind, None if kind != "untyped" else "".join(traceback.format_exception(error))
+        executed = [] if hook is None else [
+            f"{n.op}:{n.target}" if n.op in ("function", "method", "operator") else n.op
+            for n in hook.interpreter.graph.nodes if n.id in hook.interpreter.done and n.op != "getter"]
+        return kind, None if kind != "untyped" else "".join(traceback.format_exception(error)), executed
 
     def _replay(self, hook) -> None:
         wants = hook.interpreter.wants

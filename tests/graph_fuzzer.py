@@ -238,6 +238,13 @@ class GraphFuzzer:
         return one() if r.random() < 0.5 else tuple(one() for _ in range(r.randint(0, 3)))
 
     def _attachment(self, graph: Graph) -> Any:
+        """A small tensor of an odd shape and dtype, from a pool of 256 drawn once (drawing each costs more than
+        running most graphs)."""
+        if not hasattr(self, "_pool"):
+            self._pool = [self._tensor() for _ in range(256)]
+        return graph.attach(self.rng.choice(self._pool))
+
+    def _tensor(self) -> torch.Tensor:
         r = self.rng
         shape, dtype = r.choice(SHAPES), r.choice(DTYPES) if r.random() < 0.4 else torch.float32
         if dtype == torch.bool:
@@ -249,7 +256,7 @@ class GraphFuzzer:
         else:
             lo = 0 if dtype == torch.uint8 else -5
             t = torch.randint(lo, r.choice([5, 128, 127]), shape, generator=self.gen, dtype=torch.int64).to(dtype)
-        return graph.attach(t)
+        return t
 
     def _module(self) -> str:
         return self.rng.choice(MODULES) if self.rng.random() < 0.9 else self.rng.choice(MODULES[:4])

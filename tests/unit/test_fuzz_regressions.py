@@ -94,3 +94,10 @@ def test_keeping_a_setter_for_the_session_is_invalid(node):
     g.add("setter", module="model.layers.1", kind="output", call=0, args=[Ref(h.id)])
     with pytest.raises(InvalidGraphError, match="a setter has no value to keep"):
         hook(node, g, keep={1: "s:k"})
+
+
+@pytest.mark.parametrize("inner", [{"a": 1}, [1], None])
+def test_a_dtype_that_is_not_a_name_is_invalid(inner):
+    from hybrid.ir import decode_value
+    with pytest.raises(InvalidGraphError, match="dtype .* is not allowed"):
+        decode_value({"dtype": inner})
