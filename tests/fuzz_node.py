@@ -93,20 +93,20 @@ class InProcessNode:
     """A node's hybrid path without the network, for a tiny Llama served whole (stages 0..5).
 
     :meth:`run` builds the request's hook exactly as ``swarm-node serve`` does (:func:`hybrid.node_plugin.
-    build_graph_hook`, with :data:`BUDGETS` and a wall limit of :data:`WALL_S`), then feeds it the module events of
+    build_graph_hook`, with ``budgets`` (default :data:`BUDGETS`) and a wall limit of :data:`WALL_S`), then feeds it the module events of
     one forward — replayed from a recorded forward (fast; values cloned per request), or, with ``real=True``, from
     running the model with the hook active — and asks for its result bytes. The session store is a small private
     one, so kept values stay bounded.
     """
 
-    def __init__(self, path: Path, store_bytes: int = 4 << 20) -> None:
+    def __init__(self, path: Path, store_bytes: int = 4 << 20, budgets: HookBudgets = BUDGETS) -> None:
         self.model = SpanModel.load(path, Span(0, LAYERS, embed=True, head=True))
         install_dispatch(self.model)
         recorder = _Recorder()
         with torch.no_grad(), active_hook(recorder):
             self.model(INPUT_IDS, embed=True, head=True)
         self.events = recorder.events
-        self.limits = replace(node_plugin.node_limits(BUDGETS), max_wall_s=WALL_S)
+        self.limits = replace(node_plugin.node_limits(budgets), max_wall_s=WALL_S)
         self.context = HookContext(model=self.model, start=0, end=LAYERS, embed=True, head=True, step=0)
         self.store = SessionStore(max_bytes=store_bytes)
         self.store.put("fuzz:a", torch.arange(12.0).view(3, 4))

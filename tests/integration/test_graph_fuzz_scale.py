@@ -33,8 +33,8 @@ from tests.graph_fuzzer import TARGETS, GraphFuzzer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-IN_PROCESS_GRAPHS, IN_PROCESS_BOUND_S = 100_000, 300.0
-LIVE_GRAPHS, LIVE_BOUND_S = 10_000, 240.0
+IN_PROCESS_GRAPHS, IN_PROCESS_BOUND_S = 100_000, 480.0  # ~55 s on an idle 2-core machine; the bounds are for a
+LIVE_GRAPHS, LIVE_BOUND_S = 10_000, 240.0  # loaded CI box (at load 10 on 2 cores, in-process took 177 s)
 REAL_EVERY = 50
 IN_FLIGHT = 6  # below the node's --max-queued-compute (8): requests queue, none is refused for load
 MiB = 1 << 20
@@ -48,6 +48,7 @@ def report(name: str, counts: collections.Counter, bugs: list[str], elapsed_s: f
     assert not bugs, f"{len(bugs)} untyped error(s); first:\n" + "\n".join(bugs[:3])
 
 
+@pytest.mark.timeout(IN_PROCESS_BOUND_S + 120)
 def test_100k_random_graphs_in_process(tiny_checkpoint_factory):
     node = InProcessNode(tiny_checkpoint_factory("llama", num_layers=4))
     fuzzer = GraphFuzzer(seed=2026)
@@ -111,6 +112,7 @@ async def fire(p2p, peer_id: str, payloads: list[bytes], deadline: float) -> tup
     return counts, bugs
 
 
+@pytest.mark.timeout(LIVE_BOUND_S + 180)
 def test_10k_random_graphs_against_a_live_node(tiny_checkpoint_factory, tmp_path):
     path = tiny_checkpoint_factory("llama", num_layers=4)
     payloads = live_payloads(LIVE_GRAPHS, seed=7)
