@@ -14,7 +14,7 @@ import torch
 from hybrid.ir import Graph, Ref
 from hybrid.planner import Executor, Plan
 from hybrid.request import HOOK_KIND, HOOK_VERSION, encode_request
-from swarm.errors import InternalNodeError, SwarmError
+from swarm.errors import CapacityError, InternalNodeError, SwarmError
 from swarm.handles import FORWARD, INFERENCE
 from swarm.transport import call
 
@@ -24,7 +24,7 @@ class Sizes:
     """How big each attack is (``--quick`` scales them down)."""
 
     chain_ops: int = 9_000
-    chain_side: int = 512
+    chain_side: int = 256
     list_repeat: int = 2_000_000_000
     outer_n: int = 20_000
     expanded_side: int = 16_384
@@ -39,8 +39,8 @@ class Sizes:
     baseline_rounds: int = 5
 
 
-QUICK = Sizes(chain_ops=2_000, chain_side=256, outer_n=12_000, json_ops=200_000, batch_tokens=4096, chunks=256, flood_requests=20, flood_side=1024, window_s=1.5,
-              baseline_rounds=2)
+QUICK = Sizes(chain_ops=2_000, chain_side=128, outer_n=12_000, json_ops=200_000, batch_tokens=4096, chunks=256,
+              flood_requests=20, flood_side=1024, window_s=1.5, baseline_rounds=2)
 
 
 # ---- the attacks: raw requests, as a hostile client sends them ------------------------------------------------
@@ -132,12 +132,20 @@ class Attacker:
                   {"hook": {"kind": HOOK_KIND, "version": HOOK_VERSION}})
 
     def session_opens(self, s: Sizes) -> None:
-        """Sessions of one token that reserve the longest history a node allows, left open."""
-        for _ in range(s.session_opens):
+        """Open sessions until the node's KV cache is full: ``session_opens`` that each reserve a ninth of it for the
+        longest history the node allows, then ever smaller ones until even one token of one row is refused."""
+        batch, length = self.open_batch, self.max_length
+        for _ in range(s.session_opens + 64):
             sid = f"hostile-{len(self.sessions)}"
+            try:
+                self.send(INFERENCE, {"inputs": torch.full((batch, 1), 5)},
+                          {"session_id": sid, "open": {"max_length": length}})
+            except CapacityError:
+                if batch == length == 1:
+                    return  # the cache is full
+                batch, length = (batch // 2, length) if batch > 1 else (1, length // 2)
+                continue
             self.sessions.append(sid)
-            self.send(INFERENCE, {"inputs": torch.full((self.open_batch, 1), 5)},
-                      {"session_id": sid, "open": {"max_length": self.max_length}})
 
     def big_batch(self, s: Sizes) -> None:
         length = min(self.max_length, s.batch_tokens)

@@ -42,12 +42,12 @@ HUGE = [1 << 20, 1 << 31, 10 ** 12, 2 ** 62, 1 << 40]
 SESSION_KEYS = ["fuzz:a", "fuzz:b", "fuzz:missing", "x" * 200]
 
 #: Positional argument kinds by target (T tensor, X tensor-or-scalar, S scalar, d dim, n count, z sizes,
-#: D dtype, L list of tensors, I index, E einsum equation, P python value). Others get "T" plus random args.
+#: p permutation, D dtype, G index tensor, L list of tensors, I index, E einsum equation, P python value). Others get "T" plus random args.
 SPECS: dict[str, str] = {
     "torch.softmax": "Td", "torch.log_softmax": "Td", "torch.cat": "Ld", "torch.stack": "Ld", "torch.matmul": "TT",
     "torch.einsum": "ETT", "torch.topk": "Tn", "torch.argmax": "Td", "torch.argmin": "Td", "torch.max": "Td",
     "torch.min": "Td", "torch.mean": "Td", "torch.sum": "Td", "torch.norm": "T", "torch.linalg.norm": "T",
-    "torch.clamp": "TSS", "torch.where": "TXX", "torch.gather": "TdT", "torch.full_like": "TS",
+    "torch.clamp": "TSS", "torch.where": "TXX", "torch.gather": "TdG", "torch.full_like": "TS",
     "torch.sort": "Td", "torch.cumsum": "Td", "torch.diff": "Tnd", "torch.allclose": "TT", "torch.flatten": "Tdd",
     "torch.squeeze": "Td", "torch.unsqueeze": "Td", "torch.transpose": "Tdd", "torch.nn.functional.softmax": "Td",
     "torch.nn.functional.log_softmax": "Td", "torch.nn.functional.layer_norm": "Tz",
@@ -57,12 +57,22 @@ SPECS: dict[str, str] = {
     "topk": "Tnd", "sort": "Td", "cumsum": "Td", "std": "Td", "var": "Td", "norm": "TS", "pow": "TX",
     "clamp": "TSS", "add": "TX", "sub": "TX", "mul": "TX", "div": "TX", "matmul": "TT", "add_": "TX",
     "sub_": "TX", "mul_": "TX", "div_": "TX", "fill_": "TS", "copy_": "TT", "clamp_": "TSS", "masked_fill": "TTS",
-    "masked_fill_": "TTS", "view": "Tz", "reshape": "Tz", "permute": "Tz", "transpose": "Tdd", "unsqueeze": "Td",
+    "masked_fill_": "TTS", "view": "Tz", "reshape": "Tz", "permute": "Tp", "transpose": "Tdd", "unsqueeze": "Td",
     "squeeze": "Td", "flatten": "Tdd", "expand": "Tz", "expand_as": "TT", "view_as": "TT", "reshape_as": "TT",
-    "chunk": "Tnd", "split": "Tnd", "gather": "TdT", "index_select": "TdT", "size": "Td", "to": "TD",
+    "chunk": "Tnd", "split": "Tnd", "gather": "TdG", "index_select": "TdG", "size": "Td", "to": "TD",
     "eq": "TX", "ne": "TX", "lt": "TX", "le": "TX", "gt": "TX", "ge": "TX", "logsumexp": "Td", "amax": "Td",
     "amin": "Td", "diff": "Tnd", "roll": "Tnd", "flip": "Tz", "__getitem__": "TI", "__setitem__": "TIX",
     "getitem": "PI", "setitem": "PIX", "neg": "P", "pos": "P", "abs": "P", "invert": "P",
+}
+#: A valid call of the ops whose random arguments rarely fit (tensors as shapes; a bool or int64 dtype where named).
+EXAMPLES: dict[str, list] = {
+    "torch.einsum": ["i,i->", (3,), (3,)], "torch.nn.functional.layer_norm": [(2, 3), [3]],
+    "torch.where": [((2, 3), torch.bool), (2, 3), 0.0], "expand": [(1, 3), 2, 3], "neg": [(2, 3)],
+    "masked_fill": [(2, 3), ((2, 3), torch.bool), 1.0], "masked_fill_": [(2, 3), ((1, 3), torch.bool), 1.0],
+    "torch.gather": [(2, 3), 1, ((2, 2), torch.int64)], "gather": [(2, 3), 1, ((2, 2), torch.int64)],
+    "index_select": [(2, 3), 1, ((2,), torch.int64)], "torch.nn.functional.kl_div": [(2, 3), (2, 3)],
+    "reshape": [(2, 3), 3, 2], "permute": [(2, 3, 4), 2, 0, 1], "torch.diff": [(4,)],
+    "torch.nn.functional.cross_entropy": [(2, 3), ((2,), torch.int64)], "item": [(1,)],
 }
 BINARY_OPERATORS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "lt", "le", "gt", "ge", "eq",
                     "ne", "and_", "or_", "xor", "iadd", "isub", "imul", "itruediv"}
@@ -159,10 +169,17 @@ class GraphFuzzer:
             spec = spec[:r.randint(0, len(spec))] + "".join(r.choice("TXSdnzDIP") for _ in range(r.randint(0, 2)))
             if op == "method" and not spec.startswith("T"):
                 spec = "T" + spec
+        if target in EXAMPLES and r.random() < 0.5:
+            args = [self._example(a, graph) for a in EXAMPLES[target]]
+            if op == "method":  # called on a value of the graph
+                args[0] = Ref(graph.add("method", target="clone", args=[Ref(self._copy(args[0], graph))]).id)
+            return args, {}
         args = [self._arg(code, graph) for code in spec]
+        if op == "method" and self.values and r.random() < 0.97:
+            args[0] = self._ref()
         if target in ("view", "reshape", "permute", "expand") and len(args) == 2 and isinstance(args[1], list) \
                 and r.random() < 0.5:
-            args = [args[0], *args[1]]  # sizes as separate ints
+            args = [args[0], *args[1]]  # sizes (or dims) as separate ints
         kwargs = {}
         if r.random() < 0.15:
             name = r.choice(["dim", "keepdim", "dtype", "out", "bogus", "p", "eps", "value"])
@@ -187,6 +204,13 @@ class GraphFuzzer:
             return sizes if r.random() < 0.92 else [self._ref_or(2)]
         if code == "D":
             return r.choice(DTYPES)
+        if code == "p":  # a permutation of 0..k-1 (k dims), sometimes repeated or out of range
+            dims = list(range(r.randint(0, 4)))
+            r.shuffle(dims)
+            return dims if r.random() < 0.8 else dims + [r.choice([0, 5, -1])]
+        if code == "G":  # an index tensor: zeros (in range for any size) of a random shape, or a value's own
+            return graph.attach(torch.zeros(r.choice(SHAPES), dtype=torch.int64)) if r.random() < 0.7 \
+                else self._arg("T", graph)
         if code == "L":
             return [self._arg("T", graph) for _ in range(r.randint(0, 4))]
         if code == "I":
@@ -194,6 +218,18 @@ class GraphFuzzer:
         if code == "E":
             return r.choice(["ij,jk->ik", "bij,bjk->bik", "i,i->", "...d,...d->...", "ii->i", "bad", "i,j->ij"])
         return self._python(graph)
+
+    @staticmethod
+    def _copy(attachment: Any, graph: Graph) -> int:
+        """A node holding a copy of ``attachment`` (a method's target must be a node's value)."""
+        return graph.add("operator", target="getitem", args=[attachment, Ellipsis]).id
+
+    def _example(self, arg: Any, graph: Graph) -> Any:
+        if isinstance(arg, tuple) and arg and isinstance(arg[0], tuple):  # (shape, dtype)
+            return graph.attach(torch.zeros(arg[0], dtype=arg[1]))
+        if isinstance(arg, tuple):
+            return graph.attach(torch.randn(arg, generator=self.gen))
+        return arg
 
     def _ref(self) -> Ref:
         r = self.rng
