@@ -123,6 +123,9 @@ def _build(graph, plan, hop_offset: int, call: int, keep: dict[int, str], contex
                                      f"{context.start}:{context.end}); the plan does not match the route.")
     device = next(context.model.parameters()).device
     carried = unpack_values(context.carry)
+    if any(not 0 <= k < len(graph.nodes) for k in carried):
+        raise InvalidGraphError(f"the carried values name node ids {sorted(carried)} of a graph of "
+                                f"{len(graph.nodes)} nodes")
     for node in graph.nodes:
         if node.op == "load" and plan.assignment[node.id] == me:
             carried[node.id] = STORE.get(node.target)

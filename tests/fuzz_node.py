@@ -111,13 +111,13 @@ class InProcessNode:
         self.store = SessionStore(max_bytes=store_bytes)
         self.store.put("fuzz:a", torch.arange(12.0).view(3, 4))
 
-    def run(self, payload: bytes, *, real: bool = False) -> tuple[str, str | None, list[str]]:
+    def run(self, payload: bytes, *, real: bool = False, carry: bytes = b"") -> tuple[str, str | None, list[str]]:
         """``(verdict, detail, executed)`` of one request: ``detail`` is the traceback of an untyped failure,
         ``executed`` the ops that ran to completion (``op:target``, or ``setter``/``module``/``load``)."""
         spy, hook, shared = None, None, node_plugin.STORE
         node_plugin.STORE = self.store
         try:
-            hook = node_plugin.build_graph_hook(payload, self.context, node=self.limits)
+            hook = node_plugin.build_graph_hook(payload, replace(self.context, carry=carry), node=self.limits)
             with torch.no_grad():
                 if real:
                     spy = _Spy(hook)

@@ -8,7 +8,7 @@ and sizes far past any budget that a node must refuse before allocating. A share
 a node field replaced by a random JSON value, or the wire bytes flipped, cut or padded.
 
 :meth:`GraphFuzzer.request` returns the span hook payload a node receives (``hybrid.request`` wire form) and the
-whitelist targets it used (for coverage counts).
+hook carry of an earlier hop (``hook_carry``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from hybrid import ops
 from hybrid.ir import Graph, Limits, Ref
 from hybrid.planner import Executor, Plan
 from hybrid.request import encode_request
+from hybrid.values import pack_values
 
 LAYERS = 4
 #: Module paths of the tiny Llama (SpanModel naming) that getters, setters and module calls name, plus bad ones.
@@ -98,10 +99,11 @@ class GraphFuzzer:
 
     # ---- requests -----------------------------------------------------------------------------------------
 
-    def request(self) -> tuple[bytes, list[str]]:
-        """``(payload, targets)``: one span hook payload and the ``op:target`` names its graph used."""
+    def request(self) -> tuple[bytes, bytes]:
+        """``(payload, carry)``: one span hook payload, and the hook carry (values of an earlier hop, as a chained
+        forward sends them in ``hook_carry``; usually empty, sometimes corrupted)."""
         r = self.rng
-        graph, used = self.graph()
+        graph, _ = self.graph()
         saved = [n.id for n in graph.nodes if n.save]
         carry = saved if r.random() < 0.9 else r.sample(range(len(graph.nodes) + 2), k=min(3, len(graph.nodes)))
         keep = {}
@@ -112,7 +114,18 @@ class GraphFuzzer:
         payload = encode_request(graph, plan, 0 if r.random() < 0.98 else r.choice([1, -1]), call, keep)
         if r.random() < self.corrupt:
             payload = self._corrupt_json(payload) if r.random() < 0.6 else self._corrupt_bytes(payload)
-        return payload, used
+        return payload, self._carry(graph)
+
+    def _carry(self, graph: Graph) -> bytes:
+        r = self.rng
+        if r.random() < 0.95 or not graph.nodes:
+            return b""
+        values = {r.randrange(len(graph.nodes) + 2): r.choice([self._tensor(), 3, [1.5, None], (self._tensor(),)])
+                  for _ in range(r.randint(1, 3))}
+        carry = pack_values(values)
+        if r.random() < 0.5:
+            carry = self._corrupt_bytes(carry) if r.random() < 0.5 else carry.replace(b'"', b"'", 1)
+        return carry
 
     def graph(self) -> tuple[Graph, list[str]]:
         r = self.rng

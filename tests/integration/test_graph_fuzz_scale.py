@@ -1,9 +1,9 @@
 """Fuzz at scale (issue 10, "Must show"): 100,000 random requests over the whole whitelist through a node's hybrid
 path in this process, and 10,000 against a live node; zero crashes, zero untyped errors, bounded memory.
 
-Requests come from :class:`tests.graph_fuzzer.GraphFuzzer` (seeded). In process, each request is decoded, validated
-and run exactly as ``swarm-node serve`` runs it (:class:`tests.fuzz_node.InProcessNode`), its module events
-replayed from one recorded forward, and every :data:`REAL_EVERY`-th with the model really running. The live node is
+Requests (a span hook payload, sometimes a hook carry) come from :class:`tests.graph_fuzzer.GraphFuzzer`
+(seeded). In process, each request is decoded, validated and run exactly as ``swarm-node serve`` runs it
+(:class:`tests.fuzz_node.InProcessNode`), its module events replayed from one recorded forward, and every :data:`REAL_EVERY`-th with the model really running. The live node is
 a real ``swarm-node serve`` process (budgets as in :data:`tests.fuzz_node.BUDGETS`), fed up to :data:`IN_FLIGHT`
 requests at a time. An untyped error is any exception that is not a SwarmError, an InternalNodeError, or a
 HookError wrapping an unexpected exception (:func:`tests.fuzz_node.verdict`). Each test stops at its time bound and
@@ -61,8 +61,8 @@ def test_100k_random_graphs_in_process(tiny_checkpoint_factory):
         for i in range(IN_PROCESS_GRAPHS):
             if i == 2_000:
                 rss0 = process.memory_info().rss  # after warm-up (allocator pools, lazily built kernels)
-            payload, _ = fuzzer.request()
-            kind, detail, executed = node.run(payload, real=i % REAL_EVERY == 0)
+            payload, carry = fuzzer.request()
+            kind, detail, executed = node.run(payload, carry=carry, real=i % REAL_EVERY == 0)
             counts[kind] += 1
             ran.update(executed)
             if detail:
@@ -80,21 +80,28 @@ def test_100k_random_graphs_in_process(tiny_checkpoint_factory):
     assert growth < 256 * MiB
 
 
-def live_payloads(count: int, seed: int) -> list[bytes]:
+def live_requests(count: int, seed: int) -> list[tuple[bytes, bytes]]:
     fuzzer = GraphFuzzer(seed=seed)
-    return [fuzzer.request()[0] for _ in range(count)]
+    return [fuzzer.request() for _ in range(count)]
 
 
-async def fire(p2p, peer_id: str, payloads: list[bytes], deadline: float) -> tuple[collections.Counter, list[str]]:
-    """Send every payload (IN_FLIGHT at a time) until ``deadline``; the verdict on each answer."""
+def as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+async def fire(p2p, peer_id: str, requests: list[tuple[bytes, bytes]], deadline: float
+               ) -> tuple[collections.Counter, list[str]]:
+    """Send every request (IN_FLIGHT at a time) until ``deadline``; the verdict on each answer."""
     counts, bugs = collections.Counter(), []
     meta = {"start": 0, "end": 4, "embed": True, "head": True, "hook": {"kind": HOOK_KIND, "version": HOOK_VERSION}}
-    queue = collections.deque(enumerate(payloads))
+    queue = collections.deque(enumerate(requests))
 
     async def worker() -> None:
         while queue and time.monotonic() < deadline:
-            i, payload = queue.popleft()
-            tensors = {"inputs": INPUT_IDS, "hook_payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+            i, (payload, carry) = queue.popleft()
+            tensors = {"inputs": INPUT_IDS, "hook_payload": as_tensor(payload)}
+            if carry:
+                tensors["hook_carry"] = as_tensor(carry)
             try:
                 await call(p2p, peer_id, FORWARD, tensors, meta, timeout_s=30)
                 error = None
@@ -102,7 +109,7 @@ async def fire(p2p, peer_id: str, payloads: list[bytes], deadline: float) -> tup
                 error = e
             if isinstance(error, OverloadedError):
                 counts["overloaded"] += 1
-                queue.append((i, payload))  # refused for load before any work: send it again
+                queue.append((i, (payload, carry)))  # refused for load before any work: send it again
                 continue
             kind = verdict(error)
             counts[kind] += 1
@@ -115,17 +122,17 @@ async def fire(p2p, peer_id: str, payloads: list[bytes], deadline: float) -> tup
 @pytest.mark.timeout(LIVE_BOUND_S + 180)
 def test_10k_random_graphs_against_a_live_node(tiny_checkpoint_factory, tmp_path):
     path = tiny_checkpoint_factory("llama", num_layers=4)
-    payloads = live_payloads(LIVE_GRAPHS, seed=7)
+    requests = live_requests(LIVE_GRAPHS, seed=7)
     with LocalSwarm(tmp_path) as swarm:
         node = swarm.start(path, "--blocks", "0:4", "--max-request-memory-mb", str(BUDGETS.max_request_memory_mb),
                            "--max-save-mb", str(BUDGETS.max_save_mb))
         client = SwarmModel.from_pretrained(str(path), initial_peers=swarm.initial_peers)
         try:
             p2p, process = client.sequence.p2p, psutil.Process(node.proc.pid)
-            warm, _ = client.loop.run(fire(p2p, node.peer_id, payloads[:300], time.monotonic() + 60), timeout_s=90)
+            warm, _ = client.loop.run(fire(p2p, node.peer_id, requests[:300], time.monotonic() + 60), timeout_s=90)
             rss0, cpu0 = process.memory_info().rss, process.cpu_times()
             t0 = time.monotonic()
-            counts, bugs = client.loop.run(fire(p2p, node.peer_id, payloads, t0 + LIVE_BOUND_S),
+            counts, bugs = client.loop.run(fire(p2p, node.peer_id, requests, t0 + LIVE_BOUND_S),
                                            timeout_s=LIVE_BOUND_S + 60)
             elapsed = time.monotonic() - t0
             growth = process.memory_info().rss - rss0

@@ -1,6 +1,8 @@
 """Graphs the fuzz (tests/integration/test_graph_fuzz_scale.py) found crashing a node's hybrid path with an untyped
 error (an InternalNodeError on a live node); each now gets a typed error, or its right result."""
 
+import struct
+
 import pytest
 import torch
 
@@ -101,3 +103,22 @@ def test_a_dtype_that_is_not_a_name_is_invalid(inner):
     from hybrid.ir import decode_value
     with pytest.raises(InvalidGraphError, match="dtype .* is not allowed"):
         decode_value({"dtype": inner})
+
+
+@pytest.mark.parametrize("carry", [{5: torch.ones(2)}, {-1: 3}])
+def test_carried_values_of_nodes_outside_the_graph_are_invalid(node, carry):
+    """A hostile client's ``hook_carry`` named node 5 of a 1-node graph: IndexError in the interpreter."""
+    from dataclasses import replace
+    from hybrid.values import pack_values
+    g = Graph()
+    g.add("function", target="torch.abs", args=[1.0])
+    with pytest.raises(InvalidGraphError, match="carried values name node ids"):
+        build_graph_hook(encode_request(g, single(g), 0), replace(node.context, carry=pack_values(carry)),
+                         node=node.limits)
+
+
+@pytest.mark.parametrize("doc", [b"[1, 2]", b'{"x": 1}', b"3"])
+def test_carried_values_that_are_not_an_object_of_node_ids_are_invalid(doc):
+    from hybrid.values import MAGIC, unpack_values
+    with pytest.raises(InvalidGraphError, match="carried values do not parse"):
+        unpack_values(MAGIC + struct.pack("<Q", len(doc)) + doc)
