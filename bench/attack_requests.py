@@ -33,14 +33,15 @@ class Sizes:
     session_opens: int = 9
     batch_tokens: int = 16_384
     chunks: int = 2048
-    flood_requests: int = 60
-    flood_side: int = 2048
+    flood_requests: int = 20
+    flood_side: int = 8000
+    """A value of 8000² floats (244 MiB) nearly fills a node's default 256 MiB session store: each put evicts the rest."""
     window_s: float = 6.0
     baseline_rounds: int = 5
 
 
 QUICK = Sizes(chain_ops=2_000, chain_side=128, outer_n=12_000, json_ops=200_000, batch_tokens=4096, chunks=256,
-              flood_requests=20, flood_side=1024, window_s=1.5, baseline_rounds=2)
+              flood_requests=10, flood_side=4096, window_s=1.5, baseline_rounds=2)
 
 
 # ---- the attacks: raw requests, as a hostile client sends them ------------------------------------------------
