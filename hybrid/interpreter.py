@@ -65,11 +65,11 @@ class Interpreter(BackwardPasses):
         self.modules = modules or {}
         self.mine = [n for n in graph.nodes if plan.assignment[n.id] == me]
         self._retain = set(plan.carry[me]) | set(retain) | set(plan.bcarry[me] if plan.bcarry else ())
-        self._last_use: dict[int, int] = {}
-        """Value id -> the last node here that reads it (nodes are in graph order)."""
+        self._readers: dict[int, int] = {}
+        """Value id -> how many nodes here have yet to read it (nodes run when ready, not in graph order)."""
         for node in self.mine:
-            for ref in node.refs():
-                self._last_use[ref] = node.id
+            for ref in set(node.refs()):
+                self._readers[ref] = self._readers.get(ref, 0) + 1
         self.values: dict[int, Any] = {}
         self.ledger = Ledger()
         """Bytes of the tensors the live values hold."""
@@ -92,7 +92,7 @@ class Interpreter(BackwardPasses):
                                      f"limit on saves is {mib(self.limits.max_save_bytes)}.")
         self.done: set[int] = set(self.values)
         for k in list(self.values):
-            if k not in self._last_use and k not in self._retain:
+            if k not in self._readers and k not in self._retain:
                 self._free(k)
         self._getters: dict[tuple[str, str, int], list[Node]] = {}
         self._setters: dict[tuple[str, str, int], list[Node]] = {}
@@ -134,6 +134,9 @@ class Interpreter(BackwardPasses):
             else:
                 self._run_ready()
                 (arg,) = node.args
+                if any(r not in self.values for r in node.refs()):  # fed by a later module (the client's planner
+                    raise OrderError(f"Setter node {node.id} on {path}.{kind} needs a value not computed yet at "
+                                     f"that point (it depends on a later module or call).")  # refuses this too)
                 value = conform(self._resolve(arg), value, f"{path}.{kind}")
             self._release(node)
             self.done.add(node.id)
@@ -233,6 +236,7 @@ class Interpreter(BackwardPasses):
         ledger = self.ledger.copy(key=lambda t: alias.get(id(t), id(t)))
         fakes: dict[int, Any] = {}  # kept until the end, so ids of fakes stay unique
         saved = self.saved_bytes
+        readers = dict(self._readers)
 
         def fake(ref: int) -> Any:
             if ref in fakes:
@@ -258,7 +262,7 @@ class Interpreter(BackwardPasses):
             ledger.add(node.id, result)
             if node.save:
                 saved += sent_bytes(result)
-            for ref in self._dead_after(node):
+            for ref in self._dead_after(node, readers):
                 ledger.drop(ref)
 
     def _execute(self, node: Node) -> None:
@@ -390,15 +394,20 @@ class Interpreter(BackwardPasses):
         if node.save:
             self.saved_bytes += sent_bytes(value)
 
-    def _dead_after(self, node: Node) -> list[int]:
-        """Values no longer needed here once ``node`` ran: inputs it read last, and itself if nothing reads it."""
-        dead = [r for r in set(node.refs()) if self._last_use.get(r) == node.id and r not in self._retain]
-        if node.id not in self._last_use and node.id not in self._retain:
+    def _dead_after(self, node: Node, readers: dict[int, int]) -> list[int]:
+        """Values no longer needed here once ``node`` ran (counting down ``readers``): inputs it was the last to
+        read, and itself if nothing reads it."""
+        dead = []
+        for r in set(node.refs()):
+            readers[r] = readers.get(r, 0) - 1
+            if readers[r] == 0 and r not in self._retain:
+                dead.append(r)
+        if readers.get(node.id, 0) == 0 and node.id not in self._retain:
             dead.append(node.id)
         return dead
 
     def _release(self, node: Node) -> None:
-        for ref in self._dead_after(node):
+        for ref in self._dead_after(node, self._readers):
             self._free(ref)
 
     def _free(self, ref: int) -> None:

@@ -312,7 +312,7 @@ def decode_value(value: Any) -> Any:
                 raise InvalidGraphError(f"bad tuple {inner!r}")
             return tuple(decode_value(v) for v in inner)
         if key == "dtype":
-            if inner not in _DTYPES:
+            if not isinstance(inner, str) or inner not in _DTYPES:
                 raise InvalidGraphError(f"dtype {inner!r} is not allowed; use one of {sorted(_DTYPES)}")
             return getattr(torch, inner)
         if key == "float":

@@ -102,13 +102,23 @@ class InterpreterHook:
 
     def _before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:
-            new = self.interpreter.on_event(path, "input", self.call, args[0])
+            new = self._checked(path, self.interpreter.on_event(path, "input", self.call, args[0]))
             return None if new is args[0] else ((new, *args[1:]), kwargs)
         if kwargs:
             name = next(iter(kwargs))
-            new = self.interpreter.on_event(path, "input", self.call, kwargs[name])
+            new = self._checked(path, self.interpreter.on_event(path, "input", self.call, kwargs[name]))
             return None if new is kwargs[name] else (args, {**kwargs, name: new})
         return None
+
+    def _checked(self, path: str, value: Any) -> Any:
+        """``value``, the input of module ``path`` after the graph's writes, if the module can take it: token ids
+        of an embedding must be in its vocabulary (else the model, not the graph, would fail)."""
+        module = self.interpreter.modules.get(path)
+        if isinstance(module, torch.nn.Embedding) and isinstance(value, torch.Tensor) and value.numel() and (
+                value.min() < 0 or value.max() >= module.num_embeddings):
+            raise InvalidGraphError(f"The graph wrote token ids outside 0..{module.num_embeddings - 1} into the input "
+                                    f"of {path} (min {value.min().item()}, max {value.max().item()}).")
+        return value
 
     def after(self, path: str, output: Any) -> Any:
         if path == "model.embed_tokens" and self.interpreter.grad_mode and isinstance(output, torch.Tensor):
@@ -156,10 +166,15 @@ def _build(graph, plan, hop_offset: int, call: int, keep: dict[int, str], contex
                                      f"{context.start}:{context.end}); the plan does not match the route.")
     device = next(context.model.parameters()).device
     carried = unpack_values(context.carry)
+    if any(not 0 <= k < len(graph.nodes) for k in carried):
+        raise InvalidGraphError(f"the carried values name node ids {sorted(carried)} of a graph of "
+                                f"{len(graph.nodes)} nodes")
     for node in graph.nodes:
         if node.op == "load" and plan.assignment[node.id] == me:
             carried[node.id] = STORE.get(node.target)
     keep = {k: v for k, v in keep.items() if plan.assignment[k] == me}
+    if any(graph.nodes[k].op == "setter" for k in keep):
+        raise InvalidGraphError("a setter has no value to keep for a later trace; keep the value it writes instead")
     interpreter = Interpreter(graph, plan, me, carried, device=device, limits=limits, modules=modules, retain=keep,
                               started=started)
     return InterpreterHook(interpreter, call, keep, owner=context.client)

@@ -14,8 +14,8 @@ def validate(graph: Graph, limits_cap=None) -> None:
     """Structural and whitelist checks of a graph received from the network.
 
     Raises:
-        InvalidGraphError: malformed structure (bad refs, fields).
-        DisallowedOpError: an op, function or method outside the whitelist.
+        InvalidGraphError: malformed structure (bad refs, fields, args not a list or kwargs not an object).
+        DisallowedOpError: an op, function or method outside the whitelist, or an ``out=`` argument.
         LimitExceededError: more nodes or attachment bytes than the limits allow, or an integer literal beyond
             64 bits.
     """
@@ -30,6 +30,12 @@ def validate(graph: Graph, limits_cap=None) -> None:
                                  f"{limits.max_attachment_bytes}.")
     passes = 0
     for node in graph.nodes:
+        if not isinstance(node.args, list) or not isinstance(node.kwargs, dict):
+            raise InvalidGraphError(f"Node {node.id}: args must be a list and kwargs an object; got "
+                                    f"{type(node.args).__name__} and {type(node.kwargs).__name__}.")
+        if "out" in node.kwargs:
+            raise DisallowedOpError(f"Node {node.id}: out= is not allowed (it would write into, and resize, another "
+                                    f"value); use the op's result instead.")
         if node.op not in OPS:
             raise DisallowedOpError(f"Op {node.op!r} of node {node.id} is not allowed; ops are {', '.join(OPS)}.")
         if node.op == "module" and not isinstance(node.module, str):

@@ -58,10 +58,13 @@ def unpack_values(data: bytes) -> dict[int, Any]:
     try:
         doc = json.loads(data[12:12 + length])
         raw = st_load(data[12 + length:]) if len(data) > 12 + length else {}
+        tensors = [raw[str(i)] for i in range(len(raw))]
+        if not isinstance(doc, dict):
+            raise TypeError(f"expected an object of node ids, got {type(doc).__name__}")
+        keys = [int(k) for k in doc]
     except Exception as e:
         raise InvalidGraphError(f"carried values do not parse: {e}") from None
-    tensors = [raw[str(i)] for i in range(len(raw))]
-    return {int(k): _lower(decode_value(v), tensors) for k, v in doc.items()}
+    return {k: _lower(decode_value(v), tensors) for k, v in zip(keys, doc.values())}
 
 
 def value_nbytes(value: Any) -> int:
@@ -77,7 +80,10 @@ def conform(new: Any, old: Any, where: str) -> Any:
     """``new`` shaped like the module's ``old`` value (same structure, broadcast tensors, same dtype/device)."""
     if isinstance(old, torch.Tensor):
         if isinstance(new, (int, float, bool)) and not isinstance(new, bool):
-            new = torch.full_like(old, new)
+            try:
+                new = torch.full_like(old, new)
+            except RuntimeError as e:  # e.g. 1e30 into int64 token ids
+                raise InvalidGraphError(f"Setting {where}: {new!r} does not fit its {old.dtype}: {e}") from None
         if not isinstance(new, torch.Tensor):
             raise InvalidGraphError(f"Setting {where}: expected a tensor like {tuple(old.shape)}, got {type(new).__name__}.")
         try:
