@@ -55,6 +55,9 @@ class TraceStats:
     wall_s: float = 0.0
     route: list[str] = field(default_factory=list)
     """Executors in order: ``client`` or peer ids."""
+    commitments: list[dict] = field(default_factory=list)
+    """One per node of the route, in order (``peer``, ``request_id``, ``digest``): what each node committed to
+    having computed (:mod:`swarm.commitments`)."""
     head_positions: str = "all"
     """Where the model's head ran: ``"last"`` when the graph reads only the last position's logits (the head then
     runs on that position alone), else ``"all"``."""
@@ -210,6 +213,7 @@ class SwarmRunner:
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
         stats = TraceStats("hybrid", node_bytes=int(reply.get("node_bytes", 0)),
                            compute_s=dict(reply.get("compute_s", {})), route=[e.name for e in plan.executors],
+                           commitments=list(reply.get("commitments", [])),
                            head_positions="last" if plan.head_last else "all")
         return saves, stats
 

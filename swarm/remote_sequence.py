@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,6 +39,7 @@ from hivemind.p2p import P2P
 
 from ._loop import BackgroundLoop
 from .claims import claim_mismatch, find_refusing_hop
+from .commitments import parse as parse_commitments
 from .errors import BadRequestError, MissingBlocksError, OverloadedError, PeerUnreachableError
 from .peer_health import PeerHealth
 from .records import SUSPECT_TTL_S, ServerRecord, records_with_expiration, suspect_reporters, suspects_key
@@ -46,6 +49,9 @@ from .transport import Traffic, call, ping
 from .verification import plan_avoiding, should_check, spot_check, spot_check_chain
 
 logger = logging.getLogger(__name__)
+
+COMMITMENT_LOG = 4096
+"""How many hops' commitments a client keeps (:attr:`RemoteSequence.commitments`)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,17 @@ class RemoteSequence(PeerHealth):
         """Peer id -> the record claim its info answer was last checked against."""
         self.owner = owner
         """This client's owner marker (``[owner:<key>]``) for signing suspect reports; None = it does not report."""
+        self.commitments: deque[dict] = deque(maxlen=COMMITMENT_LOG)
+        """The commitments of this client's latest answers (:mod:`swarm.commitments`): ``peer``, ``request_id``,
+        ``digest`` per hop, oldest first, for audits."""
+
+    def record_commitments(self, reply: dict, request_id: str) -> list[dict]:
+        """Keep the commitments an answer carried in :attr:`commitments` (those naming another request are dropped)
+        and leave them in ``reply["commitments"]``."""
+        kept = [c for c in parse_commitments(reply.get("commitments"), 256) if c["request_id"] == request_id]
+        self.commitments.extend(kept)
+        reply["commitments"] = kept
+        return kept
 
     # ---- discovery and routing --------------------------------------------------------------------------
 
@@ -248,10 +265,13 @@ class RemoteSequence(PeerHealth):
             first, last = hop.start == 0 and embed, hop.end == self.num_layers and head
             t0 = time.perf_counter()
             try:
-                out, _ = await call(self.p2p, hop.peer_id, FORWARD, {"inputs": x, **extras},
-                                    {"start": hop.start, "end": hop.end, "embed": first, "head": last},
-                                    timeout_s=self.config.request_timeout_s,
-                                    **self._call_options)
+                request_id = secrets.token_hex(8)
+                out, reply = await call(self.p2p, hop.peer_id, FORWARD, {"inputs": x, **extras},
+                                        {"start": hop.start, "end": hop.end, "embed": first, "head": last,
+                                         "request_id": request_id},
+                                        timeout_s=self.config.request_timeout_s,
+                                        **self._call_options)
+                self.record_commitments(reply, request_id)
             except (PeerUnreachableError, OverloadedError, BadRequestError) as e:
                 retries += 1
                 if retries > self.config.max_retries:
@@ -321,7 +341,9 @@ class RemoteSequence(PeerHealth):
             chain = [{"peer": h.peer_id, "start": h.start, "end": h.end, "head": head and h.end == self.num_layers}
                      for h in hops]
             tensors = {"inputs": inputs, **extras}
-            meta = {"start": hops[0].start, "end": hops[0].end, "embed": embed, "head": chain[0]["head"],
+            request_id = secrets.token_hex(8)
+            meta = {"request_id": request_id, "start": hops[0].start, "end": hops[0].end, "embed": embed,
+                    "head": chain[0]["head"],
                     "next": chain[1:], "return_outputs": return_outputs}
             if hook is not None:
                 hook.attach(tensors, meta, hops, carry)
@@ -355,6 +377,7 @@ class RemoteSequence(PeerHealth):
             if failed_at is not None:
                 self.stats.reroute_s.append(time.perf_counter() - failed_at)
             self._trusted.update(h.peer_id for h in hops)
+            self.record_commitments(reply, request_id)
             return out["outputs"], hook_result(out), hops, reply
         raise AssertionError("unreachable")
 

@@ -41,6 +41,8 @@ from hivemind.proto import runtime_pb2
 
 from .errors import (BadRequestError, CapacityError, InternalNodeError, OverloadedError, SwarmError,
                      UnknownSessionError)
+from .commitments import fingerprint, request_id_of
+from .commitments import parse as parse_commitments
 from .compute_slot import ComputeSlot
 from .quotas import ClientQueue, client_identity
 from .sessions import SessionManager
@@ -259,6 +261,7 @@ class SpanServer:
         keep_outputs = meta.get("return_outputs", True)
         if not isinstance(keep_outputs, bool):
             raise BadRequestError("meta['return_outputs'] must be a boolean.")
+        request_id = request_id_of(meta)
         t0 = time.perf_counter()  # parsing counts: a hook's graph work may run while it is built
         request = await self._parsed(tensors, meta, client)
         grad = wants_grad(request.hook)
@@ -273,13 +276,15 @@ class SpanServer:
                     output = self._run(request, request.tensors["inputs"])
             return output, hook_result(request.hook) if request.hook is not None else None
         output, result = await self._compute(work, client)
-        stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
+        me = self._p2p.peer_id.to_base58()
+        stats = {"compute_s": {me: time.perf_counter() - t0}, "node_bytes": 0,
+                 "commitments": [{"peer": me, "request_id": request_id, "digest": fingerprint(output, request_id, me)}]}
         if not chain:
             reply = self._reply(output.detach() if keep_outputs else output.new_empty(0), result, stats)
         else:
             hop, rest = chain[0], chain[1:]
             onward_meta = {"start": hop["start"], "end": hop["end"], "head": hop["head"], "next": rest,
-                           "return_outputs": keep_outputs}
+                           "return_outputs": keep_outputs, "request_id": request_id}
             reply = await self._pass_on(FORWARD, hop["peer"], output.detach(), result, onward_meta, request, tensors,
                                         meta, stats)
         if grad:
@@ -304,6 +309,9 @@ class SpanServer:
         downstream = reply.get("compute_s", {}) if isinstance(reply.get("compute_s"), dict) else {}
         stats["compute_s"].update(downstream)
         stats["node_bytes"] = int(reply.get("node_bytes", 0)) + traffic.bytes_sent + traffic.bytes_received
+        if "commitments" in stats:  # this hop's, then the later hops' in route order
+            stats["commitments"] = stats["commitments"] + parse_commitments(reply.get("commitments"),
+                                                                            self.limits.max_chain)
         return [out[n] for n in names], {"names": names, **{k: v for k, v in reply.items() if k not in ("names",)},
                                          **stats}
 
