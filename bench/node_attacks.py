@@ -90,10 +90,11 @@ class Polite:
 
 
 class PeakRss:
-    """Samples a process's RSS every 5 ms in a thread, while in the ``with`` block."""
+    """Samples a process's RSS every ``period_s`` in a thread while in the ``with`` block (once more at its end);
+    :attr:`growth` is the peak over the start."""
 
-    def __init__(self, pid: int) -> None:
-        self.process, self._stop = psutil.Process(pid), threading.Event()
+    def __init__(self, pid: int, period_s: float = 0.002) -> None:
+        self.process, self.period_s, self._stop = psutil.Process(pid), period_s, threading.Event()
 
     def __enter__(self) -> "PeakRss":
         self.start = self.peak = self.process.memory_info().rss
@@ -102,12 +103,17 @@ class PeakRss:
         return self
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(self.period_s):
             self.peak = max(self.peak, self.process.memory_info().rss)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
 
 
 def attack_window(name: str, attacker: Attacker, polite: Polite, pid: int, sizes: Sizes) -> dict:

@@ -68,6 +68,10 @@ SPECS: dict[str, str] = {
 #: A valid call of the ops whose random arguments rarely fit (tensors as shapes; a bool or int64 dtype where named).
 EXAMPLES: dict[str, list] = {
     "torch.einsum": ["i,i->", (3,), (3,)], "torch.nn.functional.layer_norm": [(2, 3), [3]],
+    "torch.bmm": [(2, 3, 4), (2, 4, 5)], "torch.index_select": [(3, 4), 0, ((2,), torch.int64)],
+    "torch.nn.functional.linear": [(2, 3), (4, 3)], "torch.nn.functional.one_hot": [((2, 3), torch.int64), 5],
+    "torch.nn.functional.rms_norm": [(2, 3), [3]], "torch.outer": [(3,), (4,)],
+    "torch.take_along_dim": [(2, 3), ((2, 3), torch.int64), 1],
     "torch.where": [((2, 3), torch.bool), (2, 3), 0.0], "expand": [(1, 3), 2, 3], "neg": [(2, 3)],
     "masked_fill": [(2, 3), ((2, 3), torch.bool), 1.0], "masked_fill_": [(2, 3), ((1, 3), torch.bool), 1.0],
     "torch.gather": [(2, 3), 1, ((2, 2), torch.int64)], "gather": [(2, 3), 1, ((2, 2), torch.int64)],

@@ -12,11 +12,11 @@ from __future__ import annotations
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 
 import hybrid
+from bench.node_attacks import PeakRss
 from hybrid.errors import LimitExceededError
 from hybrid.ir import Graph, Ref
 from swarm.local_swarm import LocalSwarm
@@ -41,33 +41,6 @@ def deployment(tiny_checkpoint_factory, tmp_path_factory):
         finally:
             hostile.close()
             polite.close()
-
-
-class PeakRss:
-    """Samples a process's RSS every few milliseconds in a thread; :attr:`growth` is the peak over the start."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "PeakRss":
-        self.start = self.peak = self.process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
 
 
 def polite_graph() -> Graph:
