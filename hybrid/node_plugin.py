@@ -154,8 +154,9 @@ def build_graph_hook(payload: bytes, context: HookContext, node: Limits = NODE_L
 
 def _build(graph, plan, hop_offset: int, call: int, keep: dict[int, str], context: HookContext, limits: Limits,
            started: float) -> InterpreterHook:
-    resolve_blobs(graph.attachments, graph.blobs, STORE, context.client)
-    validate(graph, lambda _: limits)
+    validate(graph, lambda _: limits)  # inline attachments only: those named by hash are held in the bounded store
+    if graph.blobs:
+        resolve_blobs(graph.attachments, graph.blobs, STORE, context.client)
     me = hop_offset + context.hop
     if not 0 <= me < len(plan.executors):
         raise InvalidGraphError(f"plan has no executor for chain position {context.hop}")

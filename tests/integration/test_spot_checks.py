@@ -61,9 +61,10 @@ def test_verify_catches_a_node_adding_noise_and_returns_only_verified_results(ti
         assert noisy.peer_id not in [h.peer_id for h in route]
     assert chained.sequence.stats.distrusted == [noisy.peer_id]
 
-    # The catching clients published a signed suspect report: another client weighs it (one reporter: the noisy
-    # node's cost doubles, so even this client's jitter favouring it no longer routes there), without excluding it.
-    observer = client_factory(path, swarm)
+    # The catching clients published a signed suspect report: another client weighs it (one reporter, weighted 10 so
+    # that measured latencies on a loaded machine cannot outweigh it, whatever this client's jitter), without
+    # excluding it.
+    observer = client_factory(path, swarm, client_config=ClientConfig(suspect_weight=10.0))
     observer.route()
     assert observer.sequence._suspects == {noisy.peer_id: 1}
     for peer in observer.sequence._jitter:
