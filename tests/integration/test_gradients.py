@@ -94,14 +94,16 @@ def paris_logit(logits: torch.Tensor) -> torch.Tensor:
 
 # ---- the experiments: one with-block for nnsight and for every placement ---------------------------------------
 
-def read_grads(lm, **placement):
-    """Gradients of three layers' outputs (one per node), an attention and an MLP output w.r.t. the logit difference."""
+def read_grads(lm, *, inside: bool = True, **placement):
+    """Gradients of three layers' outputs (one per node) and (``inside``) an attention and an MLP output w.r.t. the
+    logit difference."""
     out: dict = {}
     with lm.trace(CITIES, **placement) as tracer:
         h3 = lm.model.layers[3].output
         h3.requires_grad_(True)
-        mlp5 = lm.model.layers[5].mlp.output
-        attn14 = lm.model.layers[14].self_attn.output[0]
+        if inside:
+            mlp5 = lm.model.layers[5].mlp.output
+            attn14 = lm.model.layers[14].self_attn.output[0]
         h14 = lm.model.layers[14].output
         h27 = lm.model.layers[27].output
         pair = lm.lm_head.output[:, -1, :].gather(1, PICK)
@@ -109,8 +111,9 @@ def read_grads(lm, **placement):
         with metric.backward():
             out["model.layers.27"] = h27.grad.save()
             out["model.layers.14"] = h14.grad.save()
-            out["model.layers.14.self_attn"] = attn14.grad.save()
-            out["model.layers.5.mlp"] = mlp5.grad.save()
+            if inside:
+                out["model.layers.14.self_attn"] = attn14.grad.save()
+                out["model.layers.5.mlp"] = mlp5.grad.save()
             out["model.layers.3"] = h3.grad.save()
     return out, tracer
 
@@ -180,29 +183,18 @@ def test_gradients_of_layer_attention_and_mlp_outputs(placement, lm_for, autogra
                "model.layers.3"]
     if placement == "swarm":  # Petals-style reaches only layer boundaries
         modules = ["model.layers.27", "model.layers.14", "model.layers.3"]
-    (want,) = cached(refs, "read", lambda: autograd.grads(modules + ["model.layers.14.self_attn", "model.layers.5.mlp"],
-                                                          [logit_diff]))
+    (want,) = cached(refs, "read", lambda: autograd.grads(["model.layers.27", "model.layers.14",
+                                                           "model.layers.14.self_attn", "model.layers.5.mlp",
+                                                           "model.layers.3"], [logit_diff]))
     from_nnsight = cached(refs, "read-ns", lambda: read_grads(ns)[0])
     lm = lm_for(placement)
     if placement == "swarm":
         with pytest.raises(hybrid.errors.DisallowedOpError, match="inside a layer"):
             read_grads(lm, placement=placement)
-        got, tracer = _layers_only(lm, placement)
+        got, tracer = read_grads(lm, inside=False, placement=placement)
     else:
         got, tracer = read_grads(lm, placement=placement)
     check(placement, got, {m: want[m] for m in modules}, from_nnsight, tracer)
-
-
-def _layers_only(lm, placement):
-    out: dict = {}
-    with lm.trace(CITIES, placement=placement) as tracer:
-        h3, h14, h27 = (lm.model.layers[k].output for k in LAYERS)
-        pair = lm.lm_head.output[:, -1, :].gather(1, PICK)
-        with (pair[:, 0] - pair[:, 1]).sum().backward():
-            out["model.layers.27"] = h27.grad.save()
-            out["model.layers.14"] = h14.grad.save()
-            out["model.layers.3"] = h3.grad.save()
-    return out, tracer
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
