@@ -2,7 +2,8 @@
 
 Life cycle (:func:`run_node`): start the DHT → resolve the checkpoint and choose the span → load only the span's
 tensors → register the RPC handlers → announce ``online`` every ``announce_period_s`` with a record that
-expires after ``record_ttl_s`` → on stop (SIGINT/SIGTERM) announce ``offline`` and shut down.
+expires after ``record_ttl_s`` → on stop (SIGINT/SIGTERM) announce ``offline``, shut the DHT process down and return.
+How the node's three processes (this one, the DHT process, ``p2pd``) take signals: :mod:`swarm.stop_signals`.
 """
 
 from __future__ import annotations
@@ -12,87 +13,29 @@ import json
 import logging
 import os
 import resource
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import torch
+from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 from . import __version__
 from .checkpoint import checkpoint_hash, load_config, resolve_checkpoint
 from .errors import BadRequestError
 from .identity import load_identity
-from .record_validation import swarm_dht
+from .node_config import NodeConfig
+from .record_validation import make_validators
 from .records import (MAX_RECORD_TTL_S, MODELS_KEY, STATE_OFFLINE, STATE_ONLINE, ServerRecord, model_key,
                       records_from_dht_value)
 from .span_hook import HookRegistry, install_dispatch
 from .span_selection import choose_span
-from .span_server import ServerLimits, SpanServer
+from .span_server import SpanServer
 from .stages import DTYPES, Span, SpanModel
+from .stop_signals import StopSignals, detach_daemons, die_with_parent, ignore_stop_signals
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """Everything ``swarm-node serve`` takes; the CLI maps its flags 1:1 onto these fields."""
-
-    model: str = "smollm2-135m"
-    """Alias of an embedded model or a local Hugging Face checkpoint directory (safetensors)."""
-    blocks: tuple[int, int] | None = None
-    """Layers to serve, half-open ``(start, end)``; None picks the least-covered span of ``num_blocks``."""
-    num_blocks: int | None = None
-    """Span size when ``blocks`` is None; None derives it from free memory."""
-    serve_embed: bool = True
-    """Also serve the embedding when the span starts at layer 0."""
-    serve_head: bool = True
-    """Also serve the final norm + LM head when the span ends at the last layer."""
-    initial_peers: tuple[str, ...] = ()
-    """Multiaddrs of peers already in the swarm; empty with ``new_swarm``."""
-    new_swarm: bool = False
-    """Start a new swarm (no initial peers)."""
-    host: str = "0.0.0.0"
-    """Address to listen on."""
-    port: int = 0
-    """TCP port to listen on (0 = any free port)."""
-    announce_host: str | None = None
-    """Public address others should dial, if it differs from ``host``."""
-    announce_port: int | None = None
-    """Port others should dial, if it differs from ``port`` (e.g. a relay in front of the node)."""
-    device: str = "cpu"
-    """``cpu`` or ``cuda``."""
-    dtype: str = "float32"
-    """Weight and activation dtype: float32, bfloat16 or float16."""
-    num_threads: int | None = None
-    """torch intra-op threads (None = torch's default)."""
-    cache_dir: Path | None = None
-    """Where embedded models are prepared."""
-    record_ttl_s: float = 30.0
-    """A DHT record expires this long after its last refresh."""
-    announce_period_s: float = 10.0
-    """How often the record is refreshed."""
-    limits: ServerLimits = field(default_factory=ServerLimits)
-    """Request limits the node enforces."""
-    ready_file: Path | None = None
-    """If set, a JSON file with peer id, addresses and span is written here once the node serves."""
-    identity_path: Path | None = None
-    """RSA identity file (libp2p format): the node's peer id and the key that signs its records. Generated there if
-    missing and kept, so the peer id survives restarts; None = a new identity each run."""
-    test_announce_blocks: tuple[int, int] | None = None
-    """TEST ONLY (fault injection; set by the environment variable SWARM_TEST_ANNOUNCE_BLOCKS=START:END, never by a
-    flag): announce these layers in the record and the info RPC while serving ``blocks``, i.e. lie about the span."""
-    test_info_tells_truth: bool = False
-    """TEST ONLY (SWARM_TEST_INFO_TELLS_TRUTH=1): with ``test_announce_blocks``, lie in the record only."""
-    test_output_noise: float = 0.0
-    """TEST ONLY (SWARM_TEST_OUTPUT_NOISE=<std>): add Gaussian noise of this std to every output of the span."""
-
-    def __post_init__(self):
-        if not 0 < self.record_ttl_s <= MAX_RECORD_TTL_S:
-            raise BadRequestError(f"--record-ttl must be in (0, {MAX_RECORD_TTL_S:.0f}] s (DHT peers refuse records "
-                                  f"expiring further ahead); got {self.record_ttl_s}.")
 
 
 def _auto_num_blocks(per_layer_bytes: int, num_layers: int, device: str) -> int:
@@ -103,16 +46,38 @@ def _auto_num_blocks(per_layer_bytes: int, num_layers: int, device: str) -> int:
     return max(1, min(num_layers, int(0.5 * free // max(per_layer_bytes, 1))))
 
 
-async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set or SIGINT/SIGTERM arrives."""
+class NodeDHT(DHT):
+    """The node's DHT process: it ignores SIGINT/SIGTERM (the main process shuts it down after announcing offline),
+    dies with the main process, and starts ``p2pd`` out of the node's process group, tied to its own life
+    (:mod:`swarm.stop_signals`)."""
+
+    def run(self) -> None:
+        ignore_stop_signals()
+        die_with_parent()
+        detach_daemons()
+        super().run()
+
+    def terminate(self) -> None:
+        """SIGTERM is ignored here, so "the hard way" (hivemind's shutdown after its grace period; multiprocessing
+        at exit) is SIGKILL; ``p2pd`` then dies with this process."""
+        self.kill()
+
+
+def stop_dht(dht: DHT) -> None:
+    """Shut the DHT process down (it stops ``p2pd`` and waits for it), killing it after hivemind's grace period."""
+    dht.shutdown()
+    dht.join(5)
+
+
+async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, stop: asyncio.Event | None = None,
+                   signals: StopSignals | None = None) -> None:
+    """Serve until ``stop`` is set (or, with ``signals`` installed, the first SIGINT/SIGTERM arrives)."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     if not config.new_swarm and not config.initial_peers:
         raise BadRequestError("Give --initial-peers of a running swarm, or --new-swarm to start one.")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
 
     maddr = f"/ip4/{config.host}/tcp/{config.port}"
     announce = None
@@ -122,15 +87,16 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
     digest = checkpoint_hash(path)
     identity = load_identity(config.identity_path)
     try:
-        dht, owner = swarm_dht(config.initial_peers, private_key=identity.private_key, checkpoint_hashes=(digest,),
-                               host_maddrs=[maddr], identity_path=str(identity.path),
-                               check_if_identity_free=identity.persistent,
-                               **({"announce_maddrs": announce} if announce else {}))
+        validators, owner = make_validators(identity.private_key, (digest,))
+        dht = NodeDHT(initial_peers=list(config.initial_peers), start=True, record_validators=validators,
+                      host_maddrs=[maddr], identity_path=str(identity.path),
+                      check_if_identity_free=identity.persistent,
+                      **({"announce_maddrs": announce} if announce else {}))
     finally:
         if not identity.persistent:
             identity.path.unlink(missing_ok=True)  # the daemon has read it; the key stays in memory only
     if dht.peer_id.to_base58() != identity.peer_id:
-        dht.shutdown()
+        stop_dht(dht)
         raise BadRequestError(f"The p2p daemon's peer id {dht.peer_id} is not the identity key's {identity.peer_id}; "
                               "records would not validate. Is the identity file an RSA key?")
     server = None
@@ -173,13 +139,14 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         await server.register(p2p)
         expire = asyncio.create_task(server.expire_sessions_forever())
 
-        async def announce_state(state: str, ttl: float) -> None:
+        async def announce_state(state: str, ttl: float) -> bool:
+            """Store the record and the model entry; True if the DHT accepted both."""
             record = ServerRecord(**base, load=server.load, state=state)
             now = get_dht_time()
-            await asyncio.gather(
+            return all(await asyncio.gather(
                 dht.store(key, record.to_dict(), expiration_time=now + ttl, subkey=owner, return_future=True),
                 dht.store(MODELS_KEY, {"name": name, "num_layers": num_layers, "hash": digest, "key": key},
-                          expiration_time=now + ttl, subkey=owner, return_future=True))
+                          expiration_time=now + ttl, subkey=owner, return_future=True)))
 
         await announce_state(STATE_ONLINE, config.record_ttl_s)
         maddrs = [str(a) for a in dht.get_visible_maddrs()]
@@ -192,6 +159,8 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
             tmp = Path(str(config.ready_file) + ".tmp")
             tmp.write_text(json.dumps(ready))
             os.replace(tmp, config.ready_file)
+        if signals is not None:
+            signals.serving(loop, stop)
         try:
             while not stop.is_set():
                 try:
@@ -202,13 +171,18 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
             expire.cancel()
             logger.info("Stopping: announcing offline")
             try:
-                await asyncio.wait_for(announce_state(STATE_OFFLINE, config.record_ttl_s), timeout=3)
+                if await asyncio.wait_for(announce_state(STATE_OFFLINE, config.record_ttl_s), timeout=3):
+                    logger.info("Announced offline")
+                else:
+                    logger.warning("The DHT refused the offline record; the online one expires within %.0f s",
+                                   config.record_ttl_s)
             except Exception as e:  # the DHT may already be gone; the record then simply expires
                 logger.warning("Could not announce offline: %s", e)
     finally:
         if server is not None:
             server.shutdown()
-        dht.shutdown()
+        stop_dht(dht)
+        logger.info("Stopped")
 
 
 def _add_output_noise(model: SpanModel, std: float) -> None:
