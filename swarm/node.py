@@ -23,7 +23,7 @@ from hivemind.utils import get_dht_time
 
 from . import __version__
 from .checkpoint import checkpoint_hash, load_config, resolve_checkpoint
-from .errors import BadRequestError
+from .errors import BadRequestError, PeerUnreachableError
 from .identity import load_identity
 from .node_config import NodeConfig
 from .record_validation import make_validators
@@ -88,10 +88,18 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
     identity = load_identity(config.identity_path)
     try:
         validators, owner = make_validators(identity.private_key, (digest,))
-        dht = NodeDHT(initial_peers=list(config.initial_peers), start=True, record_validators=validators,
-                      host_maddrs=[maddr], identity_path=str(identity.path),
-                      check_if_identity_free=identity.persistent,
-                      **({"announce_maddrs": announce} if announce else {}))
+        try:
+            dht = NodeDHT(initial_peers=list(config.initial_peers), start=True, record_validators=validators,
+                          host_maddrs=[maddr], identity_path=str(identity.path),
+                          check_if_identity_free=identity.persistent,
+                          **({"announce_maddrs": announce} if announce else {}))
+        except Exception as e:  # hivemind reports a bad peer as a daemon error with a long traceback
+            if not config.initial_peers:
+                raise
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise PeerUnreachableError(f"Could not join the swarm through --initial-peers "
+                                       f"{' '.join(config.initial_peers)} ({reason}). Check that this is the address "
+                                       "the node printed, peer id included, and that the node still runs.") from e
     finally:
         if not identity.persistent:
             identity.path.unlink(missing_ok=True)  # the daemon has read it; the key stays in memory only

@@ -20,6 +20,9 @@ PEER_EXAMPLE = "/ip4/203.0.113.5/tcp/31337/p2p/QmPeerID"
 _PEER_HINT = ("copy it from the line 'Others can join with: --initial-peers ...' that the first node printed, "
               f"e.g. {PEER_EXAMPLE}")
 
+_NO_VALUE = {"quic", "quic-v1", "ws", "wss", "tls", "noise", "http", "https", "p2p-circuit", "webtransport", "webrtc"}
+"""Multiaddr protocols that take no value."""
+
 
 class StartupError(BadRequestError):
     """A flag of ``swarm-node serve`` cannot work on this machine or in this swarm; the message says how to fix it."""
@@ -58,10 +61,15 @@ def parse_peer(text: str) -> tuple[str | None, int | None]:
     """
     if not text.startswith("/"):
         raise StartupError(f"--initial-peers {text!r} is not a multiaddr (it must begin with /): {_PEER_HINT}.")
-    parts = text.strip("/").split("/")
-    if len(parts) % 2 or not all(parts):
-        raise StartupError(f"--initial-peers {text!r} is malformed (protocol/value pairs expected): {_PEER_HINT}.")
-    pairs = list(zip(parts[0::2], parts[1::2]))
+    parts = text[1:].split("/")
+    pairs = []
+    while parts:
+        proto = parts.pop(0)
+        if proto in _NO_VALUE:
+            continue
+        if not proto or not parts or not parts[0]:
+            raise StartupError(f"--initial-peers {text!r} is malformed (/protocol/value/... expected): {_PEER_HINT}.")
+        pairs.append((proto, parts.pop(0)))
     fields = dict(pairs)
     if "p2p" not in fields and "ipfs" not in fields:
         raise StartupError(f"--initial-peers {text!r} lacks the peer id (/p2p/Qm...): {_PEER_HINT}.")
