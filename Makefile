@@ -9,9 +9,20 @@ STAMP  := $(VENV)/.installed
 PY     ?= $(VENV)/bin/python
 BENCH_SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),setup,)
 
-.PHONY: setup model demo test test-unit test-integration test-install clean bench-smoke petals-env
+.PHONY: setup model browser demo test test-unit test-integration test-install clean bench-smoke petals-env
 
-setup: $(STAMP) model
+setup: $(STAMP) model browser
+
+# Debian's Chromium, for the status page's browser test (tests/integration/test_status_page.py). Skipped when a
+# chromium is already on PATH; otherwise apt-get, as root or through sudo (about a minute, ~100 MB of packages).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 || { echo "make browser: no chromium and no apt-get; install Chromium" \
+	    "so that \`chromium\` is on PATH (the status page test needs it)" >&2; exit 1; }; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing chromium (Debian package) for the status page test"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }
 
 $(STAMP): requirements.lock constraints.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 11) <= v < (3, 13) else \

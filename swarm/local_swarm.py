@@ -1,6 +1,7 @@
 """Start real ``swarm-node serve`` processes on this machine and always clean them up (demo, tests, benchmarks).
 
-Each node runs in its own process group, so killing it also ends its DHT process and p2p daemon.
+Each node runs in its own process group: SIGKILL to the group ends the node and its DHT process, and its p2p daemon
+(in a session of its own, see :mod:`swarm.stop_signals`) dies with the DHT process.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class LocalSwarm:
         index = len(self.nodes)
         ready = self.workdir / f"node{index}.ready.json"
         log_path = self.workdir / f"node{index}.log"
+        ready.unlink(missing_ok=True)  # a file left by an earlier run in this directory is not this node's
         cmd = [sys.executable, "-m", "swarm.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
                "--num-threads", str(threads), "--ready-file", str(ready), "--announce-period", "2",
                "--record-ttl", "6", *args]

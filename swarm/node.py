@@ -151,11 +151,15 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
             """Store the record and the model entry; True if the DHT accepted both."""
             record = ServerRecord(**base, load=server.load, state=state)
             now = get_dht_time()
+            # Fields for `swarm-node status` only (records tolerate unknown fields; routing ignores these).
+            shown = dict(device=config.device, started_at=started_at, queue=server.computing,
+                         max_queue=config.limits.max_queued_compute)
             return all(await asyncio.gather(
-                dht.store(key, record.to_dict(), expiration_time=now + ttl, subkey=owner, return_future=True),
+                dht.store(key, {**record.to_dict(), **shown}, expiration_time=now + ttl, subkey=owner, return_future=True),
                 dht.store(MODELS_KEY, {"name": name, "num_layers": num_layers, "hash": digest, "key": key},
                           expiration_time=now + ttl, subkey=owner, return_future=True)))
 
+        started_at = get_dht_time()
         await announce_state(STATE_ONLINE, config.record_ttl_s)
         maddrs = [str(a) for a in dht.get_visible_maddrs()]
         print(f"Serving {span} of {name} as {base['peer_id']}", flush=True)

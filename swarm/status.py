@@ -1,16 +1,73 @@
-"""``swarm-node status``: what the swarm serves, who serves it, load and gaps."""
+"""``swarm-node status``: what the swarm serves, who serves it, load and gaps, as text or as a snapshot dict.
+
+:func:`snapshot` reads the DHT once and returns plain JSON-able data (the text output, the status page and its
+``/api/status`` endpoint all render it; :mod:`swarm.status_page` serves it live). Besides the routing fields of
+:class:`swarm.records.ServerRecord`, nodes announce a few fields for display only (``device``, ``started_at``,
+``queue``, ``max_queue``); older nodes lack them and show ``?``.
+"""
 
 from __future__ import annotations
 
-from hivemind.dht import DHT
+import time
+from typing import TYPE_CHECKING
 
-from .record_validation import swarm_dht
-from .records import MODELS_KEY, ServerRecord, owner_peer_id, records_from_dht_value
-from .span_selection import missing_spans
+if TYPE_CHECKING:
+    from hivemind.dht import DHT
+
+STAGES_LEGEND = "STAGES: E = also serves the embedding, H = also serves the final norm + LM head, - = layers only"
+STATE_LEGEND = "STATE: online serves; offline announced it stopped (its record expires soon); joining is loading"
 
 
-def collect_status(dht: DHT) -> list[tuple[dict, list[ServerRecord]]]:
-    """Every model announced in the swarm with its node records."""
+def _display_fields(found) -> dict[str, dict]:
+    """Peer id -> the display-only fields of its record (validated records only; see :func:`snapshot`)."""
+    from .records import owner_peer_id
+    out: dict[str, dict] = {}
+    if found is None or not isinstance(found.value, dict):
+        return out
+    for subkey, item in found.value.items():
+        value, owner = item.value, owner_peer_id(subkey)
+        if owner is not None and isinstance(value, dict) and value.get("peer_id") == owner:
+            out[owner] = {k: value.get(k) for k in ("device", "started_at", "queue", "max_queue")}
+    return out
+
+
+def _number(value, kind=float):
+    return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def model_snapshot(info: dict, records_with_expiry: list, display: dict[str, dict], now: float,
+                   initial_peers: list[str]) -> dict:
+    """One model's part of the snapshot: its nodes, per-layer coverage, and the gaps with a command filling each."""
+    from .span_selection import coverage, missing_spans
+    num_layers = int(info.get("num_layers", 0) or 0)
+    records = [record for record, _ in records_with_expiry]
+    nodes = []
+    for record, expires in sorted(records_with_expiry, key=lambda re: (re[0].start, re[0].end, re[0].peer_id)):
+        extra = display.get(record.peer_id, {})
+        started = _number(extra.get("started_at"))
+        nodes.append(dict(peer_id=record.peer_id, start=record.start, end=record.end, embed=record.embed,
+                          head=record.head, state=record.state, load=record.load, throughput=record.throughput,
+                          dtype=record.dtype, version=record.version, hooks=list(record.hooks),
+                          device=extra.get("device") if isinstance(extra.get("device"), str) else None,
+                          queue=_number(extra.get("queue"), int), max_queue=_number(extra.get("max_queue"), int),
+                          uptime_s=None if started is None else max(0.0, now - started),
+                          expires_in_s=max(0.0, expires - now)))
+    gaps = missing_spans(records, num_layers) if num_layers else []
+    peers = " ".join(initial_peers)
+    name = str(info.get("name", "?"))
+    return dict(name=name, hash=str(info.get("hash", "")), num_layers=num_layers,
+                coverage=coverage(records, num_layers), nodes=nodes,
+                gaps=[dict(start=s, end=e, command=f"swarm-node serve --model {name} --blocks {s}:{e} "
+                           f"--initial-peers {peers}") for s, e in gaps])
+
+
+def collect_status(dht: "DHT") -> list[tuple[dict, list]]:
+    """Every model announced in the swarm with its node records (kept for callers of the old form)."""
+    return [(info, [r for r, _ in records]) for info, records, _ in _collect(dht)]
+
+
+def _collect(dht: "DHT") -> list[tuple[dict, list, dict]]:
+    from .records import MODELS_KEY, owner_peer_id, records_with_expiration
     found = dht.get(MODELS_KEY, latest=True)
     entries: dict[str, dict] = {}  # one entry per node that serves the model; keep one per model key
     if found is not None and isinstance(found.value, dict):
@@ -18,25 +75,75 @@ def collect_status(dht: DHT) -> list[tuple[dict, list[ServerRecord]]]:
             info = item.value if isinstance(item.value, dict) else {}
             if owner_peer_id(subkey) is not None and isinstance(info.get("key"), str):
                 entries.setdefault(info["key"], info)
-    return [(info, records_from_dht_value(dht.get(key, latest=True))) for key, info in entries.items()]
+    out = []
+    for key, info in entries.items():
+        value = dht.get(key, latest=True)
+        out.append((info, records_with_expiration(value), _display_fields(value)))
+    return out
+
+
+def snapshot(dht: "DHT", initial_peers: list[str]) -> dict:
+    """The whole swarm as plain data: ``{"updated": unix time, "models": [model_snapshot, ...]}``."""
+    from hivemind.utils import get_dht_time
+    now = get_dht_time()
+    models = [model_snapshot(info, records, display, now, initial_peers) for info, records, display in _collect(dht)]
+    return dict(updated=time.time(), models=sorted(models, key=lambda m: m["name"]))
+
+
+def _duration(seconds: float | None) -> str:
+    """``42s``, ``5m12s``, ``2h05m``, ``3d04h``; ``?`` if unknown."""
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def render_text(snap: dict) -> str:
+    """The text ``swarm-node status`` prints: per model a header line, a table of nodes, the gaps, a legend."""
+    lines = []
+    for model in snap["models"]:
+        lines.append(f"model {model['name']}  ({model['num_layers']} layers, hash {model['hash'][:16]})")
+        lines.append(f"  {'LAYERS':<9} {'STAGES':<6} {'STATE':<8} {'LOAD':>4} {'QUEUE':>5} {'TOK/S':>9} "
+                     f"{'DTYPE':<8} {'DEVICE':<6} {'VERSION':<8} {'UPTIME':>6}  PEER")
+        for n in model["nodes"]:
+            stages = "".join(s for s, f in (("E", n["embed"]), ("H", n["head"])) if f) or "-"
+            queue = "?" if n["queue"] is None else str(n["queue"])
+            lines.append(f"  {str(n['start']) + ':' + str(n['end']):<9} {stages:<6} {n['state']:<8} {n['load']:>4} "
+                         f"{queue:>5} {n['throughput']:>9.1f} {n['dtype']:<8} {n['device'] or '?':<6} "
+                         f"{'v' + n['version']:<8} {_duration(n['uptime_s']):>6}  {n['peer_id']}")
+        if model["gaps"]:
+            lines.append("  gaps: " + ", ".join(f"{g['start']}:{g['end']}" for g in model["gaps"])
+                         + "  (no online node serves these layers; to serve them:)")
+            lines += [f"    {g['command']}" for g in model["gaps"]]
+        else:
+            lines.append("  gaps: none (every layer is served)")
+    lines += ["", STAGES_LEGEND, STATE_LEGEND,
+              "LOAD: requests in flight + open sessions; QUEUE: compute jobs running or queued; TOK/S: measured "
+              "forward speed of the span (batch 1)"]
+    return "\n".join(lines)
 
 
 def print_status(initial_peers: list[str]) -> int:
+    from .record_validation import swarm_dht
     dht, _ = swarm_dht(initial_peers, client_mode=True)
     try:
-        models = collect_status(dht)
+        snap = snapshot(dht, initial_peers)
     finally:
         dht.shutdown()
-    if not models:
+    if not snap["models"]:
         print("No models announced in this swarm (are the initial peers right?).")
         return 1
-    for info, records in models:
-        num_layers = int(info.get("num_layers", 0))
-        print(f"model {info.get('name', '?')}  ({num_layers} layers, hash {str(info.get('hash', ''))[:16]})")
-        for r in sorted(records, key=lambda r: (r.start, r.end)):
-            stages = "".join(s for s, f in (("E", r.embed), ("H", r.head)) if f) or "-"
-            print(f"  {r.start:>4}:{r.end:<4} {stages:<2} {r.state:<8} load={r.load:<3} "
-                  f"{r.throughput:8.1f} tok/s  {r.dtype:<8} v{r.version}  {r.peer_id}")
-        gaps = missing_spans(records, num_layers) if num_layers else []
-        print("  gaps: " + (", ".join(f"{s}:{e}" for s, e in gaps) if gaps else "none (every layer is served)"))
+    print(render_text(snap))
     return 0
+
+
+def serve_status(initial_peers: list[str], host: str, port: int, *, refresh_s: float = 5.0) -> int:
+    """``swarm-node status --serve PORT``: see :mod:`swarm.status_page`."""
+    from .status_page import serve
+    return serve(initial_peers, host, port, refresh_s=refresh_s)
