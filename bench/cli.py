@@ -19,19 +19,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import trio
+from typing import TYPE_CHECKING
 
-from swarm.embedded import default_cache_dir
-
-from .deployments import PLACEMENT_DEPLOYMENT, DeploymentConfig, deploy
+# Light imports only up here, so `swarm-bench run --help` answers at once; trio, torch and the deployments are
+# imported by the functions that run benchmarks.
 from .errors import BenchConfigError, BenchError, PetalsUnavailableError
-from .harness import open_harness
-from .link_shaper import LinkSpec
-from .petals import petals_python
-from .runner import Measurement, count_params, measure
+from .link_spec import LinkSpec
 from .schema import PLACEMENTS, SCHEMA, WORKLOADS, dump_record, record_context
 from .synthetic import SIZES, synthetic_checkpoint
-from .workloads import WORKLOAD_EXPERIMENT, ExperimentConfig
+
+if TYPE_CHECKING:
+    from .deployments import DeploymentConfig
+    from .runner import Measurement
 
 SIZE_WORKLOADS = ("setup_time", "patching_vs_size")
 SUITES = {
@@ -53,6 +52,11 @@ PETALS_WORKLOADS = ("remote_inference", "patching", "ioi_patching", "concurrency
 through every layer boundary, which the worker does not implement."""
 BATCH = {"ioi_patching": 32, "setup_time": 2, "patching_vs_size": 2, "remote_inference": 8, "patching": 8,
          "logit_lens": 8, "steering_generation": 2, "concurrency": 8, "attribution_patching": 32}
+
+RUN_EPILOG = "workloads and the placements each runs in by default:\n" + "\n".join(
+    f"  {w:<22} {', '.join(PLACEMENTS_OF[w])}" for w in WORKLOADS) + "\nsuites: " + "; ".join(
+    f"{name}: n={s['n']}, sizes {','.join(s['sizes'])}, users {','.join(map(str, s['users']))}"
+    for name, s in SUITES.items())
 
 
 def _csv(choices):
@@ -87,10 +91,14 @@ def run_config(args: argparse.Namespace, run_id: str) -> dict:
 
 
 def build_run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="swarm-bench run", description=__doc__.split("\n")[0])
-    p.add_argument("--suite", choices=sorted(SUITES), default="paper", help="workloads, sizes and defaults")
-    p.add_argument("--workload", type=_csv(WORKLOADS), default=None, help="only these workloads (comma-separated)")
-    p.add_argument("--placements", type=_csv(PLACEMENTS), default=None, help=f"only these of {','.join(PLACEMENTS)}")
+    p = argparse.ArgumentParser(prog="swarm-bench run", description=__doc__.split("\n")[0], epilog=RUN_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=sorted(SUITES), default="paper",
+                   help="workloads, sizes and defaults (default: %(default)s; smoke: a few minutes)")
+    p.add_argument("--workload", type=_csv(WORKLOADS), default=None, metavar="NAME[,NAME...]",
+                   help=f"only these workloads (default: all of the suite); one of: {', '.join(WORKLOADS)}")
+    p.add_argument("--placements", type=_csv(PLACEMENTS), default=None, metavar="NAME[,NAME...]",
+                   help=f"only these of {', '.join(PLACEMENTS)} (default: each workload's own, listed below)")
     p.add_argument("-n", type=int, default=None, help="measured repetitions (suite default: paper 20, smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up repetitions, recorded and flagged")
     p.add_argument("--link", type=_link, default=None,
@@ -99,11 +107,13 @@ def build_run_parser() -> argparse.ArgumentParser:
                         "(default: none = loopback)")
     p.add_argument("--node-link", type=_node_link, default="same",
                    help="node↔node links: 'same' as --link (default), none, or a spec")
-    p.add_argument("--nodes", type=int, default=3, help="span nodes of the swarm / petals deployments")
-    p.add_argument("--sizes", type=_csv(tuple(SIZES)), default=None, help="synthetic models for the size workloads")
+    p.add_argument("--nodes", type=int, default=3, help="span nodes of the swarm / petals deployments (default: 3)")
+    p.add_argument("--sizes", type=_csv(tuple(SIZES)), default=None, metavar="NAME[,NAME...]",
+                   help=f"synthetic models for the size workloads, of {', '.join(SIZES)} (default: the suite's)")
     p.add_argument("--users", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
-                   help="concurrent users, e.g. 1,2,4")
-    p.add_argument("--out", type=Path, default=Path("results"), help="results root; the run goes to OUT/<run-id>/")
+                   help="concurrent users, e.g. 1,2,4 (default: the suite's)")
+    p.add_argument("--out", type=Path, default=Path("results"),
+                   help="results root; the run goes to OUT/<run-id>/ (default: results)")
     p.add_argument("--run-id", default=None, help="default: <suite>-<date>-<time>")
     p.add_argument("--petals-venv", type=Path, default=None, help="default: .petals-venv in the repository")
     return p
@@ -121,6 +131,10 @@ class Job:
 def plan_jobs(args, cache_dir: Path) -> list[Job]:
     """Resolve the command line into jobs, grouped by deployment (each deployment starts once)."""
     from swarm.checkpoint import resolve_checkpoint
+
+    from .deployments import PLACEMENT_DEPLOYMENT, DeploymentConfig
+    from .runner import Measurement, count_params
+    from .workloads import WORKLOAD_EXPERIMENT, ExperimentConfig
 
     suite = SUITES[args.suite]
     n = args.n if args.n is not None else suite["n"]
@@ -168,6 +182,9 @@ def plan_jobs(args, cache_dir: Path) -> list[Job]:
 
 async def run_jobs(jobs: list[Job], run_dir: Path, config: dict, progress) -> int:
     """Run every job; returns the number of records written."""
+    from .deployments import deploy
+    from .harness import open_harness
+    from .runner import measure
     context = record_context(config)
     written = 0
     # One log directory per invocation: several invocations may append to one run (bench/paper_run.sh).
@@ -201,8 +218,12 @@ def run_main(argv: list[str]) -> int:
     """Entry point of ``swarm-bench run``; returns the exit code."""
     args = build_run_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    import trio
     from tqdm import tqdm
 
+    from swarm.embedded import default_cache_dir
+
+    from .petals import petals_python
     cache_dir = Path(os.environ.get("SWARM_CACHE_DIR") or default_cache_dir())
     try:
         jobs = plan_jobs(args, cache_dir)

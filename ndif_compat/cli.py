@@ -63,8 +63,14 @@ def _parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace, env_keys: str = "") -> GatewayConfig:
     from swarm.checkpoint import resolve_checkpoint
 
+    from swarm.errors import ModelNotFoundError
+
     model = args.local or args.model
-    path = resolve_checkpoint(model, args.cache_dir)
+    try:
+        path = resolve_checkpoint(model, args.cache_dir)
+    except ModelNotFoundError as e:  # its message names swarm-node's --model; say which flag of ours it was
+        flag = "--local" if args.local else "--model"
+        raise ModelNotFoundError(str(e).replace("--model", flag)) from e
     canonical = model if not Path(model).exists() else Path(model).resolve().name
     keys = frozenset(k.strip() for k in [*args.api_key, *env_keys.split(",")] if k.strip())
     backend = BackendSpec("local" if args.local else "swarm", path, tuple(args.initial_peers or ()),
@@ -125,7 +131,12 @@ def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(args, os.environ.pop("SWARM_GATEWAY_API_KEYS", ""))
+    from swarm.errors import ModelNotFoundError
+    try:
+        config = build_config(args, os.environ.pop("SWARM_GATEWAY_API_KEYS", ""))
+    except ModelNotFoundError as e:
+        print(f"swarm-gateway: {e}", file=sys.stderr)
+        return 2
     _not_dumpable()
     try:
         serve(config, args.ready_file)

@@ -13,7 +13,6 @@ import sys
 
 from bench.errors import BenchError
 
-from .figures import FIGURES, plot_run
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default="figures", metavar="DIR",
                       help="directory for the figures and summary.md (created; default: %(default)s)")
     plot.add_argument("--only", metavar="NAME[,NAME...]", type=lambda s: [n for n in s.split(",") if n],
-                      help=f"draw only these figures (known: {', '.join(FIGURES)})")
+                      help="draw only these figures (names listed below)")
     return parser
 
 
@@ -72,6 +71,7 @@ def _run(argv: list[str]) -> int:
 def _plot(args) -> int:
     command = "swarm-bench plot " + shlex.join([args.run_dir, "--out", args.out]
                                                + (["--only", ",".join(args.only)] if args.only else []))
+    from .figures import plot_run  # matplotlib: not needed for --help
     try:
         results, summary = plot_run(args.run_dir, args.out, args.only, command=command)
     except BenchError as e:

@@ -2,8 +2,8 @@
 ``make setup``), driven over the DevTools protocol. One page load: it shows a tiny swarm's first node and the gap,
 then the second node joining (no gap), then that node leaving (offline, the gap again); the DOM is read at each step.
 
-``SWARM_UPDATE_SCREENSHOT=1`` also writes the screenshot taken with both nodes online to
-docs/figures/status_page.png (the committed one came from this test).
+``SWARM_UPDATE_SCREENSHOT=1`` also writes the screenshot taken at the end (one node online, one offline, a gap and
+the command that fills it) to docs/figures/status_page.png; the committed one came from this test.
 """
 
 from __future__ import annotations
@@ -128,16 +128,14 @@ def test_status_page_shows_nodes_joining_and_leaving(tiny_checkpoint_factory, tm
             assert shown["cov"] == [1, 1, 1, 1] and shown["gaps"] == ["No gaps: every layer is served."]
             row = next(r for r in shown["rows"] if r[-1] == second.peer_id)
             assert row[:5] == ["2:4", "H", "online", "v0.1.0", "cpu"]
-            png = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
-            assert png.startswith(b"\x89PNG") and len(png) > 10_000
-            (tmp_path / "status_page.png").write_bytes(png)
-            if os.environ.get("SWARM_UPDATE_SCREENSHOT") == "1":
-                SCREENSHOT.write_bytes(png)
-
             second.proc.send_signal(signal.SIGTERM)  # a clean stop: the node announces it goes offline
             page.wait_for("document.querySelectorAll('tr.node-row.offline').length === 1", 30, "the node leaving")
             shown = state(page)
             assert shown["cov"] == [1, 1, 0, 0] and "Layers 2:4 are not served" in shown["gaps"][0]
+            png = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
+            assert png.startswith(b"\x89PNG") and len(png) > 10_000
+            if os.environ.get("SWARM_UPDATE_SCREENSHOT") == "1":
+                SCREENSHOT.write_bytes(png)
         finally:
             for proc in processes:
                 _kill_group(proc)

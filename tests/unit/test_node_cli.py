@@ -150,3 +150,21 @@ def test_a_device_without_cuda_exits_2(tmp_path, capsys, own_signal_handlers, ti
     assert main(["serve", "--model", str(path), "--new-swarm", "--host", "127.0.0.1", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --device cuda:") and "--device cpu" in err and len(err.splitlines()) == 1
+
+
+def test_bench_and_gateway_help_import_nothing_heavy_and_list_the_choices():
+    from bench.schema import WORKLOADS
+    report = help_report([("plots.cli", [["--help"], ["plot", "--help"], ["run", "--help"]]),
+                          ("ndif_compat.cli", [["--help"], ["serve", "--help"]])])
+    for command, result in report.items():
+        assert result["heavy"] == [], f"{command} imported {result['heavy']}"
+        assert "usage:" in result["help"], command
+    run = report["plots.cli run --help"]["help"]
+    assert all(workload in run for workload in WORKLOADS)
+
+
+def test_gateway_names_its_own_flag_for_a_bad_model(tmp_path, capsys):
+    from ndif_compat.cli import main as gateway_main
+    assert gateway_main(["serve", "--local", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("swarm-gateway: --local ") and "--model" not in err and "Traceback" not in err
