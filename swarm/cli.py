@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except StopRequested as e:
         print(f"{e}: stopped before serving", file=sys.stderr)
-        return 0
+        _exit_now(0)
     except KeyboardInterrupt:
         return 130
     except SwarmError as e:
@@ -268,12 +268,17 @@ def _run_node(args, cache_dir: Path | None, signals: StopSignals) -> int:
     if os.environ.get("SWARM_HOOKS", "1") != "0":
         hooks = _default_hooks(HookBudgets(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HookBudgets)}))
     asyncio.run(run_node(config, hooks=hooks, signals=signals))
-    # The node has stopped its DHT process and p2pd. Skip the interpreter's teardown: collecting torch's and
-    # hivemind's objects at exit takes seconds, and a supervisor waiting for the stop should not.
+    _exit_now(0)
+
+
+def _exit_now(status: int):
+    """Exit a stopped node without the interpreter's teardown: collecting torch's and hivemind's objects at exit
+    takes seconds, and a supervisor waiting for the stop should not. The DHT process and p2pd are stopped by then
+    (or die with this process, see swarm.stop_signals)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def _default_hooks(budgets=None):
