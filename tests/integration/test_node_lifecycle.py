@@ -101,11 +101,17 @@ def test_a_process_group_signal_stops_the_node_cleanly(nodes, index, sig):
 
 
 def test_a_second_signal_exits_at_once_and_leaves_nothing(nodes):
+    """The DHT process is frozen (SIGSTOP), so the clean stop hangs on announcing offline; the second signal must
+    end the node at once, and the kernel then kills the frozen DHT process and p2pd (PR_SET_PDEATHSIG)."""
     node, processes = nodes[2]
+    [dht] = [pid for pid in processes if _stat(pid)[0] == node.proc.pid and b"python" in
+             Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(dht, signal.SIGSTOP)
     os.killpg(node.proc.pid, signal.SIGINT)
-    time.sleep(0.05)
-    os.killpg(node.proc.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert node.proc.poll() is None, "the clean stop should wait for the (frozen) DHT"
     deadline = time.monotonic() + 10
-    # 0 if the clean stop won the race; else the kernel kills the DHT process, then p2pd (PR_SET_PDEATHSIG)
-    assert node.proc.wait(timeout=10) in (0, 128 + signal.SIGINT), node.log()[-3000:]
+    os.killpg(node.proc.pid, signal.SIGINT)
+    assert node.proc.wait(timeout=2) == 128 + signal.SIGINT, node.log()[-3000:]
+    assert "SIGINT again: exiting now" in node.log()
     assert gone_by(processes, deadline) == []
