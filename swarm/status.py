@@ -8,11 +8,17 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hivemind.dht import DHT
+
+MAX_LAYERS = 4096
+"""A model entry claiming more layers is ignored: anyone can write one, and coverage is one number per layer."""
+MAX_TEXT = 120
+"""Longest text shown from a record (names, versions, devices come from the network)."""
 
 STAGES_LEGEND = "STAGES: E = also serves the embedding, H = also serves the final norm + LM head, - = layers only"
 STATE_LEGEND = "STATE: online serves; offline announced it stopped (its record expires soon); joining is loading"
@@ -31,6 +37,10 @@ def _display_fields(found) -> dict[str, dict]:
     return out
 
 
+def _text(value) -> str | None:
+    return value[:MAX_TEXT] if isinstance(value, str) else None
+
+
 def _number(value, kind=float):
     return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -47,17 +57,17 @@ def model_snapshot(info: dict, records_with_expiry: list, display: dict[str, dic
         started = _number(extra.get("started_at"))
         nodes.append(dict(peer_id=record.peer_id, start=record.start, end=record.end, embed=record.embed,
                           head=record.head, state=record.state, load=record.load, throughput=record.throughput,
-                          dtype=record.dtype, version=record.version, hooks=list(record.hooks),
-                          device=extra.get("device") if isinstance(extra.get("device"), str) else None,
+                          dtype=_text(record.dtype), version=_text(record.version),
+                          hooks=[_text(h) for h in record.hooks[:16]], device=_text(extra.get("device")),
                           queue=_number(extra.get("queue"), int), max_queue=_number(extra.get("max_queue"), int),
                           uptime_s=None if started is None else max(0.0, now - started),
                           expires_in_s=max(0.0, expires - now)))
     gaps = missing_spans(records, num_layers) if num_layers else []
-    peers = " ".join(initial_peers)
-    name = str(info.get("name", "?"))
-    return dict(name=name, hash=str(info.get("hash", "")), num_layers=num_layers,
+    peers = " ".join(shlex.quote(p) for p in initial_peers)
+    name = _text(info.get("name")) or "?"
+    return dict(name=name, hash=_text(info.get("hash")) or "", num_layers=num_layers,
                 coverage=coverage(records, num_layers), nodes=nodes,
-                gaps=[dict(start=s, end=e, command=f"swarm-node serve --model {name} --blocks {s}:{e} "
+                gaps=[dict(start=s, end=e, command=f"swarm-node serve --model {shlex.quote(name)} --blocks {s}:{e} "
                            f"--initial-peers {peers}") for s, e in gaps])
 
 
@@ -73,7 +83,9 @@ def _collect(dht: "DHT") -> list[tuple[dict, list, dict]]:
     if found is not None and isinstance(found.value, dict):
         for subkey, item in found.value.items():
             info = item.value if isinstance(item.value, dict) else {}
-            if owner_peer_id(subkey) is not None and isinstance(info.get("key"), str):
+            layers = info.get("num_layers")
+            if (owner_peer_id(subkey) is not None and isinstance(info.get("key"), str)
+                    and isinstance(layers, int) and 0 < layers <= MAX_LAYERS):
                 entries.setdefault(info["key"], info)
     out = []
     for key, info in entries.items():
@@ -115,8 +127,8 @@ def render_text(snap: dict) -> str:
             stages = "".join(s for s, f in (("E", n["embed"]), ("H", n["head"])) if f) or "-"
             queue = "?" if n["queue"] is None else str(n["queue"])
             lines.append(f"  {str(n['start']) + ':' + str(n['end']):<9} {stages:<6} {n['state']:<8} {n['load']:>4} "
-                         f"{queue:>5} {n['throughput']:>9.1f} {n['dtype']:<8} {n['device'] or '?':<6} "
-                         f"{'v' + n['version']:<8} {_duration(n['uptime_s']):>6}  {n['peer_id']}")
+                         f"{queue:>5} {n['throughput']:>9.1f} {n['dtype'] or '?':<8} {n['device'] or '?':<6} "
+                         f"{'v' + (n['version'] or '?'):<8} {_duration(n['uptime_s']):>6}  {n['peer_id']}")
         if model["gaps"]:
             lines.append("  gaps: " + ", ".join(f"{g['start']}:{g['end']}" for g in model["gaps"])
                          + "  (no online node serves these layers; to serve them:)")

@@ -162,7 +162,7 @@ function renderModel(m) {
   const table = el("table", {}, el("tr", {}, ...head.map(h => el("th", num.has(h) ? {class: "num"} : {}, h))));
   for (const n of m.nodes) {
     const stages = (n.embed ? "E" : "") + (n.head ? "H" : "") || "-";
-    const cells = [`${n.start}:${n.end}`, stages, n.state, `v${n.version}`, n.device ?? "?", n.dtype,
+    const cells = [`${n.start}:${n.end}`, stages, n.state, `v${n.version ?? "?"}`, n.device ?? "?", n.dtype ?? "?",
       n.throughput.toFixed(1), n.load, n.queue == null ? "?" : `${n.queue}/${n.max_queue}`, dur(n.uptime_s), n.peer_id];
     table.append(el("tr", {class: `node-row ${n.state}`}, ...cells.map((c, i) =>
       el("td", num.has(head[i]) ? {class: "num"} : {}, String(c)))));

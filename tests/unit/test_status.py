@@ -40,3 +40,13 @@ def test_snapshot_counts_online_nodes_per_layer_and_names_the_gaps():
 def test_a_fully_served_model_has_no_gaps():
     snap = model_snapshot({"name": "m", "num_layers": 6}, [(record("QmA", 0, 6), 10.0)], {}, 0.0, PEERS)
     assert snap["gaps"] == [] and "gaps: none" in render_text({"models": [snap]})
+
+
+def test_text_from_the_network_is_bounded_and_the_fill_command_quoted():
+    """Anyone can announce a model: its name must not turn the suggested command into another one."""
+    evil = "m; rm -rf ~ " + "x" * 500
+    records = [(record("QmA", 0, 3, version="9" * 1000), 10.0)]
+    snap = model_snapshot({"name": evil, "num_layers": 6}, records, {"QmA": {"device": ["not", "text"]}}, 0.0, PEERS)
+    assert snap["gaps"][0]["command"].startswith("swarm-node serve --model 'm; rm -rf ~ xxx")
+    assert len(snap["name"]) <= 120 and len(snap["nodes"][0]["version"]) <= 120
+    assert snap["nodes"][0]["device"] is None and "?" in render_text({"models": [snap]})
