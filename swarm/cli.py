@@ -234,7 +234,7 @@ def _startup_checks(args) -> StopSignals:
     check_port_free(args.host, args.port)
     signals = StopSignals()
     signals.install()  # before any slow work: a signal during a long load stops the node too
-    check_initial_peers(list(args.initial_peers))
+    check_initial_peers(list(args.initial_peers), alternative=", or start a new swarm with --new-swarm")
     if looks_like_path(args.model):  # no alias has a slash: check the directory before importing torch
         check_model_dir(args.model, (), None)
     from .embedded import EMBEDDED_MODELS  # torch from here on

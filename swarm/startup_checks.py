@@ -88,8 +88,9 @@ def parse_peer(text: str) -> tuple[str | None, int | None]:
     return host, port
 
 
-def check_initial_peers(peers: list[str], *, timeout_s: float = 3.0) -> None:
+def check_initial_peers(peers: list[str], *, timeout_s: float = 3.0, alternative: str = "") -> None:
     """Every address well formed, and at least one of those with a TCP address accepting connections.
+    ``alternative`` ends the message (", or ...").
 
     Raises:
         StartupError: a malformed address, or none of the TCP ones answers within ``timeout_s`` each.
@@ -106,8 +107,7 @@ def check_initial_peers(peers: list[str], *, timeout_s: float = 3.0) -> None:
             tried.append(f"{host}:{port} ({e.strerror or type(e).__name__})")
     if tried:
         raise StartupError(f"No --initial-peers answers: {', '.join(tried)}. Is that node still running? Check the "
-                           "address it printed (the port changes on every start without --port), or start a new "
-                           "swarm with --new-swarm.")
+                           f"address it printed (the port changes on every start without --port){alternative}.")
 
 
 def looks_like_path(model: str) -> bool:

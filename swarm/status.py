@@ -141,9 +141,23 @@ def render_text(snap: dict) -> str:
     return "\n".join(lines)
 
 
-def print_status(initial_peers: list[str]) -> int:
+def join_swarm(initial_peers: list[str]) -> "DHT":
+    """A client DHT peer of the swarm; a malformed or dead address is one line (StartupError/PeerUnreachableError)."""
+    from .errors import PeerUnreachableError
+    from .startup_checks import check_initial_peers
+    check_initial_peers(initial_peers)
     from .record_validation import swarm_dht
-    dht, _ = swarm_dht(initial_peers, client_mode=True)
+    try:
+        dht, _ = swarm_dht(initial_peers, client_mode=True)
+    except Exception as e:  # hivemind reports a bad peer as a daemon error with a long traceback
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise PeerUnreachableError(f"Could not join the swarm through --initial-peers {' '.join(initial_peers)} "
+                                   f"({reason}). Check the address the node printed, peer id included.") from e
+    return dht
+
+
+def print_status(initial_peers: list[str]) -> int:
+    dht = join_swarm(initial_peers)
     try:
         snap = snapshot(dht, initial_peers)
     finally:

@@ -74,9 +74,8 @@ def make_server(snapshot: _Snapshot, host: str, port: int) -> ThreadingHTTPServe
 
 def serve(initial_peers: list[str], host: str, port: int, *, refresh_s: float = 5.0) -> int:
     """Serve the page until SIGINT/SIGTERM; returns the exit status."""
-    from .record_validation import swarm_dht
     from .startup_checks import check_port_free
-    from .status import snapshot
+    from .status import join_swarm, snapshot
     check_port_free(host, port)  # before joining the DHT: a busy port is a one-line error at once
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,7 +83,11 @@ def serve(initial_peers: list[str], host: str, port: int, *, refresh_s: float = 
     state = _Snapshot(refresh_s)
     server = make_server(state, host, port)
     threading.Thread(target=server.serve_forever, name="status-page", daemon=True).start()
-    dht, _ = swarm_dht(initial_peers, client_mode=True)
+    try:
+        dht = join_swarm(initial_peers)
+    except BaseException:
+        server.shutdown()
+        raise
     print(f"Status page: http://{host}:{server.server_address[1]}/  (JSON: /api/status; Ctrl-C stops)", flush=True)
     try:
         while not stop.is_set():

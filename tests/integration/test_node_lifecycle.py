@@ -115,3 +115,19 @@ def test_a_second_signal_exits_at_once_and_leaves_nothing(nodes):
     assert node.proc.wait(timeout=2) == 128 + signal.SIGINT, node.log()[-3000:]
     assert "SIGINT again: exiting now" in node.log()
     assert gone_by(processes, deadline) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--initial-peers", "127.0.0.1:32905"], "is not a multiaddr (it must begin with /)"),
+    (["serve", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmPeer"], "No --initial-peers answers: 127.0.0.1:1"),
+    (["status", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmPeer"], "No --initial-peers answers: 127.0.0.1:1"),
+    (["serve", "--model", "/no/such/dir", "--new-swarm"], "--model '/no/such/dir' is neither"),
+])
+def test_bad_addresses_and_paths_exit_2_in_one_line_before_importing_torch(argv, message):
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "swarm.cli", *argv, "--host", "127.0.0.1"]
+                         if argv[0] == "serve" else [sys.executable, "-X", "importtime", "-m", "swarm.cli", *argv],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    lines = [line for line in out.stderr.splitlines() if not line.startswith("import time:")]
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    assert not imported & {"torch", "hivemind", "transformers"}
