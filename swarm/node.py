@@ -88,6 +88,11 @@ class NodeConfig:
     """TEST ONLY (SWARM_TEST_INFO_TELLS_TRUTH=1): with ``test_announce_blocks``, lie in the record only."""
     test_output_noise: float = 0.0
     """TEST ONLY (SWARM_TEST_OUTPUT_NOISE=<std>): add Gaussian noise of this std to every output of the span."""
+    test_noise_row: int | None = None
+    """TEST ONLY (SWARM_TEST_NOISE_ROW=<i>): with ``test_output_noise``, only batch row ``i`` gets the noise."""
+    test_noise_every: int = 1
+    """TEST ONLY (SWARM_TEST_NOISE_EVERY=<k>): with ``test_output_noise``, only every ``k``-th forward of the span
+    (the ``k``-th, ``2k``-th, ...) gets the noise."""
 
     def __post_init__(self):
         if not 0 < self.record_ttl_s <= MAX_RECORD_TTL_S:
@@ -155,7 +160,8 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         model = SpanModel.load(path, span, dtype=DTYPES[config.dtype], device=config.device)
         install_dispatch(model)
         if config.test_output_noise:
-            _add_output_noise(model, config.test_output_noise)
+            _add_output_noise(model, config.test_output_noise, row=config.test_noise_row,
+                              every=config.test_noise_every)
         logger.info("Loaded %s of %s in %.1f s (%.1f MB of weights)", span, name, time.perf_counter() - t0,
                     model.weight_bytes() / 1e6)
         throughput = _measure_throughput(model)
@@ -211,14 +217,24 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         dht.shutdown()
 
 
-def _add_output_noise(model: SpanModel, std: float) -> None:
-    """TEST ONLY fault injection: every floating-point output of the span gets Gaussian noise of ``std``."""
-    logger.warning("TEST FAULT INJECTION: adding noise (std %g) to every output", std)
-    inner = model.forward
+def _add_output_noise(model: SpanModel, std: float, *, row: int | None = None, every: int = 1) -> None:
+    """TEST ONLY fault injection: floating-point outputs of the span get Gaussian noise of ``std`` (only batch row
+    ``row`` where given; only every ``every``-th forward)."""
+    logger.warning("TEST FAULT INJECTION: adding noise (std %g) to %s of %s output", std,
+                   "every row" if row is None else f"row {row}", "every" if every == 1 else f"every {every}th")
+    inner, calls = model.forward, [0]
 
     def noisy(*args, **kwargs):
         out = inner(*args, **kwargs)
-        return out + std * torch.randn_like(out) if out.is_floating_point() else out
+        calls[0] += 1
+        if not out.is_floating_point() or calls[0] % every:
+            return out
+        noise = std * torch.randn_like(out)
+        if row is not None:
+            keep = torch.zeros(out.shape[0], *([1] * (out.ndim - 1)), dtype=out.dtype, device=out.device)
+            keep[row:row + 1] = 1
+            noise = noise * keep
+        return out + noise
     model.forward = noisy
 
 
