@@ -87,7 +87,8 @@ class NodeConfig:
     test_info_tells_truth: bool = False
     """TEST ONLY (SWARM_TEST_INFO_TELLS_TRUTH=1): with ``test_announce_blocks``, lie in the record only."""
     test_output_noise: float = 0.0
-    """TEST ONLY (SWARM_TEST_OUTPUT_NOISE=<std>): add Gaussian noise of this std to every output of the span."""
+    """TEST ONLY (SWARM_TEST_OUTPUT_NOISE=<std>): add Gaussian noise of this std to the output of the span's last
+    layer, every time (so its hook saves, head and answer are wrong)."""
     test_noise_row: int | None = None
     """TEST ONLY (SWARM_TEST_NOISE_ROW=<i>): with ``test_output_noise``, only batch row ``i`` gets the noise."""
     test_noise_every: int = 1
@@ -218,14 +219,14 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
 
 
 def _add_output_noise(model: SpanModel, std: float, *, row: int | None = None, every: int = 1) -> None:
-    """TEST ONLY fault injection: floating-point outputs of the span get Gaussian noise of ``std`` (only batch row
-    ``row`` where given; only every ``every``-th forward)."""
+    """TEST ONLY fault injection: the output of the span's last layer gets Gaussian noise of ``std`` (only batch row
+    ``row`` where given; only every ``every``-th time it runs), before anything reads it: span hooks (a hybrid
+    graph's saves), the head and the answer all see the wrong numbers, as from a node that computes them wrongly."""
     logger.warning("TEST FAULT INJECTION: adding noise (std %g) to %s of %s output", std,
                    "every row" if row is None else f"row {row}", "every" if every == 1 else f"every {every}th")
-    inner, calls = model.forward, [0]
+    calls = [0]
 
-    def noisy(*args, **kwargs):
-        out = inner(*args, **kwargs)
+    def noisy(out: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         if not out.is_floating_point() or calls[0] % every:
             return out
@@ -235,7 +236,14 @@ def _add_output_noise(model: SpanModel, std: float, *, row: int | None = None, e
             keep[row:row + 1] = 1
             noise = noise * keep
         return out + noise
-    model.forward = noisy
+
+    if model.span.end > model.span.start:
+        def after_layer(module, args, out):
+            return (noisy(out[0]), *out[1:]) if isinstance(out, tuple) else noisy(out)
+        model.layer(model.span.end - 1).register_forward_hook(after_layer, prepend=True)
+        return
+    inner = model.forward
+    model.forward = lambda *args, **kwargs: noisy(inner(*args, **kwargs))
 
 
 def peak_rss_bytes(pid: int | str = "self") -> int:

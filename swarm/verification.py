@@ -80,10 +80,14 @@ async def recompute(sequence, hop: Hop, x: torch.Tensor, extras: dict, *, embed:
     """
     route = await plan_avoiding(sequence, hop.start, hop.end, embed=embed, head=head, avoid=avoid)
     for i, sub in enumerate(route):
-        out, _ = await call(sequence.p2p, sub.peer_id, FORWARD, {"inputs": x, **extras},
-                            {"start": sub.start, "end": sub.end, "embed": embed and i == 0,
-                             "head": head and i == len(route) - 1},
-                            timeout_s=sequence.config.request_timeout_s, **sequence._verify_options)
+        try:
+            out, _ = await call(sequence.p2p, sub.peer_id, FORWARD, {"inputs": x, **extras},
+                                {"start": sub.start, "end": sub.end, "embed": embed and i == 0,
+                                 "head": head and i == len(route) - 1},
+                                timeout_s=sequence.config.request_timeout_s, **sequence._verify_options)
+        except (PeerUnreachableError, CapacityError) as e:
+            sequence.note_failure(sub.peer_id, e)  # dead: excluded, so a retry goes elsewhere; full: weighed
+            raise
         x = out["outputs"]
     return x, [sub.peer_id for sub in route]
 
@@ -97,15 +101,18 @@ async def spot_check(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extra
     """
     stats = sequence.stats
     stats.verify_checks += 1
-    try:
-        second, second_peers = await recompute(sequence, hop, x, extras, embed=embed, head=head,
-                                               avoid=frozenset({hop.peer_id}))
-    except MissingBlocksError:
-        stats.verify_skipped += 1
-        return y
-    except GIVE_UP:  # the second route failed (dead, full, refusing): the check is given up, not the answer
-        stats.verify_skipped += 1
-        return y
+    for attempt in range(2):  # a second route that fails is retried once (a dead checker is excluded by then)
+        try:
+            second, second_peers = await recompute(sequence, hop, x, extras, embed=embed, head=head,
+                                                   avoid=frozenset({hop.peer_id}))
+            break
+        except MissingBlocksError:
+            stats.verify_skipped += 1
+            return y
+        except GIVE_UP:  # the second route failed (dead, full, refusing): the check is given up, not the answer
+            if attempt == 1:
+                stats.verify_skipped += 1
+                return y
     if agree(y, second):
         return y
     stats.verify_mismatches += 1

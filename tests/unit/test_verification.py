@@ -24,7 +24,7 @@ class FakeSequence:
     def __init__(self, peers):
         self._records = [rec(p) for p in peers]
         self.stats = RouteStats()
-        self.distrusted, self.reported = [], []
+        self.distrusted, self.reported, self.failed = [], [], []
 
     async def records(self):
         return self._records
@@ -34,6 +34,9 @@ class FakeSequence:
 
     def costs(self):
         return RouteCosts()
+
+    def note_failure(self, peer_id, error):
+        self.failed.append(peer_id)
 
     def distrust(self, peer_id, why):
         self.distrusted.append(peer_id)
@@ -84,7 +87,7 @@ def test_a_failing_checker_gives_up_the_check_not_the_answer(monkeypatch):
     y = torch.ones(1, 2, 3)
     out = asyncio.run(verification.spot_check(seq, Hop(rec("a"), 0, 4), torch.zeros(1, 2, 3), y, {}, embed=False,
                                               head=False))
-    assert out is y and seq.stats.verify_skipped == 1 and seq.distrusted == []
+    assert out is y and seq.stats.verify_skipped == 1 and seq.distrusted == [] and seq.failed == ["b", "b"]
 
 
 def chained_answer(peer: str, result: bytes) -> tuple:
