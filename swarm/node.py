@@ -176,6 +176,7 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         truth = {"start": start, "end": end} if config.test_info_tells_truth else {}
         server = SpanServer(model, limits=config.limits, hooks=hooks,
                             info={**base, "hooks": list(base["hooks"]), "weight_bytes": model.weight_bytes(), **truth})
+        server.signer = identity.private_key  # commitments signed for third parties (swarm.commitments)
         p2p = await dht.replicate_p2p()
         await server.register(p2p)
         expire = asyncio.create_task(server.expire_sessions_forever())
