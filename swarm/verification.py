@@ -134,6 +134,57 @@ async def spot_check(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extra
     raise ResultMismatchError(f"Three routes disagree on {where}; no result is returned.")
 
 
+async def spot_check_step(sequence, hop: Hop, history: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                          extras: dict, *, embed: bool, head: bool) -> tuple[torch.Tensor, bool]:
+    """Check ``y``, an inference session hop's answer to step input ``x`` after ``history`` (the hop's earlier step
+    inputs): the whole history and the step are recomputed in one stateless forward on another route (``extras``
+    hold the mask and positions of every token so far) and its last positions compared. A KV-cached step and a
+    full recomputation differ by float rounding only, within :data:`TOLERANCE`.
+
+    Returns ``(output, outvoted)``: the output two routes agree on, and whether the session's node was outvoted (the
+    caller then moves the hop off it).
+
+    Raises:
+        ResultMismatchError: the answers disagree and no third route exists, or all three disagree.
+    """
+    stats = sequence.stats
+    stats.verify_checks += 1
+    inputs, length = torch.cat([*history, x], dim=1), x.shape[1]
+    for attempt in range(2):
+        try:
+            second, second_peers = await recompute(sequence, hop, inputs, extras, embed=embed, head=head,
+                                                   avoid=frozenset({hop.peer_id}))
+            break
+        except MissingBlocksError:
+            stats.verify_skipped += 1
+            return y, False
+        except GIVE_UP:
+            if attempt == 1:
+                stats.verify_skipped += 1
+                return y, False
+    second = second[:, -length:]
+    if agree(y, second):
+        return y, False
+    stats.verify_mismatches += 1
+    where = f"session step, layers {hop.start}:{hop.end}: {hop.peer_id} vs {', '.join(second_peers)}"
+    try:
+        third, _ = await recompute(sequence, hop, inputs, extras, embed=embed, head=head,
+                                   avoid=frozenset({hop.peer_id, *second_peers}))
+    except MissingBlocksError:
+        raise ResultMismatchError(f"Nodes disagree on a {where}, and no third node serves those layers to settle "
+                                  "it; no result is returned. Retry when more nodes serve them.") from None
+    third = third[:, -length:]
+    why = f"its session step output for layers {hop.start}:{hop.end} was outvoted by two other routes"
+    if agree(third, second):
+        await _outvoted(sequence, hop.peer_id, why)
+        return second, True
+    if agree(third, y):
+        if len(second_peers) == 1:
+            await _outvoted(sequence, second_peers[0], why)
+        return y, False
+    raise ResultMismatchError(f"Three routes disagree on a {where}; no result is returned.")
+
+
 def _answers_agree(a: tuple, b: tuple, same_result: Callable[[bytes, bytes], bool]) -> bool:
     """Two chained answers ``(outputs, hook_result, route, meta)`` agree: outputs within tolerance, and the hook's
     results by ``same_result`` (the hook's own comparison; byte for byte when it has none: the swarm cannot read

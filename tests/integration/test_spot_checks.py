@@ -22,7 +22,7 @@ import hybrid
 import swarm.verification as verification
 from swarm.local_swarm import LocalSwarm
 from swarm.remote_sequence import ClientConfig
-from tests.integration.conftest import local_model
+from tests.integration.conftest import local_generate, local_model
 
 NOISE = {"SWARM_TEST_OUTPUT_NOISE": "1e-2"}
 FAULTS = {"all": NOISE, "row": {**NOISE, "SWARM_TEST_NOISE_ROW": "1"}, "every5": {**NOISE, "SWARM_TEST_NOISE_EVERY": "5"}}
@@ -60,7 +60,7 @@ def steer_to(client, peer_id: str, shun=()) -> None:
     client.route()  # learns the records and draws the per-node jitter
     jitter = client.sequence._jitter
     for peer in jitter:
-        jitter[peer] = 1.0 if peer == peer_id else 50.0 if peer in shun else 1.3
+        jitter[peer] = 1.0 if peer == peer_id else 50.0 if peer in shun else 5.0
     assert peer_id in [h.peer_id for h in client.route()]
 
 
@@ -177,3 +177,18 @@ def test_a_hybrid_trace_with_checks_returns_local_results_and_excludes_the_noisy
             assert (stats["verify_mismatches"], stats["suspects"]) == ((1, [noisy]) if attempt == 0 else (0, []))
     finally:
         lm.close()
+
+
+def test_generation_steps_are_checked_and_a_caught_node_is_replaced_mid_session(faulty, client_factory, seeded):
+    """Hop-by-hop inference sessions: a checked step is recomputed statelessly (history + step) on another route;
+    with verify=1.0 every step is, so a caught node's hop is rebuilt elsewhere and the generation stays exact."""
+    path, swarm, _, _, faults = faulty
+    noisy, others = faults["all"].peer_id, {faults["row"].peer_id, faults["every5"].peer_id}
+    prompt = torch.randint(3, 128, (2, 5))
+    want = local_generate(local_model(path), prompt, 4)
+    client = client_factory(path, swarm, client_config=ClientConfig(verify=1.0, suspect_weight=0.0))
+    steer_to(client, noisy, others)
+    assert torch.equal(client.generate(prompt, max_new_tokens=4), want)
+    stats = client.sequence.stats
+    assert stats.suspects == [noisy] and stats.verify_mismatches == 1
+    assert stats.verify_checks == 2 * 4 + 1  # two hops a step, four steps, and the caught step's resend on 2:4
