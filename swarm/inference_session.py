@@ -11,6 +11,11 @@ this client's share of it; KV bytes are charged as steps append tokens, so a ses
 does so before doing any work, and is not dead: it counts as busy, and the hop moves to an idle replica the same way
 (its session there closed). With no replica to go to, an overloaded node is retried, session kept, after a backoff
 (:meth:`RemoteSequence.overload_backoff`); a full node's CapacityError is raised.
+
+Spot checks (``ClientConfig.verify``): a drawn step of a hop is recomputed statelessly on another route (the hop's
+history and the step in one forward) and compared (:func:`swarm.verification.spot_check_step`). A node outvoted
+there is replaced like a dead one when all its earlier steps were checked; otherwise ResultMismatchError (its
+unchecked answers may already sit in later hops' caches).
 """
 
 from __future__ import annotations

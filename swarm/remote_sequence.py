@@ -94,8 +94,9 @@ class ClientConfig:
     """Each distinct client reporting a node as computing wrong numbers adds this to its route cost factor."""
     verify: float = 0.05
     """Share of hops recomputed on other nodes and compared (swarm/verification.py); 1.0 checks every hop, 0 none.
-    Covers forwards and chained forwards; inference steps are not checked yet. A check costs nothing where no other
-    node serves the hop's layers (it is skipped); its calls are counted in ``verify_traffic``, not ``traffic``."""
+    Covers forwards, chained forwards (hybrid traces) and hop-by-hop inference steps; chained sessions' steps are not
+    checked. A check costs nothing where no other node serves the hop's layers (it is skipped); its calls are counted
+    in ``verify_traffic``, not ``traffic``."""
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""Spot checks (issue 13, requirement 3, hop-by-hop forwards): recompute a random share of hops elsewhere.
+"""Spot checks (issue 13, requirement 3): recompute a random share of hops elsewhere and compare.
+
+Forwards hop by hop (:func:`spot_check`), chained forwards (:func:`spot_check_chain`, hook results compared by the
+hook's own ``agree``) and hop-by-hop inference steps (:func:`spot_check_step`, history replayed statelessly).
 
 With ``ClientConfig.verify = p``, each hop of :meth:`swarm.remote_sequence.RemoteSequence.forward` is checked with
 probability ``p``, drawn from the OS's CSPRNG on the client (nothing the nodes see tells a check from a request).
