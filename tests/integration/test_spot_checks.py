@@ -25,7 +25,8 @@ from swarm.remote_sequence import ClientConfig
 from tests.integration.conftest import local_generate, local_model
 
 NOISE = {"SWARM_TEST_OUTPUT_NOISE": "1e-2"}
-FAULTS = {"all": NOISE, "row": {**NOISE, "SWARM_TEST_NOISE_ROW": "1"}, "every5": {**NOISE, "SWARM_TEST_NOISE_EVERY": "5"}}
+FAULTS = {"all": NOISE, "row": {**NOISE, "SWARM_TEST_NOISE_ROW": "1"},
+          "every5": {**NOISE, "SWARM_TEST_NOISE_EVERY": "5"}}
 P = 0.2
 ESCAPE = 1e-4
 BOUND = {"all": math.ceil(math.log(ESCAPE) / math.log(1 - P)),  # 0.8^n < 1e-4: n = 42 requests
