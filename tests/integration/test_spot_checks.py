@@ -14,6 +14,7 @@ within the bound derived below.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -193,3 +194,21 @@ def test_generation_steps_are_checked_and_a_caught_node_is_replaced_mid_session(
     stats = client.sequence.stats
     assert stats.suspects == [noisy] and stats.verify_mismatches == 1
     assert stats.verify_checks == 2 * 4 + 1  # two hops a step, four steps, and the caught step's resend on 2:4
+
+
+def test_suspect_reports_expire(faulty, client_factory, monkeypatch):
+    """A suspect report lives SUSPECT_TTL_S (240 s; 5 s here): then no client weighs it any more."""
+    import swarm.remote_sequence as remote_sequence
+
+    path, swarm, first, _, _ = faulty
+    monkeypatch.setattr(remote_sequence, "SUSPECT_TTL_S", 5.0)
+    reporter = client_factory(path, swarm, client_config=ClientConfig(verify=0.0))
+    reader = client_factory(path, swarm, client_config=ClientConfig(verify=0.0))
+    reader.route()
+    expires = time.monotonic() + 5.0
+    reporter.loop.run(reporter.sequence.report_suspect(first.peer_id, "test report"))
+    reader.loop.run(reader.sequence.records(refresh=True))
+    assert reader.sequence._suspects.get(first.peer_id) == 1
+    time.sleep(max(0.0, expires - time.monotonic()) + 1.0)
+    reader.loop.run(reader.sequence.records(refresh=True))
+    assert first.peer_id not in reader.sequence._suspects
