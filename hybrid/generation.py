@@ -135,7 +135,7 @@ class SwarmSteps:
         self.greedy = greedy
         self.loop, self.sequence, self.n = runner.client.loop, runner.sequence, runner.num_layers
         self.stats = TraceStats(placement)
-        self._meter = ClientLinkMeter(self.sequence.traffic)
+        self._meter = ClientLinkMeter(self.sequence)
         self.sessions: list[InferenceSession | ChainedSession] = []
         self.head_nodes = _touches_head(graph, self.n)
         if placement == "swarm":

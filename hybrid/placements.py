@@ -31,7 +31,7 @@ from .ir import Graph
 from .node_plugin import InterpreterHook
 from .planner import Executor, Plan, plan_graph
 from .request import HOOK_KIND, HOOK_VERSION, NO_LINKS, SessionLinks, encode_request
-from .values import pack_values, unpack_values
+from .values import pack_values, results_agree, unpack_values
 
 PLACEMENTS = ("local", "hybrid", "centralized", "swarm")
 _LAYER_BOUNDARY = re.compile(r"^model\.layers\.(\d+)$")
@@ -58,6 +58,16 @@ class TraceStats:
     commitments: list[dict] = field(default_factory=list)
     """One per node of the route, in order (``peer``, ``request_id``, ``digest``): what each node committed to
     having computed (:mod:`swarm.commitments`)."""
+    verify_checks: int = 0
+    """Hops drawn for a spot check during this trace (``ClientConfig.verify``), skipped ones included."""
+    verify_mismatches: int = 0
+    """Checks where another route's answer disagreed (each settled by a third route, or the trace failed)."""
+    verify_skipped: int = 0
+    """Checks given up: no other node serves the hop's layers, or the other route failed."""
+    suspects: list[str] = field(default_factory=list)
+    """Peers a check outvoted during this trace: excluded by this client and reported in the DHT."""
+    verify_bytes: int = 0
+    """Serialized bytes (both directions) of the checks' re-runs; not in ``client_bytes_*`` or ``round_trips``."""
     head_positions: str = "all"
     """Where the model's head ran: ``"last"`` when the graph reads only the last position's logits (the head then
     runs on that position alone), else ``"all"``."""
@@ -134,7 +144,7 @@ class SwarmRunner:
 
     def run(self, placement: str, graph: Graph, events, input_ids, attention_mask,
             position_ids=None, links: SessionLinks = NO_LINKS) -> tuple[dict[int, Any], TraceStats]:
-        meter = ClientLinkMeter(self.sequence.traffic)
+        meter = ClientLinkMeter(self.sequence)
         if placement == "swarm":
             saves, stats = self._pulled(graph, events, input_ids, attention_mask, position_ids, links)
         else:
@@ -195,7 +205,7 @@ class SwarmRunner:
         def chain():
             return self.client.loop.run(self.sequence.forward_chain(
                 inputs, attention_mask=attention_mask, position_ids=position_ids, embed=remote_embed,
-                head=remote_head, hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload), carry=carry,
+                head=remote_head, hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload, results_agree), carry=carry,
                 return_outputs=not remote_head))
         try:
             outputs, result, route, reply = chain()
@@ -285,14 +295,24 @@ def check_one_hop(hops: list, num_layers: int) -> None:
 
 
 class ClientLinkMeter:
-    """What crossed the client's link from now on: :meth:`charge` writes it into a :class:`TraceStats`."""
+    """What crossed the client's link from now on, and what spot checks did (:meth:`charge` writes both into a
+    :class:`TraceStats`; the checks' traffic apart from the request's own)."""
 
-    def __init__(self, traffic) -> None:
-        self.traffic, self.t0 = traffic, time.perf_counter()
+    def __init__(self, sequence) -> None:
+        self.sequence, self.t0 = sequence, time.perf_counter()
+        traffic, checks, stats = sequence.traffic, sequence.verify_traffic, sequence.stats
         self.start = (traffic.bytes_sent, traffic.bytes_received, traffic.calls)
+        self.verify_start = (checks.bytes_sent + checks.bytes_received, stats.verify_checks,
+                             stats.verify_mismatches, stats.verify_skipped, len(stats.suspects))
 
     def charge(self, stats: TraceStats) -> None:
-        stats.client_bytes_sent = self.traffic.bytes_sent - self.start[0]
-        stats.client_bytes_received = self.traffic.bytes_received - self.start[1]
-        stats.round_trips = self.traffic.calls - self.start[2]
+        traffic, checks, seen = self.sequence.traffic, self.sequence.verify_traffic, self.sequence.stats
+        stats.client_bytes_sent = traffic.bytes_sent - self.start[0]
+        stats.client_bytes_received = traffic.bytes_received - self.start[1]
+        stats.round_trips = traffic.calls - self.start[2]
+        stats.verify_bytes = checks.bytes_sent + checks.bytes_received - self.verify_start[0]
+        stats.verify_checks = seen.verify_checks - self.verify_start[1]
+        stats.verify_mismatches = seen.verify_mismatches - self.verify_start[2]
+        stats.verify_skipped = seen.verify_skipped - self.verify_start[3]
+        stats.suspects = list(seen.suspects[self.verify_start[4]:])
         stats.wall_s = time.perf_counter() - self.t0

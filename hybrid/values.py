@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 
+from swarm.verification import agree as tensors_agree
+
 from .errors import InvalidGraphError
 from .ir import Attachment, attachments_bytes, decode_value, encode_value
 
@@ -65,6 +67,29 @@ def unpack_values(data: bytes) -> dict[int, Any]:
     except Exception as e:
         raise InvalidGraphError(f"carried values do not parse: {e}") from None
     return {k: _lower(decode_value(v), tensors) for k, v in zip(keys, doc.values())}
+
+
+def results_agree(a: bytes, b: bytes) -> bool:
+    """Whether two routes' packed results (saves and carried values) mean the same: a spot check's comparison
+    (:attr:`swarm.remote_sequence.HookRequest.agree`). Nodes on other hardware or thread counts round differently,
+    so float tensors agree within :data:`swarm.verification.TOLERANCE` of their dtype; integer and bool tensors,
+    shapes, dtypes, structure and Python values exactly. Malformed bytes agree with nothing."""
+    if a == b:
+        return True
+    try:
+        left, right = unpack_values(a), unpack_values(b)
+    except InvalidGraphError:
+        return False
+    return left.keys() == right.keys() and all(_same(left[k], right[k]) for k in left)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and tensors_agree(a, b)
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return (type(a) is type(b) and len(a) == len(b)  # type: ignore[arg-type]
+                and all(_same(x, y) for x, y in zip(a, b)))  # type: ignore[arg-type]
+    return type(a) is type(b) and a == b
 
 
 def value_nbytes(value: Any) -> int:

@@ -13,7 +13,9 @@ Environment (read here only): ``SWARM_CACHE_DIR`` is the default for ``--cache-d
 Test only (fault injection, off unless set): ``SWARM_TEST_ANNOUNCE_BLOCKS=START:END`` makes ``serve`` announce those
 layers (record and info RPC) while it serves ``--blocks``, so tests can check that clients route around a liar;
 with ``SWARM_TEST_INFO_TELLS_TRUTH=1`` too, it lies in its record only. ``SWARM_TEST_OUTPUT_NOISE=<std>`` adds
-Gaussian noise to every output of the node's span (a node computing wrong numbers, for spot-check tests).
+Gaussian noise to every output of the node's span (a node computing wrong numbers, for spot-check tests); with
+``SWARM_TEST_NOISE_ROW=<i>`` only batch row ``i`` gets it, with ``SWARM_TEST_NOISE_EVERY=<k>`` only every ``k``-th
+forward.
 """
 
 from __future__ import annotations
@@ -263,7 +265,10 @@ def _run_node(args, cache_dir: Path | None, signals: StopSignals) -> int:
                         ready_file=args.ready_file, identity_path=args.identity_path,
                         test_announce_blocks=_blocks(lie) if lie else None,
                         test_info_tells_truth=os.environ.get("SWARM_TEST_INFO_TELLS_TRUTH") == "1",
-                        test_output_noise=float(os.environ.get("SWARM_TEST_OUTPUT_NOISE", "0")))
+                        test_output_noise=float(os.environ.get("SWARM_TEST_OUTPUT_NOISE", "0")),
+                        test_noise_row=int(os.environ["SWARM_TEST_NOISE_ROW"])
+                        if os.environ.get("SWARM_TEST_NOISE_ROW") else None,
+                        test_noise_every=int(os.environ.get("SWARM_TEST_NOISE_EVERY") or 1))
     hooks = None
     if os.environ.get("SWARM_HOOKS", "1") != "0":
         hooks = _default_hooks(HookBudgets(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HookBudgets)}))

@@ -11,6 +11,11 @@ this client's share of it; KV bytes are charged as steps append tokens, so a ses
 does so before doing any work, and is not dead: it counts as busy, and the hop moves to an idle replica the same way
 (its session there closed). With no replica to go to, an overloaded node is retried, session kept, after a backoff
 (:meth:`RemoteSequence.overload_backoff`); a full node's CapacityError is raised.
+
+Spot checks (``ClientConfig.verify``): a drawn step of a hop is recomputed statelessly on another route (the hop's
+history and the step in one forward) and compared (:func:`swarm.verification.spot_check_step`). A node outvoted
+there is replaced like a dead one when all its earlier steps were checked; otherwise ResultMismatchError (its
+unchecked answers may already sit in later hops' caches).
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import CapacityError, OverloadedError, PeerUnreachableError
+from .errors import CapacityError, OverloadedError, PeerUnreachableError, ResultMismatchError
 from .remote_sequence import RemoteSequence, _extras
 from .routing import Hop
 from .handles import INFERENCE
 from .transport import call
+from .verification import should_check, spot_check_step
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,8 @@ class _HopState:
     history: list[torch.Tensor] = field(default_factory=list)
     """Inputs this hop received, one tensor per step, each (B, T_step, ...)."""
     opened: bool = False
+    unchecked: int = 0
+    """Steps of this hop no spot check covered (``ClientConfig.verify``): its node's answers to them are unverified."""
 
 
 class InferenceSession:
@@ -101,6 +109,14 @@ class InferenceSession:
                 logger.warning("%s; rebuilding layers %d:%d elsewhere", e, state.hop.start, state.hop.end)
                 await self._replace(i, attention_mask)
                 continue
+            if should_check(self.sequence.config.verify):
+                out, outvoted = await self._check(state, x, out, extras, attention_mask, position_ids)
+                if outvoted:  # the node is excluded now: rebuild the hop elsewhere from its history, resend the step
+                    await self._replace(i, attention_mask)
+                    await self._close_state(state)
+                    continue
+            else:
+                state.unchecked += 1
             state.history.append(x)
             x = out
             i += 1
@@ -110,6 +126,23 @@ class InferenceSession:
         self._positions.append(position_ids)
         self.length += length
         return x
+
+    async def _check(self, state: _HopState, x: torch.Tensor, out: torch.Tensor, extras: dict,
+                     attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Spot-check this step of ``state``'s hop (:func:`swarm.verification.spot_check_step`). Raises
+        ResultMismatchError when its node is outvoted after unchecked steps: those may have fed wrong numbers to
+        the later hops' caches, so the session cannot continue exactly (a new one avoids the node)."""
+        positions = torch.cat([*self._positions, position_ids], dim=1)
+        full = {**_extras(attention_mask, positions)}
+        out, outvoted = await spot_check_step(self.sequence, state.hop, state.history, x, out, full,
+                                              embed=state.embed, head=state.head)
+        if outvoted and state.unchecked:
+            raise ResultMismatchError(
+                f"A spot check outvoted {state.hop.peer_id} on layers {state.hop.start}:{state.hop.end} after "
+                f"{state.unchecked} unchecked step(s) of this session, which may carry its wrong numbers; no result "
+                "is returned. Start the generation again: this client now routes around that node (verify=1.0 "
+                "checks every step, so a caught node is replaced mid-session instead).")
+        return out, outvoted
 
     async def _send(self, state: _HopState, x: torch.Tensor, extras: dict,
                     chunks: list[int] | None = None) -> torch.Tensor:

@@ -129,7 +129,8 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         model = SpanModel.load(path, span, dtype=DTYPES[config.dtype], device=config.device)
         install_dispatch(model)
         if config.test_output_noise:
-            _add_output_noise(model, config.test_output_noise)
+            _add_output_noise(model, config.test_output_noise, row=config.test_noise_row,
+                              every=config.test_noise_every)
         logger.info("Loaded %s of %s in %.1f s (%.1f MB of weights)", span, name, time.perf_counter() - t0,
                     model.weight_bytes() / 1e6)
         throughput = _measure_throughput(model)
@@ -143,6 +144,7 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         truth = {"start": start, "end": end} if config.test_info_tells_truth else {}
         server = SpanServer(model, limits=config.limits, hooks=hooks,
                             info={**base, "hooks": list(base["hooks"]), "weight_bytes": model.weight_bytes(), **truth})
+        server.signer = identity.private_key  # commitments signed for third parties (swarm.commitments)
         p2p = await dht.replicate_p2p()
         await server.register(p2p)
         expire = asyncio.create_task(server.expire_sessions_forever())
@@ -197,15 +199,32 @@ async def run_node(config: NodeConfig, *, hooks: HookRegistry | None = None, sto
         logger.info("Stopped")
 
 
-def _add_output_noise(model: SpanModel, std: float) -> None:
-    """TEST ONLY fault injection: every floating-point output of the span gets Gaussian noise of ``std``."""
-    logger.warning("TEST FAULT INJECTION: adding noise (std %g) to every output", std)
-    inner = model.forward
+def _add_output_noise(model: SpanModel, std: float, *, row: int | None = None, every: int = 1) -> None:
+    """TEST ONLY fault injection: the output of the span's last layer gets Gaussian noise of ``std`` (only batch row
+    ``row`` where given; only every ``every``-th time it runs), before anything reads it: span hooks (a hybrid
+    graph's saves), the head and the answer all see the wrong numbers, as from a node that computes them wrongly."""
+    logger.warning("TEST FAULT INJECTION: adding noise (std %g) to %s of %s output", std,
+                   "every row" if row is None else f"row {row}", "every" if every == 1 else f"every {every}th")
+    calls = [0]
 
-    def noisy(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        return out + std * torch.randn_like(out) if out.is_floating_point() else out
-    model.forward = noisy
+    def noisy(out: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if not out.is_floating_point() or calls[0] % every:
+            return out
+        noise = std * torch.randn_like(out)
+        if row is not None:
+            keep = torch.zeros(out.shape[0], *([1] * (out.ndim - 1)), dtype=out.dtype, device=out.device)
+            keep[row:row + 1] = 1
+            noise = noise * keep
+        return out + noise
+
+    if model.span.end > model.span.start:
+        def after_layer(module, args, out):
+            return (noisy(out[0]), *out[1:]) if isinstance(out, tuple) else noisy(out)
+        model.layer(model.span.end - 1).register_forward_hook(after_layer, prepend=True)
+        return
+    inner = model.forward
+    model.forward = lambda *args, **kwargs: noisy(inner(*args, **kwargs))
 
 
 def peak_rss_bytes(pid: int | str = "self") -> int:

@@ -72,7 +72,13 @@ class NodeConfig:
     test_info_tells_truth: bool = False
     """TEST ONLY (SWARM_TEST_INFO_TELLS_TRUTH=1): with ``test_announce_blocks``, lie in the record only."""
     test_output_noise: float = 0.0
-    """TEST ONLY (SWARM_TEST_OUTPUT_NOISE=<std>): add Gaussian noise of this std to every output of the span."""
+    """TEST ONLY (SWARM_TEST_OUTPUT_NOISE=<std>): add Gaussian noise of this std to the output of the span's last
+    layer, every time (so its hook saves, head and answer are wrong)."""
+    test_noise_row: int | None = None
+    """TEST ONLY (SWARM_TEST_NOISE_ROW=<i>): with ``test_output_noise``, only batch row ``i`` gets the noise."""
+    test_noise_every: int = 1
+    """TEST ONLY (SWARM_TEST_NOISE_EVERY=<k>): with ``test_output_noise``, only every ``k``-th forward of the span
+    (the ``k``-th, ``2k``-th, ...) gets the noise."""
 
     def __post_init__(self):
         from .records import MAX_RECORD_TTL_S  # hivemind: imported only once a node is configured

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import operator
 import secrets
 import time
 from collections import deque
@@ -91,9 +92,11 @@ class ClientConfig:
     """Fixed route cost of one hop beyond its ping (so fewer hops win at similar latency)."""
     suspect_weight: float = 1.0
     """Each distinct client reporting a node as computing wrong numbers adds this to its route cost factor."""
-    verify: float = 0.0
+    verify: float = 0.05
     """Share of hops recomputed on other nodes and compared (swarm/verification.py); 1.0 checks every hop, 0 none.
-    Covers forwards and chained forwards; inference steps are not checked yet."""
+    Covers forwards, chained forwards (hybrid traces) and hop-by-hop inference steps; chained sessions' steps are not
+    checked. A check costs nothing where no other node serves the hop's layers (it is skipped); its calls are counted
+    in ``verify_traffic``, not ``traffic``."""
 
 
 @dataclass
@@ -111,7 +114,9 @@ class RouteStats:
     verify_mismatches: int = 0
     """Spot checks where the second opinion disagreed."""
     verify_skipped: int = 0
-    """Spot checks skipped because no other node serves the hop's layers."""
+    """Spot checks given up: no other node serves the hop's layers, or the other route failed."""
+    suspects: list[str] = field(default_factory=list)
+    """Peers a spot check outvoted (distrusted here and reported in the DHT), in order."""
 
 
 class RemoteSequence(PeerHealth):
@@ -127,6 +132,9 @@ class RemoteSequence(PeerHealth):
         self.traffic = Traffic()
         """Bytes and calls over this client's links (every call of this sequence credits it)."""
         self._call_options = {"traffic": self.traffic, "liveness_s": config.liveness_s}
+        self.verify_traffic = Traffic()
+        """Bytes and calls of spot checks' re-runs (kept apart so ``traffic`` is what the requests themselves cost)."""
+        self._verify_options = {"traffic": self.verify_traffic, "liveness_s": config.liveness_s}
         self._records: list[ServerRecord] = []
         self._known: dict[str, tuple[ServerRecord, float]] = {}
         self._refreshing: asyncio.Future | None = None
@@ -322,7 +330,7 @@ class RemoteSequence(PeerHealth):
                                 return_outputs=return_outputs)
         answer = await run()
         if self.config.verify > 0:
-            answer = await spot_check_chain(self, answer, run)
+            answer = await spot_check_chain(self, answer, run, hook.agree if hook and hook.agree else operator.eq)
         return answer
 
     async def _forward_chain(self, inputs: torch.Tensor, extras: dict, *, embed: bool, head: bool,
@@ -350,7 +358,8 @@ class RemoteSequence(PeerHealth):
             t0 = time.perf_counter()
             try:
                 out, reply = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
-                                        timeout_s=self.config.request_timeout_s * len(hops), **self._call_options)
+                                        timeout_s=self.config.request_timeout_s * len(hops),
+                                        **(self._verify_options if avoid else self._call_options))
             except (OverloadedError, BadRequestError) as e:  # which node of the chain refused, the error does not say
                 failed_at = failed_at or t0
                 if attempt == self.config.max_retries or (isinstance(e, BadRequestError) and not _may_be_false_claim(e)):
@@ -445,6 +454,9 @@ class HookRequest:
     version: int
     make_payload: Callable[[list[Hop]], bytes]
     """``make_payload(route)``: the payload for ``route`` (called again if the route changes)."""
+    agree: Callable[[bytes, bytes], bool] | None = None
+    """``agree(a, b)``: whether two routes' hook results mean the same (a spot check compares them with it; the hook
+    decodes them and allows its values' dtype tolerance). None: byte for byte."""
 
     def attach(self, tensors: dict, meta: dict, route: list[Hop], carry: bytes) -> None:
         """Add the payload, the first hop's ``carry`` and the hook's name to a request's tensors and meta."""

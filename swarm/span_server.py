@@ -41,7 +41,7 @@ from hivemind.proto import runtime_pb2
 
 from .errors import (BadRequestError, CapacityError, InternalNodeError, OverloadedError, SwarmError,
                      UnknownSessionError)
-from .commitments import fingerprint, request_id_of
+from .commitments import commit, request_id_of
 from .commitments import parse as parse_commitments
 from .compute_slot import ComputeSlot
 from .quotas import ClientQueue, client_identity
@@ -98,6 +98,10 @@ class ServerLimits:
 
 class SpanServer:
     """Serves one :class:`SpanModel`. Call :meth:`register` on a running P2P instance."""
+
+    signer = None
+    """The node's identity key (``hivemind.utils.crypto.RSAPrivateKey``): signs each answer's commitment for third
+    parties (:func:`swarm.commitments.commit`); None = unsigned commitments."""
 
     def __init__(self, model: SpanModel, *, limits: ServerLimits = ServerLimits(),
                  hooks: HookRegistry | None = None, info: dict | None = None):
@@ -278,7 +282,7 @@ class SpanServer:
         output, result = await self._compute(work, client)
         me = self._p2p.peer_id.to_base58()
         stats = {"compute_s": {me: time.perf_counter() - t0}, "node_bytes": 0,
-                 "commitments": [{"peer": me, "request_id": request_id, "digest": fingerprint(output, request_id, me)}]}
+                 "commitments": [commit(output, request_id, me, self.signer)]}
         if not chain:
             reply = self._reply(output.detach() if keep_outputs else output.new_empty(0), result, stats)
         else:

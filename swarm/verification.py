@@ -1,20 +1,30 @@
-"""Spot checks (issue 13, requirement 3, hop-by-hop forwards): recompute a random share of hops elsewhere.
+"""Spot checks (issue 13, requirement 3): recompute a random share of hops elsewhere and compare.
+
+Forwards hop by hop (:func:`spot_check`), chained forwards (:func:`spot_check_chain`, hook results compared by the
+hook's own ``agree``) and hop-by-hop inference steps (:func:`spot_check_step`, history replayed statelessly).
 
 With ``ClientConfig.verify = p``, each hop of :meth:`swarm.remote_sequence.RemoteSequence.forward` is checked with
 probability ``p``, drawn from the OS's CSPRNG on the client (nothing the nodes see tells a check from a request).
 A checked hop is recomputed with the same inputs and masks on other nodes serving those layers; outputs must agree
 within :data:`TOLERANCE` of their dtype. On a disagreement a third opinion (a route avoiding both) settles it: the
 outvoted single node is distrusted, and only an output two routes agree on is used. Where no other node serves the
-layers the check is skipped (counted in ``RouteStats.verify_skipped``).
+layers the check is skipped (counted in ``RouteStats.verify_skipped``), as it is when the second route fails
+(a dead or full node: the check is given up, the answer is not refused for it).
+
+A check's calls are counted in ``RemoteSequence.verify_traffic``, not in ``traffic``, so a trace's client bytes and
+round trips are those of the request itself whatever the draw.
 """
 
 from __future__ import annotations
 
+import operator
 import random
+from typing import Callable
 
 import torch
 
-from .errors import MissingBlocksError, ResultMismatchError
+from .errors import (BadRequestError, CapacityError, MissingBlocksError, PeerUnreachableError,
+                     ResultMismatchError)
 from .handles import FORWARD
 from .routing import Hop, plan_route
 from .transport import call
@@ -22,7 +32,20 @@ from .transport import call
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 """Absolute and relative tolerance per output dtype (fp32: the golden tests' bound; half types: their rounding)."""
 
-_draw = random.SystemRandom()
+GIVE_UP = (PeerUnreachableError, CapacityError, BadRequestError)
+"""Errors of a check's second route that give up the check (counted as skipped) rather than fail the request: a
+dead, full or refusing checker says nothing about the checked node's answer (its next ordinary request finds out
+about the checker). A third route's failure is raised: no unsettled answer is returned."""
+
+_draw: random.Random = random.SystemRandom()
+"""Which hops are checked: the OS CSPRNG, so nothing a node sees predicts a check. Tests that assert a detection
+bound may swap in a seeded ``random.Random`` (:func:`seed_for_tests`); nothing else does."""
+
+
+def seed_for_tests(seed: int | None) -> None:
+    """Tests only: draw checks from ``random.Random(seed)`` (``None``: back to the CSPRNG)."""
+    global _draw
+    _draw = random.SystemRandom() if seed is None else random.Random(seed)
 
 
 def agree(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -60,10 +83,14 @@ async def recompute(sequence, hop: Hop, x: torch.Tensor, extras: dict, *, embed:
     """
     route = await plan_avoiding(sequence, hop.start, hop.end, embed=embed, head=head, avoid=avoid)
     for i, sub in enumerate(route):
-        out, _ = await call(sequence.p2p, sub.peer_id, FORWARD, {"inputs": x, **extras},
-                            {"start": sub.start, "end": sub.end, "embed": embed and i == 0,
-                             "head": head and i == len(route) - 1},
-                            timeout_s=sequence.config.request_timeout_s, **sequence._call_options)
+        try:
+            out, _ = await call(sequence.p2p, sub.peer_id, FORWARD, {"inputs": x, **extras},
+                                {"start": sub.start, "end": sub.end, "embed": embed and i == 0,
+                                 "head": head and i == len(route) - 1},
+                                timeout_s=sequence.config.request_timeout_s, **sequence._verify_options)
+        except (PeerUnreachableError, CapacityError) as e:
+            sequence.note_failure(sub.peer_id, e)  # dead: excluded, so a retry goes elsewhere; full: weighed
+            raise
         x = out["outputs"]
     return x, [sub.peer_id for sub in route]
 
@@ -77,12 +104,18 @@ async def spot_check(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extra
     """
     stats = sequence.stats
     stats.verify_checks += 1
-    try:
-        second, second_peers = await recompute(sequence, hop, x, extras, embed=embed, head=head,
-                                               avoid=frozenset({hop.peer_id}))
-    except MissingBlocksError:
-        stats.verify_skipped += 1
-        return y
+    for attempt in range(2):  # a second route that fails is retried once (a dead checker is excluded by then)
+        try:
+            second, second_peers = await recompute(sequence, hop, x, extras, embed=embed, head=head,
+                                                   avoid=frozenset({hop.peer_id}))
+            break
+        except MissingBlocksError:
+            stats.verify_skipped += 1
+            return y
+        except GIVE_UP:  # the second route failed (dead, full, refusing): the check is given up, not the answer
+            if attempt == 1:
+                stats.verify_skipped += 1
+                return y
     if agree(y, second):
         return y
     stats.verify_mismatches += 1
@@ -104,17 +137,71 @@ async def spot_check(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extra
     raise ResultMismatchError(f"Three routes disagree on {where}; no result is returned.")
 
 
-def _answers_agree(a: tuple, b: tuple) -> bool:
+async def spot_check_step(sequence, hop: Hop, history: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                          extras: dict, *, embed: bool, head: bool) -> tuple[torch.Tensor, bool]:
+    """Check ``y``, an inference session hop's answer to step input ``x`` after ``history`` (the hop's earlier step
+    inputs): the whole history and the step are recomputed in one stateless forward on another route (``extras``
+    hold the mask and positions of every token so far) and its last positions compared. A KV-cached step and a
+    full recomputation differ by float rounding only, within :data:`TOLERANCE`.
+
+    Returns ``(output, outvoted)``: the output two routes agree on, and whether the session's node was outvoted (the
+    caller then moves the hop off it).
+
+    Raises:
+        ResultMismatchError: the answers disagree and no third route exists, or all three disagree.
+    """
+    stats = sequence.stats
+    stats.verify_checks += 1
+    inputs, length = torch.cat([*history, x], dim=1), x.shape[1]
+    for attempt in range(2):
+        try:
+            second, second_peers = await recompute(sequence, hop, inputs, extras, embed=embed, head=head,
+                                                   avoid=frozenset({hop.peer_id}))
+            break
+        except MissingBlocksError:
+            stats.verify_skipped += 1
+            return y, False
+        except GIVE_UP:
+            if attempt == 1:
+                stats.verify_skipped += 1
+                return y, False
+    second = second[:, -length:]
+    if agree(y, second):
+        return y, False
+    stats.verify_mismatches += 1
+    where = f"session step, layers {hop.start}:{hop.end}: {hop.peer_id} vs {', '.join(second_peers)}"
+    try:
+        third, _ = await recompute(sequence, hop, inputs, extras, embed=embed, head=head,
+                                   avoid=frozenset({hop.peer_id, *second_peers}))
+    except MissingBlocksError:
+        raise ResultMismatchError(f"Nodes disagree on a {where}, and no third node serves those layers to settle "
+                                  "it; no result is returned. Retry when more nodes serve them.") from None
+    third = third[:, -length:]
+    why = f"its session step output for layers {hop.start}:{hop.end} was outvoted by two other routes"
+    if agree(third, second):
+        await _outvoted(sequence, hop.peer_id, why)
+        return second, True
+    if agree(third, y):
+        if len(second_peers) == 1:
+            await _outvoted(sequence, second_peers[0], why)
+        return y, False
+    raise ResultMismatchError(f"Three routes disagree on a {where}; no result is returned.")
+
+
+def _answers_agree(a: tuple, b: tuple, same_result: Callable[[bytes, bytes], bool]) -> bool:
     """Two chained answers ``(outputs, hook_result, route, meta)`` agree: outputs within tolerance, and the hook's
-    results byte for byte (the span hook's result is opaque to the swarm)."""
-    return agree(a[0], b[0]) and a[1] == b[1]
+    results by ``same_result`` (the hook's own comparison; byte for byte when it has none: the swarm cannot read
+    them)."""
+    return agree(a[0], b[0]) and same_result(a[1], b[1])
 
 
-async def spot_check_chain(sequence, answer: tuple, run) -> tuple:
+async def spot_check_chain(sequence, answer: tuple, run,
+                           same_result: Callable[[bytes, bytes], bool] = operator.eq) -> tuple:
     """Check a chained forward's ``answer``: each hop is checked with probability ``verify`` by re-running the whole
     chain (same inputs, hook payload for the new route, carry) on a route avoiding that hop's node
     (``await run(avoid=...)``); a disagreement is settled by a third route avoiding the nodes the two routes do not
-    share. Returns the answer two routes agree on.
+    share. Hook results are compared by ``same_result`` (:attr:`swarm.remote_sequence.HookRequest.agree`). Returns
+    the answer two routes agree on.
 
     Raises:
         ResultMismatchError: a disagreement no third route could settle.
@@ -129,7 +216,10 @@ async def spot_check_chain(sequence, answer: tuple, run) -> tuple:
         except MissingBlocksError:
             stats.verify_skipped += 1
             continue
-        if _answers_agree(answer, second):
+        except GIVE_UP:
+            stats.verify_skipped += 1
+            continue
+        if _answers_agree(answer, second, same_result):
             continue
         stats.verify_mismatches += 1
         only_first = {h.peer_id for h in answer[2]} - {h.peer_id for h in second[2]}
@@ -140,9 +230,9 @@ async def spot_check_chain(sequence, answer: tuple, run) -> tuple:
         except MissingBlocksError:
             raise ResultMismatchError(f"Nodes disagree ({where}) and no third route settles it; no result is "
                                       "returned. Retry when more nodes serve those layers.") from None
-        if _answers_agree(third, second):
+        if _answers_agree(third, second, same_result):
             outvoted, answer = only_first, second
-        elif _answers_agree(third, answer):
+        elif _answers_agree(third, answer, same_result):
             outvoted = only_second
         else:
             raise ResultMismatchError(f"Three chained routes disagree ({where}); no result is returned.")
@@ -153,5 +243,6 @@ async def spot_check_chain(sequence, answer: tuple, run) -> tuple:
 
 async def _outvoted(sequence, peer_id: str, why: str) -> None:
     """Distrust ``peer_id`` here and publish a signed suspect report others weigh (they do not exclude on it)."""
+    sequence.stats.suspects.append(peer_id)
     sequence.distrust(peer_id, why)
     await sequence.report_suspect(peer_id, why)

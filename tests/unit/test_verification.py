@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import swarm.verification as verification
-from swarm.errors import ResultMismatchError
+from swarm.errors import PeerUnreachableError, ResultMismatchError
 from swarm.records import ServerRecord
 from swarm.remote_sequence import ClientConfig, RouteStats
 from swarm.routing import Hop, RouteCosts
@@ -19,12 +19,12 @@ def rec(peer: str) -> ServerRecord:
 
 
 class FakeSequence:
-    model_name, config, p2p, _call_options = "m", ClientConfig(verify=1.0), None, {}
+    model_name, config, p2p, _call_options, _verify_options = "m", ClientConfig(verify=1.0), None, {}, {}
 
     def __init__(self, peers):
         self._records = [rec(p) for p in peers]
         self.stats = RouteStats()
-        self.distrusted, self.reported = [], []
+        self.distrusted, self.reported, self.failed = [], [], []
 
     async def records(self):
         return self._records
@@ -34,6 +34,9 @@ class FakeSequence:
 
     def costs(self):
         return RouteCosts()
+
+    def note_failure(self, peer_id, error):
+        self.failed.append(peer_id)
 
     def distrust(self, peer_id, why):
         self.distrusted.append(peer_id)
@@ -74,3 +77,55 @@ def test_tolerance_follows_the_dtype():
     assert verification.agree(a, a + 5e-6) and not verification.agree(a, a + 1e-3)
     assert verification.agree(a.bfloat16(), (a + 5e-3).bfloat16())
     assert not verification.agree(a, a.bfloat16()) and not verification.agree(a, torch.ones(5))
+
+
+def test_a_failing_checker_gives_up_the_check_not_the_answer(monkeypatch):
+    async def dead(p2p, peer_id, handle, tensors, meta, **kwargs):
+        raise PeerUnreachableError(f"{peer_id} is gone")
+    monkeypatch.setattr(verification, "call", dead)
+    seq = FakeSequence(["a", "b"])
+    y = torch.ones(1, 2, 3)
+    out = asyncio.run(verification.spot_check(seq, Hop(rec("a"), 0, 4), torch.zeros(1, 2, 3), y, {}, embed=False,
+                                              head=False))
+    assert out is y and seq.stats.verify_skipped == 1 and seq.distrusted == [] and seq.failed == ["b", "b"]
+
+
+def chained_answer(peer: str, result: bytes) -> tuple:
+    return torch.ones(1, 2, 3), result, [Hop(rec(peer), 0, 4)], {}
+
+
+def test_a_chain_check_compares_hook_results_with_the_hooks_own_comparison():
+    """Byte-different hook results that the hook says agree pass; a liar's are outvoted with the same comparison."""
+    answers = {"b": chained_answer("b", b"1.0000001"), "c": chained_answer("c", b"1.0")}
+
+    async def run_avoiding(avoid):
+        return next(a for p, a in answers.items() if p not in avoid)
+
+    def close(a: bytes, b: bytes) -> bool:
+        return abs(float(a) - float(b)) < 1e-5
+
+    seq = FakeSequence(["a", "b", "c"])
+    out = asyncio.run(verification.spot_check_chain(seq, chained_answer("a", b"1.0"), run_avoiding, close))
+    assert out[2][0].peer_id == "a" and seq.stats.verify_mismatches == 0
+    with pytest.raises(ResultMismatchError):  # byte for byte (no comparison given), b and c disagree with a
+        asyncio.run(verification.spot_check_chain(FakeSequence(["a", "b", "c"]), chained_answer("a", b"1.00000001"),
+                                                  run_avoiding))
+    seq = FakeSequence(["a", "b", "c"])
+    out = asyncio.run(verification.spot_check_chain(seq, chained_answer("a", b"1.1"), run_avoiding, close))
+    assert out[2][0].peer_id == "b" and seq.distrusted == ["a"] and seq.stats.suspects == ["a"]
+
+
+def test_hybrid_results_agree_within_the_dtype_tolerance_and_exactly_elsewhere():
+    from hybrid.values import pack_values, results_agree
+
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    base = {1: x, 2: (torch.tensor([1, 2]), 3), 4: torch.tensor([True, False])}
+    assert results_agree(pack_values(base), pack_values({**base, 1: x + 5e-6}))
+    assert not results_agree(pack_values(base), pack_values({**base, 1: x + 1e-3}))
+    assert results_agree(pack_values({1: x.bfloat16()}), pack_values({1: (x + 2e-3).bfloat16()}))
+    assert not results_agree(pack_values(base), pack_values({**base, 2: (torch.tensor([1, 3]), 3)}))  # ints exact
+    assert not results_agree(pack_values(base), pack_values({**base, 2: (torch.tensor([1, 2]), 4)}))
+    assert not results_agree(pack_values(base), pack_values({**base, 4: torch.tensor([True, True])}))
+    assert not results_agree(pack_values(base), pack_values({1: x, 2: base[2]}))  # a missing value
+    assert not results_agree(pack_values(base), pack_values({**base, 1: x.double()}))  # another dtype
+    assert not results_agree(pack_values(base), b"HYVL garbage")
