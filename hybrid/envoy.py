@@ -16,6 +16,7 @@ attention accept it. The mask's values never matter on meta; only shapes do. Not
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -72,7 +73,10 @@ class ModelSkeleton:
         self.config = config
         with torch.device("meta"):
             kwargs = {} if dtype is None else {"dtype": dtype}
-            self.model = transformers.AutoModelForCausalLM.from_config(config, **kwargs).eval()
+            # eager attention: an attention module's fake output carries its weights (B, H, T, T), which a request
+            # that reads them gets (the nodes then run that call eagerly, see hybrid.attention_weights)
+            self.model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
+                                                                       attn_implementation="eager", **kwargs).eval()
         self._cache: dict[tuple, ShapeInfo] = {}
 
     def module_paths(self) -> list[str]:

@@ -29,6 +29,7 @@ import torch
 from torch.func import functional_call
 
 from . import ops
+from .attention_weights import is_attention, weight_reads
 from swarm.span_hook import active_hook
 
 from .budget import Ledger, check_python_op, check_python_value, mib, refusal, sent_bytes, tensors
@@ -102,6 +103,9 @@ class Interpreter(BackwardPasses):
             elif node.op == "setter":
                 self._setters.setdefault((node.module, node.kind, node.call), []).append(node)
         self._pending = [n for n in self.mine if n.op not in ("getter", "setter", "load", "grad", "grad_set")]
+        self.attention_weights = weight_reads(graph, lambda path: is_attention(self.modules.get(path))) & {
+            (n.module, n.call) for n in self.mine if n.op == "getter"}
+        """``(path, call)`` of the attention calls here that must run eagerly: the graph reads their weights."""
         self._init_backward(carried)
         unloaded = [n for n in self.mine if n.op == "load" and n.id not in self.done]
         if unloaded:

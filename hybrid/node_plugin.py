@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from swarm.attention import WEIGHTS_KWARG
 from swarm.span_hook import HookBudgets, HookContext, HookRegistry
 
-from .errors import InvalidGraphError, UnknownModuleError
+from .errors import HybridError, InvalidGraphError, UnknownModuleError
 from .interpreter import Interpreter
 from .validation import validate
 from .ir import JSON_BYTES_PER_OP, Limits
@@ -98,7 +99,11 @@ class InterpreterHook:
         if not self.interpreter.wants(path):
             return None
         with self._guard():
-            return self._before(path, args, kwargs)
+            replaced = self._before(path, args, kwargs)
+        if (path, self.call) not in self.interpreter.attention_weights:
+            return replaced
+        args, kwargs = replaced or (args, kwargs)  # the graph reads this call's attention weights: run it eagerly
+        return args, {**kwargs, WEIGHTS_KWARG: True}
 
     def _before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:
@@ -127,6 +132,11 @@ class InterpreterHook:
             output = output.detach().requires_grad_(True)  # no earlier hop: its gradient goes nowhere
         if not self.interpreter.wants(path):
             return output
+        if (path, self.call) in self.interpreter.attention_weights and not (
+                isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor)):
+            raise HybridError(f"{path} ran without materialising its attention weights, which the graph reads: this "
+                              "model's attention implementation cannot switch to eager per call (load its stages "
+                              "with swarm.stages.SpanModel, attn_implementation='sdpa')")
         with self._guard():
             return self.interpreter.on_event(path, "output", self.call, output)
 
