@@ -414,7 +414,7 @@ class Tracer:
             raise TraceError(at_user_line(f"{name} is a {type(fake).__name__}; it cannot be replaced per invoke"))
         parts = _tuple_parts(value, len(fake), name)
         return tuple(self._widen_tensor(full[i], f, invoke, parts[i], f"{name}[{i}]")
-                     if self._batched(f) else parts[i] for i, f in enumerate(fake))
+                     if self._batched(f) and parts[i] is not None else parts[i] for i, f in enumerate(fake))
 
     def _widen_tensor(self, full: Proxy, fake: torch.Tensor, invoke: _Invoke, value: Any, name: str) -> Any:
         if not self._batched(fake):
