@@ -125,6 +125,13 @@ class InterpreterHook:
                                     f"of {path} (min {value.min().item()}, max {value.max().item()}).")
         return value
 
+    def skip(self, path: str) -> tuple | None:
+        """``(output,)`` for a module the graph skips (``module.skip(value)``): the node does not run it."""
+        if not self.interpreter.skips:
+            return None
+        with self._guard():
+            return self.interpreter.skip_output(path, self.call)
+
     def after(self, path: str, output: Any) -> Any:
         if path == "model.embed_tokens" and self.interpreter.grad_mode and isinstance(output, torch.Tensor):
             # gradients start here: the hidden states require grad from the embedding on, as when the model's own

@@ -345,8 +345,10 @@ class Tracer:
             invoke.views[key] = self._narrow(full, invoke, f"{path}.{kind}")
         return invoke.views[key]
 
-    def write_module(self, path: str, kind: str, value: Any, call: int | None = None) -> None:
-        """Replace ``path``'s ``kind`` with ``value`` (for the current invoke's rows) in forward call ``call``."""
+    def write_module(self, path: str, kind: str, value: Any, call: int | None = None, *, skip: bool = False) -> None:
+        """Replace ``path``'s ``kind`` with ``value`` (for the current invoke's rows) in forward call ``call``.
+        ``skip``: the module is not run at all (``module.skip(value)``, see :meth:`hybrid.envoy.Envoy.skip`); inside
+        an invoke of some rows only, the module still runs for the other rows, and ``value`` replaces its rows."""
         call = self.call if call is None else call
         last = self._current.last if self._current is not None else None
         invoke = self._use(path, kind, call)
@@ -354,7 +356,8 @@ class Tracer:
             if invoke.narrow:
                 value = self._widen(self._full_getter(path, kind, call), invoke, value, f"{path}.{kind}")
             before = self._builder.module_fake(path, kind, call)
-            self._builder.record("setter", module=path, kind=kind, call=call, args=(value,))
+            self._builder.record("setter", module=path, kind=kind, call=call, args=(value,),
+                                 kwargs={"skip": True} if skip and not invoke.narrow else None)
         except TraceError:
             invoke.last = last  # a refused write does not count as using the module
             raise
