@@ -148,6 +148,8 @@ class Tracer:
         """The forward call (generation step) module reads and writes bind to now."""
         self._result = GeneratedTokens()
         self._containers: list = []
+        self._finalizers: list[Callable[[], None]] = []
+        """Called when the block ends, before the graph runs (``tracer.cache()`` records its getters then)."""
         self._tokenize, self._execute, self._inputs = tokenize, execute, inputs
         self._builder = GraphBuilder(self._getter_fake, skeleton.module)
         self._builder.check_order = self._check_order
@@ -224,6 +226,13 @@ class Tracer:
             raise TraceError(at_user_line("tracer.result is the token ids of lm.generate(...); in lm.trace(...) read "
                                           "the logits as lm.lm_head.output"))
         return self._result
+
+    def cache(self, modules: list | None = None, **options: Any) -> Any:
+        """nnsight's ``tracer.cache(modules=None, device=cpu, dtype=None, include_output=True,
+        include_inputs=False, ...)``: every selected module's value (after the interventions), saved; see
+        :mod:`hybrid.cache`."""
+        from .cache import declare
+        return declare(self, modules, **options)
 
     def invoke(self, inputs: Any = None) -> "_InvokeContext":
         """A ``with`` block whose module reads and writes see only the rows of ``inputs`` (nnsight's invoker).
@@ -309,6 +318,8 @@ class Tracer:
         with_rows = [invoke for invoke in self._invokes if invoke.rows]
         ids, mask = with_rows[0].encoded if len(with_rows) == 1 else self._tokenize_rows(rows)
         self._resize(self._batch, ids.shape[1], "tokenizing all invokes together")
+        for finalize in self._finalizers:
+            finalize()
         for container in self._containers:
             _save_items(container)
         values = self._execute(self.graph, ids, mask)
