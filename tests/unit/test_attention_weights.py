@@ -57,3 +57,33 @@ def test_eager_mask_from_sdpa_equals_transformers_eager_mask(q, kv, padded):
     query, key = torch.zeros(2, 3, q, 4), torch.zeros(2, 1, kv, 4)
     got = eager_mask_from_sdpa(sdpa, query, key)
     assert torch.equal(got.expand_as(want), want)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_eager_calls_equal_transformers_eager(family, tmp_path):
+    """Every layer's call asked for weights: the weights (and the logits at real positions) equal transformers' own
+    eager model with output_attentions, left padding and mistral's sliding window (24 tokens > 16) included."""
+    from transformers import AutoModelForCausalLM
+
+    from swarm.attention import WEIGHTS_KWARG
+    from swarm.stages import Span, SpanModel
+    from tests.tiny_checkpoints import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(family, tmp_path / family)
+    model = SpanModel.load(path, Span(0, 4, embed=True, head=True))
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    weights = {}
+    for i in range(4):
+        attn = model.model.layers[str(i)].self_attn
+        attn.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, WEIGHTS_KWARG: True}),
+                                       with_kwargs=True)
+        attn.register_forward_hook(lambda m, args, out, i=i: weights.__setitem__(i, out[1]))
+    with torch.no_grad():
+        logits = model(ids, embed=True, head=True, attention_mask=mask)
+        want = ref(input_ids=ids, attention_mask=mask, output_attentions=True)
+    for i in range(4):
+        assert (weights[i] - want.attentions[i]).abs().max() <= 1e-6, f"layer {i}"
+    assert (logits - want.logits)[mask.bool()].abs().max() <= 1e-5
