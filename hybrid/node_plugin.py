@@ -14,6 +14,7 @@ from swarm.attention import WEIGHTS_KWARG
 from swarm.span_hook import HookBudgets, HookContext, HookRegistry
 
 from .errors import HybridError, InvalidGraphError, UnknownModuleError
+from .envoy import first_input
 from .interpreter import Interpreter
 from .validation import validate
 from .ir import JSON_BYTES_PER_OP, Limits
@@ -55,6 +56,7 @@ class InterpreterHook:
         """Node id -> session key of values to store here for a later trace (:mod:`hybrid.session_store`)."""
         self.owner = owner
         """The client the kept values are charged to (its own share of the store)."""
+        self._skip_inputs: dict[str, Any] = {}
 
     def _guard(self):
         limit_s = self.interpreter.limits.max_wall_s
@@ -100,6 +102,9 @@ class InterpreterHook:
             return None
         with self._guard():
             replaced = self._before(path, args, kwargs)
+        if (path, "output", self.call) in self.interpreter.skips:  # the input the replacement must fit (see skip)
+            first = (replaced or (args, kwargs))
+            self._skip_inputs[path] = first_input(*first)
         if (path, self.call) not in self.interpreter.attention_weights:
             return replaced
         args, kwargs = replaced or (args, kwargs)  # the graph reads this call's attention weights: run it eagerly
@@ -130,7 +135,10 @@ class InterpreterHook:
         if not self.interpreter.skips:
             return None
         with self._guard():
-            return self.interpreter.skip_output(path, self.call)
+            replaced = self.interpreter.skip_output(path, self.call)
+            if replaced is not None:
+                _check_skip(path, self.interpreter.modules.get(path), self._skip_inputs.get(path), replaced[0])
+            return replaced
 
     def after(self, path: str, output: Any) -> Any:
         if path == "model.embed_tokens" and self.interpreter.grad_mode and isinstance(output, torch.Tensor):
@@ -154,6 +162,23 @@ class InterpreterHook:
         for node_id, key in self.keep.items():  # outside the guard: the store is shared
             STORE.put(key, self.interpreter.values[node_id], owner=self.owner)
         return packed
+
+
+def _check_skip(path: str, module: torch.nn.Module | None, first: Any, replacement: Any) -> None:
+    """Refuse a skipped module's replacement that cannot be its output, before the model uses it (the next module
+    would fail instead): its (first) tensor must have the shape the module maps its first input to (a Linear's or an
+    Embedding's own width last; every other module this swarm serves keeps the input's shape)."""
+    out = replacement[0] if isinstance(replacement, tuple) and replacement else replacement
+    if not isinstance(first, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return
+    shape = tuple(first.shape)
+    if isinstance(module, torch.nn.Linear):
+        shape = shape[:-1] + (module.out_features,)
+    elif isinstance(module, torch.nn.Embedding):
+        shape = shape + (module.embedding_dim,)
+    if tuple(out.shape) != shape:
+        raise InvalidGraphError(f"The graph skips {path} with a {tuple(out.shape)} value; its output would be "
+                                f"{shape}. Skip it with a value of the module output's shape.")
 
 
 def build_graph_hook(payload: bytes, context: HookContext, node: Limits = NODE_LIMITS) -> InterpreterHook:
