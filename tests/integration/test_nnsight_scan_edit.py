@@ -57,7 +57,7 @@ def edits(lm, **placement):
     return zeroed, edited_logits, clean, ones, cleared, still
 
 
-@pytest.mark.parametrize("placement", ["local", "hybrid", "centralized"])
+@pytest.mark.parametrize("placement", ["local", "hybrid"])  # centralized runs the same merged graph on one node
 def test_edits_persist_until_cleared(placement, lm_for, ns):
     want = edits(ns)
     got = edits(lm_for(placement), placement=placement)
