@@ -16,6 +16,7 @@ attention accept it. The mask's values never matter on meta; only shapes do. Not
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -23,6 +24,7 @@ import torch
 import transformers
 
 from .errors import DisallowedOpError, TraceError, UnknownModuleError
+from .proxy import Proxy, at_user_line, describe
 
 KINDS = ("input", "output")
 
@@ -72,7 +74,10 @@ class ModelSkeleton:
         self.config = config
         with torch.device("meta"):
             kwargs = {} if dtype is None else {"dtype": dtype}
-            self.model = transformers.AutoModelForCausalLM.from_config(config, **kwargs).eval()
+            # eager attention: an attention module's fake output carries its weights (B, H, T, T), which a request
+            # that reads them gets (the nodes then run that call eagerly, see hybrid.attention_weights)
+            self.model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
+                                                                       attn_implementation="eager", **kwargs).eval()
         self._cache: dict[tuple, ShapeInfo] = {}
 
     def module_paths(self) -> list[str]:
@@ -188,10 +193,28 @@ class Envoy:
         self._tracer("input").write_module(self._path, "input", value)
 
     def skip(self, replacement: Any) -> None:
-        """nnsight's ``module.skip(value)``: the module's output is ``replacement`` (e.g. its own ``.input``). The
-        values are exactly those of a skipped module; the module still runs where it lives and its result is
-        discarded (no time is saved)."""
-        self._tracer("skip").write_module(self._path, "output", replacement)
+        """nnsight's ``module.skip(value)``: the module does not run; its output is ``replacement`` (e.g. its own
+        ``.input``), which must have the module output's exact shape and exist before the module would run. Its
+        submodules do not run either, so using them in this forward call is an error (before the skip or after).
+        Inside an invoke of some rows only, the module still runs for the other invokes' rows."""
+        tracer = self._tracer("skip")
+        call = tracer.call
+        inner = [n for n in tracer.graph.nodes if n.op in ("getter", "setter") and n.call == call and (
+            n.module.startswith(self._path + ".") or (n.module == self._path and n.kind == "output"))]
+        if inner:
+            used = f"{inner[0].module}.{inner[0].kind}"
+            raise TraceError(at_user_line(f"{self._path}.skip(...): this trace already uses {used}, which a skipped "
+                                          f"module never computes; skip {self._path} before using anything inside it, "
+                                          f"or do not skip it"))
+        want = tracer._shape_info(call).fake(self._path, "output")
+        got = replacement.fake if isinstance(replacement, Proxy) else replacement
+        narrow = tracer._current is not None and tracer._current.narrow  # the rows' shape is checked when widened
+        if not narrow and isinstance(want, torch.Tensor) and not (isinstance(got, torch.Tensor) and got.shape == want.shape
+                                                   and got.dtype == want.dtype):
+            raise TraceError(at_user_line(f"{self._path}.skip(value): a skipped module's output is the value itself, "
+                                          f"so it must be a {describe(want)} like the module's output; got "
+                                          f"{describe(got)}"))
+        tracer.write_module(self._path, "output", replacement, skip=True)
 
     @property
     def inputs(self) -> Any:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import HybridError, TraceError
+from .attention_weights import weights_optional
 from .ir import Attachment, Graph, Node, Ref
 from .backward import BackwardRecorder, backward_fake, grad_fake
 from .meta import run_on_fakes
@@ -188,6 +189,8 @@ class GraphBuilder:
         if node.op == "setter":
             key = (node.module, node.kind, node.call)
             old = overrides[key] if key in overrides else self._getter_fake(*key)
+            if self._module_of is not None and node.kind == "output":
+                old = weights_optional(args[0], old, self._module_of(node.module))
             overrides[key] = conform_fake(args[0], old, f"{node.module}.{node.kind}")
             return None
         try:

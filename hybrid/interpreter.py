@@ -29,6 +29,7 @@ import torch
 from torch.func import functional_call
 
 from . import ops
+from .attention_weights import is_attention, weight_reads
 from swarm.span_hook import active_hook
 
 from .budget import Ledger, check_python_op, check_python_value, mib, refusal, sent_bytes, tensors
@@ -102,6 +103,11 @@ class Interpreter(BackwardPasses):
             elif node.op == "setter":
                 self._setters.setdefault((node.module, node.kind, node.call), []).append(node)
         self._pending = [n for n in self.mine if n.op not in ("getter", "setter", "load", "grad", "grad_set")]
+        self.skips = {key for key, nodes in self._setters.items() if any(n.kwargs.get("skip") for n in nodes)}
+        """``(path, "output", call)`` of the module calls the graph skips here (``module.skip(value)``)."""
+        self.attention_weights = weight_reads(graph, lambda path: is_attention(self.modules.get(path))) & {
+            (n.module, n.call) for n in self.mine if n.op == "getter"}
+        """``(path, call)`` of the attention calls here that must run eagerly: the graph reads their weights."""
         self._init_backward(carried)
         unloaded = [n for n in self.mine if n.op == "load" and n.id not in self.done]
         if unloaded:
@@ -142,6 +148,24 @@ class Interpreter(BackwardPasses):
             self.done.add(node.id)
         self._run_ready()
         return value
+
+    def skip_output(self, path: str, call: int) -> tuple | None:
+        """``(replacement,)`` when the graph skips ``path``'s call ``call`` (the module must not run), else None.
+        The replacement must exist before the module would run (e.g. its own input), as in nnsight."""
+        key = (path, "output", call)
+        if key not in self.skips:
+            return None
+        node = next(n for n in self._setters[key] if n.kwargs.get("skip"))
+        self._run_ready()
+        if any(r not in self.values for r in node.refs()):
+            raise OrderError(f"Node {node.id} skips {path} with a value not computed before {path} runs (it depends "
+                             "on that module's own output or on a later module); skip with a value computed earlier, "
+                             "e.g. the module's own .input.")
+        value = self._resolve(node.args[0])
+        if not all(isinstance(v, torch.Tensor) or v is None for v in (value if isinstance(value, tuple) else (value,))):
+            raise InvalidGraphError(f"Node {node.id} skips {path} with a {type(value).__name__}; a skipped module's "
+                                    "output must be a tensor (or a tuple of tensors and None), like its own.")
+        return (value,)
 
     def finish(self) -> dict[int, Any]:
         """Values leaving this executor: carried to later executors and saved ones."""

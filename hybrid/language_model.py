@@ -31,6 +31,7 @@ from swarm.remote_sequence import ClientConfig
 from swarm.span_hook import install_dispatch
 from swarm.stages import Span, SpanModel
 
+from .edits import STAND_IN, Edit, EditContext, apply_edits, scan_execute
 from .errors import HybridError
 from .generation import GenerateOptions, SwarmSteps, generate, local_stepper
 from .session import Session
@@ -67,6 +68,10 @@ class LanguageModel:
         self._client: SwarmModel | None = None
         self._local: SpanModel | None = None
         self._session: Session | None = None
+        self._shared: LanguageModel | None = None
+        """The model an edited copy (``lm.edit()``) shares its connection and weights with; None for the model."""
+        self._edits: list[Edit] = []
+        """Edit blocks every later trace starts with (``lm.edit()``, :mod:`hybrid.edits`)."""
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -78,6 +83,8 @@ class LanguageModel:
     @property
     def client(self) -> SwarmModel:
         """The swarm connection (opened on first use)."""
+        if self._shared is not None:  # an edited copy (lm.edit()) uses the model's own
+            return self._shared.client
         if self._client is None:
             if not self.initial_peers:
                 raise HybridError("This LanguageModel has no initial_peers; only placement='local' is available.")
@@ -90,6 +97,8 @@ class LanguageModel:
     @property
     def local_model(self) -> SpanModel:
         """The whole model in this process (loaded on first use; the ``local`` placement)."""
+        if self._shared is not None:
+            return self._shared.local_model
         if self._local is None:
             model = SpanModel.load(self.path, Span(0, self.config.num_hidden_layers, embed=True, head=True),
                                    dtype=self.dtype)
@@ -98,7 +107,7 @@ class LanguageModel:
         return self._local
 
     def close(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._shared is None:
             self._client.close()
             self._client = None
 
@@ -152,6 +161,37 @@ class LanguageModel:
 
         return self._tracer(box, run, inputs, placement, steps=options.max_new_tokens, generation=True)
 
+    def scan(self, inputs: Any = None) -> Tracer:
+        """nnsight's ``lm.scan(inputs)``: trace as usual, but run nothing (no weights, no network): module values
+        are fake (``meta``) tensors built from the config, so ``.shape`` / ``.dtype`` can be read, and saved values
+        are meta tensors of the right shape. Edits apply, as in a trace."""
+        box: list[Tracer] = []
+        tracer = Tracer(self.skeleton, self.tokenize, scan_execute(box), inputs)
+        apply_edits(tracer, self._edits)
+        box.append(tracer)
+        return tracer
+
+    def edit(self, *, inplace: bool = False) -> EditContext:
+        """nnsight's ``lm.edit()``: ``with lm.edit() as (tracer, edited):`` records the block's interventions once
+        and every later trace of ``edited`` (a copy of this model sharing its connections and weights) starts with
+        them; ``inplace=True`` edits this model (``with lm.edit(inplace=True) as tracer:``). See
+        :mod:`hybrid.edits`."""
+        target = self if inplace else self._edited_copy()
+        context = EditContext(None, target, inplace)
+        context.tracer = Tracer(self.skeleton, self.tokenize, context.store, STAND_IN)
+        return context
+
+    def clear_edits(self) -> None:
+        """Drop every edit of this model (nnsight's ``clear_edits()``)."""
+        self._edits = []
+
+    def _edited_copy(self) -> "LanguageModel":
+        copy = object.__new__(LanguageModel)
+        copy.__dict__.update(self.__dict__)
+        copy._edits = list(self._edits)
+        copy._shared = self  # the lazily opened connection and weights are this model's
+        return copy
+
     def session(self) -> Session:
         """Several traces as one experiment (nnsight's ``lm.session()``): they run when the block ends, in order,
         and a later trace may use values of an earlier one. See :mod:`hybrid.session`."""
@@ -170,6 +210,7 @@ class LanguageModel:
             return None
 
         tracer = Tracer(self.skeleton, self.tokenize, execute, inputs, **kwargs)
+        apply_edits(tracer, self._edits)
         box.append(tracer)
         if session is not None:
             session.adopt(tracer)

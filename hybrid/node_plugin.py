@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
+from swarm.attention import WEIGHTS_KWARG
 from swarm.span_hook import HookBudgets, HookContext, HookRegistry
 
-from .errors import InvalidGraphError, UnknownModuleError
+from .errors import HybridError, InvalidGraphError, UnknownModuleError
+from .envoy import first_input
 from .interpreter import Interpreter
 from .validation import validate
 from .ir import JSON_BYTES_PER_OP, Limits
@@ -54,6 +56,7 @@ class InterpreterHook:
         """Node id -> session key of values to store here for a later trace (:mod:`hybrid.session_store`)."""
         self.owner = owner
         """The client the kept values are charged to (its own share of the store)."""
+        self._skip_inputs: dict[str, Any] = {}
 
     def _guard(self):
         limit_s = self.interpreter.limits.max_wall_s
@@ -98,7 +101,14 @@ class InterpreterHook:
         if not self.interpreter.wants(path):
             return None
         with self._guard():
-            return self._before(path, args, kwargs)
+            replaced = self._before(path, args, kwargs)
+        if (path, "output", self.call) in self.interpreter.skips:  # the input the replacement must fit (see skip)
+            first = (replaced or (args, kwargs))
+            self._skip_inputs[path] = first_input(*first)
+        if (path, self.call) not in self.interpreter.attention_weights:
+            return replaced
+        args, kwargs = replaced or (args, kwargs)  # the graph reads this call's attention weights: run it eagerly
+        return args, {**kwargs, WEIGHTS_KWARG: True}
 
     def _before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:
@@ -120,6 +130,16 @@ class InterpreterHook:
                                     f"of {path} (min {value.min().item()}, max {value.max().item()}).")
         return value
 
+    def skip(self, path: str) -> tuple | None:
+        """``(output,)`` for a module the graph skips (``module.skip(value)``): the node does not run it."""
+        if not self.interpreter.skips:
+            return None
+        with self._guard():
+            replaced = self.interpreter.skip_output(path, self.call)
+            if replaced is not None:
+                _check_skip(path, self.interpreter.modules.get(path), self._skip_inputs.get(path), replaced[0])
+            return replaced
+
     def after(self, path: str, output: Any) -> Any:
         if path == "model.embed_tokens" and self.interpreter.grad_mode and isinstance(output, torch.Tensor):
             # gradients start here: the hidden states require grad from the embedding on, as when the model's own
@@ -127,6 +147,11 @@ class InterpreterHook:
             output = output.detach().requires_grad_(True)  # no earlier hop: its gradient goes nowhere
         if not self.interpreter.wants(path):
             return output
+        if (path, self.call) in self.interpreter.attention_weights and not (
+                isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor)):
+            raise HybridError(f"{path} ran without materialising its attention weights, which the graph reads: this "
+                              "model's attention implementation cannot switch to eager per call (load its stages "
+                              "with swarm.stages.SpanModel, attn_implementation='sdpa')")
         with self._guard():
             return self.interpreter.on_event(path, "output", self.call, output)
 
@@ -137,6 +162,23 @@ class InterpreterHook:
         for node_id, key in self.keep.items():  # outside the guard: the store is shared
             STORE.put(key, self.interpreter.values[node_id], owner=self.owner)
         return packed
+
+
+def _check_skip(path: str, module: torch.nn.Module | None, first: Any, replacement: Any) -> None:
+    """Refuse a skipped module's replacement that cannot be its output, before the model uses it (the next module
+    would fail instead): its (first) tensor must have the shape the module maps its first input to (a Linear's or an
+    Embedding's own width last; every other module this swarm serves keeps the input's shape)."""
+    out = replacement[0] if isinstance(replacement, tuple) and replacement else replacement
+    if not isinstance(first, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return
+    shape = tuple(first.shape)
+    if isinstance(module, torch.nn.Linear):
+        shape = shape[:-1] + (module.out_features,)
+    elif isinstance(module, torch.nn.Embedding):
+        shape = shape + (module.embedding_dim,)
+    if tuple(out.shape) != shape:
+        raise InvalidGraphError(f"The graph skips {path} with a {tuple(out.shape)} value; its output would be "
+                                f"{shape}. Skip it with a value of the module output's shape.")
 
 
 def build_graph_hook(payload: bytes, context: HookContext, node: Limits = NODE_LIMITS) -> InterpreterHook:

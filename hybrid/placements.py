@@ -280,7 +280,8 @@ def pull_through(interpreter: Interpreter, hidden: torch.Tensor, call: int, boun
     for start, end in segments(boundaries, num_layers):
         if start == 0 and 0 in boundaries:
             hidden = interpreter.on_event("model.layers.0", "input", call, hidden)
-        hidden = run_segment(start, end, hidden)
+        skipped = interpreter.skip_output(f"model.layers.{start}", call) if end == start + 1 else None
+        hidden = skipped[0] if skipped is not None else run_segment(start, end, hidden)  # a skipped layer: not run
         hidden = interpreter.on_event(f"model.layers.{end - 1}", "output", call, hidden)
         if end < num_layers:
             hidden = interpreter.on_event(f"model.layers.{end}", "input", call, hidden)

@@ -148,6 +148,8 @@ class Tracer:
         """The forward call (generation step) module reads and writes bind to now."""
         self._result = GeneratedTokens()
         self._containers: list = []
+        self._finalizers: list[Callable[[], None]] = []
+        """Called when the block ends, before the graph runs (``tracer.cache()`` records its getters then)."""
         self._tokenize, self._execute, self._inputs = tokenize, execute, inputs
         self._builder = GraphBuilder(self._getter_fake, skeleton.module)
         self._builder.check_order = self._check_order
@@ -224,6 +226,13 @@ class Tracer:
             raise TraceError(at_user_line("tracer.result is the token ids of lm.generate(...); in lm.trace(...) read "
                                           "the logits as lm.lm_head.output"))
         return self._result
+
+    def cache(self, modules: list | None = None, **options: Any) -> Any:
+        """nnsight's ``tracer.cache(modules=None, device=cpu, dtype=None, include_output=True,
+        include_inputs=False, ...)``: every selected module's value (after the interventions), saved; see
+        :mod:`hybrid.cache`."""
+        from .cache import declare
+        return declare(self, modules, **options)
 
     def invoke(self, inputs: Any = None) -> "_InvokeContext":
         """A ``with`` block whose module reads and writes see only the rows of ``inputs`` (nnsight's invoker).
@@ -309,6 +318,8 @@ class Tracer:
         with_rows = [invoke for invoke in self._invokes if invoke.rows]
         ids, mask = with_rows[0].encoded if len(with_rows) == 1 else self._tokenize_rows(rows)
         self._resize(self._batch, ids.shape[1], "tokenizing all invokes together")
+        for finalize in self._finalizers:
+            finalize()
         for container in self._containers:
             _save_items(container)
         values = self._execute(self.graph, ids, mask)
@@ -345,8 +356,10 @@ class Tracer:
             invoke.views[key] = self._narrow(full, invoke, f"{path}.{kind}")
         return invoke.views[key]
 
-    def write_module(self, path: str, kind: str, value: Any, call: int | None = None) -> None:
-        """Replace ``path``'s ``kind`` with ``value`` (for the current invoke's rows) in forward call ``call``."""
+    def write_module(self, path: str, kind: str, value: Any, call: int | None = None, *, skip: bool = False) -> None:
+        """Replace ``path``'s ``kind`` with ``value`` (for the current invoke's rows) in forward call ``call``.
+        ``skip``: the module is not run at all (``module.skip(value)``, see :meth:`hybrid.envoy.Envoy.skip`); inside
+        an invoke of some rows only, the module still runs for the other rows, and ``value`` replaces its rows."""
         call = self.call if call is None else call
         last = self._current.last if self._current is not None else None
         invoke = self._use(path, kind, call)
@@ -354,7 +367,8 @@ class Tracer:
             if invoke.narrow:
                 value = self._widen(self._full_getter(path, kind, call), invoke, value, f"{path}.{kind}")
             before = self._builder.module_fake(path, kind, call)
-            self._builder.record("setter", module=path, kind=kind, call=call, args=(value,))
+            self._builder.record("setter", module=path, kind=kind, call=call, args=(value,),
+                                 kwargs={"skip": True} if skip and not invoke.narrow else None)
         except TraceError:
             invoke.last = last  # a refused write does not count as using the module
             raise
@@ -414,7 +428,7 @@ class Tracer:
             raise TraceError(at_user_line(f"{name} is a {type(fake).__name__}; it cannot be replaced per invoke"))
         parts = _tuple_parts(value, len(fake), name)
         return tuple(self._widen_tensor(full[i], f, invoke, parts[i], f"{name}[{i}]")
-                     if self._batched(f) else parts[i] for i, f in enumerate(fake))
+                     if self._batched(f) and parts[i] is not None else parts[i] for i, f in enumerate(fake))
 
     def _widen_tensor(self, full: Proxy, fake: torch.Tensor, invoke: _Invoke, value: Any, name: str) -> Any:
         if not self._batched(fake):

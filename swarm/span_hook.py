@@ -60,6 +60,10 @@ class SpanHook(Protocol):
     def result(self) -> bytes:
         """Bytes to send back with the response once the span has run."""
 
+    # Optional: ``skip(path) -> (output,) | None``, asked just before ``path``'s forward runs (after ``before``):
+    # a 1-tuple is used as the module's output without running it (its submodules then never run; ``after`` still
+    # sees the output), None runs the module.
+
 
 HookFactory = Callable[[bytes, HookContext], SpanHook]
 
@@ -128,6 +132,20 @@ def install_dispatch(model: nn.Module) -> None:
             continue
         module.register_forward_pre_hook(_make_pre(path), with_kwargs=True)
         module.register_forward_hook(_make_post(path))
+        module.forward = _skippable(path, module.forward)
+
+
+def _skippable(path: str, forward: Callable) -> Callable:
+    """``forward``, unless the active hook's optional ``skip(path)`` gives the output to use instead (torch runs the
+    pre-hooks before and the forward hooks after this, so the hook sees the module's events either way)."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        skip = getattr(getattr(_active, "hook", None), "skip", None)
+        if skip is not None:
+            replaced = _guard(path, lambda: skip(path))
+            if replaced is not None:
+                return replaced[0]
+        return forward(*args, **kwargs)
+    return call
 
 
 def _make_pre(path: str):

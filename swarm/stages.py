@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from . import attention
 from .checkpoint import TensorIndex, load_config
 from .errors import BadRequestError, ModelNotFoundError
 
@@ -93,7 +94,8 @@ class SpanModel(nn.Module):
     @classmethod
     def load(cls, path: Path, span: Span, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
              attn_implementation: str = "sdpa") -> "SpanModel":
-        """Load only the tensors of ``span`` from the safetensors checkpoint at ``path``.
+        """Load only the tensors of ``span`` from the safetensors checkpoint at ``path``. ``"sdpa"`` attention is
+        :mod:`swarm.attention`'s: SDPA, except in the calls a request asks for attention weights (eager there).
 
         Raises:
             ModelNotFoundError: unsupported family or tensors missing from the checkpoint.
@@ -101,7 +103,7 @@ class SpanModel(nn.Module):
         """
         config = load_config(path)
         check_family(config)
-        config._attn_implementation = attn_implementation
+        config._attn_implementation = attention.register() if attn_implementation == "sdpa" else attn_implementation
         num_layers = config.num_hidden_layers
         if not (0 <= span.start <= span.end <= num_layers):
             raise BadRequestError(f"Span {span.start}:{span.end} does not fit a model with {num_layers} layers.")
