@@ -207,11 +207,11 @@ class Tracer:
     def iter(self) -> Steps:
         """Select generation steps: ``for step in tracer.iter[:3]:`` binds module reads and writes in the loop body
         to steps 0, 1, 2 (``[a:b]``, ``[i]`` and ``[[i, j]]`` work as in nnsight; steps past the last are left out
-        with a warning)."""
+        with a warning). nnsight's deprecated block form ``with tracer.iter[...]:`` runs its body once per step."""
         return Steps(self)
 
     def all(self) -> Steps:
-        """Every generation step: ``for step in tracer.all():`` (``tracer.iter[:]``)."""
+        """Every generation step: ``for step in tracer.all():`` (``tracer.iter[:]``; ``with tracer.all():`` too)."""
         return Steps(self)[:]
 
     @property
