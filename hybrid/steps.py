@@ -170,11 +170,13 @@ def _run_in_frame(code: CodeType, frame: FrameType) -> None:
 
 
 class GeneratedTokens:
-    """``tracer.result``: the generated token ids ``(B, T + N)``; ``.save()`` it to use it after the block."""
+    """``tracer.result``: the generated token ids ``(B, T + N)``; ``.save()`` it to use it after the block. Read in
+    an invoke, it is that invoke's ``rows`` of the ``whole`` result."""
 
-    def __init__(self) -> None:
+    def __init__(self, whole: "GeneratedTokens | None" = None, rows: slice | None = None) -> None:
         self.saved = False
         self._value: torch.Tensor | None = None
+        self._whole, self._rows = whole, rows
 
     def save(self) -> "GeneratedTokens":
         self.saved = True
@@ -182,10 +184,12 @@ class GeneratedTokens:
 
     @property
     def bound(self) -> bool:
-        return self._value is not None
+        return self._whole.bound if self._whole is not None else self._value is not None
 
     @property
     def value(self) -> torch.Tensor:
+        if self._whole is not None:
+            return self._whole.value[self._rows]
         if self._value is None:
             raise TraceError("tracer.result has no value yet: it exists after the `with lm.generate(...)` block")
         return self._value
