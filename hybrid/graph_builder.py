@@ -61,6 +61,18 @@ def conform_fake(new: Any, old: Any, where: str) -> Any:
     raise TraceError(at_user_line(f"setting {where}: a {type(old).__name__} value cannot be replaced"))
 
 
+def _session_successor(ended: "GraphBuilder") -> "GraphBuilder | None":
+    """The builder of the trace open now on this thread, if it may use values of the ended trace's builder (a later
+    trace of the same session imports them as ``load`` nodes), else None."""
+    from .tracing import current_tracer
+
+    tracer = current_tracer()
+    builder = tracer._builder if tracer is not None else None
+    if builder is None or builder is ended or builder.closed or builder.importer is None:
+        return None
+    return builder
+
+
 class GraphBuilder:
     """Records nodes into :attr:`graph` and keeps a fake value per node (:attr:`fakes`).
 
@@ -97,7 +109,12 @@ class GraphBuilder:
         """Convert the arguments, run the op on fakes, and append the node. Raises TraceError (shapes, data-dependent
         ops, values that cannot enter a graph) or DisallowedOpError; nothing is appended then."""
         if self.closed:
-            raise TraceError(at_user_line("this trace has ended; values from it are read with .value after .save()"))
+            later = _session_successor(self)
+            if later is None:
+                raise TraceError(at_user_line("this trace has ended; values from it are read with .value after .save() "
+                                              "(or used in a later trace of the same `with lm.session():`)"))
+            # a value of an earlier trace of this session, used in the trace open now: the op belongs to that trace
+            return later.record(op, target=target, args=args, kwargs=kwargs, module=module, kind=kind, call=call)
         attached = len(self.graph.attachments)
         try:
             args, kwargs = self._to_ir(list(args)), self._to_ir(dict(kwargs or {}))  # may add load nodes first

@@ -8,11 +8,22 @@
         ids = tracer.result.save()                      # (B, T + 3) after the block
 
 Step ``s`` is forward call ``s`` of the generation: the prompt in step 0, one new token per later step.
+
+The deprecated block form ``with tracer.iter[a:b]:`` / ``with tracer.all():`` runs its body once per selected step
+that the generation makes, as nnsight 0.8.1 does: the first step inline, the others by running the block's compiled
+body again in the caller's variables (which then hold the last step's values); the trace's block goes on after it, as
+in nnsight (whose block form, unlike its ``for`` form, resumes after an open selection). A selection of no step the
+generation makes skips the body.
 """
 
 from __future__ import annotations
 
+import ast
+import ctypes
+import linecache
+import sys
 import warnings
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -41,7 +52,7 @@ class Steps:
 
     def indices(self) -> list[int]:
         """The selected steps that the generation makes (``tracer.steps`` of them)."""
-        wanted = self.steps if self.steps is not None else range(self.start, self.stop or self._tracer.steps)
+        wanted = self._wanted()
         if any(s < 0 for s in wanted):
             raise TraceError(f"generation steps cannot be negative; got {list(wanted)}")
         made = [s for s in wanted if s < self._tracer.steps]
@@ -59,20 +70,113 @@ class Steps:
         finally:
             self._tracer.call = previous
 
-    def __enter__(self) -> Any:
-        raise TraceError("`with tracer.iter[...]:` is deprecated in nnsight and not supported here; loop instead: "
-                         "`for step in tracer.iter[...]:`")
+    # ---- the deprecated block form ----------------------------------------------------------------------------
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __enter__(self) -> "Steps":
+        from .tracing import _user_frame
+
+        frame = _user_frame()
+        self._frame, self._body = frame, _block_body(frame)
+        warnings.warn_explicit("the `with tracer.iter[...]:` / `with tracer.all():` block form is deprecated in "
+                               "nnsight; use `for step in tracer.iter[...]:`", DeprecationWarning,
+                               frame.f_code.co_filename, frame.f_lineno)
+        self._made = self.indices()
+        self._previous = self._tracer.call
+        if not self._made:
+            _skip_body(frame)
+        else:
+            self._tracer.call = self._made[0]
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        frame, self._frame = self._frame, None
+        if exc_type is _SkipBody:
+            sys.settrace(exc.displaced)
+            return True
+        try:
+            if exc_type is None:
+                for step in self._made[1:]:
+                    self._tracer.call = step
+                    _run_in_frame(self._body, frame)
+        finally:
+            self._tracer.call = self._previous
         return False
+
+    def _wanted(self) -> list[int]:
+        return list(self.steps if self.steps is not None else range(self.start, self.stop or self._tracer.steps))
+
+
+class _SkipBody(Exception):
+    """Raised at the first line of a step block that selects no step the generation makes; its ``__exit__`` ends it."""
+
+    def __init__(self, displaced: Any) -> None:
+        super().__init__("no selected step is made")
+        self.displaced = displaced
+
+
+def _skip_body(frame: FrameType) -> None:
+    """Leave the ``with`` body ``frame`` is about to run: raise :class:`_SkipBody` at its first line event."""
+    displaced = sys.gettrace()
+    entry = frame.f_lineno
+
+    def hook(f: FrameType, event: str, arg: Any) -> Any:
+        if f is frame and event == "line" and f.f_lineno != entry:
+            frame.f_trace = None
+            raise _SkipBody(displaced)
+        return hook
+
+    frame.f_trace = hook
+    sys.settrace(lambda *a: None)
+
+
+def _block_body(frame: FrameType | None) -> CodeType:
+    """The body of the ``with`` statement ``frame`` is entering, compiled to run again in that frame's variables."""
+    if frame is None:
+        raise TraceError("`with tracer.iter[...]:` needs the caller's frame; loop instead: "
+                         "`for step in tracer.iter[...]:`")
+    filename, line = frame.f_code.co_filename, frame.f_lineno
+    source = "".join(linecache.getlines(filename, frame.f_globals))
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        tree = None
+    blocks = [] if tree is None else [
+        n for n in ast.walk(tree) if isinstance(n, ast.With)
+        and (n.lineno == line or any(item.context_expr.lineno == line for item in n.items))]
+    if not blocks:
+        raise TraceError(f"cannot read the source of the `with tracer.iter[...]:` block at {filename}:{line}, which "
+                         "runs once per step; loop instead: `for step in tracer.iter[...]:`")
+    block = min(blocks, key=lambda n: n.end_lineno - n.lineno)
+    if block.body[0].lineno == block.lineno:
+        raise TraceError(f"{filename}:{line}: the body of `with tracer.iter[...]:` must start on its own line")
+    module = ast.fix_missing_locations(ast.Module(body=block.body, type_ignores=[]))
+    return compile(module, filename, "exec")
+
+
+def _run_in_frame(code: CodeType, frame: FrameType) -> None:
+    """Run ``code`` in ``frame``'s variables and write what it assigned back into the frame."""
+    if frame.f_locals is frame.f_globals:  # module level: the variables are the globals
+        exec(code, frame.f_globals)
+        return
+    scope = {**frame.f_globals, **frame.f_locals}
+    exec(code, scope)
+    names = frame.f_code.co_varnames + frame.f_code.co_cellvars + frame.f_code.co_freevars
+    f_locals = frame.f_locals
+    for name in names:
+        if name in scope:
+            f_locals[name] = scope[name]
+    if sys.version_info < (3, 13):
+        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
 
 
 class GeneratedTokens:
-    """``tracer.result``: the generated token ids ``(B, T + N)``; ``.save()`` it to use it after the block."""
+    """``tracer.result``: the generated token ids ``(B, T + N)``; ``.save()`` it to use it after the block. Read in
+    an invoke, it is that invoke's ``rows`` of the ``whole`` result."""
 
-    def __init__(self) -> None:
+    def __init__(self, whole: "GeneratedTokens | None" = None, rows: slice | None = None) -> None:
         self.saved = False
         self._value: torch.Tensor | None = None
+        self._whole, self._rows = whole, rows
 
     def save(self) -> "GeneratedTokens":
         self.saved = True
@@ -80,10 +184,12 @@ class GeneratedTokens:
 
     @property
     def bound(self) -> bool:
-        return self._value is not None
+        return self._whole.bound if self._whole is not None else self._value is not None
 
     @property
     def value(self) -> torch.Tensor:
+        if self._whole is not None:
+            return self._whole.value[self._rows]
         if self._value is None:
             raise TraceError("tracer.result has no value yet: it exists after the `with lm.generate(...)` block")
         return self._value

@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 import torch
 
+from .barrier import Barrier
 from .envoy import Envoy, ModelSkeleton, ShapeInfo, first_input, root_envoy
 from .steps import GeneratedTokens, Steps
 from .errors import HybridError, OrderError, TraceError
@@ -118,6 +119,8 @@ class _Invoke:
     last: tuple[tuple[int, int], str] | None = None
     """((call, event index), name) of the latest module event this invoke used."""
     views: dict = field(default_factory=dict)
+    result: GeneratedTokens | None = None
+    """``tracer.result`` read in this invoke: its rows of the generated ids."""
 
 
 class Tracer:
@@ -150,6 +153,7 @@ class Tracer:
         self._containers: list = []
         self._finalizers: list[Callable[[], None]] = []
         """Called when the block ends, before the graph runs (``tracer.cache()`` records its getters then)."""
+        self._barriers: list[Barrier] = []
         self._tokenize, self._execute, self._inputs = tokenize, execute, inputs
         self._builder = GraphBuilder(self._getter_fake, skeleton.module)
         self._builder.check_order = self._check_order
@@ -205,27 +209,43 @@ class Tracer:
             raise TraceError(at_user_line("tracer.stop() can only be called inside its `with` block"))
         raise _Stop(self)
 
+    def barrier(self, n: int) -> Barrier:
+        """nnsight's ``tracer.barrier(n)``: a meeting point for ``n`` invokes (see :mod:`hybrid.barrier`); call it
+        from each of them. Invokes are recorded in the order they are written, so values made above it are there for
+        later-written invokes."""
+        if self._state != "tracing":
+            raise TraceError(at_user_line("tracer.barrier(n) can only be created inside its `with` block"))
+        barrier = Barrier(self, n)
+        self._barriers.append(barrier)
+        return barrier
+
     @property
     def iter(self) -> Steps:
         """Select generation steps: ``for step in tracer.iter[:3]:`` binds module reads and writes in the loop body
         to steps 0, 1, 2 (``[a:b]``, ``[i]`` and ``[[i, j]]`` work as in nnsight; steps past the last are left out
-        with a warning)."""
+        with a warning). nnsight's deprecated block form ``with tracer.iter[...]:`` runs its body once per step."""
         return Steps(self)
 
     def all(self) -> Steps:
-        """Every generation step: ``for step in tracer.all():`` (``tracer.iter[:]``)."""
+        """Every generation step: ``for step in tracer.all():`` (``tracer.iter[:]``; ``with tracer.all():`` too)."""
         return Steps(self)[:]
 
     @property
     def result(self) -> GeneratedTokens:
-        """What the traced call returns: for ``lm.generate``, the prompt and new token ids ``(B, T + N)``.
-        ``.save()`` it; it becomes a tensor after the block."""
+        """What the traced call returns: for ``lm.generate``, the prompt and new token ids ``(B, T + N)``; inside
+        ``tracer.invoke(...)``, that invoke's rows, as in nnsight. ``.save()`` it; it becomes a tensor after the
+        block."""
         if self._state != "tracing":
             raise TraceError(at_user_line("tracer.result can only be used inside its `with` block"))
         if not self.generation:
             raise TraceError(at_user_line("tracer.result is the token ids of lm.generate(...); in lm.trace(...) read "
                                           "the logits as lm.lm_head.output"))
-        return self._result
+        invoke = self._current
+        if invoke is None or not invoke.narrow:
+            return self._result
+        if invoke.result is None:
+            invoke.result = GeneratedTokens(self._result, slice(invoke.start, invoke.stop))
+        return invoke.result
 
     def cache(self, modules: list | None = None, **options: Any) -> Any:
         """nnsight's ``tracer.cache(modules=None, device=cpu, dtype=None, include_output=True,
@@ -315,6 +335,8 @@ class Tracer:
         if not rows:
             raise TraceError("the trace has no inputs: pass prompts to lm.trace(...) or add "
                              "`with tracer.invoke(prompts):` blocks")
+        for barrier in self._barriers:
+            barrier.check()
         with_rows = [invoke for invoke in self._invokes if invoke.rows]
         ids, mask = with_rows[0].encoded if len(with_rows) == 1 else self._tokenize_rows(rows)
         self._resize(self._batch, ids.shape[1], "tokenizing all invokes together")

@@ -48,7 +48,7 @@ from .zygote import CONTROL_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
-META_FIELDS = {"path": str, "gradients": bool, "swarm_bytes_sent": int, "swarm_bytes_received": int,
+META_FIELDS = {"path": str, "reason": str, "gradients": bool, "swarm_bytes_sent": int, "swarm_bytes_received": int,
                "swarm_calls": int}
 MAX_LOG_LINES = 1000
 MAX_ERROR_TEXT = 16 * 2**10
@@ -334,5 +334,5 @@ def _checked_meta(meta: dict) -> dict:
     for name, kind in META_FIELDS.items():
         value = meta.get(name)
         if type(value) is kind:
-            checked[name] = value[:32] if kind is str else value
+            checked[name] = value[:(512 if name == "reason" else 32)] if kind is str else value
     return checked

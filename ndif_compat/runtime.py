@@ -187,10 +187,7 @@ class Runtime:
         path = "gateway"
         try:
             saves, reason = None, "this gateway runs every request there (--no-hybrid)"
-            if self.hybrid_lm is not None and gradients:
-                reason = ("it takes gradients, which the swarm backend runs on its gateway path (each decoder "
-                          "segment's backward through the nodes' backward RPC) for now")
-            elif self.hybrid_lm is not None:
+            if self.hybrid_lm is not None:  # gradients too: the nodes run backward passes (hybrid.backward)
                 saves, path, reason = self._try_hybrid(tracer, source, log)
             if saves is None:
                 saves = self._run_gateway(data, tracer, sources, request_id, log, reason, gradients)
@@ -202,7 +199,8 @@ class Runtime:
             raise ParametersModifiedError(f"the request modified model parameters ({', '.join(changed[:3])}); parameters "
                                      "are read-only on this gateway. The worker was replaced to restore them.")
         after = self.traffic()
-        meta = {"path": path, "gradients": gradients, "swarm_bytes_sent": after[0] - before[0],
+        meta = {"path": path, "reason": reason if path == "gateway" else "", "gradients": gradients,
+                "swarm_bytes_sent": after[0] - before[0],
                 "swarm_bytes_received": after[1] - before[1], "swarm_calls": after[2] - before[2]}
         return Outcome(encode_result(saves, compress)), meta
 

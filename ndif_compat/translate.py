@@ -13,7 +13,9 @@ Before it runs, the block is rewritten in two nnsight idioms our tracer spells d
 object (nnsight mounts ``save`` on every object, so ``list().save()`` is a container) becomes ``hybrid.save(x)``,
 and the deprecated ``with tracer.all():`` / ``with tracer.iter[...]:`` becomes the ``for`` loop it means.
 
-Reads, saves, slice assignment, arithmetic and whitelisted torch functions record graphs; the graphs are planned
+Reads, saves, slice assignment, arithmetic, whitelisted torch functions, the root model's output
+(``lm.output.logits``), ``module.skip``, ``tracer.stop()``, ``tracer.barrier(n)``, ``tracer.invoke`` and gradients
+(``requires_grad_``, ``with loss.backward():``, ``.grad``) record graphs; the graphs are planned
 over the route and pushed to the nodes; only the saved values come back to the gateway. Anything the hybrid
 tracer cannot record (sampling, Python control flow on values, unknown functions, statements after an open
 ``tracer.all()`` loop, whose nnsight semantics skip them) raises while tracing, before anything ran on the swarm:

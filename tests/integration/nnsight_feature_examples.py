@@ -1,0 +1,163 @@
+"""One small example per row of docs/nnsight_features.md, in nnsight 0.8.1's spelling, run by
+tests/integration/test_nnsight_features.py in each placement. Each takes ``(lm, placement)`` and returns nothing: a
+row marked supported must run, a row marked unsupported must raise the error the table names."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hybrid
+
+PROMPT = "The Eiffel Tower is located in the city of"
+OTHER = "Big Ben is located in the city of the"
+
+
+def trace_read_patch(lm, placement):
+    with lm.trace([PROMPT, OTHER], placement=placement):
+        h = lm.model.layers[4].output
+        h[1, -1, :] = h[0, -1, :]
+        out = lm.lm_head.output[:, -1].save()
+    assert out.shape[0] == 2
+
+
+def submodule(lm, placement):
+    with lm.trace(PROMPT, placement=placement):
+        mlp = lm.model.layers[3].mlp.output[:, -1].save()
+    assert mlp.shape == (1, lm.config.hidden_size)
+
+
+def root_output(lm, placement):
+    with lm.trace(PROMPT, placement=placement):
+        logits = lm.output.logits[:, -1].save()
+    assert logits.shape == (1, lm.config.vocab_size)
+
+
+def root_inputs(lm, placement):
+    with lm.trace(PROMPT, placement=placement):
+        inputs = lm.inputs.save()
+
+
+def generator_output(lm, placement):
+    with lm.generate(PROMPT, max_new_tokens=2, placement=placement):
+        ids = lm.generator.output.save()
+
+
+def generation_loop(lm, placement):
+    with lm.generate(PROMPT, max_new_tokens=2, placement=placement) as tracer:
+        probs = hybrid.save([])
+        for step in tracer.iter[:2]:
+            lm.model.layers[4].output[:, -1] *= 1.1
+            probs.append(lm.lm_head.output[:, -1].softmax(-1).max(-1).values)
+        ids = tracer.result.save()
+    assert len(probs) == 2 and ids.shape[1] >= 2
+
+
+def block_forms(lm, placement):
+    with lm.generate(PROMPT, max_new_tokens=2, placement=placement) as tracer:
+        probs = hybrid.save([])
+        with tracer.iter[0:1]:
+            lm.model.layers[4].output[:, -1] *= 1.1
+        with tracer.all():
+            probs.append(lm.lm_head.output[:, -1].softmax(-1).max(-1).values)
+    assert len(probs) == 2
+
+
+def session_values(lm, placement):
+    with lm.session():
+        with lm.trace(PROMPT, placement=placement):
+            h = lm.model.layers[4].output
+        with lm.trace(OTHER, placement=placement):
+            lm.model.layers[4].output[:, -1] = (h * 2)[:, -1]
+            out = lm.lm_head.output[:, -1].save()
+    assert out.shape == (1, lm.config.vocab_size)
+
+
+def barrier(lm, placement):
+    with lm.trace(placement=placement) as tracer:
+        meet = tracer.barrier(2)
+        with tracer.invoke(PROMPT):
+            h = lm.model.layers[4].output[:, -1]
+            meet()
+        with tracer.invoke(OTHER):
+            meet()
+            lm.model.layers[4].output[:, -1] = h
+            out = lm.lm_head.output[:, -1].save()
+    assert out.shape == (1, lm.config.vocab_size)
+
+
+def early_stop(lm, placement):
+    with lm.trace(PROMPT, placement=placement) as tracer:
+        h = lm.model.layers[2].output.save()
+        tracer.stop()
+    assert h.shape[0] == 1
+
+
+def skip(lm, placement):
+    with lm.trace(PROMPT, placement=placement):
+        lm.model.layers[3].skip(lm.model.layers[3].input)
+        out = lm.lm_head.output[:, -1].save()
+    assert out.shape == (1, lm.config.vocab_size)
+
+
+class _Sae(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.enc = nn.Parameter(torch.randn(4 * d, d, generator=g) / d ** 0.5)
+        self.dec = nn.Parameter(torch.randn(d, 4 * d, generator=g) / (4 * d) ** 0.5)
+
+    def forward(self, x):
+        return F.linear(F.relu(F.linear(x, self.enc)), self.dec)
+
+
+def user_module(lm, placement):
+    sae = _Sae(lm.config.hidden_size)
+    with lm.trace(PROMPT, placement=placement):
+        lm.model.layers[4].output = sae(lm.model.layers[4].output)
+        out = lm.lm_head.output[:, -1].save()
+    assert out.shape == (1, lm.config.vocab_size)
+
+
+def gradients(lm, placement):
+    with lm.trace(PROMPT, placement=placement):
+        h = lm.model.layers[4].output
+        h.requires_grad_(True)
+        logits = lm.lm_head.output[:, -1]
+        with logits.max().backward():
+            g = h.grad.save()
+    assert g.shape == (1, 10, lm.config.hidden_size)
+
+
+def attention_weights(lm, placement):
+    with lm.trace(PROMPT, placement=placement):
+        weights = hybrid.save(lm.model.layers[2].self_attn.output[1])
+    if weights is None:   # the nodes run SDPA attention, which returns no weights
+        raise NotImplementedError("self_attn.output[1] is None")
+    assert weights.shape[-1] == 10
+
+
+def cache(lm, placement):
+    with lm.trace(PROMPT, placement=placement) as tracer:
+        cached = tracer.cache()
+
+
+def scan(lm, placement):
+    with lm.scan(PROMPT):
+        shape = lm.model.layers[2].output.shape
+
+
+def edit(lm, placement):
+    with lm.edit() as edited:
+        lm.model.layers[2].output[:] = 0
+
+
+def source(lm, placement):
+    with lm.trace(PROMPT, placement=placement):
+        attn = lm.model.layers[2].self_attn.source
+
+
+EXAMPLES = {f.__name__: f for f in (
+    trace_read_patch, submodule, root_output, root_inputs, generator_output, generation_loop, block_forms,
+    session_values, barrier, early_stop, skip, user_module, gradients, attention_weights, cache, scan, edit, source)}
