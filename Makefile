@@ -11,9 +11,9 @@ BENCH_SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),setup,)
 
 .PHONY: setup model browser demo test test-unit test-integration test-install clean bench-smoke petals-env
 
-setup: $(STAMP) model browser
+setup: $(STAMP) model
 
-# Debian's Chromium, for the status page's browser test (tests/integration/test_status_page.py). Skipped when a
+# Debian's Chromium, for the status page's browser test (tests/integration/test_status_page.py; `make test` needs it, `make demo` does not). Skipped when a
 # chromium is already on PATH; otherwise apt-get, as root or through sudo (about a minute, ~100 MB of packages).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -41,13 +41,13 @@ model: $(STAMP)
 demo: setup
 	$(PY) -m bench.demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
-test-integration: setup
+test-integration: setup browser
 	$(PY) -m pytest -q tests/integration
 
 # `pip install .` from scratch into a fresh venv (torch==2.13.0 first), then every console script's --help: minutes
