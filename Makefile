@@ -13,8 +13,9 @@ BENCH_SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),setup,)
 
 setup: $(STAMP) model
 
-# Debian's Chromium, for the status page's browser test (tests/integration/test_status_page.py; `make test` needs it, `make demo` does not). Skipped when a
-# chromium is already on PATH; otherwise apt-get, as root or through sudo (about a minute, ~100 MB of packages).
+# Debian's Chromium, for the status page's browser test (tests/integration/test_status_page.py): `make test` needs
+# it, `make demo` does not. Skipped when a chromium is already on PATH; otherwise apt-get, as root or through sudo
+# (about a minute, ~100 MB of packages).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  command -v apt-get >/dev/null 2>&1 || { echo "make browser: no chromium and no apt-get; install Chromium" \
