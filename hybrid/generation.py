@@ -61,6 +61,17 @@ class GenerateOptions:
     pad_token_id: int | None = None
     """What a stopped row emits (None: the first EOS, as transformers)."""
 
+    def __post_init__(self) -> None:
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            if len(eos) > 64 or not all(type(i) is int for i in eos):
+                raise ValueError(f"eos_token_id must be an id or a list of at most 64 ids; got {eos!r:.200}")
+            object.__setattr__(self, "eos_token_id", tuple(eos))
+        elif eos is not None and type(eos) is not int:
+            raise ValueError(f"eos_token_id must be an id or a list of ids; got {eos!r:.200}")
+        if self.pad_token_id is not None and type(self.pad_token_id) is not int:
+            raise ValueError(f"pad_token_id must be an id; got {self.pad_token_id!r:.200}")
+
     @property
     def stop(self) -> StopTokens:
         return StopTokens.of(self.eos_token_id, self.pad_token_id)
@@ -74,9 +85,10 @@ class GenerateOptions:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise HybridError(f"lm.generate does not support {unknown}; it takes {sorted(known)}")
-        if isinstance(kwargs.get("eos_token_id"), (list, tuple)):
-            kwargs = {**kwargs, "eos_token_id": tuple(kwargs["eos_token_id"])}
-        options = cls(**{"eos_token_id": eos_token_id, "pad_token_id": pad_token_id, **kwargs})
+        try:
+            options = cls(**{"eos_token_id": eos_token_id, "pad_token_id": pad_token_id, **kwargs})
+        except ValueError as e:
+            raise HybridError(str(e)) from None
         if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 1:
             raise HybridError(f"max_new_tokens must be a positive integer; got {options.max_new_tokens!r}")
         return options

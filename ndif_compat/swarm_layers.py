@@ -282,5 +282,5 @@ def build_swarm_model(path, local, calls, dtype=torch.float32):
     if leftover:
         raise RuntimeError(f"gateway swarm model left tensors unloaded: {leftover[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = nnsight.LanguageModel(hf, tokenizer=tokenizer)
+    lm = nnsight.TransformersModel(hf, task="text-generation", tokenizer=tokenizer)  # not the deprecated LanguageModel
     return lm, stack
