@@ -11,7 +11,10 @@ serve them. Gradients flow through the swarm when inputs require grad (``model(i
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -51,6 +54,11 @@ class SwarmModel:
         self.remote_stages = remote_stages
         self.active_session: InferenceSession | None = None
         """The inference session of the generation in progress (its ``route`` shows the nodes in use)."""
+        self.closed = False
+        # A script that never calls close() still ends quietly: its p2p connection is shut down at exit (while the
+        # loop's daemon thread still runs), not torn down mid-task by the interpreter ("Task was destroyed ...").
+        self._close_at_exit = functools.partial(_close_if_alive, weakref.ref(self))
+        atexit.register(self._close_at_exit)
 
     @classmethod
     def from_pretrained(cls, model: str = "smollm2-135m", initial_peers: Sequence[str] = (), *,
@@ -88,6 +96,11 @@ class SwarmModel:
         return checkpoint_stop_tokens(self.path, self.config, self.tokenizer)
 
     def close(self) -> None:
+        """Leave the swarm: shut the p2p connection and the DHT down (idempotent; also done at exit)."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self._close_at_exit)
         try:
             self.loop.run(self.sequence.p2p.shutdown(), timeout_s=5)
         except Exception as e:  # closing is best effort; the daemon dies with the DHT anyway
@@ -205,6 +218,12 @@ class SwarmModel:
             self.active_session = None
             self.loop.run(session.close())
         return out
+
+
+def _close_if_alive(ref: "weakref.ref[SwarmModel]") -> None:
+    model = ref()
+    if model is not None:
+        model.close()
 
 
 def pick_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
