@@ -118,7 +118,8 @@ class SwarmModel:
         """The route a forward would take now: a list of hops (peer id, layers) that prints as a table with each
         node's address and the latency this client measured to it."""
         hops = self.loop.run(self.sequence.route(embed=self.remote_stages, head=self.remote_stages, refresh=True))
-        return RouteTable(hops, addresses=self.loop.run(self._addresses()), latency_s=dict(self.sequence._latency_s))
+        return RouteTable(hops, addresses=self.loop.run(self._addresses()), latency_s=dict(self.sequence._latency_s),
+                          embed=self.remote_stages, head=self.remote_stages)
 
     async def _addresses(self) -> dict[str, str]:
         """Peer id → the first multiaddr this client's p2p daemon knows for it (best effort: display only)."""
