@@ -184,12 +184,12 @@ class SwarmModel:
         ``on_token(step, tokens)`` is called with each new column of tokens ``(B,)`` as it is produced (for
         streaming output).
         """
-        if isinstance(eos_token_id, str):
-            if eos_token_id != "checkpoint":
-                raise ValueError(f"eos_token_id must be an id, a list of ids, None or 'checkpoint'; got {eos_token_id!r}")
-            stop = StopTokens(self.stop_tokens.eos, pad_token_id if pad_token_id is not None else self.stop_tokens.pad)
-        else:
-            stop = StopTokens.of(eos_token_id, pad_token_id if pad_token_id is not None else self.stop_tokens.pad)
+        if isinstance(eos_token_id, str) and eos_token_id != "checkpoint":
+            raise ValueError(f"eos_token_id must be an id, a list of ids, None or 'checkpoint'; got {eos_token_id!r}")
+        eos = self.stop_tokens.eos if isinstance(eos_token_id, str) else eos_token_id
+        if pad_token_id is None and eos:
+            pad_token_id = self.stop_tokens.pad
+        stop = StopTokens.of(eos, pad_token_id)
         stops = torch.tensor(stop.eos, dtype=torch.long)
         batch, length = input_ids.shape
         mask = attention_mask.to(torch.int64) if attention_mask is not None else None
