@@ -8,7 +8,9 @@ the model's module tree; the first step the model does not have is refused with 
 the path as written, its line, and what is valid there (the index range, or the submodules).
 
 Only definite mistakes are refused: a chain through a name the block assigns itself, a computed index, or anything
-past a module (``.output``, ``.weight``, a method) is left to the execution, which is exact either way.
+past a module (``.output``, ``.weight``, a method) is left to the execution, which is exact either way. A module that
+stands in for one held elsewhere (the swarm backend's decoder layers) is walked through its ``module_tree`` (the real
+layer on the meta device); one without it is not judged.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def _walk(envoy: Any, root: str, chain: list[tuple[str, Any]], line: int) -> Non
     for kind, value in chain:
         if kind == "other":
             return
+        tree = getattr(module, "module_tree", None)  # a stand-in (the swarm backend's layers) says what it stands for
+        module = tree if isinstance(tree, torch.nn.Module) else module
         if kind == "index":
             children = list(module._modules.values())
             if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):

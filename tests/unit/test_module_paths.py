@@ -64,3 +64,17 @@ def test_the_translation_recognises_the_hybrid_tracers_refusals(tiny_checkpoint_
         with pytest.raises((AttributeError, IndexError)) as e:
             reach()
         assert _MISSING_MODULE.match(str(e.value)), str(e.value)
+
+
+def test_a_stand_in_layer_is_checked_against_the_layer_it_stands_for():
+    """The swarm backend's decoder layers hold no submodules; their ``module_tree`` (the real layer on the meta
+    device) says which exist."""
+    from ndif_compat.swarm_layers import SwarmLayer
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    model.model.layers = torch.nn.ModuleList([SwarmLayer(i, None, model.model.layers[i]) for i in range(4)])
+    lm = nnsight.NNsight(model)
+    check_module_paths(["lm.model.layers[2].mlp.down_proj.output"], {"lm": lm})
+    with pytest.raises(UnknownModuleError, match=r"lm.model.layers\[2\].mlpp does not exist.*self_attn, mlp"):
+        check_module_paths(["lm.model.layers[2].mlpp.output"], {"lm": lm})
