@@ -58,9 +58,9 @@ def test_sampling_is_reproducible_with_a_generator(tiny_checkpoint_factory, swar
     swarm = start_split(swarm_factory(), path, SPLITS[2])
     client = client_factory(path, swarm)
     ids = torch.randint(3, 128, (1, 6))
-    runs = [client.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.5, top_k=20,
+    runs = [client.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.5, top_k=20, eos_token_id=None,
                             generator=torch.Generator().manual_seed(7)) for _ in range(2)]
-    other = client.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.5, top_k=20,
+    other = client.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.5, top_k=20, eos_token_id=None,
                             generator=torch.Generator().manual_seed(8))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], other)
