@@ -358,6 +358,7 @@ def test_operators_get_one_log_line_per_request(local_run, local_gateway):
                          r"in=[1-9]\d*B out=[1-9]\d*B swarm=0/0B time=\d+\.\d{3}s outcome=ok$", line) for line in ok), ok
     assert sum("what=session" in line for line in ok) >= 1 and sum("what=generate" in line for line in ok) >= 1
     assert sum("outcome=UnknownModuleError" in line for line in lines) == len(TYPOS)
+    assert "is deprecated" not in local_gateway.log()  # nnsight's LanguageModel warning: the gateway uses its new name
 
 
 def test_a_busy_port_is_refused_before_the_model_loads(local_gateway):
