@@ -59,9 +59,10 @@ test-install: setup
 
 # The benchmark suite in a few minutes: SmolLM2 + the 10M synthetic model, small n; petals rows only with
 # .petals-venv (skipped with a message otherwise). Figures and summary.md go to figures/.
+# The model is prepared once: by `setup` (its `model` step), or here when PY names an existing environment.
 bench-smoke: $(BENCH_SETUP)
 	rm -rf results/smoke-latest
-	$(PY) -m swarm.cli prepare-model smollm2-135m
+	$(if $(BENCH_SETUP),,$(PY) -m swarm.cli prepare-model smollm2-135m)
 	$(PY) -m plots.cli run --suite smoke --link 60MB/s,20ms --run-id smoke-latest --petals-venv $(PETALS_VENV)
 	$(PY) -m plots.cli plot results/smoke-latest --out figures/
 

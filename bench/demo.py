@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from hybrid import LanguageModel
 from swarm.checkpoint import load_config, resolve_checkpoint
@@ -51,22 +50,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"node {i}: layers {start}:{end} ready in {time.perf_counter() - t0:.1f} s  "
                   f"(pid {node.info['pid']}, {node.info['weight_bytes'] / 1e6:.0f} MB weights)", flush=True)
         print("initial peers: " + " ".join(swarm.initial_peers))
-        tokenizer = AutoTokenizer.from_pretrained(path)
         with SwarmModel.from_pretrained(str(path), initial_peers=swarm.initial_peers) as model:
+            tokenizer = model.tokenizer
             print("route:")
-            for hop in model.route():
-                print(f"  layers {hop.start:>2}:{hop.end:<2} -> {hop.peer_id}")
+            print("  " + str(model.route()).replace("\n", "\n  "))
             ids = tokenizer(args.prompt, return_tensors="pt").input_ids
             logits = model(ids).logits
             top = torch.topk(logits[0, -1].softmax(-1), 3)
             print("next-token top 3: " + ", ".join(f"{tokenizer.decode(int(i))!r} {p:.2f}"
                                                   for p, i in zip(top.values, top.indices)))
             t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=args.max_new_tokens)
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens)   # stops at the end of the answer
             elapsed = time.perf_counter() - t0
             new = out.shape[1] - ids.shape[1]
             print(f"generated ({new} tokens, {new / elapsed:.1f} tokens/s):")
-            print("  " + args.prompt + tokenizer.decode(out[0, ids.shape[1]:]))
+            print("  " + args.prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         with LanguageModel(str(path), initial_peers=swarm.initial_peers) as lm:
             batch = ioi_batch(lm.tokenizer, pairs=16)
             layer = 6

@@ -100,7 +100,7 @@ def kv_reserve(swarm: LocalSwarm, path: Path, rounds: int) -> dict:
         with PeakRss(node.proc.pid) as rss:
             attack_error = timed(lambda: attacker.loop.run(attack(), timeout_s=60))[2]
             prompt = torch.randint(3, 128, (2, 7))
-            runs = [timed(lambda: victim.generate(prompt, max_new_tokens=20)) for _ in range(rounds)]
+            runs = [timed(lambda: victim.generate(prompt, max_new_tokens=20, eos_token_id=None)) for _ in range(rounds)]
         return summary(runs, rss, attack_error=attack_error)
     finally:
         attacker.close()

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 local_g = median_s(lambda: local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
                                                            pad_token_id=0), max(3, args.n // 3))
-            swarm_g = median_s(lambda: model.generate(ids, max_new_tokens=args.new_tokens), max(3, args.n // 3))
+            swarm_g = median_s(lambda: model.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=None), max(3, args.n // 3))
             record("generate_tokens_per_s", local=args.new_tokens / local_g, swarm=args.new_tokens / swarm_g,
                    local_over_swarm=swarm_g / local_g)
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                        rss_before_load_mb=node.info["rss_before_load_bytes"] / 1e6, peak_rss_mb=peak / 1e6,
                        peak_minus_base_mb=(peak - node.info["rss_before_load_bytes"]) / 1e6,
                        weight_mb=node.info["weight_bytes"] / 1e6)
-            want = model.generate(ids, max_new_tokens=args.new_tokens)
+            want = model.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=None)
             middle = {n.peer_id: n for n in (nodes[1], replica)}
 
             def kill_middle(step, tokens):
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     middle[peer].kill(signal.SIGKILL)
 
             before = len(model.sequence.stats.reroute_s)
-            got = model.generate(ids, max_new_tokens=args.new_tokens, on_token=kill_middle)
+            got = model.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=None, on_token=kill_middle)
             reroute = model.sequence.stats.reroute_s[before:]
             record("reroute_after_kill", reroute_s=reroute[0] if reroute else float("nan"),
                    identical_tokens=bool(torch.equal(got, want)))

@@ -13,7 +13,8 @@ got them back at the end of their step), values later steps read go back to the 
   graph on the hidden states it pulls at each boundary.
 
 Tokens are picked as transformers' ``generate`` does: greedy by default, or sampled (temperature, top-k, top-p);
-a row that produced EOS then emits the pad token, and generation stops when every row has.
+a row that produced an EOS (the checkpoint's EOS and end-of-turn tokens by default, :mod:`swarm.tokens`) then emits
+the pad token, and generation stops when every row has.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from swarm.chained_session import ChainedSession
 from swarm.inference_session import InferenceSession
 from swarm.remote_sequence import HookRequest
 from swarm.model import pick_token
+from swarm.tokens import StopTokens
 
 from .errors import HybridError
 from .interpreter import Interpreter
@@ -54,19 +56,39 @@ class GenerateOptions:
     top_p: float | None = None
     seed: int | None = None
     """Seed of the sampling generator (sampling only)."""
-    eos_token_id: int | None = None
-    """Rows stop at this token (then emit ``pad_token_id``); None never stops early."""
+    eos_token_id: int | tuple[int, ...] | None = None
+    """Rows stop at this token or any of these tokens (then emit ``pad_token_id``); None never stops early."""
     pad_token_id: int | None = None
+    """What a stopped row emits (None: the first EOS, as transformers)."""
+
+    def __post_init__(self) -> None:
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            if len(eos) > 64 or not all(type(i) is int for i in eos):
+                raise ValueError(f"eos_token_id must be an id or a list of at most 64 ids; got {eos!r:.200}")
+            object.__setattr__(self, "eos_token_id", tuple(eos))
+        elif eos is not None and type(eos) is not int:
+            raise ValueError(f"eos_token_id must be an id or a list of ids; got {eos!r:.200}")
+        if self.pad_token_id is not None and type(self.pad_token_id) is not int:
+            raise ValueError(f"pad_token_id must be an id; got {self.pad_token_id!r:.200}")
+
+    @property
+    def stop(self) -> StopTokens:
+        return StopTokens.of(self.eos_token_id, self.pad_token_id)
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict, *, eos_token_id: int | None, pad_token_id: int | None) -> "GenerateOptions":
+    def from_kwargs(cls, kwargs: dict, *, eos_token_id: int | tuple[int, ...] | None,
+                    pad_token_id: int | None) -> "GenerateOptions":
         """Options from ``lm.generate(..., **kwargs)``. Raises HybridError naming an unsupported argument."""
         known = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "eos_token_id",
                  "pad_token_id"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise HybridError(f"lm.generate does not support {unknown}; it takes {sorted(known)}")
-        options = cls(**{"eos_token_id": eos_token_id, "pad_token_id": pad_token_id, **kwargs})
+        try:
+            options = cls(**{"eos_token_id": eos_token_id, "pad_token_id": pad_token_id, **kwargs})
+        except ValueError as e:
+            raise HybridError(str(e)) from None
         if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 1:
             raise HybridError(f"max_new_tokens must be a positive integer; got {options.max_new_tokens!r}")
         return options
@@ -86,6 +108,8 @@ def generate(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch.Te
     known: dict[int, Any] = dict(links.supplied)
     tokens, current = input_ids, input_ids
     done = torch.zeros(batch, dtype=torch.bool)
+    stop = options.stop
+    stops = torch.tensor(stop.eos, dtype=torch.long)
     for step in range(options.max_new_tokens):
         out, values = stepper(step, current, mask, positions, known)
         known.update(values)
@@ -94,10 +118,9 @@ def generate(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch.Te
                                options.top_p, generator)  # (B,)
         else:  # the node picked the greedy token (B, 1): the logits never came back
             token = out[:, -1]
-        if options.eos_token_id is not None:
-            if options.pad_token_id is not None:
-                token = torch.where(done, torch.full_like(token, options.pad_token_id), token)
-            done |= token == options.eos_token_id
+        if stop.eos:
+            token = torch.where(done, torch.full_like(token, stop.pad), token)
+            done |= torch.isin(token, stops)
         tokens = torch.cat([tokens, token[:, None]], dim=1)
         if bool(done.all()):
             break

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
 
 from swarm.checkpoint import load_config, resolve_checkpoint
 from swarm.model import SwarmModel
 from swarm.remote_sequence import ClientConfig
 from swarm.span_hook import install_dispatch
 from swarm.stages import Span, SpanModel
+from swarm.tokens import checkpoint_stop_tokens, load_tokenizer
 
 from .edits import STAND_IN, Edit, EditContext, apply_edits, scan_execute
 from .errors import HybridError
@@ -53,14 +53,9 @@ class LanguageModel:
         full-sequence head up to float rounding (~1e-6 relative; see :func:`hybrid.planner.plan_graph`)."""
         self.config = load_config(self.path)
         self.dtype = dtype
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError):  # a checkpoint without tokenizer files takes token ids only
-            self.tokenizer = None
-        else:
-            self.tokenizer.padding_side = "left"
-            if self.tokenizer.pad_token_id is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(self.path)
+        """The checkpoint's own tokenizer (left padding; text inputs are tokenized with it), or None where the
+        checkpoint has no tokenizer files (token ids only)."""
         self.skeleton = ModelSkeleton(self.config)
         self._envoy = root_envoy(self.skeleton)
         self.initial_peers = list(initial_peers or [])
@@ -145,7 +140,8 @@ class LanguageModel:
 
         Args:
             kwargs: ``max_new_tokens`` (default 20), ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
-                ``eos_token_id`` / ``pad_token_id`` (default: the checkpoint's generation config).
+                ``eos_token_id`` (an id or a list; None never stops early) / ``pad_token_id`` (default: the
+                checkpoint's EOS and end-of-turn tokens and its pad token, as :attr:`generation_defaults`).
         """
         placement = self._placement(placement)
         options = GenerateOptions.from_kwargs(kwargs, **self.generation_defaults)
@@ -234,15 +230,10 @@ class LanguageModel:
 
     @cached_property
     def generation_defaults(self) -> dict:
-        """EOS and pad ids from the checkpoint's generation config (read once)."""
-        try:
-            config = GenerationConfig.from_pretrained(self.path)
-        except (OSError, ValueError):
-            config = GenerationConfig()
-        eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
-        eos = eos[0] if isinstance(eos, list) else eos
-        pad = next((p for p in (config.pad_token_id, getattr(self.config, "pad_token_id", None)) if p is not None), eos)
-        return {"eos_token_id": eos, "pad_token_id": pad}
+        """EOS ids (the generation config's, the tokenizer's and end-of-turn markers: :mod:`swarm.tokens`) and the
+        pad id of the checkpoint (read once)."""
+        stop = checkpoint_stop_tokens(self.path, self.config, self.tokenizer)
+        return {"eos_token_id": stop.eos or None, "pad_token_id": stop.pad}
 
     def run_graph(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
                   placement: str = "hybrid", links: SessionLinks = NO_LINKS):

@@ -6,13 +6,20 @@ id; the job's later statuses go to the ``/subscribe`` websocket session named in
 ``/whoami`` and ``/ping`` answer nnsight's helpers; :mod:`ndif_compat.hub` answers the Hub calls of
 ``LanguageModel("<name>")``. Every failure is a typed :class:`~ndif_compat.errors.GatewayError`; the server keeps
 serving.
+
+Operators get one log line per request (logger ``ndif_compat.requests``, INFO): the client (its address, or a short
+hash of its API key, never the key), what it ran (trace / generate / session), where (``hybrid``: pushed to the nodes;
+``gateway/swarm``: on the gateway, decoder layers on the swarm; ``gateway/local``), bytes in and out, seconds and
+the outcome (``ok`` or the error's type).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +46,8 @@ from .protocol import Job, Subscriptions, check_model
 from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
+request_log = logging.getLogger("ndif_compat.requests")
+"""One line per request, for operators (see the module doc)."""
 
 
 ENVELOPE_BYTES = 1 * 2**20
@@ -49,6 +58,20 @@ def _too_large(size: int, limit: int, qualifier: str = "") -> str:
     return (f"the request is {qualifier}{size} bytes; this gateway accepts payloads up to {limit} bytes "
             f"({limit / 2**20:g} MiB, swarm-gateway serve --max-request-mb). Send less: tensors the trace builds on "
             "the gateway instead of shipping them, or ask the operator to raise the limit.")
+
+
+def _client_name(identity: str) -> str:
+    """``addr:1.2.3.4`` as is; ``key:<secret>`` as ``key#<8 hex of its sha256>`` (logs never hold a key)."""
+    kind, _, value = identity.partition(":")
+    return f"key#{hashlib.sha256(value.encode()).hexdigest()[:8]}" if kind == "key" else identity
+
+
+def _log_request(client: str, job_id: str, meta: dict, kind: str, wall_s: float, outcome: str) -> None:
+    what = re.sub(r"[^a-z_]", "", str(meta.get("request", "?")))[:16] or "?"  # reported by the cell: sanitized
+    path = {"hybrid": "hybrid", "gateway": f"gateway/{kind}"}.get(meta.get("path"), "-")
+    request_log.info("request %s client=%s what=%s path=%s in=%dB out=%dB swarm=%d/%dB time=%.3fs outcome=%s",
+                     job_id[:12], client, what, path, meta.get("request_bytes", 0), meta.get("result_bytes", 0),
+                     meta.get("swarm_bytes_sent", 0), meta.get("swarm_bytes_received", 0), wall_s, outcome)
 
 
 def _error(e: GatewayError) -> JSONResponse:
@@ -93,8 +116,11 @@ class Gateway:
     # ---- requests ---------------------------------------------------------------------------------------------
 
     async def submit(self, request: Request) -> Response:
+        t0, client = time.perf_counter(), f"addr:{request.client.host}"
+        declared = request.headers.get("content-length", "")
         try:
             identity = self.keys.identify(request.headers.get("ndif-api-key"), request.client.host)
+            client = _client_name(identity)
             self.keys.charge(identity)
             await self._read_body(request)
             try:
@@ -115,13 +141,15 @@ class Gateway:
             if len(blob) > self.config.limits.max_request_bytes:
                 raise BadRequestError(_too_large(len(blob), self.config.limits.max_request_bytes))
         except GatewayError as e:
+            _log_request(client, "-" * 12, {"request_bytes": int(declared) if declared.isdigit() else 0},
+                         self.config.backend.kind, time.perf_counter() - t0, f"refused:{type(e).__name__}")
             return _error(e)
         job = Job(envelope.session_id, blob, envelope.compress, str(request.base_url).rstrip("/"))
         job.meta = {"request_bytes": len(blob)}
         self.jobs[job.id] = job
         received = job.response(Status.RECEIVED)
         job.latest = received
-        task = asyncio.create_task(self._run(job))
+        task = asyncio.create_task(self._run(job, client, t0))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._purge()
@@ -146,7 +174,15 @@ class Gateway:
         job.latest = response
         self.subscriptions.push(job.session_id, response.model_dump_json())
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, client: str = "-", received_at: float | None = None) -> None:
+        t0, outcome = received_at if received_at is not None else time.perf_counter(), "cancelled"
+        try:
+            outcome = await self._execute(job)
+        finally:
+            _log_request(client, job.id, job.meta, self.config.backend.kind, time.perf_counter() - t0, outcome)
+
+    async def _execute(self, job: Job) -> str:
+        """Run the job and push its answer; returns the outcome for the request log (``ok`` or the error type)."""
         loop = asyncio.get_running_loop()
         self._emit(job, Status.QUEUED)
 
@@ -164,12 +200,12 @@ class Gateway:
             job.meta["wall_s"] = time.perf_counter() - t0
             self._emit(job, Status.ERROR, f"{type(e).__name__}: {e}")
             job.finished = time.monotonic()
-            return
+            return type(e).__name__
         except Exception as e:  # our bug: still an answer, never a hung client
             logger.exception("job %s failed inside the gateway", job.id)
             self._emit(job, Status.ERROR, f"GatewayError: internal error: {type(e).__name__}: {e}")
             job.finished = time.monotonic()
-            return
+            return f"internal:{type(e).__name__}"
         job.blob = b""
         job.result = reply.result
         job.meta |= reply.meta | {"result_bytes": len(reply.result), "wall_s": time.perf_counter() - t0}
@@ -180,6 +216,7 @@ class Gateway:
             frame = job.latest.model_dump_json()
         self.subscriptions.push(job.session_id, frame)
         job.finished = time.monotonic()
+        return "ok"
 
     def _purge(self) -> None:
         now = time.monotonic()

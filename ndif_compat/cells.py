@@ -49,7 +49,7 @@ from .zygote import CONTROL_MESSAGE_BYTES
 logger = logging.getLogger(__name__)
 
 META_FIELDS = {"path": str, "reason": str, "gradients": bool, "swarm_bytes_sent": int, "swarm_bytes_received": int,
-               "swarm_calls": int}
+               "swarm_calls": int, "request": str}
 MAX_LOG_LINES = 1000
 MAX_ERROR_TEXT = 16 * 2**10
 CLEAN_ENV_NAMES = ("PATH", "LANG", "LC_ALL", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",

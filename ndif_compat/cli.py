@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -93,7 +94,26 @@ def make_pool(config: GatewayConfig):
     return CellPool(config.backend, config.limits, config.workers, config.worker_start_timeout_s)
 
 
-def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads, so a busy port is reported at once (and no other
+    process can take it meanwhile); uvicorn serves on it.
+
+    Raises:
+        OSError: the port is in use or the address is not this machine's.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(config: GatewayConfig, ready_file: Path | None = None, sock: socket.socket | None = None) -> None:
     import uvicorn
 
     from .app import Gateway
@@ -115,7 +135,8 @@ def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
             time.sleep(0.05)
         if server.started:
             print(f"swarm-gateway: serving {', '.join(config.names)} at {url}\n"
-                  f"  clients: NDIF_HOST={url} HF_ENDPOINT={url}, then LanguageModel({config.names[0]!r})", flush=True)
+                  f"  clients: NDIF_HOST={url} HF_ENDPOINT={url}, then "
+                  f"TransformersModel({config.names[0]!r}, task='text-generation')", flush=True)
             if ready_file is not None:
                 tmp = ready_file.with_name(ready_file.name + ".tmp")
                 tmp.write_text(json.dumps({"url": url, "names": list(config.names), "pid": os.getpid()}))
@@ -123,7 +144,7 @@ def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
 
     threading.Thread(target=announce, daemon=True).start()
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     finally:
         pool.close()
 
@@ -131,15 +152,22 @@ def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        print(f"swarm-gateway: cannot listen on {args.host}:{args.port} ({e.strerror or e}); another process (a "
+              f"gateway already running?) holds the port: stop it or pick another with --port.", file=sys.stderr)
+        return 2
     from swarm.errors import ModelNotFoundError
     try:
         config = build_config(args, os.environ.pop("SWARM_GATEWAY_API_KEYS", ""))
     except ModelNotFoundError as e:
+        sock.close()
         print(f"swarm-gateway: {e}", file=sys.stderr)
         return 2
     _not_dumpable()
     try:
-        serve(config, args.ready_file)
+        serve(config, args.ready_file, sock)
     except SandboxUnavailableError as e:
         print(f"swarm-gateway: {e}", file=sys.stderr)
         return 2

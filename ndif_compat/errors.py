@@ -126,3 +126,12 @@ class FusedSegmentError(GatewayError):
 class UnreachableModuleError(ExecutionError):
     """The program reads a submodule inside a decoder layer on the swarm backend's gateway path, where the layers run
     on the swarm; the message says why the request is on that path and what would push it to the nodes."""
+
+
+class UnknownModuleError(BadRequestError):
+    """The request names a module path the model does not have (``model.layers[50]`` on a 30-layer model, a misspelt
+    submodule); the message names the path as written, its line, and the valid indices or submodules. Checked before
+    anything runs (:mod:`ndif_compat.module_paths`)."""
+
+    code = "unknown_module"
+    http_status = 200

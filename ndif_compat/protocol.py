@@ -49,7 +49,8 @@ def check_model(model_key: str, names: tuple[str, ...]) -> str:
     repo_id = parse_model_key(model_key)
     if repo_id not in names:
         raise ModelNotServedError(f"this gateway serves {', '.join(repr(n) for n in names)}; the request names "
-                                  f"{repo_id!r}. Build the model as LanguageModel({names[0]!r}).")
+                                  f"{repo_id!r}. Build the model as "
+                                  f"TransformersModel({names[0]!r}, task='text-generation').")
     return repo_id
 
 

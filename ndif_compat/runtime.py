@@ -20,6 +20,7 @@ from .errors import ExecutionError, FusedSegmentError, ParametersModifiedError, 
 from .execution import Outcome, _Printer, encode_result, forget, load_request, run_tracer
 from .gradients import check_tensor_class, needs_gradients
 from .guardrails import SAFE_BUILTINS, AuditGuard, ParameterSeal
+from .module_paths import check_module_paths
 from .swarm_layers import Unreachable, guard_fused_reads, touched_layers
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Runtime:
 
         torch.set_num_threads(spec.threads if threads is None else threads)
         if spec.kind == "local":
-            lm = nnsight.LanguageModel(str(spec.model_path), dispatch=True, dtype=torch.float32)
+            lm = nnsight.TransformersModel(str(spec.model_path), task="text-generation", dispatch=True,
+                                           dtype=torch.float32)  # LanguageModel is deprecated in nnsight 0.8
             lm._module.requires_grad_(False)
             runtime = cls(spec, lm)
         elif spec.kind == "swarm" and brokered:
@@ -186,6 +188,8 @@ class Runtime:
         gradients = needs_gradients(sources)
         path = "gateway"
         try:
+            frame = tracer.info.frame  # a typo in a module path: our typed error, before anything runs
+            check_module_paths(sources, {**frame.f_globals, **frame.f_locals})
             saves, reason = None, "this gateway runs every request there (--no-hybrid)"
             if self.hybrid_lm is not None:  # gradients too: the nodes run backward passes (hybrid.backward)
                 saves, path, reason = self._try_hybrid(tracer, source, log)
@@ -200,6 +204,7 @@ class Runtime:
                                      "are read-only on this gateway. The worker was replaced to restore them.")
         after = self.traffic()
         meta = {"path": path, "reason": reason if path == "gateway" else "", "gradients": gradients,
+                "request": _request_kind(tracer),
                 "swarm_bytes_sent": after[0] - before[0],
                 "swarm_bytes_received": after[1] - before[1], "swarm_calls": after[2] - before[2]}
         return Outcome(encode_result(saves, compress)), meta
@@ -266,3 +271,10 @@ class Runtime:
             log(line)
         log(f"execution path: hybrid (intervention graph pushed to the nodes; route {stats.get('route')})")
         return saves, "hybrid", ""
+
+
+def _request_kind(tracer) -> str:
+    """What the request's outer block is, for the gateway's request log: ``trace``, ``generate`` or ``session``."""
+    fn = getattr(getattr(tracer, "fn", None), "__name__", "")
+    return {"_call": "trace", "generate": "generate"}.get(fn, "session" if type(tracer).__name__ == "Tracer" else
+                                                          type(tracer).__name__.lower()[:16])

@@ -202,10 +202,17 @@ class SwarmLayer(nn.Module):
     """Decoder layer ``index``: runs layers ``[index, end)`` on the swarm when a segment starts here, else passes the
     hidden state through (a later part of a segment already run)."""
 
-    def __init__(self, index: int, stack: SwarmStack):
+    def __init__(self, index: int, stack: SwarmStack, module_tree: nn.Module | None = None):
         super().__init__()
         self.index = index
         self._stack = [stack]  # a list keeps it out of the module tree
+        self._tree = [module_tree]
+
+    @property
+    def module_tree(self) -> nn.Module | None:
+        """A decoder layer of the model on the meta device (no weights): the submodules this layer has on the nodes,
+        so a request's module paths are checked against them (:mod:`ndif_compat.module_paths`)."""
+        return self._tree[0]
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         stack = self._stack[0]
@@ -270,7 +277,7 @@ def build_swarm_model(path, local, calls, dtype=torch.float32):
     hf.lm_head = local.lm_head
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config=config)
     stack = SwarmStack(calls, n)
-    hf.model.layers = nn.ModuleList([SwarmLayer(i, stack) for i in range(n)])
+    hf.model.layers = nn.ModuleList([SwarmLayer(i, stack, hf.model.layers[i]) for i in range(n)])
     hf.model.register_forward_pre_hook(stack.capture_inputs, with_kwargs=True)
     try:
         hf.generation_config = GenerationConfig.from_pretrained(path)
@@ -282,5 +289,5 @@ def build_swarm_model(path, local, calls, dtype=torch.float32):
     if leftover:
         raise RuntimeError(f"gateway swarm model left tensors unloaded: {leftover[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = nnsight.LanguageModel(hf, tokenizer=tokenizer)
+    lm = nnsight.TransformersModel(hf, task="text-generation", tokenizer=tokenizer)  # not the deprecated LanguageModel
     return lm, stack

@@ -26,12 +26,18 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from .errors import UnknownModuleError
+
 logger = logging.getLogger(__name__)
+
+_MISSING_MODULE = re.compile(r"module '[\w.<>]+' (\(\w+\) has no submodule|has \d+ entries; index -?\d+ is out of range)")
+"""How :mod:`hybrid.envoy` refuses a module path the model does not have."""
 
 SAVE = "__hybrid_save__"
 """The name the rewritten block calls instead of ``.save()``."""
@@ -215,6 +221,12 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
             exec(code, box.scope)
     except NotTranslatable:
         raise
+    except (AttributeError, IndexError) as e:
+        if _MISSING_MODULE.match(str(e)):  # a path the model lacks: nnsight would fail too, only less clearly
+            raise UnknownModuleError(f"{e}. Check the module path against the model (print the model to see its "
+                                     "modules).") from None
+        logger.info("hybrid translation ended with %s: %s", type(e).__name__, e)
+        raise NotTranslatable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     except Exception as e:  # the hybrid tracer refused something, or the swarm failed while running the graphs
         logger.info("hybrid translation ended with %s: %s", type(e).__name__, e)
         raise NotTranslatable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

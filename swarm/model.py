@@ -2,7 +2,8 @@
 
     model = SwarmModel.from_pretrained("smollm2-135m", initial_peers=[...])
     logits = model(input_ids).logits          # equal to local transformers
-    ids = model.generate(input_ids, max_new_tokens=20)
+    ids = model.generate(input_ids, max_new_tokens=20)        # stops at the checkpoint's EOS / end of turn
+    model.tokenizer                            # the checkpoint's own tokenizer
 
 The embedding and head run locally by default (as in Petals); with ``remote_stages=True`` they run on nodes that
 serve them. Gradients flow through the swarm when inputs require grad (``model(inputs_embeds=x)``).
@@ -10,10 +11,14 @@ serve them. Gradients flow through the swarm when inputs require grad (``model(i
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from hivemind.dht import DHT
@@ -24,7 +29,9 @@ from .inference_session import InferenceSession
 from .record_validation import swarm_dht
 from .records import model_key
 from .remote_sequence import ClientConfig, RemoteSequence
+from .routing import RouteTable
 from .stages import Span, SpanModel
+from .tokens import StopTokens, checkpoint_stop_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,11 @@ class SwarmModel:
         self.remote_stages = remote_stages
         self.active_session: InferenceSession | None = None
         """The inference session of the generation in progress (its ``route`` shows the nodes in use)."""
+        self.closed = False
+        # A script that never calls close() still ends quietly: its p2p connection is shut down at exit (while the
+        # loop's daemon thread still runs), not torn down mid-task by the interpreter ("Task was destroyed ...").
+        self._close_at_exit = functools.partial(_close_if_alive, weakref.ref(self))
+        atexit.register(self._close_at_exit)
 
     @classmethod
     def from_pretrained(cls, model: str = "smollm2-135m", initial_peers: Sequence[str] = (), *,
@@ -72,7 +84,23 @@ class SwarmModel:
         local = None if remote_stages else SpanModel.load(path, Span(0, 0, embed=True, head=True), dtype=dtype)
         return cls(sequence, local, loop, dht, path, remote_stages=remote_stages)
 
+    @cached_property
+    def tokenizer(self) -> Any:
+        """The checkpoint's own tokenizer (from :attr:`path`; left padding), or None where the checkpoint has no
+        tokenizer files."""
+        return load_tokenizer(self.path)
+
+    @cached_property
+    def stop_tokens(self) -> StopTokens:
+        """What :meth:`generate` stops at by default (see :mod:`swarm.tokens`)."""
+        return checkpoint_stop_tokens(self.path, self.config, self.tokenizer)
+
     def close(self) -> None:
+        """Leave the swarm: shut the p2p connection and the DHT down (idempotent; also done at exit)."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self._close_at_exit)
         try:
             self.loop.run(self.sequence.p2p.shutdown(), timeout_s=5)
         except Exception as e:  # closing is best effort; the daemon dies with the DHT anyway
@@ -86,9 +114,21 @@ class SwarmModel:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def route(self) -> list:
-        """The route a forward would take now: hops with peer id and layers."""
-        return self.loop.run(self.sequence.route(embed=self.remote_stages, head=self.remote_stages, refresh=True))
+    def route(self) -> RouteTable:
+        """The route a forward would take now: a list of hops (peer id, layers) that prints as a table with each
+        node's address and the latency this client measured to it."""
+        hops = self.loop.run(self.sequence.route(embed=self.remote_stages, head=self.remote_stages, refresh=True))
+        return RouteTable(hops, addresses=self.loop.run(self._addresses()), latency_s=dict(self.sequence._latency_s),
+                          embed=self.remote_stages, head=self.remote_stages)
+
+    async def _addresses(self) -> dict[str, str]:
+        """Peer id → the first multiaddr this client's p2p daemon knows for it (best effort: display only)."""
+        try:
+            peers = await self.sequence.p2p.list_peers()
+        except Exception as e:  # a display detail: the route is still right without addresses
+            logger.debug("listing peers failed: %s", e)
+            return {}
+        return {str(p.peer_id): str(p.addrs[0]) for p in peers if p.addrs}
 
     # ---- forward ----------------------------------------------------------------------------------------
 
@@ -132,14 +172,25 @@ class SwarmModel:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, *, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
-                 eos_token_id: int | None = None,
+                 eos_token_id: int | Sequence[int] | None | Literal["checkpoint"] = "checkpoint",
+                 pad_token_id: int | None = None,
                  on_token: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Greedy or sampled continuation through server-side KV caches; returns prompt + new tokens ``(B, T+N)``.
 
         Positions follow transformers: with a left-padded ``attention_mask``, ``position = cumsum(mask) - 1``.
-        Rows that produced ``eos_token_id`` keep emitting it. ``on_token(step, tokens)`` is called with each new
-        column of tokens ``(B,)`` as it is produced (for streaming output).
+        A row stops at ``eos_token_id`` (an id or a list of ids; by default the checkpoint's EOS and end-of-turn
+        tokens, :attr:`stop_tokens`; None never stops early) and then emits ``pad_token_id`` (default: the
+        checkpoint's pad token, else the first EOS) until every row has stopped, as transformers' ``generate``.
+        ``on_token(step, tokens)`` is called with each new column of tokens ``(B,)`` as it is produced (for
+        streaming output).
         """
+        if isinstance(eos_token_id, str) and eos_token_id != "checkpoint":
+            raise ValueError(f"eos_token_id must be an id, a list of ids, None or 'checkpoint'; got {eos_token_id!r}")
+        eos = self.stop_tokens.eos if isinstance(eos_token_id, str) else eos_token_id
+        if pad_token_id is None and eos:
+            pad_token_id = self.stop_tokens.pad
+        stop = StopTokens.of(eos, pad_token_id)
+        stops = torch.tensor(stop.eos, dtype=torch.long)
         batch, length = input_ids.shape
         mask = attention_mask.to(torch.int64) if attention_mask is not None else None
         if mask is not None:
@@ -152,9 +203,9 @@ class SwarmModel:
             logits = self._step(session, input_ids, mask, positions)
             for _ in range(max_new_tokens):
                 token = pick_token(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)  # (B,)
-                if eos_token_id is not None:
-                    token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                    done |= token == eos_token_id
+                if stop.eos:
+                    token = torch.where(done, torch.full_like(token, stop.pad), token)
+                    done |= torch.isin(token, stops)
                 out = torch.cat([out, token[:, None]], dim=1)
                 if on_token is not None:
                     on_token(out.shape[1] - length - 1, token)
@@ -168,6 +219,12 @@ class SwarmModel:
             self.active_session = None
             self.loop.run(session.close())
         return out
+
+
+def _close_if_alive(ref: "weakref.ref[SwarmModel]") -> None:
+    model = ref()
+    if model is not None:
+        model.close()
 
 
 def pick_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,

@@ -32,6 +32,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from .identity import peer_id_of
+from .p2p_noise import quiet_p2pd_shutdown
 from .records import MAX_RECORD_TTL_S, MODELS_PREFIX, model_prefix
 
 logger = logging.getLogger(__name__)
@@ -151,5 +152,6 @@ def swarm_dht(initial_peers, *, private_key: Optional[RSAPrivateKey] = None, che
               **kwargs) -> tuple[DHT, bytes]:
     """Start a DHT peer with the swarm's validators installed; returns it and its owner marker."""
     validators, marker = make_validators(private_key, checkpoint_hashes)
+    quiet_p2pd_shutdown()
     dht = DHT(initial_peers=list(initial_peers), start=True, record_validators=validators, **kwargs)
     return dht, marker

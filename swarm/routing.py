@@ -99,3 +99,28 @@ def plan_route(records: list[ServerRecord], start: int, end: int, *, latency_s: 
         raise MissingBlocksError(model_name, gaps or [(start, end)],
                                  hint=f"({len(exclude)} peer(s) excluded after failures)" if exclude else "")
     return best[end][2]
+
+
+class RouteTable(list):
+    """A route (a list of :class:`Hop`) that prints as a table a reader can scan: layers (and the embedding / head
+    stages where the route runs them on the node), the node's short peer id, its address and the latency this client
+    measured to it ("?" where unknown)."""
+
+    def __init__(self, hops: list[Hop], *, addresses: dict[str, str] | None = None,
+                 latency_s: dict[str, float] | None = None, embed: bool = False, head: bool = False):
+        super().__init__(hops)
+        self.addresses, self.latency_s = addresses or {}, latency_s or {}
+        self.embed, self.head = embed, head
+
+    def __str__(self) -> str:
+        rows = [("layers", "peer", "address", "latency")]
+        for hop in self:
+            stages = "+".join(s for s, on in (("embed", self.embed and hop is self[0]),
+                                              ("head", self.head and hop is self[-1])) if on)
+            latency = self.latency_s.get(hop.peer_id)
+            rows.append((f"{hop.start}:{hop.end}" + (f" ({stages})" if stages else ""), "…" + hop.peer_id[-8:],
+                         self.addresses.get(hop.peer_id, "?"), "?" if latency is None else f"{latency * 1e3:.1f} ms"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+    __repr__ = __str__  # typed at a prompt, ``model.route()`` shows the table too

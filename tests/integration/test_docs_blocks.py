@@ -30,7 +30,7 @@ import pytest
 from ndif_compat.local_gateway import GatewayProcess
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 PEERS = '"/ip4/.../p2p/..."'
 GATEWAY = '"http://127.0.0.1:8289"'
 ALLOWED_NO_RUN: dict[str, int] = {}

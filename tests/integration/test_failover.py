@@ -29,7 +29,7 @@ def test_kill_mid_generation_gives_identical_tokens(tiny_checkpoint_factory, swa
             victim.kill(signal.SIGKILL)
             killed.append(victim.peer_id)
 
-    got = client.generate(prompt, max_new_tokens=20, on_token=kill_the_serving_replica)
+    got = client.generate(prompt, max_new_tokens=20, eos_token_id=None, on_token=kill_the_serving_replica)
     assert killed, "the test did not kill anything"
     assert torch.equal(got, want)
     assert client.sequence.stats.reroutes >= 1
@@ -75,7 +75,7 @@ def test_a_frozen_node_is_detected_by_liveness_pings(tiny_checkpoint_factory, sw
             [peer] = [h.peer_id for h in client.active_session.route if h.peer_id in replicas]
             os.killpg(replicas[peer].proc.pid, signal.SIGSTOP)
 
-    got = client.generate(prompt, max_new_tokens=12, on_token=freeze)
+    got = client.generate(prompt, max_new_tokens=12, eos_token_id=None, on_token=freeze)
     assert torch.equal(got, want)
     [reroute_s] = client.sequence.stats.reroute_s
     print(f"frozen node detected and rerouted in {reroute_s:.1f} s")

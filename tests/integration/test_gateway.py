@@ -8,6 +8,7 @@ experiment run here by local nnsight on the same checkpoint (fp32, one torch thr
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -105,6 +106,28 @@ STYLES = {"lens_bound_outside": lens_bound_outside, "large_matrix": large_matrix
 """Programs in styles the source analysis of the swarm backend's gateway path cannot follow, and a large upload."""
 
 
+def typo_index(lm):
+    with lm.trace(PROMPT, remote=True):
+        h = lm.model.layers[50].output.save()
+
+
+def typo_name(lm):
+    with lm.trace(PROMPT, remote=True):
+        h = lm.model.layers[3].mlpp.output.save()
+
+
+TYPOS = {"typo_index": typo_index, "typo_name": typo_name}
+
+
+def assert_typos_are_clear(got: dict) -> None:
+    """nnsight alone says ``'Envoy' object has no attribute '50'``; the gateway names the path, line and valid range."""
+    index, name = got.pop("typo_index"), got.pop("typo_name")
+    assert index.startswith("UnknownModuleError") and "lm.model.layers[50] does not exist" in index \
+        and "indices 0 to 29" in index and "Envoy" not in index, index
+    assert name.startswith("UnknownModuleError") and "lm.model.layers[3].mlpp does not exist" in name \
+        and "self_attn, mlp" in name, name
+
+
 # ---- the client process ---------------------------------------------------------------------------------------------
 
 def _client(url: str, scenario: str, out: str) -> None:
@@ -142,6 +165,13 @@ def _client(url: str, scenario: str, out: str) -> None:
                 h = lm.model.layers[5].output.save()
             return await backend
         got["async"] = {"h5": asyncio.run(run_async())["h"]}
+    if "correctness" in scenario:  # typos in a module path: our typed error, before anything runs
+        for name, experiment in TYPOS.items():
+            try:
+                experiment(lm)
+                got[name] = "no error"
+            except RemoteError as e:
+                got[name] = str(e)
     if "unsafe" in scenario:
         for name, experiment in UNSAFE.items():
             try:
@@ -312,10 +342,34 @@ def local_run(local_gateway, workdir):
 
 
 def test_local_backend_equals_local_nnsight(local_run, references):
-    got = local_run
+    got = dict(local_run)
+    assert_typos_are_clear(got)
     assert_equal_to_local(got, references)
     assert {m["path"] for m in got["meta"].values()} == {"gateway"}
     assert got["meta"]["patch"]["swarm_bytes_sent"] == 0
+
+
+def test_operators_get_one_log_line_per_request(local_run, local_gateway):
+    """Who, what, where it ran, bytes in and out, time and outcome; one line per request, the key never logged."""
+    lines = [line for line in local_gateway.log().splitlines() if "ndif_compat.requests: request " in line]
+    ok = [line for line in lines if "outcome=ok" in line]
+    assert len(ok) >= 20 + len(EXPERIMENTS)  # the concurrent clients and the experiments, at least
+    assert all(re.search(r"client=addr:127\.0\.0\.1 what=(trace|generate|session) path=gateway/local "
+                         r"in=[1-9]\d*B out=[1-9]\d*B swarm=0/0B time=\d+\.\d{3}s outcome=ok$", line) for line in ok), ok
+    assert sum("what=session" in line for line in ok) >= 1 and sum("what=generate" in line for line in ok) >= 1
+    assert sum("outcome=UnknownModuleError" in line for line in lines) == len(TYPOS)
+    assert "is deprecated" not in local_gateway.log()  # nnsight's LanguageModel warning: the gateway uses its new name
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(local_gateway):
+    port = local_gateway.url.rsplit(":", 1)[1]
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "ndif_compat.cli", "serve", "--local", "smollm2-135m", "--host",
+                           "127.0.0.1", "--port", port], capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.count("\n") == 1 and f"127.0.0.1:{port}" in done.stderr and "--port" in done.stderr, done.stderr
+    assert time.monotonic() - t0 < 10  # no model load (that takes longer); the check comes first
 
 
 def test_unsafe_requests_fail_with_clear_errors_and_the_gateway_keeps_serving(local_gateway, references, tmp_path):
@@ -367,6 +421,7 @@ def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, 
     finally:
         gateway.close()
     # gateway path: a submodule inside a layer is out of reach; the error says what, why, and what would help
+    assert_typos_are_clear(got)
     error = got.pop("submodule_with_inputs")
     assert isinstance(error, str) and "UnreachableModuleError" in error and "layers.3.mlp.output" in error \
         and ("--no-hybrid" in error if not hybrid else "not expressible" in error), error

@@ -75,7 +75,7 @@ def test_a_generation_refused_as_overloaded_moves_or_backs_off_and_stays_exact(
         if step == 11:
             routes.append(client.active_session.route[0].peer_id)
 
-    got = client.generate(prompt, max_new_tokens=12, on_token=hold_at_step_3)
+    got = client.generate(prompt, max_new_tokens=12, eos_token_id=None, on_token=hold_at_step_3)
     assert held, "the test did not hold the node busy"
     assert torch.equal(got, want)
     assert client.sequence.stats.reroutes >= 1, "no step was refused: the test did not exercise overload"
@@ -155,7 +155,7 @@ def test_a_generation_meeting_a_full_kv_cache_moves_to_a_replica(tiny_checkpoint
         if step == 11:
             routes.append(client.active_session.route[0].peer_id)
 
-    got = client.generate(prompt, max_new_tokens=12, on_token=fill_at_step_3)
+    got = client.generate(prompt, max_new_tokens=12, eos_token_id=None, on_token=fill_at_step_3)
     assert filled and filled[0] > 100, filled
     assert torch.equal(got, want)
     assert routes[1] != routes[0], "the session was not moved off the node whose cache was full"

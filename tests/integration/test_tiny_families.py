@@ -29,7 +29,7 @@ def test_split_equals_local(family, nodes, tiny_checkpoint_factory, swarm_factor
 
     prompt = ids[:1, :8]
     want_tokens = local_generate(ref, prompt, 20)
-    assert torch.equal(client.generate(prompt, max_new_tokens=20), want_tokens)
+    assert torch.equal(client.generate(prompt, max_new_tokens=20, eos_token_id=None), want_tokens)
 
     embeds = ref.model.embed_tokens(ids).detach()
     x_remote, x_local = embeds.clone().requires_grad_(True), embeds.clone().requires_grad_(True)
@@ -50,7 +50,7 @@ def test_remote_embedding_and_head(tiny_checkpoint_factory, swarm_factory, clien
         want = ref(ids).logits
     want_tokens = local_generate(ref, ids, 12)
     assert (client(ids).logits - want).abs().max().item() <= 1e-5
-    assert torch.equal(client.generate(ids, max_new_tokens=12), want_tokens)
+    assert torch.equal(client.generate(ids, max_new_tokens=12, eos_token_id=None), want_tokens)
 
 
 def test_sampling_is_reproducible_with_a_generator(tiny_checkpoint_factory, swarm_factory, client_factory):
@@ -58,9 +58,9 @@ def test_sampling_is_reproducible_with_a_generator(tiny_checkpoint_factory, swar
     swarm = start_split(swarm_factory(), path, SPLITS[2])
     client = client_factory(path, swarm)
     ids = torch.randint(3, 128, (1, 6))
-    runs = [client.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.5, top_k=20,
+    runs = [client.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.5, top_k=20, eos_token_id=None,
                             generator=torch.Generator().manual_seed(7)) for _ in range(2)]
-    other = client.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.5, top_k=20,
+    other = client.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.5, top_k=20, eos_token_id=None,
                             generator=torch.Generator().manual_seed(8))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], other)

@@ -197,7 +197,7 @@ def test_stack_segments_follow_the_cuts():
 def test_model_keys_name_a_served_model():
     key = 'nnsight.modeling.transformers.TransformersModel:{"repo_id": "smollm2-135m", "revision": null}'
     assert check_model(key, ("smollm2-135m",)) == "smollm2-135m"
-    with pytest.raises(ModelNotServedError, match="LanguageModel\\('smollm2-135m'\\)"):
+    with pytest.raises(ModelNotServedError, match="TransformersModel\\('smollm2-135m'"):
         check_model(key.replace("smollm2-135m", "gpt2"), ("smollm2-135m",))
     with pytest.raises(BadRequestError):
         check_model("os.system:{}", ("smollm2-135m",))
