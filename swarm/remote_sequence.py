@@ -44,7 +44,7 @@ from .errors import BadRequestError, MissingBlocksError, OverloadedError, PeerUn
 from .peer_health import PeerHealth
 from .records import SUSPECT_TTL_S, ServerRecord, records_with_expiration, suspect_reporters, suspects_key
 from .routing import Hop, plan_route
-from .handles import BACKWARD, FORWARD
+from .handles import BACKWARD, COLLECT, FORWARD
 from .transport import Traffic, call, ping
 from .verification import plan_avoiding, should_check, spot_check, spot_check_chain
 
@@ -91,6 +91,9 @@ class ClientConfig:
     """Fixed route cost of one hop beyond its ping (so fewer hops win at similar latency)."""
     suspect_weight: float = 1.0
     """Each distinct client reporting a node as computing wrong numbers adds this to its route cost factor."""
+    direct_reply: bool = True
+    """Chained forwards: the last node's answer comes straight to this client over one link (the client opens a
+    collect stream to it, see swarm/direct_reply.py) instead of back through every node of the route."""
     verify: float = 0.0
     """Share of hops recomputed on other nodes and compared (swarm/verification.py); 1.0 checks every hop, 0 none.
     Covers forwards and chained forwards; inference steps are not checked yet."""
@@ -345,12 +348,14 @@ class RemoteSequence(PeerHealth):
             meta = {"request_id": request_id, "start": hops[0].start, "end": hops[0].end, "embed": embed,
                     "head": chain[0]["head"],
                     "next": chain[1:], "return_outputs": return_outputs}
+            if self.config.direct_reply:
+                meta["reply_to"] = self.p2p.peer_id.to_base58()
             if hook is not None:
                 hook.attach(tensors, meta, hops, carry)
             t0 = time.perf_counter()
             try:
-                out, reply = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
-                                        timeout_s=self.config.request_timeout_s * len(hops), **self._call_options)
+                out, reply = await self._chain_call(hops, tensors, meta,
+                                                    timeout_s=self.config.request_timeout_s * len(hops))
             except (OverloadedError, BadRequestError) as e:  # which node of the chain refused, the error does not say
                 failed_at = failed_at or t0
                 if attempt == self.config.max_retries or (isinstance(e, BadRequestError) and not _may_be_false_claim(e)):
@@ -380,6 +385,37 @@ class RemoteSequence(PeerHealth):
             self.record_commitments(reply, request_id)
             return out["outputs"], hook_result(out), hops, reply
         raise AssertionError("unreachable")
+
+    async def _chain_call(self, hops: list[Hop], tensors: dict, meta: dict, *, timeout_s: float
+                          ) -> tuple[dict[str, torch.Tensor], dict]:
+        """Send a chained forward to the route's first node; with ``meta['reply_to']``, collect the answer from the
+        last node at the same time (swarm/direct_reply.py). An error any hop answered comes back on the chain and is
+        raised as its own type; the collect stream is then dropped. The collect stream is part of the same round
+        trip: its bytes count in :attr:`traffic`, not as a call."""
+        chain = asyncio.ensure_future(call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta, timeout_s=timeout_s,
+                                           **self._call_options))
+        if "reply_to" not in meta:
+            return await chain
+        side = Traffic()
+        collect = asyncio.ensure_future(call(self.p2p, hops[-1].peer_id, COLLECT, {},
+                                             {"request_id": meta["request_id"]}, timeout_s=timeout_s, traffic=side,
+                                             liveness_s=self.config.liveness_s))
+        try:
+            done, _ = await asyncio.wait({chain, collect}, return_when=asyncio.FIRST_COMPLETED)
+            if collect in done and collect.exception() is None:
+                return collect.result()  # the acknowledgements still on their way back are not needed
+            out, reply = await chain  # the chain's error, typed, wins over the collect stream's
+            if not reply.get("direct"):
+                return out, reply  # relayed (requests with gradients, or a node that could not hold the answer)
+            return await collect
+        finally:
+            for task in (chain, collect):
+                task.cancel()
+            for task in (chain, collect):
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: an abandoned task's error is not logged as unhandled
+            self.traffic.bytes_sent += side.bytes_sent
+            self.traffic.bytes_received += side.bytes_received
 
     async def ban_unreachable(self, hops: list[Hop]) -> None:
         """Ping every node of a failed route and exclude those that do not answer."""
