@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from .commitments import parse as parse_commitments
 from .errors import BadRequestError, OverloadedError, PeerBusyError
+from .wire import MAX_STRIPES
 
 logger = logging.getLogger(__name__)
 
@@ -41,74 +42,87 @@ MAX_PEER_ID_CHARS = 128
 @dataclass
 class _Slot:
     future: asyncio.Future
+    count: int | None = None
+    """The answer's collect streams (the client reads it striped over that many), as its first collector said."""
+    served: set[int] = field(default_factory=set)
+    waiting: int = 0
     nbytes: int = 0
     expiry: asyncio.TimerHandle | None = None
 
 
 @dataclass
 class Mailbox:
-    """Answers waiting for their collector, and collectors waiting for their answer, by ``(peer, request_id)``."""
+    """Answers waiting for their collectors, and collectors waiting for their answer, by ``(peer, request_id)``.
+
+    The client may read one answer striped over several collect streams (``index`` of ``count``,
+    :func:`swarm.wire.stripe`); the answer is kept until each has taken it, or for ``hold_s``."""
 
     max_bytes: int = 1 << 30
-    """Most answer bytes held for collectors that have not come yet; past it an answer is relayed instead."""
+    """Most answer bytes held at once; past it an answer is relayed through the chain instead."""
     hold_s: float = 30.0
-    """An answer nobody collects is dropped after this long."""
+    """An answer not fully collected is dropped after this long."""
     max_waiting_per_peer: int = 16
-    """Most collect streams one peer may hold open here at once."""
+    """Most answers one peer may be waiting for here at once."""
     _slots: dict[tuple[str, str], _Slot] = field(default_factory=dict)
     held_bytes: int = 0
 
     def deliver(self, peer: str, request_id: str, messages: list, nbytes: int) -> bool:
-        """Hand an answer's ``messages`` to ``peer``'s collector of ``request_id`` (now, or when it comes). Returns
-        False when it can be neither handed over nor held (the caller then relays the answer)."""
+        """Hand an answer's ``messages`` to ``peer``'s collectors of ``request_id`` (now, or when they come).
+        Returns False when it cannot be held (the caller then relays the answer)."""
         key = (peer, request_id)
         slot = self._slots.get(key)
-        if slot is not None:
-            if slot.future.done():
-                return False  # answered twice: keep the first
-            slot.future.set_result(messages)
-            return True
+        if slot is not None and slot.future.done():
+            return False  # answered twice: keep the first
         if self.held_bytes + nbytes > self.max_bytes:
             logger.warning("Mailbox full (%d bytes held); relaying the answer to %s instead", self.held_bytes, peer)
             return False
         loop = asyncio.get_running_loop()
-        slot = _Slot(loop.create_future(), nbytes)
+        if slot is None:
+            slot = self._slots[key] = _Slot(loop.create_future())
         slot.future.set_result(messages)
-        slot.expiry = loop.call_later(self.hold_s, self._drop, key, slot)
-        self._slots[key] = slot
+        slot.nbytes = nbytes
         self.held_bytes += nbytes
+        slot.expiry = loop.call_later(self.hold_s, self._drop, key, slot)
         return True
 
-    async def collect(self, peer: str, request_id: str, timeout_s: float) -> list:
-        """The answer's messages for ``peer``'s ``request_id``, waiting up to ``timeout_s`` for it.
+    async def collect(self, peer: str, request_id: str, index: int, count: int, timeout_s: float) -> list:
+        """The answer's messages for ``peer``'s ``request_id`` (collect stream ``index`` of ``count``), waiting up
+        to ``timeout_s`` for it.
 
         Raises:
-            BadRequestError: no request id, or a second collector of the same answer.
-            OverloadedError: ``peer`` already holds :attr:`max_waiting_per_peer` collect streams here.
+            BadRequestError: no request id, or a second collector of the same stripe.
+            OverloadedError: ``peer`` already waits for :attr:`max_waiting_per_peer` answers here.
             PeerBusyError: no answer within ``timeout_s``.
         """
         if not request_id:
             raise BadRequestError("A collect stream needs meta['request_id'] (the chained forward's request id).")
         key = (peer, request_id)
         slot = self._slots.get(key)
-        if slot is not None:
-            if not slot.future.done():
-                raise BadRequestError(f"The answer to request {request_id!r} is already being collected.")
-            self._forget(key, slot)
-            return slot.future.result()
-        waiting = sum(1 for (p, _) in self._slots if p == peer)
-        if waiting >= self.max_waiting_per_peer:
-            raise OverloadedError(f"{waiting} collect streams of this client are already open on this node (at most "
-                                  f"{self.max_waiting_per_peer}); collect the answers already asked for first.")
-        slot = _Slot(asyncio.get_running_loop().create_future())
-        self._slots[key] = slot
+        if slot is None:
+            waiting = sum(1 for (p, _) in self._slots if p == peer)
+            if waiting >= self.max_waiting_per_peer:
+                raise OverloadedError(f"This client already waits for {waiting} answers on this node (at most "
+                                      f"{self.max_waiting_per_peer}); collect those first.")
+            slot = self._slots[key] = _Slot(asyncio.get_running_loop().create_future(), count)
+        if slot.count is None:
+            slot.count = count
+        if index in slot.served or count != slot.count:
+            raise BadRequestError(f"Collect stream {index} of request {request_id!r} is open already, or its count "
+                                  f"({count}) differs from its first collector's ({slot.count}).")
+        slot.served.add(index)
+        slot.waiting += 1
         try:
-            return await asyncio.wait_for(asyncio.shield(slot.future), timeout_s)
+            messages = await asyncio.wait_for(asyncio.shield(slot.future), timeout_s)
         except asyncio.TimeoutError:
             raise PeerBusyError(f"No answer to request {request_id!r} reached this node within {timeout_s:.0f} s; "
                                 f"the chain before it is slow or failed (its error reaches you on the chain).") from None
         finally:
+            slot.waiting -= 1
+            if not slot.future.done() and slot.waiting == 0:
+                self._forget(key, slot)  # every collector gave up before the answer came
+        if len(slot.served) == slot.count and slot.waiting == 0:
             self._forget(key, slot)
+        return messages
 
     def _forget(self, key, slot: _Slot) -> None:
         if self._slots.get(key) is slot:
@@ -119,8 +133,17 @@ class Mailbox:
 
     def _drop(self, key, slot: _Slot) -> None:
         if self._slots.get(key) is slot:
-            logger.info("Dropping an answer to %s nobody collected within %.0f s", key[0], self.hold_s)
+            logger.info("Dropping an answer to %s not collected within %.0f s", key[0], self.hold_s)
             self._forget(key, slot)
+
+
+def stripe_of(meta: dict) -> tuple[int, int]:
+    """``(index, count)`` of a collect stream (``meta['stripe']``, ``meta['of']``; default ``(0, 1)``)."""
+    index, count = meta.get("stripe", 0), meta.get("of", 1)
+    if not isinstance(index, int) or not isinstance(count, int) or not 0 <= index < count <= MAX_STRIPES:
+        raise BadRequestError(f"meta['stripe'] and meta['of'] must be integers with 0 <= stripe < of <= "
+                              f"{MAX_STRIPES}.")
+    return index, count
 
 
 def reply_to_of(meta: dict) -> str | None:

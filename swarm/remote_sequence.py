@@ -94,6 +94,9 @@ class ClientConfig:
     direct_reply: bool = True
     """Chained forwards: the last node's answer comes straight to this client over one link (the client opens a
     collect stream to it, see swarm/direct_reply.py) instead of back through every node of the route."""
+    collect_streams: int = 8
+    """Streams the direct answer is read over at once (swarm.wire.stripe: each new stream starts with a small
+    flow-control window; at most swarm.wire.MAX_STRIPES)."""
     verify: float = 0.0
     """Share of hops recomputed on other nodes and compared (swarm/verification.py); 1.0 checks every hop, 0 none.
     Covers forwards and chained forwards; inference steps are not checked yet."""
@@ -399,7 +402,7 @@ class RemoteSequence(PeerHealth):
         side = Traffic()
         collect = asyncio.ensure_future(call(self.p2p, hops[-1].peer_id, COLLECT, {},
                                              {"request_id": meta["request_id"]}, timeout_s=timeout_s, traffic=side,
-                                             liveness_s=self.config.liveness_s))
+                                             liveness_s=self.config.liveness_s, pull=self.config.collect_streams))
         try:
             done, _ = await asyncio.wait({chain, collect}, return_when=asyncio.FIRST_COMPLETED)
             if collect in done and collect.exception() is None:

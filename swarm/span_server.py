@@ -44,7 +44,7 @@ from .errors import (BadRequestError, CapacityError, InternalNodeError, Overload
 from .commitments import fingerprint, request_id_of
 from .commitments import parse as parse_commitments
 from .compute_slot import ComputeSlot
-from .direct_reply import Mailbox, merged, reply_to_of, upstream_of
+from .direct_reply import Mailbox, merged, reply_to_of, stripe_of, upstream_of
 from .quotas import ClientQueue, client_identity
 from .sessions import SessionManager
 from .span_grad import SavedTensorBudget, backward_reply, forward_with_grad, wants_grad, weight_storages
@@ -52,9 +52,10 @@ from .span_hook import HookRegistry, active_hook
 from .span_requests import (TENSOR_NAMES, SpanRequest, hook_result, parse_chain, parse_inference_chain,  # noqa: F401
                             parse_request)
 from .stages import SpanModel
+from .stripes import StripeBoard, serve_stripes
 from .handles import BACKWARD, COLLECT, FORWARD, INFERENCE, INFO
 from .transport import Traffic, call
-from .wire import encode_error, encode_frame, read_frame
+from .wire import encode_error, encode_frame, read_frame, stripe
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class SpanServer:
         self._dtype = next(model.parameters()).dtype
         self.mailbox = Mailbox(max_bytes=limits.max_request_bytes, hold_s=limits.linger_s)
         """Answers of chained forwards waiting for the client's collect stream (swarm.direct_reply)."""
+        self.stripes = StripeBoard(wait_s=limits.chain_timeout_s)
+        """The extra streams of striped requests, waiting for their first stream's reader (swarm.stripes)."""
 
     @property
     def load(self) -> int:
@@ -146,6 +149,7 @@ class SpanServer:
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (INFERENCE, self._inference)):
             await p2p.add_protobuf_handler(name, self._framed(handler), runtime_pb2.ExpertRequest,
                                            stream_input=True, stream_output=True)
+        await serve_stripes(p2p, self.stripes)
         await p2p.add_protobuf_handler(COLLECT, self._collect, runtime_pb2.ExpertRequest, stream_input=True,
                                        stream_output=True)
         await p2p.add_protobuf_handler(INFO, self._info, runtime_pb2.ExpertRequest)
@@ -170,9 +174,12 @@ class SpanServer:
         async def serve(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
             self.inflight += 1
             try:
-                received = [0]
+                received, caller = [0], context.remote_id.to_base58()
+
+                async def stripes(stripe_id: str, count: int):  # a striped request's other streams (swarm.wire)
+                    return [_counted(s, received) for s in await self.stripes.take(caller, stripe_id, count)]
                 frame = await read_frame(_counted(requests, received), max_bytes=self.limits.max_request_bytes,
-                                         accept_error=False)
+                                         accept_error=False, stripes=stripes)
                 if frame is None:
                     raise BadRequestError("Empty request stream.")
                 client = client_identity(context.remote_id.to_base58(), frame[1].get("origin"))
@@ -207,8 +214,11 @@ class SpanServer:
             frame = await read_frame(requests, max_bytes=0, max_tensors=0, accept_error=False)
             if frame is None:
                 raise BadRequestError("Empty collect stream.")
-            messages = await self.mailbox.collect(context.remote_id.to_base58(), request_id_of(frame[1]),
+            request_id = request_id_of(frame[1])
+            index, count = stripe_of(frame[1])
+            messages = await self.mailbox.collect(context.remote_id.to_base58(), request_id, index, count,
                                                   self.limits.chain_timeout_s)
+            messages = stripe(messages, count, request_id or "-")[index]
         except SwarmError as e:
             logger.info("Rejected %s from %s: %s", context.handle_name, context.remote_id, e)
             messages = list(encode_error(e))
