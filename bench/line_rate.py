@@ -96,13 +96,14 @@ def _shaper_bytes(stats_file: Path) -> dict:
 
 
 async def measure(link: LinkSpec, sizes: list[int], workdir: Path, repeats: int = 1,
-                  streams: tuple[int, ...] = (1, MAX_STRIPES)) -> list[dict]:
+                  streams: tuple[int, ...] = (1, MAX_STRIPES), stats_period_s: float = 0.2) -> list[dict]:
     """Measure each size in both directions, on one stream and striped over up to each of ``streams``, through a
     shaper subprocess (started and killed here)."""
     node_port, relay_port = free_port(), free_port()
     ready, stats_file = workdir / "relay.json", workdir / "stats.json"
     relay = subprocess.Popen([sys.executable, "-m", "bench.link_shaper", "--route", f"{relay_port}:{node_port}",
-                              "--link", str(link), "--ready-file", str(ready), "--stats-file", str(stats_file)],
+                              "--link", str(link), "--ready-file", str(ready), "--stats-file", str(stats_file),
+                              "--stats-period", str(stats_period_s)],
                              cwd=REPO)
     server = client = None
     try:
@@ -118,7 +119,7 @@ async def measure(link: LinkSpec, sizes: list[int], workdir: Path, repeats: int 
         await call(client, peer, SINK, {"x": torch.zeros(1000, dtype=torch.uint8)}, {}, timeout_s=30)  # connect
         rows = []
         for size, direction, k, _ in itertools.product(sizes, ("up", "down"), streams, range(repeats)):
-            await asyncio.sleep(0.6)  # the shaper rewrites its counters every 0.5 s
+            await asyncio.sleep(2.5 * stats_period_s)  # the shaper rewrites its counters every period
             before = _shaper_bytes(stats_file)
             t0 = time.perf_counter()
             if direction == "up":
@@ -128,7 +129,7 @@ async def measure(link: LinkSpec, sizes: list[int], workdir: Path, repeats: int 
                 await call(client, peer, SOURCE, {}, {"bytes": size, "request_id": secrets.token_hex(8)},
                            timeout_s=600, pull=k)
             seconds = time.perf_counter() - t0
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(2.5 * stats_period_s)
             after = _shaper_bytes(stats_file)
             key = f"client_{direction}"
             line_s = size / link.bandwidth_Bps + 2 * link.latency_s

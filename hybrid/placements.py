@@ -28,7 +28,7 @@ from .blobs import entries_for
 from .errors import BlobMissingError, DisallowedOpError, HybridError
 from .interpreter import Interpreter
 from .ir import Graph
-from .node_plugin import InterpreterHook
+from .node_plugin import InterpreterHook, trims_head
 from .planner import Executor, Plan, plan_graph
 from .request import HOOK_KIND, HOOK_VERSION, NO_LINKS, SessionLinks, encode_request
 from .values import pack_values, unpack_values
@@ -59,8 +59,9 @@ class TraceStats:
     """One per node of the route, in order (``peer``, ``request_id``, ``digest``): what each node committed to
     having computed (:mod:`swarm.commitments`)."""
     head_positions: str = "all"
-    """Where the model's head ran: ``"last"`` when the graph reads only the last position's logits (the head then
-    runs on that position alone), else ``"all"``."""
+    """Where the model's head ran: ``"last"`` when the graph reads only the last position's logits and the batch has
+    at least ``hybrid.node_plugin.TRIM_MIN_ROWS`` rows × positions (the head then runs on that position alone),
+    else ``"all"``."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -105,7 +106,7 @@ class _RemoteSegment(torch.autograd.Function):
 class LocalRunner:
     """HPC placement: the whole model in this process (``trim_head``: see :func:`hybrid.planner.plan_graph`)."""
 
-    def __init__(self, model: SpanModel, trim_head: bool = False):
+    def __init__(self, model: SpanModel, trim_head: bool = True):
         self.model, self.trim_head = model, trim_head
 
     def run(self, graph: Graph, events, input_ids, attention_mask, position_ids=None,
@@ -119,13 +120,13 @@ class LocalRunner:
                          position_ids=position_ids)
         saves = {k: v for k, v in finish_all(interpreter).items() if graph.nodes[k].save}
         return saves, TraceStats("local", wall_s=time.perf_counter() - t0, route=["local"],
-                                 head_positions="last" if plan.head_last else "all")
+                                 head_positions="last" if trims_head(plan, input_ids) else "all")
 
 
 class SwarmRunner:
     """Runs graphs on a swarm, pushed (``hybrid``/``centralized``) or pulled (``swarm``)."""
 
-    def __init__(self, client: SwarmModel, trim_head: bool = False):
+    def __init__(self, client: SwarmModel, trim_head: bool = True):
         self.client, self.trim_head = client, trim_head
         self.sequence = client.sequence
         self.local = client.local  # embedding + head, with span-hook dispatch installed
@@ -214,7 +215,7 @@ class SwarmRunner:
         stats = TraceStats("hybrid", node_bytes=int(reply.get("node_bytes", 0)),
                            compute_s=dict(reply.get("compute_s", {})), route=[e.name for e in plan.executors],
                            commitments=list(reply.get("commitments", [])),
-                           head_positions="last" if plan.head_last else "all")
+                           head_positions="last" if trims_head(plan, input_ids) else "all")
         return saves, stats
 
     # ---- pulled: swarm (Petals-style) -----------------------------------------------------------------------
@@ -237,7 +238,7 @@ class SwarmRunner:
         run_local_stage(self.local, interpreter, hidden, start=0, end=0, head=True)
         values = finish_all(interpreter)
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
-        return saves, TraceStats("swarm", route=["client"], head_positions="last" if plan.head_last else "all")
+        return saves, TraceStats("swarm", route=["client"], head_positions="last" if trims_head(plan, input_ids) else "all")
 
 
 def layer_boundaries(graph: Graph) -> set[int]:

@@ -142,9 +142,9 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
             step, and carried onward). A ``load`` not in ``held`` is the client's: :data:`PAST`, sent as the first
             carry like a value of an earlier step.
         trim_head: run the head only on the last position when the graph reads nothing else of it
-            (:func:`reads_last_logits_only`). Faster, but the logits then come from a GEMM of another shape: they
-            may differ from a full-sequence head (and from nnsight) by float rounding (~1e-6 relative), so it is off
-            unless the caller asks (``hybrid.LanguageModel(..., trim_head=True)``).
+            (:func:`reads_last_logits_only`; the executor then runs it on padded last-position rows, which give the
+            full head's values bit for bit on CPU, see :func:`hybrid.node_plugin.last_rows_padded`; on by default
+            in ``hybrid.LanguageModel``).
     """
     held = held or {}
     validate(graph)

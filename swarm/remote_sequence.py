@@ -310,7 +310,9 @@ class RemoteSequence(PeerHealth):
                             position_ids: torch.Tensor | None = None, embed: bool = False, head: bool = False,
                             hook: HookRequest | None = None, carry: bytes = b"",
                             return_outputs: bool = True) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
-        """Push the inputs through the whole route node → node; only the last node's answer comes back.
+        """Push the inputs through the whole route node → node; only the last node's answer comes back, straight from
+        the last node over one link (``ClientConfig.direct_reply``, :mod:`swarm.direct_reply`), or relayed back
+        through the route for requests with gradients.
 
         Args:
             hook: the span hook every hop runs; each hop's result is the next hop's ``carry`` and the last hop's
@@ -319,7 +321,8 @@ class RemoteSequence(PeerHealth):
             return_outputs: False to get an empty tensor instead of the final hidden states / logits.
         Returns:
             ``(outputs, hook_result, route, reply meta)``; the meta has ``compute_s`` per peer and ``node_bytes``
-            (bytes that crossed node → node links).
+            (bytes that crossed node → node links; with a direct answer, the request frames passed on, not the
+            acknowledgements) and ``direct`` (whether the answer came straight from the last node).
         Raises:
             ResultMismatchError: with ``ClientConfig.verify``, a checked answer was contradicted and not settled.
         """
@@ -398,7 +401,8 @@ class RemoteSequence(PeerHealth):
         chain = asyncio.ensure_future(call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta, timeout_s=timeout_s,
                                            **self._call_options))
         if "reply_to" not in meta:
-            return await chain
+            out, reply = await chain
+            return out, {**reply, "direct": False}
         side = Traffic()
         collect = asyncio.ensure_future(call(self.p2p, hops[-1].peer_id, COLLECT, {},
                                              {"request_id": meta["request_id"]}, timeout_s=timeout_s, traffic=side,
@@ -406,11 +410,14 @@ class RemoteSequence(PeerHealth):
         try:
             done, _ = await asyncio.wait({chain, collect}, return_when=asyncio.FIRST_COMPLETED)
             if collect in done and collect.exception() is None:
-                return collect.result()  # the acknowledgements still on their way back are not needed
-            out, reply = await chain  # the chain's error, typed, wins over the collect stream's
-            if not reply.get("direct"):
-                return out, reply  # relayed (requests with gradients, or a node that could not hold the answer)
-            return await collect
+                out, reply = collect.result()  # the acknowledgements still on their way back are not needed
+            else:
+                out, reply = await chain  # the chain's error, typed, wins over the collect stream's
+                if reply.get("direct"):
+                    out, reply = await collect
+                else:  # relayed: requests with gradients, or a node that could not hold the answer
+                    return out, {**reply, "direct": False}
+            return out, {**reply, "direct": True}
         finally:
             for task in (chain, collect):
                 task.cancel()

@@ -1,7 +1,8 @@
 """The node's RPC surface: forward, backward and inference steps over its span, on hivemind P2P.
 
 Every RPC is one request frame in, one response frame out (see :mod:`swarm.wire`); frames stream, so payloads
-over hivemind's 4 MiB message cap are fine. Handle names are explicit versioned constants.
+over hivemind's 4 MiB message cap are fine, and a large request may arrive striped over several streams (its other
+streams on handle ``STRIPE``, :mod:`swarm.stripes`). Handle names are explicit versioned constants.
 
 Request metadata (all RPCs):
     ``names``: names of the frame's tensors, from ``inputs``, ``attention_mask``, ``position_ids``,
@@ -17,7 +18,9 @@ head, if run, computes only that position's logits (``logits_to_keep=1``, as tra
 ``argmax: true`` (with the head and ``last_only``) answers the greedy next token ``(B, 1)`` instead of the logits.
 Forward may be *chained*: ``next: [{"peer", "start", "end", "head"}, ...]`` makes this node send its outputs
 (with ``hook_payload`` and its hook's result as ``hook_carry``, ``hop`` + 1) to the next node itself and relay
-that node's answer back; ``return_outputs: false`` makes the last node answer an empty tensor instead of its
+that node's answer back; with ``reply_to`` (the client's peer id) the last node's answer goes straight to the
+client's collect stream (handle ``COLLECT``) instead and the nodes relay only an acknowledgement (see
+:mod:`swarm.direct_reply`; requests with gradients keep the relay); ``return_outputs: false`` makes the last node answer an empty tensor instead of its
 hidden states (the caller only wants the hook's result). An inference step may be chained the same way, each onward
 hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?,
 "argmax"?}, ...]``.
