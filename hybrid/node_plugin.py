@@ -74,8 +74,12 @@ class InterpreterHook:
     Its work runs under the :data:`~hybrid.watchdog.WATCHDOG` with the interpreter's wall-time limit, counted from
     the interpreter's start (on a node: the request's arrival), so a request cannot overrun it inside long work."""
 
-    def __init__(self, interpreter: Interpreter, call: int = 0, keep: dict[int, str] | None = None, owner: str = ""):
+    def __init__(self, interpreter: Interpreter, call: int = 0, keep: dict[int, str] | None = None, owner: str = "",
+                 last_hidden: bool = False):
         self.interpreter, self.call = interpreter, call
+        self.last_hidden = last_hidden
+        """The span's input is the last position's hidden state alone (the client's head after a node sent only it):
+        the head is padded as a trimmed one (last_rows_padded), whatever the row count."""
         self.keep = keep or {}
         """Node id -> session key of values to store here for a later trace (:mod:`hybrid.session_store`)."""
         self.owner = owner
@@ -122,7 +126,7 @@ class InterpreterHook:
 
     def before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if path == "lm_head" and self.interpreter.plan.head_last and args and args[0].ndim == 3 \
-                and args[0].shape[0] * args[0].shape[1] >= TRIM_MIN_ROWS:
+                and (args[0].shape[0] * args[0].shape[1] >= TRIM_MIN_ROWS or self.last_hidden):
             self._trimmed = args[0].shape[0]  # only the last position's logits are read
             return (last_rows_padded(args[0]), *args[1:]), kwargs
         if not self.interpreter.wants(path):

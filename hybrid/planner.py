@@ -256,6 +256,16 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
                 bcarry)
 
 
+def saves_last_logits(graph: Graph) -> bool:
+    """Whether the graph saves the head's output rows themselves (``lm_head.output[:, -1].save()``): then the client
+    receiving the last hidden state ``(B, D)`` and running its own head moves fewer bytes than the node sending the
+    logits ``(B, V)`` (V > D in every LM); a graph that saves only something small computed from them (an argmax)
+    moves fewer bytes with the head on the node."""
+    outputs = {n.id for n in graph.nodes if n.op == "getter" and n.module == "lm_head" and n.kind == "output"}
+    return any(n.save and n.op == "operator" and n.target == "getitem" and n.args and getattr(n.args[0], "id", None)
+               in outputs for n in graph.nodes)
+
+
 def reads_last_logits_only(graph: Graph) -> bool:
     """Whether every use of the head's output is an index ``[i, -1, ...]`` (position -1 of dim 1) and nothing reads or
     writes the final norm or the head's input: then the head may run on the last position only, with equal results

@@ -309,7 +309,7 @@ class RemoteSequence(PeerHealth):
     async def forward_chain(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                             position_ids: torch.Tensor | None = None, embed: bool = False, head: bool = False,
                             hook: HookRequest | None = None, carry: bytes = b"",
-                            return_outputs: bool = True) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
+                            return_outputs: bool | str = True) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
         """Push the inputs through the whole route node → node; only the last node's answer comes back, straight from
         the last node over one link (``ClientConfig.direct_reply``, :mod:`swarm.direct_reply`), or relayed back
         through the route for requests with gradients.
@@ -318,7 +318,8 @@ class RemoteSequence(PeerHealth):
             hook: the span hook every hop runs; each hop's result is the next hop's ``carry`` and the last hop's
                 result is returned.
             carry: the first hop's carry (values the client computed before the route).
-            return_outputs: False to get an empty tensor instead of the final hidden states / logits.
+            return_outputs: False to get an empty tensor instead of the final hidden states / logits, ``"last"`` for
+                the last position's alone.
         Returns:
             ``(outputs, hook_result, route, reply meta)``; the meta has ``compute_s`` per peer and ``node_bytes``
             (bytes that crossed node → node links; with a direct answer, the request frames passed on, not the
@@ -335,7 +336,7 @@ class RemoteSequence(PeerHealth):
         return answer
 
     async def _forward_chain(self, inputs: torch.Tensor, extras: dict, *, embed: bool, head: bool,
-                             hook: HookRequest | None, carry: bytes, return_outputs: bool,
+                             hook: HookRequest | None, carry: bytes, return_outputs: bool | str,
                              avoid: frozenset[str] = frozenset()) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
         """:meth:`forward_chain` without spot checks, on a route avoiding ``avoid`` (planned on the known records
         at once, no DHT retries, where ``avoid`` is given: a spot check's re-run)."""

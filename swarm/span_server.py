@@ -20,9 +20,10 @@ Forward may be *chained*: ``next: [{"peer", "start", "end", "head"}, ...]`` make
 (with ``hook_payload`` and its hook's result as ``hook_carry``, ``hop`` + 1) to the next node itself and relay
 that node's answer back; with ``reply_to`` (the client's peer id) the last node's answer goes straight to the
 client's collect stream (handle ``COLLECT``) instead and the nodes relay only an acknowledgement (see
-:mod:`swarm.direct_reply`; requests with gradients keep the relay); ``return_outputs: false`` makes the last node answer an empty tensor instead of its
-hidden states (the caller only wants the hook's result). An inference step may be chained the same way, each onward
-hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?,
+:mod:`swarm.direct_reply`; requests with gradients keep the relay); ``return_outputs: false`` makes the last node
+answer an empty tensor instead of its hidden states (the caller only wants the hook's result), ``"last"`` only the
+last position's ``(B, 1, ...)`` (the client runs its own head on it). An inference step may be chained the same
+way, each onward hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?,
 "argmax"?}, ...]``.
 
 Any failure is answered with an error frame (typed, with a message); the node never dies of a bad request.
@@ -306,8 +307,8 @@ class SpanServer:
         chain = parse_chain(meta.get("next", []), self.limits.max_chain)
         reply_to = reply_to_of(meta)
         keep_outputs = meta.get("return_outputs", True)
-        if not isinstance(keep_outputs, bool):
-            raise BadRequestError("meta['return_outputs'] must be a boolean.")
+        if not isinstance(keep_outputs, bool) and keep_outputs != "last":
+            raise BadRequestError("meta['return_outputs'] must be a boolean or \"last\" (the last position only).")
         request_id = request_id_of(meta)
         t0 = time.perf_counter()  # parsing counts: a hook's graph work may run while it is built
         request = await self._parsed(tensors, meta, client)
@@ -329,7 +330,8 @@ class SpanServer:
         if reply_to is not None and not grad:  # the answer goes straight to the client (swarm.direct_reply)
             stats = merged(upstream_of(meta, self.limits.max_chain), stats, received if "origin" in meta else 0)
         if not chain:
-            reply = self._reply(output.detach() if keep_outputs else output.new_empty(0), result, stats)
+            kept = output[:, -1:] if keep_outputs == "last" else output if keep_outputs else output.new_empty(0)
+            reply = self._reply(kept.detach(), result, stats)
             if reply_to is not None and not grad:
                 reply = await self._deliver(reply_to, request_id, reply, client)
         else:
