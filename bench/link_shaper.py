@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-link", default="none", help="node↔node link (or none)")
     parser.add_argument("--node-ports", default="", help="comma-separated listen ports of the nodes")
     parser.add_argument("--ready-file", type=Path, required=True, help="written once every listener is bound")
-    parser.add_argument("--stats-file", type=Path, default=None, help="byte counters, rewritten every 0.5 s")
+    parser.add_argument("--stats-file", type=Path, default=None, help="byte counters, rewritten every --stats-period")
+    parser.add_argument("--stats-period", type=float, default=0.5, help="seconds between rewrites of --stats-file")
     args = parser.parse_args(argv)
     try:
         config = RelayConfig(tuple(args.route), LinkSpec.parse(args.link), LinkSpec.parse(args.node_link),
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             write(args.ready_file, {"pid": os.getpid(), "routes": [r.__dict__ for r in config.routes]})
             while args.stats_file is not None:
                 write(args.stats_file, {"bytes": counters.bytes, "connections": counters.connections})
-                await trio.sleep(0.5)
+                await trio.sleep(args.stats_period)
 
     trio.run(run)
     return 0

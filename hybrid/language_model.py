@@ -46,11 +46,12 @@ class LanguageModel:
 
     def __init__(self, model: str = "smollm2-135m", initial_peers: Sequence[str] | None = None, *,
                  cache_dir: Path | None = None, client_config: ClientConfig = ClientConfig(),
-                 dtype: torch.dtype = torch.float32, trim_head: bool = False):
+                 dtype: torch.dtype = torch.float32, trim_head: bool = True):
         self.path = resolve_checkpoint(model, cache_dir)
         self.trim_head = trim_head
-        """Run the head only on the positions a trace reads (``lm_head.output[:, -1]``): faster, logits equal to a
-        full-sequence head up to float rounding (~1e-6 relative; see :func:`hybrid.planner.plan_graph`)."""
+        """Run the head only on the positions a trace reads (``lm_head.output[:, -1]``; on by default): faster, and
+        logits equal to a full-sequence head's bit for bit on CPU (see :func:`hybrid.node_plugin.last_rows_padded`);
+        False runs the head on every position."""
         self.config = load_config(self.path)
         self.dtype = dtype
         self.tokenizer = load_tokenizer(self.path)

@@ -44,19 +44,51 @@ def cap_limits(limits: Limits, node: Limits = NODE_LIMITS) -> Limits:
                    max_save_bytes=min(limits.max_save_bytes, node.max_save_bytes))
 
 
+#: The head runs on the last position alone (``Plan.head_last``) when the full head would see at least this many rows
+#: (batch × positions), padded to at least this many (see last_rows_padded); a smaller head runs whole (it is cheap,
+#: and a full head that small may take another GEMM path than the trimmed one).
+TRIM_MIN_ROWS = 16
+
+
+def trims_head(plan, input_ids: torch.Tensor) -> bool:
+    """Whether the head runs on the last position alone for these inputs (what ``TraceStats.head_positions`` says)."""
+    return bool(plan.head_last) and input_ids.ndim == 2 and input_ids.numel() >= TRIM_MIN_ROWS
+
+
+def last_rows_padded(x: torch.Tensor) -> torch.Tensor:
+    """The head's input for the last position only, ``(M, 1, D)``: the last position's rows made contiguous and
+    padded with zero rows to ``M = max(TRIM_MIN_ROWS, B rounded up to 4)``.
+
+    Why: a GEMM's rows are not bit-identical across row counts. On CPU (MKL/oneDNN) a strided input, or one with
+    few rows (1–3; 5–11 with 2 threads), takes another kernel path and changes logits by float rounding (~2.5e-5 on
+    SmolLM2), while contiguous inputs of 12+ rows (multiples of 4) give each row exactly the bits the full
+    ``(B·T, D)`` head gives it. Padding keeps the trimmed head on that path, so trimming changes no value on these
+    machines (tests/integration/test_trimmed_head.py); other BLAS libraries or GPUs may differ by rounding.
+    """
+    rows = x[:, -1].contiguous()
+    count = max(TRIM_MIN_ROWS, -(-rows.shape[0] // 4) * 4)
+    return torch.cat([rows, rows.new_zeros(count - rows.shape[0], rows.shape[1])]).unsqueeze(1)
+
+
 class InterpreterHook:
     """A :class:`swarm.span_hook.SpanHook` that feeds module events to an :class:`Interpreter`.
 
     Its work runs under the :data:`~hybrid.watchdog.WATCHDOG` with the interpreter's wall-time limit, counted from
     the interpreter's start (on a node: the request's arrival), so a request cannot overrun it inside long work."""
 
-    def __init__(self, interpreter: Interpreter, call: int = 0, keep: dict[int, str] | None = None, owner: str = ""):
+    def __init__(self, interpreter: Interpreter, call: int = 0, keep: dict[int, str] | None = None, owner: str = "",
+                 last_hidden: bool = False):
         self.interpreter, self.call = interpreter, call
+        self.last_hidden = last_hidden
+        """The span's input is the last position's hidden state alone (the client's head after a node sent only it):
+        the head is padded as a trimmed one (last_rows_padded), whatever the row count."""
         self.keep = keep or {}
         """Node id -> session key of values to store here for a later trace (:mod:`hybrid.session_store`)."""
         self.owner = owner
         """The client the kept values are charged to (its own share of the store)."""
         self._skip_inputs: dict[str, Any] = {}
+        self._trimmed: int | None = None
+        """The batch size while the head runs on padded last-position rows (:func:`last_rows_padded`)."""
 
     def _guard(self):
         limit_s = self.interpreter.limits.max_wall_s
@@ -96,8 +128,10 @@ class InterpreterHook:
     # ---- module events ---------------------------------------------------------------------------------------
 
     def before(self, path: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if path == "lm_head" and self.interpreter.plan.head_last and args and args[0].ndim == 3:
-            return (args[0][:, -1:], *args[1:]), kwargs  # only the last position's logits are read
+        if path == "lm_head" and self.interpreter.plan.head_last and args and args[0].ndim == 3 \
+                and (args[0].shape[0] * args[0].shape[1] >= TRIM_MIN_ROWS or self.last_hidden):
+            self._trimmed = args[0].shape[0]  # only the last position's logits are read
+            return (last_rows_padded(args[0]), *args[1:]), kwargs
         if not self.interpreter.wants(path):
             return None
         with self._guard():
@@ -141,6 +175,8 @@ class InterpreterHook:
             return replaced
 
     def after(self, path: str, output: Any) -> Any:
+        if path == "lm_head" and self._trimmed is not None:
+            output, self._trimmed = output[:self._trimmed], None  # the padding rows (see last_rows_padded) go
         if path == "model.embed_tokens" and self.interpreter.grad_mode and isinstance(output, torch.Tensor):
             # gradients start here: the hidden states require grad from the embedding on, as when the model's own
             # weights require grad (nnsight's default), while the weights themselves never do

@@ -28,8 +28,8 @@ from .blobs import entries_for
 from .errors import BlobMissingError, DisallowedOpError, HybridError
 from .interpreter import Interpreter
 from .ir import Graph
-from .node_plugin import InterpreterHook
-from .planner import Executor, Plan, plan_graph
+from .node_plugin import TRIM_MIN_ROWS, InterpreterHook, trims_head
+from .planner import Executor, Plan, plan_graph, reads_last_logits_only, saves_last_logits
 from .request import HOOK_KIND, HOOK_VERSION, NO_LINKS, SessionLinks, encode_request
 from .values import pack_values, results_agree, unpack_values
 
@@ -68,19 +68,26 @@ class TraceStats:
     """Peers a check outvoted during this trace: excluded by this client and reported in the DHT."""
     verify_bytes: int = 0
     """Serialized bytes (both directions) of the checks' re-runs; not in ``client_bytes_*`` or ``round_trips``."""
+    head_on: str = "local"
+    """Who ran the model's head: ``"node"`` (the route's last node sends what the graph reads of it), ``"client"``
+    (the node sent the last position's hidden state and the client ran its own head: fewer bytes when the graph
+    saves the logits rows, see :func:`hybrid.planner.saves_last_logits`) or ``"local"``."""
     head_positions: str = "all"
-    """Where the model's head ran: ``"last"`` when the graph reads only the last position's logits (the head then
-    runs on that position alone), else ``"all"``."""
+    """Where the model's head ran: ``"last"`` when the graph reads only the last position's logits and the batch has
+    at least ``hybrid.node_plugin.TRIM_MIN_ROWS`` rows × positions (the head then runs on that position alone),
+    else ``"all"``."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def run_local_stage(model: SpanModel, interpreter: Interpreter, inputs: torch.Tensor, call: int = 0,
-                    **kwargs) -> torch.Tensor:
+                    last_hidden: bool = False, **kwargs) -> torch.Tensor:
     """Run ``model(inputs, **kwargs)`` here with ``interpreter`` on its module events (forward call ``call``); with
-    autograd when the graph has backward passes (the embedding's output is then where gradients start)."""
-    with torch.set_grad_enabled(interpreter.grad_mode), active_hook(InterpreterHook(interpreter, call)):
+    autograd when the graph has backward passes (the embedding's output is then where gradients start).
+    ``last_hidden``: ``inputs`` is the last position's hidden state alone, for a head that reads only it."""
+    with torch.set_grad_enabled(interpreter.grad_mode), active_hook(InterpreterHook(interpreter, call,
+                                                                                   last_hidden=last_hidden)):
         return model(inputs, **kwargs)
 
 
@@ -115,7 +122,7 @@ class _RemoteSegment(torch.autograd.Function):
 class LocalRunner:
     """HPC placement: the whole model in this process (``trim_head``: see :func:`hybrid.planner.plan_graph`)."""
 
-    def __init__(self, model: SpanModel, trim_head: bool = False):
+    def __init__(self, model: SpanModel, trim_head: bool = True):
         self.model, self.trim_head = model, trim_head
 
     def run(self, graph: Graph, events, input_ids, attention_mask, position_ids=None,
@@ -129,13 +136,13 @@ class LocalRunner:
                          position_ids=position_ids)
         saves = {k: v for k, v in finish_all(interpreter).items() if graph.nodes[k].save}
         return saves, TraceStats("local", wall_s=time.perf_counter() - t0, route=["local"],
-                                 head_positions="last" if plan.head_last else "all")
+                                 head_positions="last" if trims_head(plan, input_ids) else "all")
 
 
 class SwarmRunner:
     """Runs graphs on a swarm, pushed (``hybrid``/``centralized``) or pulled (``swarm``)."""
 
-    def __init__(self, client: SwarmModel, trim_head: bool = False):
+    def __init__(self, client: SwarmModel, trim_head: bool = True):
         self.client, self.trim_head = client, trim_head
         self.sequence = client.sequence
         self.local = client.local  # embedding + head, with span-hook dispatch installed
@@ -173,6 +180,12 @@ class SwarmRunner:
 
     def _pushed(self, graph, events, input_ids, attention_mask, position_ids, links, *, single_hop: bool):
         remote_embed, remote_head = self.remote_stages()
+        # The graph saves only the last position's logits rows: the last node sends its last hidden state (B, D)
+        # and the client runs its own head (bit for bit the node's, see last_rows_padded), not (B, V) logits.
+        last_hidden = (remote_head and self.trim_head and not any(n.op == "backward" for n in graph.nodes)
+                       and input_ids.numel() >= TRIM_MIN_ROWS and reads_last_logits_only(graph)
+                       and saves_last_logits(graph))
+        remote_head = remote_head and not last_hidden
         if any(n.op == "backward" for n in graph.nodes) and not (remote_embed and remote_head):
             raise HybridError("Gradients pushed to the nodes need nodes that serve the embedding and the head (the "
                               "backward runs node to node inside the chained forward); this swarm's client runs "
@@ -206,7 +219,7 @@ class SwarmRunner:
             return self.client.loop.run(self.sequence.forward_chain(
                 inputs, attention_mask=attention_mask, position_ids=position_ids, embed=remote_embed,
                 head=remote_head, hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload, results_agree), carry=carry,
-                return_outputs=not remote_head))
+                return_outputs="last" if last_hidden else not remote_head))
         try:
             outputs, result, route, reply = chain()
         except BlobMissingError:  # some node of the route does not hold them yet: send them once, to be kept
@@ -218,13 +231,13 @@ class SwarmRunner:
         plan = plan_for(route)
         if not remote_head:  # the client's head is the last executor
             head_interp = Interpreter(graph, plan, len(plan.executors) - 1, values, modules=self.modules)
-            run_local_stage(self.local, head_interp, outputs, start=0, end=0, head=True)
+            run_local_stage(self.local, head_interp, outputs, start=0, end=0, head=True, last_hidden=last_hidden)
             values = head_interp.finish()
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
-        stats = TraceStats("hybrid", node_bytes=int(reply.get("node_bytes", 0)),
+        stats = TraceStats("hybrid", head_on="node" if remote_head else "client", node_bytes=int(reply.get("node_bytes", 0)),
                            compute_s=dict(reply.get("compute_s", {})), route=[e.name for e in plan.executors],
                            commitments=list(reply.get("commitments", [])),
-                           head_positions="last" if plan.head_last else "all")
+                           head_positions="last" if trims_head(plan, input_ids) else "all")
         return saves, stats
 
     # ---- pulled: swarm (Petals-style) -----------------------------------------------------------------------
@@ -247,7 +260,8 @@ class SwarmRunner:
         run_local_stage(self.local, interpreter, hidden, start=0, end=0, head=True)
         values = finish_all(interpreter)
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
-        return saves, TraceStats("swarm", route=["client"], head_positions="last" if plan.head_last else "all")
+        return saves, TraceStats("swarm", route=["client"], head_on="client",
+                                 head_positions="last" if trims_head(plan, input_ids) else "all")
 
 
 def layer_boundaries(graph: Graph) -> set[int]:

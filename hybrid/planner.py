@@ -142,9 +142,9 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
             step, and carried onward). A ``load`` not in ``held`` is the client's: :data:`PAST`, sent as the first
             carry like a value of an earlier step.
         trim_head: run the head only on the last position when the graph reads nothing else of it
-            (:func:`reads_last_logits_only`). Faster, but the logits then come from a GEMM of another shape: they
-            may differ from a full-sequence head (and from nnsight) by float rounding (~1e-6 relative), so it is off
-            unless the caller asks (``hybrid.LanguageModel(..., trim_head=True)``).
+            (:func:`reads_last_logits_only`; the executor then runs it on padded last-position rows, which give the
+            full head's values bit for bit on CPU, see :func:`hybrid.node_plugin.last_rows_padded`; on by default
+            in ``hybrid.LanguageModel``).
     """
     held = held or {}
     validate(graph)
@@ -254,6 +254,16 @@ def plan_graph(graph: Graph, events: list[tuple[str, str]], num_layers: int, exe
             bcarry[k] = sorted(back)
     return Plan(list(executors), assignment, carry, times, inputs, stages, trim_head and reads_last_logits_only(graph),
                 bcarry)
+
+
+def saves_last_logits(graph: Graph) -> bool:
+    """Whether the graph saves the head's output rows themselves (``lm_head.output[:, -1].save()``): then the client
+    receiving the last hidden state ``(B, D)`` and running its own head moves fewer bytes than the node sending the
+    logits ``(B, V)`` (V > D in every LM); a graph that saves only something small computed from them (an argmax)
+    moves fewer bytes with the head on the node."""
+    outputs = {n.id for n in graph.nodes if n.op == "getter" and n.module == "lm_head" and n.kind == "output"}
+    return any(n.save and n.op == "operator" and n.target == "getitem" and n.args and getattr(n.args[0], "id", None)
+               in outputs for n in graph.nodes)
 
 
 def reads_last_logits_only(graph: Graph) -> bool:

@@ -45,7 +45,7 @@ from .errors import BadRequestError, MissingBlocksError, OverloadedError, PeerUn
 from .peer_health import PeerHealth
 from .records import SUSPECT_TTL_S, ServerRecord, records_with_expiration, suspect_reporters, suspects_key
 from .routing import Hop, plan_route
-from .handles import BACKWARD, FORWARD
+from .handles import BACKWARD, COLLECT, FORWARD
 from .transport import Traffic, call, ping
 from .verification import plan_avoiding, should_check, spot_check, spot_check_chain
 
@@ -92,6 +92,12 @@ class ClientConfig:
     """Fixed route cost of one hop beyond its ping (so fewer hops win at similar latency)."""
     suspect_weight: float = 1.0
     """Each distinct client reporting a node as computing wrong numbers adds this to its route cost factor."""
+    direct_reply: bool = True
+    """Chained forwards: the last node's answer comes straight to this client over one link (the client opens a
+    collect stream to it, see swarm/direct_reply.py) instead of back through every node of the route."""
+    collect_streams: int = 8
+    """Streams the direct answer is read over at once (swarm.wire.stripe: each new stream starts with a small
+    flow-control window; at most swarm.wire.MAX_STRIPES)."""
     verify: float = 0.05
     """Share of hops recomputed on other nodes and compared (swarm/verification.py); 1.0 checks every hop, 0 none.
     Covers forwards, chained forwards (hybrid traces) and hop-by-hop inference steps; chained sessions' steps are not
@@ -311,17 +317,21 @@ class RemoteSequence(PeerHealth):
     async def forward_chain(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                             position_ids: torch.Tensor | None = None, embed: bool = False, head: bool = False,
                             hook: HookRequest | None = None, carry: bytes = b"",
-                            return_outputs: bool = True) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
-        """Push the inputs through the whole route node → node; only the last node's answer comes back.
+                            return_outputs: bool | str = True) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
+        """Push the inputs through the whole route node → node; only the last node's answer comes back, straight from
+        the last node over one link (``ClientConfig.direct_reply``, :mod:`swarm.direct_reply`), or relayed back
+        through the route for requests with gradients.
 
         Args:
             hook: the span hook every hop runs; each hop's result is the next hop's ``carry`` and the last hop's
                 result is returned.
             carry: the first hop's carry (values the client computed before the route).
-            return_outputs: False to get an empty tensor instead of the final hidden states / logits.
+            return_outputs: False to get an empty tensor instead of the final hidden states / logits, ``"last"`` for
+                the last position's alone.
         Returns:
             ``(outputs, hook_result, route, reply meta)``; the meta has ``compute_s`` per peer and ``node_bytes``
-            (bytes that crossed node → node links).
+            (bytes that crossed node → node links; with a direct answer, the request frames passed on, not the
+            acknowledgements) and ``direct`` (whether the answer came straight from the last node).
         Raises:
             ResultMismatchError: with ``ClientConfig.verify``, a checked answer was contradicted and not settled.
         """
@@ -334,7 +344,7 @@ class RemoteSequence(PeerHealth):
         return answer
 
     async def _forward_chain(self, inputs: torch.Tensor, extras: dict, *, embed: bool, head: bool,
-                             hook: HookRequest | None, carry: bytes, return_outputs: bool,
+                             hook: HookRequest | None, carry: bytes, return_outputs: bool | str,
                              avoid: frozenset[str] = frozenset()) -> tuple[torch.Tensor, bytes, list[Hop], dict]:
         """:meth:`forward_chain` without spot checks, on a route avoiding ``avoid`` (planned on the known records
         at once, no DHT retries, where ``avoid`` is given: a spot check's re-run)."""
@@ -353,13 +363,15 @@ class RemoteSequence(PeerHealth):
             meta = {"request_id": request_id, "start": hops[0].start, "end": hops[0].end, "embed": embed,
                     "head": chain[0]["head"],
                     "next": chain[1:], "return_outputs": return_outputs}
+            if self.config.direct_reply:
+                meta["reply_to"] = self.p2p.peer_id.to_base58()
             if hook is not None:
                 hook.attach(tensors, meta, hops, carry)
             t0 = time.perf_counter()
             try:
-                out, reply = await call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta,
-                                        timeout_s=self.config.request_timeout_s * len(hops),
-                                        **(self._verify_options if avoid else self._call_options))
+                out, reply = await self._chain_call(hops, tensors, meta,
+                                                    timeout_s=self.config.request_timeout_s * len(hops),
+                                                    checking=bool(avoid))
             except (OverloadedError, BadRequestError) as e:  # which node of the chain refused, the error does not say
                 failed_at = failed_at or t0
                 if attempt == self.config.max_retries or (isinstance(e, BadRequestError) and not _may_be_false_claim(e)):
@@ -389,6 +401,43 @@ class RemoteSequence(PeerHealth):
             self.record_commitments(reply, request_id)
             return out["outputs"], hook_result(out), hops, reply
         raise AssertionError("unreachable")
+
+    async def _chain_call(self, hops: list[Hop], tensors: dict, meta: dict, *, timeout_s: float,
+                          checking: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+        """Send a chained forward to the route's first node; with ``meta['reply_to']``, collect the answer from the
+        last node at the same time (swarm/direct_reply.py). An error any hop answered comes back on the chain and is
+        raised as its own type; the collect stream is then dropped. The collect stream is part of the same round
+        trip: its bytes count in :attr:`traffic`, not as a call. A spot check's re-run (``checking``) counts in
+        :attr:`verify_traffic` instead."""
+        options = self._verify_options if checking else self._call_options
+        chain = asyncio.ensure_future(call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta, timeout_s=timeout_s,
+                                           **options))
+        if "reply_to" not in meta:
+            out, reply = await chain
+            return out, {**reply, "direct": False}
+        side = Traffic()
+        collect = asyncio.ensure_future(call(self.p2p, hops[-1].peer_id, COLLECT, {},
+                                             {"request_id": meta["request_id"]}, timeout_s=timeout_s, traffic=side,
+                                             liveness_s=self.config.liveness_s, pull=self.config.collect_streams))
+        try:
+            done, _ = await asyncio.wait({chain, collect}, return_when=asyncio.FIRST_COMPLETED)
+            if collect in done and collect.exception() is None:
+                out, reply = collect.result()  # the acknowledgements still on their way back are not needed
+            else:
+                out, reply = await chain  # the chain's error, typed, wins over the collect stream's
+                if reply.get("direct"):
+                    out, reply = await collect
+                else:  # relayed: requests with gradients, or a node that could not hold the answer
+                    return out, {**reply, "direct": False}
+            return out, {**reply, "direct": True}
+        finally:
+            for task in (chain, collect):
+                task.cancel()
+            for task in (chain, collect):
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: an abandoned task's error is not logged as unhandled
+            options["traffic"].bytes_sent += side.bytes_sent
+            options["traffic"].bytes_received += side.bytes_received
 
     async def ban_unreachable(self, hops: list[Hop]) -> None:
         """Ping every node of a failed route and exclude those that do not answer."""

@@ -1,7 +1,8 @@
 """The node's RPC surface: forward, backward and inference steps over its span, on hivemind P2P.
 
 Every RPC is one request frame in, one response frame out (see :mod:`swarm.wire`); frames stream, so payloads
-over hivemind's 4 MiB message cap are fine. Handle names are explicit versioned constants.
+over hivemind's 4 MiB message cap are fine, and a large request may arrive striped over several streams (its other
+streams on handle ``STRIPE``, :mod:`swarm.stripes`). Handle names are explicit versioned constants.
 
 Request metadata (all RPCs):
     ``names``: names of the frame's tensors, from ``inputs``, ``attention_mask``, ``position_ids``,
@@ -17,9 +18,12 @@ head, if run, computes only that position's logits (``logits_to_keep=1``, as tra
 ``argmax: true`` (with the head and ``last_only``) answers the greedy next token ``(B, 1)`` instead of the logits.
 Forward may be *chained*: ``next: [{"peer", "start", "end", "head"}, ...]`` makes this node send its outputs
 (with ``hook_payload`` and its hook's result as ``hook_carry``, ``hop`` + 1) to the next node itself and relay
-that node's answer back; ``return_outputs: false`` makes the last node answer an empty tensor instead of its
-hidden states (the caller only wants the hook's result). An inference step may be chained the same way, each onward
-hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?,
+that node's answer back; with ``reply_to`` (the client's peer id) the last node's answer goes straight to the
+client's collect stream (handle ``COLLECT``) instead and the nodes relay only an acknowledgement (see
+:mod:`swarm.direct_reply`; requests with gradients keep the relay); ``return_outputs: false`` makes the last node
+answer an empty tensor instead of its hidden states (the caller only wants the hook's result), ``"last"`` only the
+last position's ``(B, 1, ...)`` (the client runs its own head on it). An inference step may be chained the same
+way, each onward hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?,
 "argmax"?}, ...]``.
 
 Any failure is answered with an error frame (typed, with a message); the node never dies of a bad request.
@@ -44,6 +48,7 @@ from .errors import (BadRequestError, CapacityError, InternalNodeError, Overload
 from .commitments import commit, request_id_of
 from .commitments import parse as parse_commitments
 from .compute_slot import ComputeSlot
+from .direct_reply import Mailbox, merged, reply_to_of, stripe_of, upstream_of
 from .quotas import ClientQueue, client_identity
 from .sessions import SessionManager
 from .span_grad import SavedTensorBudget, backward_reply, forward_with_grad, wants_grad, weight_storages
@@ -51,11 +56,19 @@ from .span_hook import HookRegistry, active_hook
 from .span_requests import (TENSOR_NAMES, SpanRequest, hook_result, parse_chain, parse_inference_chain,  # noqa: F401
                             parse_request)
 from .stages import SpanModel
-from .handles import BACKWARD, FORWARD, INFERENCE, INFO
+from .stripes import StripeBoard, serve_stripes
+from .handles import BACKWARD, COLLECT, FORWARD, INFERENCE, INFO
 from .transport import Traffic, call
-from .wire import encode_error, encode_frame, read_frame
+from .wire import encode_error, encode_frame, read_frame, stripe
 
 logger = logging.getLogger(__name__)
+
+
+async def _counted(messages: AsyncIterator, total: list[int]) -> AsyncIterator:
+    """``messages``, adding each one's serialized size to ``total[0]``."""
+    async for message in messages:
+        total[0] += message.ByteSize()
+        yield message
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,10 @@ class SpanServer:
         self._weights = weight_storages(model)
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
+        self.mailbox = Mailbox(max_bytes=limits.max_request_bytes, hold_s=limits.linger_s)
+        """Answers of chained forwards waiting for the client's collect stream (swarm.direct_reply)."""
+        self.stripes = StripeBoard(wait_s=limits.chain_timeout_s)
+        """The extra streams of striped requests, waiting for their first stream's reader (swarm.stripes)."""
 
     @property
     def load(self) -> int:
@@ -140,6 +157,9 @@ class SpanServer:
         for name, handler in ((FORWARD, self._forward), (BACKWARD, self._backward), (INFERENCE, self._inference)):
             await p2p.add_protobuf_handler(name, self._framed(handler), runtime_pb2.ExpertRequest,
                                            stream_input=True, stream_output=True)
+        await serve_stripes(p2p, self.stripes)
+        await p2p.add_protobuf_handler(COLLECT, self._collect, runtime_pb2.ExpertRequest, stream_input=True,
+                                       stream_output=True)
         await p2p.add_protobuf_handler(INFO, self._info, runtime_pb2.ExpertRequest)
 
     def shutdown(self) -> None:
@@ -162,13 +182,18 @@ class SpanServer:
         async def serve(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
             self.inflight += 1
             try:
-                frame = await read_frame(requests, max_bytes=self.limits.max_request_bytes, accept_error=False)
+                received, caller = [0], context.remote_id.to_base58()
+
+                async def stripes(stripe_id: str, count: int):  # a striped request's other streams (swarm.wire)
+                    return [_counted(s, received) for s in await self.stripes.take(caller, stripe_id, count)]
+                frame = await read_frame(_counted(requests, received), max_bytes=self.limits.max_request_bytes,
+                                         accept_error=False, stripes=stripes)
                 if frame is None:
                     raise BadRequestError("Empty request stream.")
                 client = client_identity(context.remote_id.to_base58(), frame[1].get("origin"))
                 counted = self._admit(frame[1], client)
                 try:
-                    tensors, meta = await handler(*frame, client)
+                    tensors, meta = await handler(*frame, client, received=received[0])
                     # Serialising a large answer is work too: it runs in the compute executor, not on the event loop.
                     messages = await self._compute(
                         lambda: list(encode_frame(tensors, meta, runtime_pb2.ExpertResponse)), client)
@@ -189,6 +214,28 @@ class SpanServer:
             # the stream and the caller could lose the tail of our answer (seen in ~1 of 3 runs on loopback).
             await asyncio.sleep(self.limits.linger_s)
         return serve
+
+    async def _collect(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        """The client's end of a direct answer (swarm.direct_reply): wait for the answer to ``meta['request_id']``
+        that names this caller in ``reply_to``, and stream it. Costs no compute: not admitted to the compute queue."""
+        try:
+            frame = await read_frame(requests, max_bytes=0, max_tensors=0, accept_error=False)
+            if frame is None:
+                raise BadRequestError("Empty collect stream.")
+            request_id = request_id_of(frame[1])
+            index, count = stripe_of(frame[1])
+            messages = await self.mailbox.collect(context.remote_id.to_base58(), request_id, index, count,
+                                                  self.limits.chain_timeout_s)
+            messages = stripe(messages, count, request_id or "-")[index]
+        except SwarmError as e:
+            logger.info("Rejected %s from %s: %s", context.handle_name, context.remote_id, e)
+            messages = list(encode_error(e))
+        except Exception as e:  # a bug on our side: report it, keep serving
+            logger.exception("Internal error in %s", context.handle_name)
+            messages = list(encode_error(InternalNodeError(f"{type(e).__name__}: {e}")))
+        for message in messages:
+            yield message
+        await asyncio.sleep(self.limits.linger_s)  # the caller closes the stream (see _framed)
 
     # ---- parsing and validation -------------------------------------------------------------------------
 
@@ -260,11 +307,12 @@ class SpanServer:
 
     # ---- handlers ---------------------------------------------------------------------------------------
 
-    async def _forward(self, tensors, meta, client: str):
+    async def _forward(self, tensors, meta, client: str, received: int = 0):
         chain = parse_chain(meta.get("next", []), self.limits.max_chain)
+        reply_to = reply_to_of(meta)
         keep_outputs = meta.get("return_outputs", True)
-        if not isinstance(keep_outputs, bool):
-            raise BadRequestError("meta['return_outputs'] must be a boolean.")
+        if not isinstance(keep_outputs, bool) and keep_outputs != "last":
+            raise BadRequestError("meta['return_outputs'] must be a boolean or \"last\" (the last position only).")
         request_id = request_id_of(meta)
         t0 = time.perf_counter()  # parsing counts: a hook's graph work may run while it is built
         request = await self._parsed(tensors, meta, client)
@@ -283,16 +331,32 @@ class SpanServer:
         me = self._p2p.peer_id.to_base58()
         stats = {"compute_s": {me: time.perf_counter() - t0}, "node_bytes": 0,
                  "commitments": [commit(output, request_id, me, self.signer)]}
+        if reply_to is not None and not grad:  # the answer goes straight to the client (swarm.direct_reply)
+            stats = merged(upstream_of(meta, self.limits.max_chain), stats, received if "origin" in meta else 0)
         if not chain:
-            reply = self._reply(output.detach() if keep_outputs else output.new_empty(0), result, stats)
+            kept = output[:, -1:] if keep_outputs == "last" else output if keep_outputs else output.new_empty(0)
+            reply = self._reply(kept.detach(), result, stats)
+            if reply_to is not None and not grad:
+                reply = await self._deliver(reply_to, request_id, reply, client)
         else:
             hop, rest = chain[0], chain[1:]
             onward_meta = {"start": hop["start"], "end": hop["end"], "head": hop["head"], "next": rest,
                            "return_outputs": keep_outputs, "request_id": request_id}
+            if reply_to is not None and not grad:  # in grad mode the answer is relayed: backward runs on its way
+                onward_meta.update(reply_to=reply_to, upstream=stats)
             reply = await self._pass_on(FORWARD, hop["peer"], output.detach(), result, onward_meta, request, tensors,
                                         meta, stats)
         if grad:
             reply = await self._compute(lambda: backward_reply(request.hook, output, *reply), client)
+        return reply
+
+    async def _deliver(self, reply_to: str, request_id: str, reply, client: str):
+        """Put the answer in the mailbox for ``reply_to``'s collect stream and answer the caller with an
+        acknowledgement; relay the answer instead when the mailbox cannot hold it."""
+        tensors, meta = reply
+        messages = await self._compute(lambda: list(encode_frame(tensors, meta, runtime_pb2.ExpertResponse)), client)
+        if self.mailbox.deliver(reply_to, request_id, messages, sum(m.ByteSize() for m in messages)):
+            return [], {"names": [], "direct": True}
         return reply
 
     async def _pass_on(self, handle: str, peer: str, output: torch.Tensor, hook_result: bytes | None,
@@ -319,7 +383,7 @@ class SpanServer:
         return [out[n] for n in names], {"names": names, **{k: v for k, v in reply.items() if k not in ("names",)},
                                          **stats}
 
-    async def _backward(self, tensors, meta, client: str):
+    async def _backward(self, tensors, meta, client: str, received: int = 0):
         request = await self._parsed(tensors, meta, client)
         if request.embed:
             raise BadRequestError("Backward through the embedding is not served; send hidden states.")
@@ -338,7 +402,7 @@ class SpanServer:
             return grad_inputs, hook_result(request.hook) if request.hook is not None else None
         return self._reply(*await self._compute(work, client))
 
-    async def _inference(self, tensors, meta, client: str):
+    async def _inference(self, tensors, meta, client: str, received: int = 0):
         session_id = meta.get("session_id")
         if not isinstance(session_id, str) or not 0 < len(session_id) <= 128:
             raise BadRequestError("Inference needs meta['session_id'] as a non-empty string (≤128 chars).")

@@ -7,6 +7,7 @@ error frame from the node is raised as its own type (the caller must not retry t
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -18,8 +19,8 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from .errors import BadRequestError, PeerBusyError, PeerUnreachableError
-from .handles import INFO
-from .wire import encode_frame, read_frame
+from .handles import INFO, STRIPE
+from .wire import MAX_STRIPES, encode_frame, read_frame, stripe, stripe_count, stripe_header
 
 
 @dataclass
@@ -43,6 +44,16 @@ async def _counted(messages, traffic: Traffic | None) -> AsyncIterator:
         yield message
 
 
+async def _drain(stream: AsyncIterator, traffic: Traffic | None) -> None:
+    """Read a stripe stream's answer (an empty frame) to its end; its errors show on the frame's first stream."""
+    try:
+        async for message in stream:
+            if traffic is not None:
+                traffic.bytes_received += message.ByteSize()
+    except Exception:  # noqa: BLE001 - the first stream reports what went wrong
+        pass
+
+
 async def _counting(stream: AsyncIterator, traffic: Traffic | None) -> AsyncIterator:
     async for message in stream:
         if traffic is not None:
@@ -52,7 +63,8 @@ async def _counting(stream: AsyncIterator, traffic: Traffic | None) -> AsyncIter
 
 async def call(p2p: P2P, peer_id: str, handle: str, tensors: dict[str, torch.Tensor], meta: dict,
                *, timeout_s: float, traffic: Traffic | None = None,
-               liveness_s: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+               liveness_s: float | None = None, max_stripes: int = MAX_STRIPES,
+               pull: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
     """Send named ``tensors`` + ``meta`` to ``handle`` on ``peer_id``; return the named response tensors + meta.
 
     ``traffic``, if given, is credited with the bytes sent and received and one call. With ``liveness_s``, a call
@@ -60,23 +72,63 @@ async def call(p2p: P2P, peer_id: str, handle: str, tensors: dict[str, torch.Ten
     within ``liveness_s`` is declared unreachable at once, so a vanished machine (no connection reset) is
     detected in seconds, not at ``timeout_s``.
 
+    A large request travels striped over up to ``max_stripes`` streams (:func:`swarm.wire.stripe`: every new
+    stream starts with a small flow-control window, so one stream runs far below a long, fast link at first).
+    ``pull > 1`` opens that many streams to ``handle`` (meta ``stripe``: its index, ``of``: ``pull``) and reads the
+    answer striped over them (the collect stream of :mod:`swarm.direct_reply`).
+
     Raises:
         PeerBusyError: no answer within ``timeout_s``, but (with ``liveness_s``) the peer still answers pings.
         PeerUnreachableError: connection failed or broke, a missed ping, or no answer within ``timeout_s``.
         SwarmError subclasses: the node answered with an error.
     """
     meta = {**meta, "names": list(tensors)}
-    messages = encode_frame(list(tensors.values()), meta)
+    if pull > 1:
+        requests = [list(encode_frame(list(tensors.values()), {**meta, "stripe": i, "of": pull})) for i in range(pull)]
+    else:
+        messages = list(encode_frame(list(tensors.values()), meta))
+        requests = stripe(messages, stripe_count(messages, max_stripes), secrets.token_hex(8))
+    peer = PeerID.from_base58(peer_id)
 
     async def exchange():
         if traffic is not None:
             traffic.calls += 1
-        stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), handle, _counted(messages, traffic),
-                                                    runtime_pb2.ExpertResponse)
+        opened = await asyncio.gather(*(
+            p2p.iterate_protobuf_handler(peer, handle if i == 0 or pull > 1 else STRIPE, _counted(request, traffic),
+                                         runtime_pb2.ExpertResponse)
+            for i, request in enumerate(requests)), return_exceptions=True)
+        streams = [s for s in opened if not isinstance(s, BaseException)]
+        drains = []
         try:
-            frame = await read_frame(_counting(stream, traffic))
+            for s in opened:
+                if isinstance(s, BaseException):
+                    raise s
+            if pull > 1:
+                async def own(stripe_id: str, count: int):
+                    if count != pull:
+                        raise BadRequestError(f"Peer {peer_id} striped its answer over {count} streams; {pull} were "
+                                              f"opened.")
+                    sides = []
+                    for index, side in enumerate(streams[1:], 1):
+                        side = _counting(side, traffic)
+                        try:
+                            first = await anext(side)
+                        except StopAsyncIteration:
+                            raise PeerUnreachableError(f"Peer {peer_id} closed stripe {index} of {handle}.") from None
+                        if stripe_header(first) != (stripe_id, index):
+                            raise BadRequestError(f"Peer {peer_id} sent stripe streams out of order.")
+                        sides.append(side)
+                    return sides
+                frame = await read_frame(_counting(streams[0], traffic), stripes=own)
+            else:
+                drains = [asyncio.ensure_future(_drain(side, traffic)) for side in streams[1:]]
+                frame = await read_frame(_counting(streams[0], traffic))
         finally:
-            await stream.aclose()
+            for task in drains:
+                task.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
+            for stream in streams:
+                await stream.aclose()
         if frame is None:
             raise PeerUnreachableError(f"Peer {peer_id} closed the stream of {handle} without answering.")
         return frame

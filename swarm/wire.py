@@ -10,12 +10,20 @@ bfloat16 travels at 2 bytes per element: its bits as an ``int16`` tensor, listed
 indices); hivemind's own bfloat16 serialization widens to float32 bytes. A reader that does not know the field refuses
 the ``int16`` tensor rather than misread it.
 
+A large frame may travel *striped* over several streams at once (:func:`stripe`): libp2p's yamux gives every new
+stream a 256 KiB flow-control window that grows only as round trips pass, so one fresh stream moves ~256 KiB per round
+trip at first (1.6 MB took ~200 ms on a 60 MB/s, 40 ms-round-trip link). ``k`` streams start with ``k`` windows. The
+first stream's header then has ``"stripes": {"id", "count": k}``; stream ``i`` (``1 ≤ i < k``) starts with a
+header ``{"v", "stripe": {"id", "index": i}}``, and chunk ``j`` of the frame (counted over all tensors) travels on
+stream ``j mod k``. The reader (:func:`read_frame` with ``stripes``) drains all of them at once.
+
 An error travels as a frame with no tensors and ``meta = {"error": {"code", "message"}}``; the receiving side
 raises it again as the same :class:`~swarm.errors.SwarmError` subclass. Nothing here pickles.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator, Iterator, Sequence, Type
 
 import msgpack
@@ -26,7 +34,13 @@ from hivemind.proto import runtime_pb2
 from .errors import BadRequestError, PayloadTooLargeError, SwarmError, error_from_wire
 
 WIRE_VERSION = 1
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 240 << 10
+"""Bytes of one tensor chunk message: a chunk and its framing fit a yamux stream's initial 256 KiB window, so the
+first chunk of every stripe goes out at once (a chunk just over the window would wait a round trip for its tail)."""
+MAX_STRIPES = 8
+"""Most streams one frame travels on."""
+STRIPE_BYTES = CHUNK_BYTES
+"""A frame gets one stream per this many bytes (up to :data:`MAX_STRIPES`)."""
 ALLOWED_DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8"})
 
 Message = runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse
@@ -48,6 +62,43 @@ def encode_frame(tensors: Sequence[torch.Tensor], meta: dict,
             yield message_type(tensors=[chunk])
 
 
+def stripe_count(messages: Sequence[Message], limit: int = MAX_STRIPES) -> int:
+    """How many streams a frame's ``messages`` should travel on: one per :data:`STRIPE_BYTES`, at most ``limit``."""
+    nbytes = sum(len(t.buffer) for m in messages[1:] for t in m.tensors)
+    return max(1, min(limit, len(messages) - 1, -(-nbytes // STRIPE_BYTES)))
+
+
+def stripe(messages: Sequence[Message], count: int, stripe_id: str) -> list[list[Message]]:
+    """Split one frame's ``messages`` (as :func:`encode_frame` yields them) over ``count`` streams (see the module
+    docstring); ``count == 1`` returns them as they are."""
+    if count <= 1:
+        return [list(messages)]
+    first, chunks = messages[0], list(messages[1:])
+    message_type = type(first)
+    header = msgpack.unpackb(first.metadata, raw=False, strict_map_key=False)
+    header["stripes"] = {"id": stripe_id, "count": count}
+    streams = [[message_type(metadata=msgpack.packb(header, use_bin_type=True))] + chunks[0::count]]
+    for i in range(1, count):
+        opener = message_type(metadata=msgpack.packb({"v": WIRE_VERSION, "stripe": {"id": stripe_id, "index": i}},
+                                                      use_bin_type=True))
+        streams.append([opener] + chunks[i::count])
+    return streams
+
+
+def stripe_header(message: Message) -> tuple[str, int]:
+    """``(id, index)`` of a stripe stream's first message. Raises BadRequestError when it is not one."""
+    try:
+        header = msgpack.unpackb(message.metadata, raw=False, strict_map_key=False)
+        stripe_id, index = header["stripe"]["id"], header["stripe"]["index"]
+        if header.get("v") != WIRE_VERSION or not isinstance(stripe_id, str) or not 0 < len(stripe_id) <= 64 \
+                or not isinstance(index, int) or not 0 < index < MAX_STRIPES:
+            raise ValueError("bad stripe fields")
+    except Exception as e:
+        raise BadRequestError(f"Malformed stripe header ({type(e).__name__}: {e}); expected msgpack "
+                              f"{{'v', 'stripe': {{'id': str, 'index': 1..{MAX_STRIPES - 1}}}}}.") from None
+    return stripe_id, index
+
+
 def encode_error(error: SwarmError, message_type: Type[Message] = runtime_pb2.ExpertResponse) -> Iterator[Message]:
     return encode_frame([], {"error": error.to_wire()}, message_type)
 
@@ -62,10 +113,12 @@ def _split(tensor: runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
 
 
 async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None = None, max_tensors: int = 64,
-                     accept_error: bool = True) -> tuple[list[torch.Tensor], dict] | None:
+                     accept_error: bool = True, stripes=None) -> tuple[list[torch.Tensor], dict] | None:
     """Read one frame; return ``(tensors, meta)``, or None when the stream ended before a frame began.
 
-    ``accept_error=False`` (a server reading requests) refuses error frames instead of raising them.
+    ``accept_error=False`` (a server reading requests) refuses error frames instead of raising them. ``stripes``:
+    ``await stripes(id, count)`` → the frame's other ``count - 1`` streams (index order, each after its stripe
+    header), for a striped frame; None refuses striped frames.
 
     Raises:
         BadRequestError: malformed header, wrong number of chunks, unknown dtype, shape/bytes mismatch, or an
@@ -96,23 +149,60 @@ async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None 
         raise BadRequestError(f"Wire version {header.get('v')!r} is not supported; this node speaks {WIRE_VERSION}.")
     if len(parts) > max_tensors:
         raise BadRequestError(f"Frame carries {len(parts)} tensors; at most {max_tensors} are allowed.")
-    tensors, total = [], 0
-    for count in parts:
+    total = [0]
+
+    async def drain(stream: AsyncIterator[Message], count: int) -> list[runtime_pb2.Tensor]:
         chunks = []
         for _ in range(count):
             try:
-                message = await anext(messages)
+                message = await anext(stream)
             except StopAsyncIteration:
                 raise BadRequestError("Frame ended early: fewer tensor chunks than its header announced.") from None
             if len(message.tensors) != 1:
                 raise BadRequestError("Each tensor chunk message must carry exactly one tensor part.")
-            total += len(message.tensors[0].buffer)
-            if max_bytes is not None and total > max_bytes:
+            total[0] += len(message.tensors[0].buffer)
+            if max_bytes is not None and total[0] > max_bytes:
                 raise PayloadTooLargeError(f"Request tensors exceed this node's limit of {max_bytes} bytes; "
                                            f"send a smaller batch or sequence.")
             chunks.append(message.tensors[0])
-        tensors.append(_combine(chunks, bf16=len(tensors) in bf16))
+        return chunks
+
+    n = sum(parts)
+    spec = header.get("stripes")
+    if spec is None:
+        chunks = await drain(messages, n)
+    else:
+        if stripes is None:
+            raise BadRequestError("This frame is striped over several streams; this call takes one stream only.")
+        if not isinstance(spec, dict) or not isinstance(spec.get("id"), str) or not isinstance(spec.get("count"), int) \
+                or not 1 < spec["count"] <= MAX_STRIPES:
+            raise BadRequestError(f"Malformed 'stripes' in a frame header; expected {{'id': str, 'count': "
+                                  f"2..{MAX_STRIPES}}}.")
+        k = spec["count"]
+        others = await stripes(spec["id"], k)
+        try:
+            per_stream = await gather_or_cancel([drain(messages, len(range(0, n, k)))] +
+                                                [drain(s, len(range(i, n, k))) for i, s in enumerate(others, 1)])
+        finally:
+            for other in others:
+                if hasattr(other, "aclose"):
+                    await other.aclose()
+        chunks = [per_stream[j % k][j // k] for j in range(n)]
+    tensors, offset = [], 0
+    for count in parts:
+        tensors.append(_combine(chunks[offset:offset + count], bf16=len(tensors) in bf16))
+        offset += count
     return tensors, meta
+
+
+async def gather_or_cancel(coroutines: list) -> list:
+    """``asyncio.gather`` that cancels the others when one fails (no stream is left being read by an orphan)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _combine(chunks: list[runtime_pb2.Tensor], *, bf16: bool = False) -> torch.Tensor:

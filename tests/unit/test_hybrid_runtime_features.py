@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import hybrid
 from hybrid.errors import DisallowedOpError, InvalidGraphError, OrderError, TraceError
+from hybrid.node_plugin import TRIM_MIN_ROWS
 
 IDS = torch.tensor([[5, 9, 11, 3, 7], [2, 4, 6, 8, 10]])
 
@@ -157,27 +158,32 @@ def test_logit_lens_on_a_later_executor_calls_norm_and_head_once_with_per_layer_
 @pytest.mark.parametrize("index, positions", [((slice(None), -1), "last"), ((0, -1, slice(None, 5)), "last"),
                                                ((slice(None), 2), "all"), ((Ellipsis, 3), "all")])
 def test_the_head_runs_only_on_the_positions_the_graph_reads(tiny, index, positions):
-    """Asked for (``trim_head=True``): the head sees the last position alone when nothing else of it is read. Its
-    logits equal a full-sequence head's up to float rounding (another GEMM shape): checked at 1e-5 on this tiny model;
-    by default the head runs on every position (exact parity with nnsight)."""
-    path, default = tiny
-    lm = hybrid.LanguageModel(str(path), trim_head=True)
+    """By default (``trim_head``) the head sees the last position alone (padded to TRIM_MIN_ROWS rows) when nothing
+    else of it is read and the batch has TRIM_MIN_ROWS rows × positions; its logits equal the full head's (checked at
+    1e-5 on this tiny model; bit for bit on SmolLM2 in tests/integration/test_trimmed_head.py). Fewer rows, or
+    ``trim_head=False``: the head runs on every position."""
+    path, lm = tiny
+    ids = torch.randint(3, 128, (2, 8))  # 16 rows: trimmed
+    whole = hybrid.LanguageModel(str(path), trim_head=False)
     head = lm.local_model.get_submodule("lm_head")
     seen: list = []
     handle = head.register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
     try:
-        with lm.trace(IDS) as tracer:
+        with lm.trace(ids) as tracer:
             got = lm.lm_head.output[index].save()
     finally:
         handle.remove()
     assert tracer.stats["head_positions"] == positions
-    assert seen == [(2, 1, 64) if positions == "last" else (2, 5, 64)]
+    assert seen == [(TRIM_MIN_ROWS, 1, 64) if positions == "last" else (2, 8, 64)]  # 2 rows padded (last_rows_padded)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
-        want = model(IDS).logits[index]
+        want = model(ids).logits[index]
     assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
-    with default.trace(IDS) as tracer:
-        default.lm_head.output[index].save()
+    with whole.trace(ids) as tracer:
+        whole.lm_head.output[index].save()
+    assert tracer.stats["head_positions"] == "all"
+    with lm.trace(IDS) as tracer:  # 10 rows: below TRIM_MIN_ROWS, the head runs whole
+        lm.lm_head.output[index].save()
     assert tracer.stats["head_positions"] == "all"
 
 

@@ -1,0 +1,184 @@
+"""Answers straight to the client: the last hop of a chained forward hands its answer to the client over one link.
+
+Relaying the answer back through the chain (node 3 → node 2 → node 1 → client) costs one link per hop, each node
+reading the whole frame before sending it on. Instead the client names itself in the request (``meta['reply_to']``,
+its peer id) and, while the chain runs, opens a *collect* stream to the route's last node (handle
+:data:`swarm.handles.COLLECT`, ``meta['request_id']``). The last node puts its encoded answer in its
+:class:`Mailbox`; the collect stream takes it from there, and every node of the chain answers its caller with a small
+acknowledgement (``{"direct": true}``) instead of the answer. The client dials the last node itself, so this works
+for a client that cannot be dialled (NAT, ``client_mode``) and its bytes cross the client's link, not a node's.
+
+Why a mailbox rather than a push: the collect stream and the answer may arrive in either order; the mailbox holds
+whichever comes first. Only the peer named in ``reply_to`` may collect (the collect stream's authenticated caller
+must be that peer), and only with the request id the answer was computed for.
+
+The answer must carry what the relay used to add on its way back (each hop's ``compute_s``, its commitment, the
+node → node bytes): each chained hop passes them *forward* in ``meta['upstream']`` and the last hop merges them into
+its answer, so the client has them as soon as the answer arrives. The acknowledgements (~100 bytes per hop) travel
+after it and are not counted in ``node_bytes``.
+
+Errors still travel the chain: a hop that fails answers its caller with an error frame, relayed back to the client as
+its typed error, and the client drops its collect stream. Requests that ask for gradients keep the relay: their
+backward runs hop by hop on the answer's way back (:mod:`swarm.span_grad`), so a node in grad mode does not pass
+``reply_to`` on and the last node answers through the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+
+from .commitments import parse as parse_commitments
+from .errors import BadRequestError, OverloadedError, PeerBusyError
+from .wire import MAX_STRIPES
+
+logger = logging.getLogger(__name__)
+
+MAX_PEER_ID_CHARS = 128
+
+
+@dataclass
+class _Slot:
+    future: asyncio.Future
+    count: int | None = None
+    """The answer's collect streams (the client reads it striped over that many), as its first collector said."""
+    served: set[int] = field(default_factory=set)
+    waiting: int = 0
+    nbytes: int = 0
+    expiry: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class Mailbox:
+    """Answers waiting for their collectors, and collectors waiting for their answer, by ``(peer, request_id)``.
+
+    The client may read one answer striped over several collect streams (``index`` of ``count``,
+    :func:`swarm.wire.stripe`); the answer is kept until each has taken it, or for ``hold_s``."""
+
+    max_bytes: int = 1 << 30
+    """Most answer bytes held at once; past it an answer is relayed through the chain instead."""
+    hold_s: float = 30.0
+    """An answer not fully collected is dropped after this long."""
+    max_waiting_per_peer: int = 16
+    """Most answers one peer may be waiting for here at once."""
+    _slots: dict[tuple[str, str], _Slot] = field(default_factory=dict)
+    held_bytes: int = 0
+
+    def deliver(self, peer: str, request_id: str, messages: list, nbytes: int) -> bool:
+        """Hand an answer's ``messages`` to ``peer``'s collectors of ``request_id`` (now, or when they come).
+        Returns False when it cannot be held (the caller then relays the answer)."""
+        key = (peer, request_id)
+        slot = self._slots.get(key)
+        if slot is not None and slot.future.done():
+            return False  # answered twice: keep the first
+        if self.held_bytes + nbytes > self.max_bytes:
+            logger.warning("Mailbox full (%d bytes held); relaying the answer to %s instead", self.held_bytes, peer)
+            return False
+        loop = asyncio.get_running_loop()
+        if slot is None:
+            slot = self._slots[key] = _Slot(loop.create_future())
+        slot.future.set_result(messages)
+        slot.nbytes = nbytes
+        self.held_bytes += nbytes
+        slot.expiry = loop.call_later(self.hold_s, self._drop, key, slot)
+        return True
+
+    async def collect(self, peer: str, request_id: str, index: int, count: int, timeout_s: float) -> list:
+        """The answer's messages for ``peer``'s ``request_id`` (collect stream ``index`` of ``count``), waiting up
+        to ``timeout_s`` for it.
+
+        Raises:
+            BadRequestError: no request id, or a second collector of the same stripe.
+            OverloadedError: ``peer`` already waits for :attr:`max_waiting_per_peer` answers here.
+            PeerBusyError: no answer within ``timeout_s``.
+        """
+        if not request_id:
+            raise BadRequestError("A collect stream needs meta['request_id'] (the chained forward's request id).")
+        key = (peer, request_id)
+        slot = self._slots.get(key)
+        if slot is None:
+            waiting = sum(1 for (p, _) in self._slots if p == peer)
+            if waiting >= self.max_waiting_per_peer:
+                raise OverloadedError(f"This client already waits for {waiting} answers on this node (at most "
+                                      f"{self.max_waiting_per_peer}); collect those first.")
+            slot = self._slots[key] = _Slot(asyncio.get_running_loop().create_future(), count)
+        if slot.count is None:
+            slot.count = count
+        if index in slot.served or count != slot.count:
+            raise BadRequestError(f"Collect stream {index} of request {request_id!r} is open already, or its count "
+                                  f"({count}) differs from its first collector's ({slot.count}).")
+        slot.served.add(index)
+        slot.waiting += 1
+        try:
+            messages = await asyncio.wait_for(asyncio.shield(slot.future), timeout_s)
+        except asyncio.TimeoutError:
+            raise PeerBusyError(f"No answer to request {request_id!r} reached this node within {timeout_s:.0f} s; "
+                                f"the chain before it is slow or failed (its error reaches you on the chain).") from None
+        finally:
+            slot.waiting -= 1
+            if not slot.future.done() and slot.waiting == 0:
+                self._forget(key, slot)  # every collector gave up before the answer came
+        if len(slot.served) == slot.count and slot.waiting == 0:
+            self._forget(key, slot)
+        return messages
+
+    def _forget(self, key, slot: _Slot) -> None:
+        if self._slots.get(key) is slot:
+            del self._slots[key]
+            self.held_bytes -= slot.nbytes
+            if slot.expiry is not None:
+                slot.expiry.cancel()
+
+    def _drop(self, key, slot: _Slot) -> None:
+        if self._slots.get(key) is slot:
+            logger.info("Dropping an answer to %s not collected within %.0f s", key[0], self.hold_s)
+            self._forget(key, slot)
+
+
+def stripe_of(meta: dict) -> tuple[int, int]:
+    """``(index, count)`` of a collect stream (``meta['stripe']``, ``meta['of']``; default ``(0, 1)``)."""
+    index, count = meta.get("stripe", 0), meta.get("of", 1)
+    if not isinstance(index, int) or not isinstance(count, int) or not 0 <= index < count <= MAX_STRIPES:
+        raise BadRequestError(f"meta['stripe'] and meta['of'] must be integers with 0 <= stripe < of <= "
+                              f"{MAX_STRIPES}.")
+    return index, count
+
+
+def reply_to_of(meta: dict) -> str | None:
+    """The peer id a chained forward's answer goes to (None: relay it). Raises BadRequestError when malformed."""
+    value = meta.get("reply_to")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_ID_CHARS:
+        raise BadRequestError(f"meta['reply_to'] must be a peer id (a string of at most {MAX_PEER_ID_CHARS} "
+                              f"characters).")
+    return value
+
+
+def upstream_of(meta: dict, max_chain: int) -> dict:
+    """The earlier hops' stats passed forward (``compute_s``, ``commitments``, ``node_bytes``), checked field by field:
+    anything malformed is dropped, never trusted (they are statistics for the client, nothing computes on them)."""
+    value = meta.get("upstream")
+    if not isinstance(value, dict):
+        return {"compute_s": {}, "commitments": [], "node_bytes": 0}
+    times = value.get("compute_s")
+    compute_s = {}
+    if isinstance(times, dict):
+        for peer, seconds in list(times.items())[:max_chain + 1]:
+            if isinstance(peer, str) and len(peer) <= MAX_PEER_ID_CHARS and isinstance(seconds, (int, float)) \
+                    and not isinstance(seconds, bool) and math.isfinite(seconds):
+                compute_s[peer] = float(seconds)
+    node_bytes = value.get("node_bytes")
+    if not isinstance(node_bytes, int) or isinstance(node_bytes, bool) or node_bytes < 0:
+        node_bytes = 0
+    return {"compute_s": compute_s, "commitments": parse_commitments(value.get("commitments"), max_chain + 1),
+            "node_bytes": node_bytes}
+
+
+def merged(upstream: dict, stats: dict, received: int) -> dict:
+    """This hop's stats after the earlier hops' (``received``: node → node bytes of this hop's own request)."""
+    return {"compute_s": {**upstream["compute_s"], **stats["compute_s"]},
+            "commitments": upstream["commitments"] + stats.get("commitments", []),
+            "node_bytes": upstream["node_bytes"] + received}

@@ -1,0 +1,50 @@
+"""A chained forward's answer reaches the client over one link (issue 16, requirement 1; swarm/direct_reply.py).
+
+The session's 3-node SmolLM2 swarm runs the same chained forward twice, with the answer relayed back through the
+chain (``direct_reply=False``, the old path) and straight from the last node. Per-link byte counts tell the paths
+apart: relayed, the node → node links carry the hidden states forward *and* the answer back (4 frames of the hidden
+states' size); direct, only the two forward frames, and the client's link carries the answer once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from swarm.model import SwarmModel
+from swarm.remote_sequence import ClientConfig
+from tests.integration.conftest import local_model
+
+
+def test_the_answer_of_a_chained_forward_comes_straight_from_the_last_node(smollm2_dir, smollm2_swarm):
+    ref = local_model(smollm2_dir)
+    clients = {direct: SwarmModel.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers,
+                                                  client_config=ClientConfig(direct_reply=direct))
+               for direct in (True, False)}
+    try:
+        ids = torch.randint(3, 1000, (2, 48))
+        with torch.no_grad():
+            want = ref(ids, output_hidden_states=True).hidden_states[-1]  # after the final norm
+        got = {}
+        for direct, client in clients.items():
+            hidden = client.local(ids, start=0, end=0, embed=True)
+            before = (client.sequence.traffic.bytes_sent, client.sequence.traffic.bytes_received,
+                      client.sequence.traffic.calls)
+            out, _, route, reply = client.loop.run(client.sequence.forward_chain(hidden))
+            traffic = client.sequence.traffic
+            got[direct] = (out, route, reply, traffic.bytes_received - before[1], traffic.calls - before[2])
+        frame = 2 * 48 * ref.config.hidden_size * 4  # one fp32 hidden-state frame's tensor bytes
+        for direct, (out, route, reply, received, calls) in got.items():
+            assert len(route) == 3, route
+            assert (ref.model.norm(out) - want).abs().max().item() <= 1e-5
+            assert calls == 1  # the collect stream is part of the one round trip
+            assert frame <= received < 1.05 * frame  # the answer crossed the client's link once
+            assert [c["peer"] for c in reply["commitments"]] == [h.peer_id for h in route]
+            assert set(reply["compute_s"]) == {h.peer_id for h in route} and reply["direct"] is direct
+        direct_node, relayed_node = got[True][2]["node_bytes"], got[False][2]["node_bytes"]
+        print(f"node->node bytes: relayed {relayed_node}, direct {direct_node} (one frame {frame})")
+        assert 4 * frame <= relayed_node < 4.2 * frame  # hidden states forward twice, the answer back twice
+        assert 2 * frame <= direct_node < 2.1 * frame  # only forward: the answer is no longer relayed
+        assert torch.equal(got[True][0], got[False][0])  # the same nodes computed the same numbers
+    finally:
+        for client in clients.values():
+            client.close()
