@@ -212,3 +212,41 @@ def test_suspect_reports_expire(faulty, client_factory, monkeypatch):
     time.sleep(max(0.0, expires - time.monotonic()) + 1.0)
     reader.loop.run(reader.sequence.records(refresh=True))
     assert first.peer_id not in reader.sequence._suspects
+
+
+def test_hybrid_generation_steps_are_checked_and_a_caught_node_is_replaced(faulty, seeded):
+    """Chained inference sessions (hybrid lm.generate): a checked step replays the session on fresh sessions along a
+    route avoiding the hop's node, step by step with each step's graph, and compares the answer and the saved values;
+    with verify=1.0 the noisy node is caught at step 0, the session is rebuilt without it, and tokens and the saved
+    hidden states equal local transformers."""
+    path, swarm, _, _, faults = faulty
+    noisy, others = faults["all"].peer_id, {faults["row"].peer_id, faults["every5"].peer_id}
+    ref = local_model(path)
+    prompt = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    steps = 4
+    captured = []
+    handle = ref.model.layers[3].register_forward_hook(
+        lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out)[:, -1].clone()))
+    want = local_generate(ref, prompt, steps)
+    handle.remove()
+    assert len(captured) == steps
+    lm = hybrid.LanguageModel(str(path), initial_peers=swarm.initial_peers,
+                              client_config=ClientConfig(verify=1.0, suspect_weight=0.0))
+    try:
+        steer_to(lm.client, noisy, others)
+        with lm.generate(prompt, max_new_tokens=steps, eos_token_id=None, placement="hybrid") as tracer:
+            seen = hybrid.save([])
+            for _ in tracer.all():
+                seen.append(lm.model.layers[3].output[:, -1])  # on the noisy node's span: in the hook result
+            ids = tracer.result.save()
+        assert torch.equal(ids, want)
+        assert len(seen) == steps
+        for got, exp in zip(seen, captured):
+            assert (got - exp).abs().max().item() <= 1e-5
+        stats = tracer.stats
+        assert stats["suspects"] == [noisy] and stats["verify_mismatches"] == 1
+        # two hops a step; layers 0:2 have no replica, so their checks are skipped
+        assert stats["verify_checks"] == 2 * steps and stats["verify_skipped"] == steps
+        assert stats["verify_bytes"] > 0 and noisy not in stats["route"]
+    finally:
+        lm.close()
