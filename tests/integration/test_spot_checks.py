@@ -21,6 +21,7 @@ import torch
 
 import hybrid
 import swarm.verification as verification
+from swarm.errors import ResultMismatchError
 from swarm.local_swarm import LocalSwarm
 from swarm.remote_sequence import ClientConfig
 from tests.integration.conftest import local_generate, local_model
@@ -214,11 +215,11 @@ def test_suspect_reports_expire(faulty, client_factory, monkeypatch):
     assert first.peer_id not in reader.sequence._suspects
 
 
-def test_hybrid_generation_steps_are_checked_and_a_caught_node_is_replaced(faulty, seeded):
+def test_hybrid_generation_steps_are_checked_and_a_caught_node_is_replaced(faulty, seeded, monkeypatch):
     """Chained inference sessions (hybrid lm.generate): a checked step replays the session on fresh sessions along a
     route avoiding the hop's node, step by step with each step's graph, and compares the answer and the saved values;
     with verify=1.0 the noisy node is caught at step 0, the session is rebuilt without it, and tokens and the saved
-    hidden states equal local transformers."""
+    hidden states equal local transformers. Caught after an unchecked step, it fails the generation instead."""
     path, swarm, _, _, faults = faulty
     noisy, others = faults["all"].peer_id, {faults["row"].peer_id, faults["every5"].peer_id}
     ref = local_model(path)
@@ -250,3 +251,18 @@ def test_hybrid_generation_steps_are_checked_and_a_caught_node_is_replaced(fault
         assert stats["verify_bytes"] > 0 and noisy not in stats["route"]
     finally:
         lm.close()
+
+    # A node caught after an unchecked answer of the session (step 0 not drawn, step 1 drawn): that answer may have
+    # steered the generation, so no tokens come back.
+    draws = iter([False, False] + [True] * 20)
+    monkeypatch.setattr(verification, "should_check", lambda fraction: next(draws))
+    late = hybrid.LanguageModel(str(path), initial_peers=swarm.initial_peers,
+                                client_config=ClientConfig(verify=1.0, suspect_weight=0.0))
+    try:
+        steer_to(late.client, noisy, others)
+        with pytest.raises(ResultMismatchError, match="after 1 unchecked step"):
+            with late.generate(prompt, max_new_tokens=steps, eos_token_id=None, placement="hybrid") as tracer:
+                tracer.result.save()
+        assert late.client.sequence.stats.suspects == [noisy]
+    finally:
+        late.close()
