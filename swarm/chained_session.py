@@ -69,6 +69,8 @@ class ChainedSession:
         """Where this session's step calls are counted (a spot check's replay counts in ``verify_traffic``)."""
         self.unchecked: dict[str, int] = {}
         """Peer id -> answers of this session no spot check covered (its node's part in them is unverified)."""
+        self.checkers: dict[frozenset[str], ChainedSession] = {}
+        """Spot checks' sessions, by the peers their route avoids (:func:`swarm.verification.check_chained_step`)."""
 
     @classmethod
     async def create(cls, sequence: RemoteSequence, *, batch_size: int, max_length: int, embed: bool = False,
@@ -199,6 +201,9 @@ class ChainedSession:
         if not self.closed:
             self.closed = True
             await self._close_sessions()
+            for checker in self.checkers.values():
+                await checker.close()
+            self.checkers.clear()
 
     async def _close_sessions(self) -> None:
         excluded = self.sequence.excluded()

@@ -247,7 +247,8 @@ async def check_chained_step(session, outputs: torch.Tensor, result: bytes, *, l
     """Check a :class:`swarm.chained_session.ChainedSession`'s latest step (the last of its history, answered
     ``(outputs, result)``): each hop of its route is checked with probability ``verify`` by replaying every step of
     the session so far, one call per step as it was sent (inputs, masks, the step's hook payload planned for the new
-    route, its carry), on fresh sessions along a route avoiding that hop's node, and comparing the latest step's
+    route, its carry), on sessions along a route avoiding that hop's node (kept between checks and caught up on
+    the steps since, :func:`_replay`), and comparing the latest step's
     answer (outputs within :data:`TOLERANCE`, hook results by the hook's ``agree``). A replay rebuilds the KV caches
     and every per-step value exactly as the session built them, so any graph a session can run is reproduced, not
     approximated; a single stateless forward over the whole history would not do: the step's graph would see every
@@ -331,33 +332,48 @@ async def _replay_or_none(session, avoid: frozenset[str], last_only: bool, argma
 
 
 async def _replay(session, avoid: frozenset[str], last_only: bool, argmax: bool) -> tuple:
-    """Every step of ``session`` so far, replayed on fresh sessions along a route avoiding ``avoid`` (calls counted
-    in ``verify_traffic``); returns the latest step's ``(outputs, hook result, route)``.
+    """The session's latest step as a route avoiding ``avoid`` answers it, after every earlier step (calls counted
+    in ``verify_traffic``); returns ``(outputs, hook result, route)``.
+
+    The checker session for ``avoid`` is kept (``session.checkers``) and only caught up on the steps it has not
+    seen when drawn again, so the checks of one hop cost at most one replayed call per step of the generation in
+    all, not the whole history at every check. A checker is dropped when it fails or when a node of its route has
+    been excluded (a dead or outvoted checker).
 
     Raises:
         MissingBlocksError: no such route.
     """
-    sequence = session.sequence
-    hops = await plan_avoiding(sequence, session.start, session.end, embed=session.embed, head=session.head,
-                               avoid=avoid)
-    checker = type(session)(sequence, hops, batch_size=session.batch_size, max_length=session.max_length,
-                            embed=session.embed, head=session.head, start=session.start, end=session.end)
-    checker.traffic = sequence.verify_traffic
-    history = session.history
+    sequence, history = session.sequence, session.history
+    checker = session.checkers.pop(avoid, None)
+    if checker is not None and ({h.peer_id for h in checker.route} & sequence.excluded()
+                                or len(checker.history) >= len(history)):
+        await checker.close()
+        checker = None
+    if checker is None:
+        hops = await plan_avoiding(sequence, session.start, session.end, embed=session.embed, head=session.head,
+                                   avoid=avoid)
+        checker = type(session)(sequence, hops, batch_size=session.batch_size, max_length=session.max_length,
+                                embed=session.embed, head=session.head, start=session.start, end=session.end)
+        checker.traffic = sequence.verify_traffic
+    kept = False
     try:
-        for past in history[:-1]:
+        for past in history[len(checker.history):-1]:
             await checker._send(past, last_only=True)
+            checker._history.append(past)
         outputs, result = await checker._send(history[-1], last_only=last_only, argmax=argmax)
+        checker._history.append(history[-1])
+        session.checkers[avoid], kept = checker, True
     except PeerUnreachableError:
-        await sequence.ban_unreachable(hops)  # a dead checker is excluded, so the retry goes elsewhere
+        await sequence.ban_unreachable(checker.route)  # a dead checker is excluded, so the retry goes elsewhere
         raise
     except OverloadedError as e:
         if e.peer_id:
             sequence.mark_busy(e.peer_id)
         raise
     finally:
-        await checker.close()
-    return outputs, result, hops
+        if not kept:
+            await checker.close()
+    return outputs, result, checker.route
 
 
 async def _outvoted(sequence, peer_id: str, why: str) -> None:
