@@ -196,13 +196,16 @@ async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None 
 
 
 async def gather_or_cancel(coroutines: list) -> list:
-    """``asyncio.gather`` that cancels the others when one fails (no stream is left being read by an orphan)."""
+    """``asyncio.gather`` that cancels the others when one fails and waits until they have stopped, so no stream is
+    left being read by an orphan (closing a stream a cancelled reader is still inside raises ``RuntimeError:
+    aclose(): asynchronous generator is already running``, which would hide the first failure's typed error)."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         return await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _combine(chunks: list[runtime_pb2.Tensor], *, bf16: bool = False) -> torch.Tensor:
