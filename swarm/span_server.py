@@ -24,7 +24,8 @@ client's collect stream (handle ``COLLECT``) instead and the nodes relay only an
 answer an empty tensor instead of its hidden states (the caller only wants the hook's result), ``"last"`` only the
 last position's ``(B, 1, ...)`` (the client runs its own head on it). An inference step may be chained the same
 way, each onward hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?,
-"argmax"?}, ...]``.
+"argmax"?}, ...]``, and with ``reply_to`` (and ``request_id``) its last node's answer goes to the client's collect
+stream too.
 
 Any failure is answered with an error frame (typed, with a message); the node never dies of a bad request.
 """
