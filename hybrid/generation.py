@@ -8,7 +8,9 @@ got them back at the end of their step), values later steps read go back to the 
 - ``hybrid`` / ``centralized``: a server-side KV cache on every hop, the hops chained node → node
   (:class:`swarm.chained_session.ChainedSession`): the client sends each step (token ids, or its embedding's output)
   with the step's graph to the first hop; each hop passes the hidden states and the values later executors need to
-  the next; the last hop's answer (the last position, and the values the client needs) comes back.
+  the next; the last hop's answer (the last position, and the values the client needs) comes back. With
+  ``ClientConfig.verify``, steps are spot-checked by replaying the session on another route
+  (:func:`swarm.verification.check_chained_step`), hook results compared by :func:`hybrid.values.results_agree`.
 - ``swarm`` (Petals-style): one session per range of layers between intervened boundaries; the client runs the
   graph on the hidden states it pulls at each boundary.
 
@@ -38,7 +40,7 @@ from .planner import Executor, Plan, module_stage, plan_graph
 from .placements import (ClientLinkMeter, SwarmRunner, TraceStats, check_one_hop, layer_boundaries, pull_through,
                          run_local_stage, segments)
 from .request import HOOK_KIND, HOOK_VERSION, NO_LINKS, SessionLinks, encode_request
-from .values import pack_values, unpack_values
+from .values import pack_values, results_agree, unpack_values
 
 # step(s, ids (B, T_s), mask (B, past + T_s) | None, positions (B, T_s), known values) -> (out, new values), where out
 # is the logits (B, T_s or 1, V), or the greedy next token (B, 1) when the node that ran the head picked it
@@ -232,9 +234,12 @@ class SwarmSteps:
         # The client needs the last position only, unless its own head has graph nodes that read every position;
         # with the head on the last node and greedy decoding, only the next token: the logits stay there.
         last_only = self.remote_head or not self.head_nodes
+        # Spot checks replay the session elsewhere and compare the hook results within their dtype's tolerance; a
+        # graph loading values an earlier trace left on this route's nodes cannot be replayed elsewhere (skipped).
         outputs, result = self.loop.run(session.step(
-            inputs, attention_mask=mask, position_ids=positions, hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload),
-            carry=pack_values(values), last_only=last_only, argmax=self.remote_head and self.greedy))
+            inputs, attention_mask=mask, position_ids=positions,
+            hook=HookRequest(HOOK_KIND, HOOK_VERSION, payload, results_agree), carry=pack_values(values),
+            last_only=last_only, argmax=self.remote_head and self.greedy, checkable=not self.links.held))
         values = unpack_values(result)
         plan = plans[_route_key(session.route)]
         self.stats.route = [e.name for e in plan.executors]

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 WARMUP_PROMPT = "The Eiffel Tower is located in the city of"
 INSIDE_LAYER = re.compile(r"model\.model\.layers\.(\d+)\.([A-Za-z_][\w.]*?)\.(output|inputs|input)\b")
 """A location inside a decoder layer, as nnsight names it in its errors."""
+CACHE_CALL = re.compile(r"\.cache\s*\(")
+"""``tracer.cache(...)`` in a request's source: served on the swarm backend only pushed to the nodes (on the gateway
+path the modules inside decoder layers never run at the gateway, so the cache would silently miss them)."""
 
 
 class _SwarmObjects(dict):
@@ -220,6 +223,12 @@ class Runtime:
         if self.stack is None:
             log(f"execution path: gateway (local model{tracking})")
             return run_tracer(tracer, log, model)
+        if any(CACHE_CALL.search(s) for s in sources):
+            raise UnreachableModuleError(
+                "tracer.cache() on the swarm backend is served only pushed to the nodes as an intervention graph: on "
+                "the gateway path the decoder layers run on the swarm, so the modules inside them never run at the "
+                f"gateway and the cache would miss them. This request runs on the gateway path because {reason}; "
+                "change that, or save the modules' outputs you need with `.save()`.")
         try:
             return self._run_on_stack(data, tracer, sources, request_id, log, model)
         except ExecutionError as e:

@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
-from .errors import UnknownModuleError
+from hybrid import cache as hybrid_cache  # imported here: the request's audit guard refuses imports while it runs
+
+from .errors import BadRequestError, UnknownModuleError
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +234,9 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
         raise NotTranslatable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     saves = {}
     for name, value in box.scope.items():
-        if isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
+        if isinstance(value, hybrid_cache.CacheView):
+            saves[name] = nnsight_cache(value)
+        elif isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
             if value.saved and value.bound:
                 saves[name] = value.value
         elif id(value) in containers:
@@ -241,3 +245,28 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
         return saves, dict(context.stats)
     traces = [dict(t.stats) for t in context.traces]
     return saves, {"route": traces[0].get("route") if traces else [], "traces": traces}
+
+
+def nnsight_cache(view: "hybrid_cache.CacheView") -> Any:
+    """nnsight's ``CacheView`` (what the client's ``tracer.cache()`` is bound to) holding the values the hybrid cache
+    recorded on the nodes, keyed as nnsight keys them (``model.model.layers.3``).
+
+    Raises:
+        BadRequestError: ``include_inputs=True``: nnsight's entries hold every argument of each call (``.inputs``),
+            the nodes' graphs only the first (``.input``); a partial ``.inputs`` would be a wrong answer. Raised, not
+            :class:`NotTranslatable`: the gateway path cannot answer it either (no fallback).
+    """
+    from nnsight.intervention.cache import Cache, CacheView, Entry
+
+    cache = view._cache
+    if cache.include_inputs:
+        raise BadRequestError(
+            "tracer.cache(include_inputs=True) is not served by the swarm backend: nnsight's cache entries hold every "
+            "argument of each call (.inputs), and the nodes record only the first. Cache the outputs "
+            "(include_inputs=False) and save the inputs you need with `module.input.save()`.")
+    out = Cache(None, modules=None, device=cache.device, dtype=cache.dtype, include_output=cache.include_output,
+                include_inputs=False)
+    out.entries = {f"{hybrid_cache.ROOT}.{path}".rstrip("."): [Entry(output=cache._moved(hybrid_cache._value(e.output)))
+                                                              for e in entries]
+                   for path, entries in cache.entries.items()}
+    return CacheView(out, None)

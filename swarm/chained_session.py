@@ -16,6 +16,10 @@ A hop that refuses the step as overloaded (:class:`OverloadedError`, naming itse
 counts as busy and the session is rebuilt on a route around it where a replica exists. When the first hop refused
 (nothing ran) and no other route exists, the step is retried on the same sessions after a backoff; when a later hop
 refused, the earlier hops already ran the step, so the session is rebuilt (on the same nodes if need be) after it.
+
+Spot checks (``ClientConfig.verify``): each hop of a step is checked with that probability by replaying the session
+on fresh sessions along a route avoiding its node (:func:`swarm.verification.check_chained_step`); a node outvoted
+there is routed around (the session rebuilt) when all its earlier answers were checked, else ResultMismatchError.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .handles import INFERENCE
 from .remote_sequence import HookRequest, RemoteSequence, _extras, hook_result
 from .routing import Hop
 from .transport import call
+from .verification import check_chained_step
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,12 @@ class ChainedSession:
         self.node_bytes = 0
         """Bytes that crossed node → node links, over every step so far."""
         self.closed = False
+        self.traffic = sequence.traffic
+        """Where this session's step calls are counted (a spot check's replay counts in ``verify_traffic``)."""
+        self.unchecked: dict[str, int] = {}
+        """Peer id -> answers of this session no spot check covered (its node's part in them is unverified)."""
+        self.checkers: dict[frozenset[str], ChainedSession] = {}
+        """Spot checks' sessions, by the peers their route avoids (:func:`swarm.verification.check_chained_step`)."""
 
     @classmethod
     async def create(cls, sequence: RemoteSequence, *, batch_size: int, max_length: int, embed: bool = False,
@@ -74,9 +85,15 @@ class ChainedSession:
     def route(self) -> list[Hop]:
         return list(self._hops)
 
+    @property
+    def history(self) -> list[_Step]:
+        """Every step so far, as sent (a spot check replays them elsewhere)."""
+        return list(self._history)
+
     async def step(self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                    position_ids: torch.Tensor | None = None, hook: HookRequest | None = None, carry: bytes = b"",
-                   last_only: bool = False, argmax: bool = False) -> tuple[torch.Tensor, bytes]:
+                   last_only: bool = False, argmax: bool = False, checkable: bool = True
+                   ) -> tuple[torch.Tensor, bytes]:
         """Run new tokens (ids when ``embed``, else hidden states ``(B, T, D)``) through the chain.
 
         Args:
@@ -86,6 +103,8 @@ class ChainedSession:
             last_only: the last hop answers only the last position.
             argmax: (with ``head`` and ``last_only``) the last hop answers the greedy next token ``(B, 1)`` instead of
                 the logits, which then never cross the link.
+            checkable: False where another route cannot reproduce the step (its hook reads values the route's
+                nodes hold): spot checks drawn for it count as skipped.
         Returns:
             The last hop's outputs and its hook result (``b""`` without a hook).
         """
@@ -117,6 +136,9 @@ class ChainedSession:
             self.sequence.stats.reroute_s.append(time.perf_counter() - failed_at)
         self._history.append(step)
         self.length += length
+        if self.sequence.config.verify > 0:
+            outputs, result = await check_chained_step(self, outputs, result, last_only=last_only, argmax=argmax,
+                                                       checkable=checkable)
         return outputs, result
 
     async def _send(self, step: _Step, last_only: bool, argmax: bool = False) -> tuple[torch.Tensor, bytes]:
@@ -140,7 +162,8 @@ class ChainedSession:
         if self.sequence.config.direct_reply and len(self._hops) > 1:  # the answer crosses one link (direct_reply)
             meta.update(reply_to=self.sequence.p2p.peer_id.to_base58(), request_id=uuid.uuid4().hex)
         out, reply = await self.sequence._chain_call(self._hops, tensors, meta, handle=INFERENCE,
-                                                     timeout_s=self.sequence.config.step_timeout_s * len(self._hops))
+                                                     timeout_s=self.sequence.config.step_timeout_s * len(self._hops),
+                                                     checking=self.traffic is self.sequence.verify_traffic)
         self._opened = [True] * len(self._hops)
         for peer, seconds in (reply.get("compute_s") or {}).items():
             self.compute_s[peer] = self.compute_s.get(peer, 0.0) + float(seconds)
@@ -181,6 +204,9 @@ class ChainedSession:
         if not self.closed:
             self.closed = True
             await self._close_sessions()
+            for checker in self.checkers.values():
+                await checker.close()
+            self.checkers.clear()
 
     async def _close_sessions(self) -> None:
         excluded = self.sequence.excluded()

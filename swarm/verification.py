@@ -1,7 +1,8 @@
 """Spot checks (issue 13, requirement 3): recompute a random share of hops elsewhere and compare.
 
 Forwards hop by hop (:func:`spot_check`), chained forwards (:func:`spot_check_chain`, hook results compared by the
-hook's own ``agree``) and hop-by-hop inference steps (:func:`spot_check_step`, history replayed statelessly).
+hook's own ``agree``), hop-by-hop inference steps (:func:`spot_check_step`, history replayed statelessly) and chained
+inference steps (:func:`check_chained_step`, the session's steps replayed on fresh sessions elsewhere).
 
 With ``ClientConfig.verify = p``, each hop of :meth:`swarm.remote_sequence.RemoteSequence.forward` is checked with
 probability ``p``, drawn from the OS's CSPRNG on the client (nothing the nodes see tells a check from a request).
@@ -23,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .errors import (BadRequestError, CapacityError, MissingBlocksError, PeerUnreachableError,
+from .errors import (BadRequestError, CapacityError, MissingBlocksError, OverloadedError, PeerUnreachableError,
                      ResultMismatchError)
 from .handles import FORWARD
 from .routing import Hop, plan_route
@@ -239,6 +240,140 @@ async def spot_check_chain(sequence, answer: tuple, run,
         if len(outvoted) == 1:
             await _outvoted(sequence, next(iter(outvoted)), "its chained output was outvoted by two other routes")
     return answer
+
+
+async def check_chained_step(session, outputs: torch.Tensor, result: bytes, *, last_only: bool, argmax: bool,
+                             checkable: bool = True) -> tuple[torch.Tensor, bytes]:
+    """Check a :class:`swarm.chained_session.ChainedSession`'s latest step (the last of its history, answered
+    ``(outputs, result)``): each hop of its route is checked with probability ``verify`` by replaying every step of
+    the session so far, one call per step as it was sent (inputs, masks, the step's hook payload planned for the new
+    route, its carry), on sessions along a route avoiding that hop's node (kept between checks and caught up on
+    the steps since, :func:`_replay`), and comparing the latest step's
+    answer (outputs within :data:`TOLERANCE`, hook results by the hook's ``agree``). A replay rebuilds the KV caches
+    and every per-step value exactly as the session built them, so any graph a session can run is reproduced, not
+    approximated; a single stateless forward over the whole history would not do: the step's graph would see every
+    position instead of the step's. ``checkable=False`` (the step reads values an earlier trace of an
+    ``lm.session()`` left on the route's nodes, which another route does not hold) counts drawn checks as skipped.
+
+    A disagreement is settled by a third route. If it outvotes the session's answer, the answer the two routes agree
+    on is returned, the single node only the session's route had is distrusted and reported, and the session is
+    rebuilt on a route without it (its history, this step included, replayed) — only if every earlier answer that
+    node gave in this session was checked; otherwise its unchecked answers may have steered this generation (tokens,
+    values), so ResultMismatchError is raised.
+
+    Raises:
+        ResultMismatchError: a disagreement no third route could settle, or the session's node was outvoted after
+            unchecked steps (or no single node of its route can be blamed).
+    """
+    sequence, route = session.sequence, session.route
+    stats, unchecked = sequence.stats, session.unchecked
+    hook = session.history[-1].hook
+    same = hook.agree if hook is not None and hook.agree else operator.eq
+    answer = (outputs, result, route)
+    for hop in route:
+        if not should_check(sequence.config.verify):
+            unchecked[hop.peer_id] = unchecked.get(hop.peer_id, 0) + 1
+            continue
+        stats.verify_checks += 1
+        second = None if not checkable else await _replay_or_none(session, frozenset({hop.peer_id}), last_only,
+                                                                   argmax)
+        if second is None:
+            stats.verify_skipped += 1
+            unchecked[hop.peer_id] = unchecked.get(hop.peer_id, 0) + 1
+            continue
+        if _answers_agree(answer, second, same):
+            continue
+        stats.verify_mismatches += 1
+        only_first = {h.peer_id for h in answer[2]} - {h.peer_id for h in second[2]}
+        only_second = {h.peer_id for h in second[2]} - {h.peer_id for h in answer[2]}
+        where = f"a generation step, chained routes differing in {sorted(only_first)} vs {sorted(only_second)}"
+        try:
+            third = await _replay(session, frozenset(only_first | only_second), last_only, argmax)
+        except MissingBlocksError:
+            raise ResultMismatchError(f"Nodes disagree on {where} and no third route settles it; no result is "
+                                      "returned. Retry when more nodes serve those layers.") from None
+        if _answers_agree(third, answer, same):
+            if len(only_second) == 1:
+                await _outvoted(sequence, next(iter(only_second)),
+                                "its generation step was outvoted by two other routes")
+            continue
+        if not _answers_agree(third, second, same):
+            raise ResultMismatchError(f"Three chained routes disagree on {where}; no result is returned.")
+        if len(only_first) != 1:
+            raise ResultMismatchError(f"Two routes outvoted this session's answer on {where}, and no single node "
+                                      "of its route can be blamed; no result is returned. Start the generation "
+                                      "again.")
+        caught = next(iter(only_first))
+        await _outvoted(sequence, caught, "its generation step was outvoted by two other routes")
+        if unchecked.get(caught, 0):
+            raise ResultMismatchError(
+                f"A spot check outvoted {caught} on a generation step after {unchecked[caught]} unchecked step(s) "
+                "of this session, which may have steered it; no result is returned. Start the generation again: "
+                "this client now routes around that node (verify=1.0 checks every step, so a caught node is "
+                "replaced mid-session instead).")
+        await session._rebuild(await sequence.route(session.start, session.end, embed=session.embed,
+                                                    head=session.head))  # ``caught`` is excluded now
+        return second[0], second[1]
+    return outputs, result
+
+
+async def _replay_or_none(session, avoid: frozenset[str], last_only: bool, argmax: bool) -> tuple | None:
+    """A check's second opinion (:func:`_replay`), or None where it cannot be had (no route, or the checker failed:
+    the check is given up, not the answer)."""
+    for attempt in range(2):  # a failed checker is retried once (a dead one is excluded by then)
+        try:
+            return await _replay(session, avoid, last_only, argmax)
+        except MissingBlocksError:
+            return None
+        except GIVE_UP:
+            if attempt == 1:
+                return None
+    return None
+
+
+async def _replay(session, avoid: frozenset[str], last_only: bool, argmax: bool) -> tuple:
+    """The session's latest step as a route avoiding ``avoid`` answers it, after every earlier step (calls counted
+    in ``verify_traffic``); returns ``(outputs, hook result, route)``.
+
+    The checker session for ``avoid`` is kept (``session.checkers``) and only caught up on the steps it has not
+    seen when drawn again, so the checks of one hop cost at most one replayed call per step of the generation in
+    all, not the whole history at every check. A checker is dropped when it fails or when a node of its route has
+    been excluded (a dead or outvoted checker).
+
+    Raises:
+        MissingBlocksError: no such route.
+    """
+    sequence, history = session.sequence, session.history
+    checker = session.checkers.pop(avoid, None)
+    if checker is not None and ({h.peer_id for h in checker.route} & sequence.excluded()
+                                or len(checker.history) >= len(history)):
+        await checker.close()
+        checker = None
+    if checker is None:
+        hops = await plan_avoiding(sequence, session.start, session.end, embed=session.embed, head=session.head,
+                                   avoid=avoid)
+        checker = type(session)(sequence, hops, batch_size=session.batch_size, max_length=session.max_length,
+                                embed=session.embed, head=session.head, start=session.start, end=session.end)
+        checker.traffic = sequence.verify_traffic
+    kept = False
+    try:
+        for past in history[len(checker.history):-1]:
+            await checker._send(past, last_only=True)
+            checker._history.append(past)
+        outputs, result = await checker._send(history[-1], last_only=last_only, argmax=argmax)
+        checker._history.append(history[-1])
+        session.checkers[avoid], kept = checker, True
+    except PeerUnreachableError:
+        await sequence.ban_unreachable(checker.route)  # a dead checker is excluded, so the retry goes elsewhere
+        raise
+    except OverloadedError as e:
+        if e.peer_id:
+            sequence.mark_busy(e.peer_id)
+        raise
+    finally:
+        if not kept:
+            await checker.close()
+    return outputs, result, checker.route
 
 
 async def _outvoted(sequence, peer_id: str, why: str) -> None:

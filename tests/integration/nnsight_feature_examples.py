@@ -132,25 +132,33 @@ def gradients(lm, placement):
 
 def attention_weights(lm, placement):
     with lm.trace(PROMPT, placement=placement):
-        weights = hybrid.save(lm.model.layers[2].self_attn.output[1])
-    if weights is None:   # the nodes run SDPA attention, which returns no weights
-        raise NotImplementedError("self_attn.output[1] is None")
-    assert weights.shape[-1] == 10
+        weights = lm.model.layers[2].self_attn.output[1].save()
+    heads = lm.config.num_attention_heads
+    assert weights.shape == (1, heads, 10, 10) and torch.allclose(weights.sum(-1), torch.ones(1, heads, 10))
 
 
 def cache(lm, placement):
     with lm.trace(PROMPT, placement=placement) as tracer:
-        cached = tracer.cache()
+        cached = tracer.cache(modules=[lm.model.layers[3], "model.model.layers.3.mlp"])
+    assert cached["model.model.layers.3"].output.shape == (1, 10, lm.config.hidden_size)
+    assert cached.model.model.layers[3].mlp.output.shape == (1, 10, lm.config.hidden_size)
 
 
 def scan(lm, placement):
     with lm.scan(PROMPT):
-        shape = lm.model.layers[2].output.shape
+        shape = tuple(lm.model.layers[2].output.shape)
+    assert shape == (1, 10, lm.config.hidden_size)
 
 
 def edit(lm, placement):
-    with lm.edit() as edited:
-        lm.model.layers[2].output[:] = 0
+    with lm.edit() as (tracer, edited):
+        edited.model.layers[2].output[:] = 0
+    with edited.trace(PROMPT, placement=placement):
+        zeroed = edited.model.layers[2].output.save()
+    edited.clear_edits()
+    with edited.trace(PROMPT, placement=placement):
+        clean = edited.model.layers[2].output.save()
+    assert zeroed.abs().max() == 0 and clean.abs().max() > 0
 
 
 def source(lm, placement):

@@ -172,6 +172,9 @@ def _client(url: str, scenario: str, out: str) -> None:
                 got[name] = "no error"
             except RemoteError as e:
                 got[name] = str(e)
+    if "parity" in scenario:  # issue 14's features, checked by tests/integration/test_gateway_parity.py
+        from tests.integration import test_gateway_parity
+        got["parity"] = test_gateway_parity.run(lm)
     if "unsafe" in scenario:
         for name, experiment in UNSAFE.items():
             try:
@@ -413,13 +416,16 @@ def test_twenty_concurrent_clients(local_run, ns, one_thread):
 
 
 @pytest.mark.parametrize("hybrid", [False, True], ids=["gateway-execution", "hybrid"])
-def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, workdir, tmp_path):
+def test_swarm_backend_equals_local_nnsight(hybrid, two_node_swarm, references, workdir, tmp_path, ns, smollm2_dir):
     gateway = Gateway(tmp_path, "--initial-peers", *two_node_swarm.initial_peers,
                       *([] if hybrid else ["--no-hybrid"]))
     try:
-        got = run_client(gateway, "correctness", tmp_path)
+        got = run_client(gateway, "correctness+parity" if hybrid else "correctness", tmp_path)
     finally:
         gateway.close()
+    if hybrid:  # the same gateway serves issue 14's features (no gateway of their own: the test-time budget)
+        from tests.integration import test_gateway_parity
+        test_gateway_parity.check(got.pop("parity"), ns, smollm2_dir)
     # gateway path: a submodule inside a layer is out of reach; the error says what, why, and what would help
     assert_typos_are_clear(got)
     error = got.pop("submodule_with_inputs")

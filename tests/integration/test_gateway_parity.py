@@ -1,25 +1,19 @@
 """The gateway's routing: the real nnsight 0.8 client (``remote=True``) against ``swarm-gateway --initial-peers`` sends
 every request the hybrid tracer supports down the hybrid path (pushed to the nodes) — the root model's logits, skip
 and early stop, ``tracer.barrier``, the deprecated ``with tracer.iter[...]:`` block, operations on an earlier trace's
-value in a session, gradients — and the response metadata names the path, and for a fallback its reason. Every saved
-value equals the same program run by local nnsight (fp32, one torch thread, max abs diff <= 1e-5).
+value in a session, gradients, ``tracer.cache(...)``, attention weights (``self_attn.output[1]``) — and the response
+metadata names the path, and for a fallback its reason. Every saved value equals the same program run by local
+nnsight (fp32, one torch thread, max abs diff <= 1e-5; attention weights: nnsight with eager attention, as the nodes
+run that call). What neither path can answer exactly is refused with a typed error, never an empty cache.
 
-The client runs in a subprocess (this file's ``__main__``), as in tests/integration/test_gateway.py.
+No gateway of its own (the test-time budget): :func:`run` is called by the client process of
+``tests/integration/test_gateway.py``'s hybrid swarm-backend run, and :func:`check` by that test.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
-from ndif_compat.local_gateway import GatewayProcess as Gateway
-
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The Eiffel Tower is located in the city of"
 OTHER = "Big Ben is located in the city of the"
 TOL = 1e-5
@@ -92,6 +86,37 @@ def gradient(lm, **remote):
     return {"g": g, "metric": value.detach()}, _meta(tracer)
 
 
+def cache(lm, **remote):
+    """nnsight's ``tracer.cache``: a layer and a submodule inside one, after an intervention on the layer."""
+    with lm.trace(PROMPT, **remote) as tracer:
+        cached = tracer.cache(modules=[lm.model.layers[3], "model.model.layers.4.mlp"])
+        lm.model.layers[3].output[:, -1] = 0
+    return {"keys": sorted(cached.keys()), "layer": cached["model.model.layers.3"].output,
+            "mlp": cached["model.model.layers.4.mlp"].output}, _meta(tracer)
+
+
+def attention(lm, **remote):
+    with lm.trace(PROMPT, **remote) as tracer:
+        weights = lm.model.layers[2].self_attn.output[1].save()
+        late = lm.model.layers[20].self_attn.output[1][:, :, -1].save()
+    return {"weights": weights, "late": late}, _meta(tracer)
+
+
+def cache_with_inputs(lm, **remote):
+    """nnsight's entries hold every argument (``.inputs``); the nodes record the first only: refused, not partial."""
+    with lm.trace(PROMPT, **remote) as tracer:
+        cached = tracer.cache(modules=[lm.model.layers[4].mlp], include_inputs=True)
+    return {"cache": cached}, _meta(tracer)
+
+
+def cache_on_gateway_path(lm, **remote):
+    """``lm.inputs`` keeps the request on the gateway path, where the cache would miss every module inside a layer."""
+    with lm.trace(PROMPT, **remote) as tracer:
+        cached = tracer.cache(modules=[lm.model.layers[4].mlp])
+        inputs = lm.inputs.save()
+    return {"cache": cached}, _meta(tracer)
+
+
 def reads_inputs(lm, **remote):
     """``lm.inputs`` has no node to run on (the hybrid tracer refuses it): the gateway runs it and says why."""
     with lm.trace(PROMPT, **remote) as tracer:
@@ -101,52 +126,52 @@ def reads_inputs(lm, **remote):
 
 
 PUSHED = {"logits": logits, "skip_and_stop": skip_and_stop, "barrier_patch": barrier_patch,
-          "steps_block": steps_block, "session_ops": session_ops, "gradient": gradient}
+          "steps_block": steps_block, "session_ops": session_ops, "gradient": gradient, "cache": cache,
+          "attention": attention}
 FALLBACK = {"reads_inputs": reads_inputs}
+REFUSED = {"cache_with_inputs": cache_with_inputs, "cache_on_gateway_path": cache_on_gateway_path}
+EAGER = {"attention"}
+"""Compared with nnsight loaded with ``attn_implementation="eager"`` (SDPA returns no weights)."""
 
 
-def _client(url: str, out: str) -> None:
-    from nnsight import LanguageModel
+def run(lm) -> dict:
+    """In the client process: every experiment remotely; a ``RemoteError`` is kept as its text."""
     from nnsight.intervention.backends.remote import RemoteError
-    from transformers import AutoTokenizer
 
-    lm = LanguageModel("smollm2-135m", tokenizer=AutoTokenizer.from_pretrained("smollm2-135m"))
     got: dict = {"meta": {}}
-    for name, experiment in {**PUSHED, **FALLBACK}.items():
+    for name, experiment in {**PUSHED, **FALLBACK, **REFUSED}.items():
         try:
             got[name], got["meta"][name] = experiment(lm, remote=True)
         except RemoteError as e:
             got[name] = str(e)
-    torch.save(got, out)
+    return got
 
 
-# ---- the test -------------------------------------------------------------------------------------------------------
+# ---- the check (called by tests/integration/test_gateway.py's hybrid swarm-backend test) -------------------------
 
-pytestmark = pytest.mark.slow
+def check(got: dict, ns, checkpoint) -> None:
+    import nnsight
 
-
-def test_supported_requests_run_pushed_and_fallbacks_say_why(smollm2_swarm, ns, one_thread, tmp_path):
-    references = {name: experiment(ns)[0] for name, experiment in {**PUSHED, **FALLBACK}.items()}
-    out = tmp_path / "got.pt"
-    with Gateway(tmp_path, "--initial-peers", *smollm2_swarm.initial_peers) as gateway:
-        env = {**os.environ, "NDIF_HOST": gateway.url, "HF_ENDPOINT": gateway.url, "HF_HOME": str(tmp_path / "hf"),
-               "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, __file__, gateway.url, str(out)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=400)
-        assert done.returncode == 0, f"client failed:\n{done.stderr[-4000:]}\ngateway log:\n{gateway.log()[-3000:]}"
-    got = torch.load(out, weights_only=False)
+    eager = nnsight.LanguageModel(str(checkpoint), dispatch=True, dtype=torch.float32, attn_implementation="eager")
+    references = {name: experiment(eager if name in EAGER else ns)[0]
+                  for name, experiment in {**PUSHED, **FALLBACK}.items()}
     for name, values in references.items():
         assert isinstance(got[name], dict), f"{name}: {got[name]}"
         for key, want in values.items():
+            if key == "keys":
+                assert got[name][key] == want, f"{name}.{key}: {got[name][key]} vs {want}"
+                continue
             have, want = got[name][key].detach(), want.detach()
             assert have.shape == want.shape, f"{name}.{key}: {tuple(have.shape)} vs {tuple(want.shape)}"
             assert (have.double() - want.double()).abs().max().item() <= TOL, f"{name}.{key}"
+    assert got["cache"]["layer"][:, -1].abs().max() == 0  # recorded after the intervention, as nnsight records it
     paths = {name: (meta.get("path"), meta.get("reason")) for name, meta in got["meta"].items()}
     assert {name: path for name, (path, _) in paths.items() if name in PUSHED} == dict.fromkeys(PUSHED, "hybrid"), paths
     assert all(reason == "" for name, (_, reason) in paths.items() if name in PUSHED), paths
     path, reason = paths["reads_inputs"]
     assert path == "gateway" and "not expressible as an intervention graph" in reason and "inputs" in reason, paths
-
-
-if __name__ == "__main__":
-    _client(*sys.argv[1:3])
+    refused = got["cache_with_inputs"]
+    assert isinstance(refused, str) and "BadRequestError" in refused and "include_inputs=True" in refused, refused
+    refused = got["cache_on_gateway_path"]
+    assert isinstance(refused, str) and "UnreachableModuleError" in refused and "tracer.cache()" in refused \
+        and "inputs" in refused, refused

@@ -21,6 +21,7 @@ import torch
 
 import hybrid
 import swarm.verification as verification
+from swarm.errors import ResultMismatchError
 from swarm.local_swarm import LocalSwarm
 from swarm.remote_sequence import ClientConfig
 from tests.integration.conftest import local_generate, local_model
@@ -212,3 +213,83 @@ def test_suspect_reports_expire(faulty, client_factory, monkeypatch):
     time.sleep(max(0.0, expires - time.monotonic()) + 1.0)
     reader.loop.run(reader.sequence.records(refresh=True))
     assert first.peer_id not in reader.sequence._suspects
+
+
+def test_hybrid_generation_steps_are_checked_and_a_caught_node_is_replaced(faulty, seeded, monkeypatch):
+    """Chained inference sessions (hybrid lm.generate): a checked step replays the session on fresh sessions along a
+    route avoiding the hop's node, step by step with each step's graph, and compares the answer and the saved values;
+    with verify=1.0 the noisy node is caught at step 0, the session is rebuilt without it, and tokens and the saved
+    hidden states equal local transformers. Caught after an unchecked step, it fails the generation instead."""
+    path, swarm, _, honest, faults = faulty
+    noisy, others = faults["all"].peer_id, {faults["row"].peer_id, faults["every5"].peer_id}
+    faults_ids = others | {noisy}
+    ref = local_model(path)
+    prompt = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    steps = 4
+    captured = []
+    handle = ref.model.layers[3].register_forward_hook(
+        lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out)[:, -1].clone()))
+    want = local_generate(ref, prompt, steps)
+    handle.remove()
+    assert len(captured) == steps
+    lm = hybrid.LanguageModel(str(path), initial_peers=swarm.initial_peers,
+                              client_config=ClientConfig(verify=1.0, suspect_weight=0.0))
+    try:
+        steer_to(lm.client, noisy, others)
+        with lm.generate(prompt, max_new_tokens=steps, eos_token_id=None, placement="hybrid") as tracer:
+            seen = hybrid.save([])
+            for _ in tracer.all():
+                seen.append(lm.model.layers[3].output[:, -1])  # on the noisy node's span: in the hook result
+            ids = tracer.result.save()
+        assert torch.equal(ids, want)
+        assert len(seen) == steps
+        for got, exp in zip(seen, captured):
+            assert (got - exp).abs().max().item() <= 1e-5
+        stats = tracer.stats
+        assert stats["suspects"] == [noisy] and stats["verify_mismatches"] == 1
+        # two hops a step; layers 0:2 have no replica, so their checks are skipped
+        assert stats["verify_checks"] == 2 * steps and stats["verify_skipped"] == steps
+        assert stats["verify_bytes"] > 0 and noisy not in stats["route"]
+    finally:
+        lm.close()
+
+    # Honest nodes, a graph that writes on every step with a value of step 0 (carried through the client) and runs
+    # the head on the node (which then answers the greedy token): every replay agrees, no false mismatch.
+    def steered(model, **placement):
+        with model.generate(prompt, max_new_tokens=steps, eos_token_id=None, **placement) as tracer:
+            first = model.model.layers[1].output[:, -1]
+            seen = hybrid.save([])
+            for _ in tracer.all():
+                model.model.layers[3].output[:, -1] += first * 3
+                seen.append(model.lm_head.output[:, -1])
+            ids = tracer.result.save()
+        return ids, seen, tracer
+    want_ids, want_seen, _ = steered(hybrid.LanguageModel(str(path)), placement="local")
+    clean = hybrid.LanguageModel(str(path), initial_peers=swarm.initial_peers,
+                                 client_config=ClientConfig(verify=1.0, suspect_weight=0.0))
+    try:
+        steer_to(clean.client, honest[0].peer_id, set(faults_ids))
+        ids, seen, tracer = steered(clean, placement="hybrid")
+        assert torch.equal(ids, want_ids)
+        for got, exp in zip(seen, want_seen, strict=True):
+            assert (got - exp).abs().max().item() <= 1e-5
+        stats = tracer.stats
+        assert (stats["verify_checks"], stats["verify_skipped"], stats["verify_mismatches"]) == (2 * steps, steps, 0)
+        assert stats["suspects"] == [] and honest[0].peer_id in stats["route"]
+    finally:
+        clean.close()
+
+    # A node caught after an unchecked answer of the session (step 0 not drawn, step 1 drawn): that answer may have
+    # steered the generation, so no tokens come back.
+    draws = iter([False, False] + [True] * 20)
+    monkeypatch.setattr(verification, "should_check", lambda fraction: next(draws))
+    late = hybrid.LanguageModel(str(path), initial_peers=swarm.initial_peers,
+                                client_config=ClientConfig(verify=1.0, suspect_weight=0.0))
+    try:
+        steer_to(late.client, noisy, others)
+        with pytest.raises(ResultMismatchError, match="after 1 unchecked step"):
+            with late.generate(prompt, max_new_tokens=steps, eos_token_id=None, placement="hybrid") as tracer:
+                tracer.result.save()
+        assert late.client.sequence.stats.suspects == [noisy]
+    finally:
+        late.close()
