@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc(file=sys.stderr)
                 result = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000], "stats": {}, "extra": {}}
             wall_s = time.perf_counter() - start
+            if result["ok"]:  # after the clock stopped: a workload's reference timings (the logit lens's floor)
+                try:
+                    result["extra"].update(_jsonable(experiment.reference(placement)))
+                except Exception as e:
+                    result["extra"]["reference_error"] = f"{type(e).__name__}: {e}"[:500]
             out.write(json.dumps({"event": "rep", "wall_s": wall_s, "t_start": t_start, "t_end": time.time(),
                                   **result}) + "\n")
             out.flush()

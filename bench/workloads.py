@@ -20,6 +20,7 @@ Inputs are token ids (made from prompts or random with a seed), so the Petals wo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,27 @@ class Experiment:
     def run(self, placement: str) -> tuple[dict, dict]:
         """One repetition in ``placement`` (``local`` for hpc); returns ``(tracer.stats, extra)``."""
         return getattr(self, "_" + self.config.experiment)(placement)
+
+    def reference(self, placement: str) -> dict:
+        """Timings the worker measures after a repetition, outside its wall time, for the figure to compare with.
+        Logit lens: its *floor* in this placement, ``floor_s`` = ``plain_forward_s`` (a plain forward reading the
+        last logits, as ``remote_inference``, link time included) + ``projection_s`` (one batched ``(layers × batch,
+        hidden)`` projection through the final norm, the head and top-k here, what the lens adds at best). Other
+        workloads: nothing."""
+        if self.config.experiment != "logit_lens":
+            return {}
+        t0 = time.perf_counter()
+        self._remote_inference(placement)
+        plain_s = time.perf_counter() - t0
+        model = self.lm.local_model if placement == "local" else self.lm.client.local
+        norm, head = model.get_submodule("model.norm"), model.get_submodule("lm_head")
+        hidden = torch.randn(self.num_layers * self.batch, self.lm.config.hidden_size,
+                             generator=torch.Generator().manual_seed(self.config.seed), dtype=head.weight.dtype)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            head(norm(hidden)).topk(self.config.top_k, dim=-1)
+        projection_s = time.perf_counter() - t0
+        return {"floor_s": plain_s + projection_s, "plain_forward_s": plain_s, "projection_s": projection_s}
 
     # ---- experiments ----------------------------------------------------------------------------------------
 

@@ -79,6 +79,8 @@ class Interpreter(BackwardPasses):
         self._ahead: dict[int, tuple[Any, int]] = {}
         """Node id -> (meta result, bytes it adds) from the check before this event's ops ran."""
         self._meta_modules: dict[str, dict[str, torch.Tensor]] = {}
+        self._meta_results: dict[tuple, torch.Tensor] = {}
+        """(module, input shape, dtype) -> the meta result of a module called on one tensor."""
         for k, v in carried.items():
             value = to_device(v, self.device)
             self.values[k] = value
@@ -109,6 +111,9 @@ class Interpreter(BackwardPasses):
             (n.module, n.call) for n in self.mine if n.op == "getter"}
         """``(path, call)`` of the attention calls here that must run eagerly: the graph reads their weights."""
         self._init_backward(carried)
+        self._park = not self.grad_mode
+        """Whether batchable module calls may wait for their siblings (:meth:`_run_ready`); not with backward passes,
+        whose roots must exist when the forward reaches them."""
         unloaded = [n for n in self.mine if n.op == "load" and n.id not in self.done]
         if unloaded:
             raise SessionValueError(f"session value {unloaded[0].target!r} was not provided to this executor")
@@ -139,6 +144,8 @@ class Interpreter(BackwardPasses):
                 self._store(node, value)
             else:
                 self._run_ready()
+                if any(r not in self.values for r in node.refs()):
+                    self._run_ready(flush=True)  # a parked call feeds it
                 (arg,) = node.args
                 if any(r not in self.values for r in node.refs()):  # fed by a later module (the client's planner
                     raise OrderError(f"Setter node {node.id} on {path}.{kind} needs a value not computed yet at "
@@ -158,6 +165,8 @@ class Interpreter(BackwardPasses):
         node = next(n for n in self._setters[key] if n.kwargs.get("skip"))
         self._run_ready()
         if any(r not in self.values for r in node.refs()):
+            self._run_ready(flush=True)  # a parked call feeds it
+        if any(r not in self.values for r in node.refs()):
             raise OrderError(f"Node {node.id} skips {path} with a value not computed before {path} runs (it depends "
                              "on that module's own output or on a later module); skip with a value computed earlier, "
                              "e.g. the module's own .input.")
@@ -169,7 +178,7 @@ class Interpreter(BackwardPasses):
 
     def finish(self) -> dict[int, Any]:
         """Values leaving this executor: carried to later executors and saved ones."""
-        self._run_ready()
+        self._run_ready(flush=True)
         missing = [n.id for n in self.mine if n.id not in self.done and n.id not in self._backward_time]
         self._refuse_missing(missing)
         return {k: self.values[k] for k in self.plan.carry[self.me] if k in self.values}
@@ -183,45 +192,78 @@ class Interpreter(BackwardPasses):
 
     # ---- execution ------------------------------------------------------------------------------------------
 
-    def _run_ready(self) -> None:
+    def _run_ready(self, flush: bool = False) -> None:
+        """Run every pending node whose inputs exist. Without ``flush``, calls of a position-wise module wait
+        (*parked*, with everything that reads them) while another call of that module here still waits for its
+        input: the logit lens's ``lm_head(norm(h_i))`` of the layers this executor runs become ready one layer at a
+        time, and parking lets them run as one batched call with the carried ones once the last layer's exists.
+        Parked nodes run at :meth:`finish` and before a setter or skip that needs them."""
         ready = []
         for node in self._pending:  # graph order: a node's inputs come before it, so one pass finds every chain
             if all(r in self.done for r in node.refs()):
                 ready.append(node)
                 self.done.add(node.id)
+        if ready and not flush and self._park:
+            ready = self._unparked(ready)
         if not ready:
             return
         ready_ids = {n.id for n in ready}
         self._pending = [n for n in self._pending if n.id not in ready_ids]
         self.done.difference_update(ready_ids)
-        self._check_ahead(ready)
-        for group in self._batches(ready):
+        batches = self._batches(ready)
+        self._check_ahead([node for group in batches for node in group])  # in the order they run
+        for group in batches:
             if len(group) == 1:
                 self._execute(group[0])
             else:
                 self._execute_batched(group)
 
+    def _batchable(self, node: Node) -> bool:
+        return (node.op == "module" and not node.kwargs and len(node.args) == 1 and isinstance(node.args[0], Ref)
+                and _positionwise(self.modules.get(node.module)))
+
+    def _unparked(self, ready: list[Node]) -> list[Node]:
+        """``ready`` less the batchable module calls whose module has a call here still waiting for its input, and
+        the nodes that read them (they stay pending, and are no longer counted as done)."""
+        ready_ids = {n.id for n in ready}
+        waiting = {n.module for n in self._pending if n.id not in ready_ids and self._batchable(n)}
+        if not waiting:
+            return ready
+        parked: set[int] = set()
+        for node in ready:  # graph order: a reader comes after what it reads
+            if (node.module in waiting and self._batchable(node)) or any(r in parked for r in node.refs()):
+                parked.add(node.id)
+        self.done.difference_update(parked)
+        return [n for n in ready if n.id not in parked]
+
     def _batches(self, ready: list[Node]) -> list[list[Node]]:
         """``ready`` in execution order, calls of one position-wise module on inputs that are all ready grouped (the
-        logit lens: 30 ``lm_head(norm(h_i))`` become one ``norm`` and one ``lm_head`` call). Pure ops only: with an
-        in-place write among them, graph order is kept."""
-        if not any(n.op == "module" for n in ready) or any(is_inplace(n) for n in ready):
+        logit lens: 30 ``lm_head(norm(h_i))`` become one ``norm`` and one ``lm_head`` call). Other ops run first,
+        as soon as their inputs exist, so that every call of a module whose input they make joins its group (the
+        ``[:, -1]`` of the layer that arrived last before the parked calls of the others). Pure ops only: with an
+        in-place write or a backward pass among them, graph order is kept."""
+        if not any(self._batchable(n) for n in ready) or any(is_inplace(n) or n.op == "backward" for n in ready):
             return [[n] for n in ready]
-        wave: dict[int, int] = {}
-        for node in ready:
-            wave[node.id] = 1 + max((wave[r] for r in node.refs() if r in wave), default=0)
-        groups: dict[tuple, list[Node]] = {}
+        ids = {n.id for n in ready}
+        made: set[int] = set()
         order: list[list[Node]] = []
-        for node in sorted(ready, key=lambda n: (wave[n.id], n.id)):
-            if node.op == "module" and not node.kwargs and len(node.args) == 1 and isinstance(node.args[0], Ref) \
-                    and _positionwise(self.modules.get(node.module)):
-                key = (wave[node.id], node.module)
-                if key not in groups:
-                    groups[key] = []
-                    order.append(groups[key])
-                groups[key].append(node)
-            else:
-                order.append([node])
+        remaining = ready
+        while remaining:
+            progress = False
+            for node in remaining:  # graph order: a chain of other ops runs in one pass
+                if not self._batchable(node) and all(r not in ids or r in made for r in node.refs()):
+                    order.append([node])
+                    made.add(node.id)
+                    progress = True
+            if not progress:  # only module calls can run now: each module's once, on all its ready inputs
+                groups: dict[str, list[Node]] = {}
+                for node in remaining:
+                    if self._batchable(node) and all(r not in ids or r in made for r in node.refs()):
+                        groups.setdefault(node.module, []).append(node)
+                for group in groups.values():
+                    order.append(group)
+                    made.update(n.id for n in group)
+            remaining = [n for n in remaining if n.id not in made]
         return order
 
     def _execute_batched(self, group: list[Node]) -> None:
@@ -352,11 +394,19 @@ class Interpreter(BackwardPasses):
                 module = self.modules.get(node.module)
                 if module is None:
                     raise UnknownModuleError(f"Module {node.module!r} is not held here ({self.plan.executors[self.me].name}).")
+                key = None  # the lens applies one module to 30 equal-shape inputs: infer its result once
+                if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and not self.grad_mode:
+                    key = (node.module, tuple(args[0].shape), args[0].dtype)
+                    if key in self._meta_results:
+                        return torch.empty_like(self._meta_results[key])
                 params = self._meta_modules.get(node.module)
                 if params is None:
                     params = self._meta_modules[node.module] = meta_params(module)
                 with torch.no_grad(), active_hook(None):
-                    return functional_call(module, params, tuple(args), kwargs)
+                    result = functional_call(module, params, tuple(args), kwargs)
+                if key is not None and isinstance(result, torch.Tensor):
+                    self._meta_results[key] = result
+                return result
             if node.op == "backward":
                 return None
             if node.op == "operator":

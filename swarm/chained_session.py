@@ -2,7 +2,8 @@
 
 The client sends a step to the first hop only; each hop runs its layers against its own session's KV cache and
 passes the hidden states (and a span hook's carry) to the next hop itself (``meta['next']`` of the inference RPC,
-see :mod:`swarm.span_server`); the last hop's answer comes back along the chain. Compared to
+see :mod:`swarm.span_server`); the last hop's answer goes straight to the client's collect stream
+(:mod:`swarm.direct_reply`, ``ClientConfig.direct_reply``), or comes back along the chain without it. Compared to
 :class:`swarm.inference_session.InferenceSession`, where the client relays the hidden states between hops, the
 client link carries only the step's inputs and the last hop's answer.
 
@@ -158,9 +159,11 @@ class ChainedSession:
         tensors = {"inputs": step.inputs, **step.extras}
         if step.hook is not None:
             step.hook.attach(tensors, meta, self.route, step.carry)
-        out, reply = await call(self.sequence.p2p, self._hops[0].peer_id, INFERENCE, tensors, meta,
-                                timeout_s=self.sequence.config.step_timeout_s * len(self._hops),
-                                traffic=self.traffic, liveness_s=self.sequence.config.liveness_s)
+        if self.sequence.config.direct_reply and len(self._hops) > 1:  # the answer crosses one link (direct_reply)
+            meta.update(reply_to=self.sequence.p2p.peer_id.to_base58(), request_id=uuid.uuid4().hex)
+        out, reply = await self.sequence._chain_call(self._hops, tensors, meta, handle=INFERENCE,
+                                                     timeout_s=self.sequence.config.step_timeout_s * len(self._hops),
+                                                     checking=self.traffic is self.sequence.verify_traffic)
         self._opened = [True] * len(self._hops)
         for peer, seconds in (reply.get("compute_s") or {}).items():
             self.compute_s[peer] = self.compute_s.get(peer, 0.0) + float(seconds)

@@ -1,4 +1,5 @@
-"""Answers straight to the client: the last hop of a chained forward hands its answer to the client over one link.
+"""Answers straight to the client: the last hop of a chained forward (or of a chained generation step,
+:mod:`swarm.chained_session`) hands its answer to the client over one link.
 
 Relaying the answer back through the chain (node 3 → node 2 → node 1 → client) costs one link per hop, each node
 reading the whole frame before sending it on. Instead the client names itself in the request (``meta['reply_to']``,

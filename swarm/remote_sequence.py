@@ -403,14 +403,14 @@ class RemoteSequence(PeerHealth):
         raise AssertionError("unreachable")
 
     async def _chain_call(self, hops: list[Hop], tensors: dict, meta: dict, *, timeout_s: float,
-                          checking: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+                          checking: bool = False, handle: str = FORWARD) -> tuple[dict[str, torch.Tensor], dict]:
         """Send a chained forward to the route's first node; with ``meta['reply_to']``, collect the answer from the
         last node at the same time (swarm/direct_reply.py). An error any hop answered comes back on the chain and is
         raised as its own type; the collect stream is then dropped. The collect stream is part of the same round
         trip: its bytes count in :attr:`traffic`, not as a call. A spot check's re-run (``checking``) counts in
-        :attr:`verify_traffic` instead."""
+        :attr:`verify_traffic` instead. ``handle``: FORWARD, or INFERENCE for a chained generation step."""
         options = self._verify_options if checking else self._call_options
-        chain = asyncio.ensure_future(call(self.p2p, hops[0].peer_id, FORWARD, tensors, meta, timeout_s=timeout_s,
+        chain = asyncio.ensure_future(call(self.p2p, hops[0].peer_id, handle, tensors, meta, timeout_s=timeout_s,
                                            **options))
         if "reply_to" not in meta:
             out, reply = await chain

@@ -24,7 +24,8 @@ client's collect stream (handle ``COLLECT``) instead and the nodes relay only an
 answer an empty tensor instead of its hidden states (the caller only wants the hook's result), ``"last"`` only the
 last position's ``(B, 1, ...)`` (the client runs its own head on it). An inference step may be chained the same
 way, each onward hop naming its own session: ``next: [{"peer", "start", "end", "head", "session_id", "open"?, "last_only"?,
-"argmax"?}, ...]``.
+"argmax"?}, ...]``, and with ``reply_to`` (and ``request_id``) its last node's answer goes to the client's collect
+stream too.
 
 Any failure is answered with an error frame (typed, with a message); the node never dies of a bad request.
 """
@@ -409,6 +410,7 @@ class SpanServer:
         if meta.get("close"):
             self.sessions.close(session_id)
             return [], {"names": [], "closed": True}
+        reply_to, request_id = reply_to_of(meta), request_id_of(meta)  # swarm.direct_reply, as in _forward
         session = self.sessions.sessions.get(session_id)
         step = session.steps if session is not None else 0
         request = await self._parsed(tensors, meta, client, step=step,
@@ -499,13 +501,20 @@ class SpanServer:
         if hook_error is not None:
             raise hook_error
         stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
+        if reply_to is not None:
+            stats = merged(upstream_of(meta, self.limits.max_chain), stats, received if "origin" in meta else 0)
         if not chain:
             if argmax:  # greedy decoding's next token (B, 1), after the hook's writes: the logits stay here
                 output = output[:, -1:].float().argmax(-1)
-            return self._reply(output[:, -1:] if last_only else output, result, {"length": session.length, **stats})
+            reply = self._reply(output[:, -1:] if last_only else output, result, {"length": session.length, **stats})
+            if reply_to is not None:  # straight to the client's collect stream (swarm.direct_reply)
+                reply = await self._deliver(reply_to, request_id, reply, client)
+            return reply
         hop, rest = chain[0], chain[1:]
         onward_meta = {"session_id": hop["session_id"], "start": hop["start"], "end": hop["end"], "embed": False,
                        "head": hop["head"], "next": rest, "last_only": hop["last_only"], "argmax": hop["argmax"]}
         if hop["open"] is not None:
             onward_meta["open"] = hop["open"]
+        if reply_to is not None:
+            onward_meta.update(reply_to=reply_to, upstream=stats, request_id=request_id)
         return await self._pass_on(INFERENCE, hop["peer"], output, result, onward_meta, request, tensors, meta, stats)

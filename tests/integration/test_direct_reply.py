@@ -48,3 +48,39 @@ def test_the_answer_of_a_chained_forward_comes_straight_from_the_last_node(smoll
     finally:
         for client in clients.values():
             client.close()
+
+
+def test_a_chained_generation_step_answers_straight_from_the_last_node(smollm2_dir, smollm2_swarm):
+    """The same for a chained inference step (swarm.chained_session, hybrid generation): the answer crosses the
+    client's link once and no node → node link on its way back; equal to the relayed step."""
+    from swarm.chained_session import ChainedSession
+
+    clients = {direct: SwarmModel.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers,
+                                                  client_config=ClientConfig(direct_reply=direct))
+               for direct in (True, False)}
+    try:
+        ids = torch.randint(3, 1000, (2, 48))
+        got = {}
+        for direct, client in clients.items():
+            hidden = client.local(ids, start=0, end=0, embed=True)
+            session = client.loop.run(ChainedSession.create(client.sequence, batch_size=2, max_length=64))
+            try:
+                before = client.sequence.traffic.bytes_received
+                out, _ = client.loop.run(session.step(hidden))
+                received = client.sequence.traffic.bytes_received - before
+                step, _ = client.loop.run(session.step(hidden[:, -1:]))  # a second step on the same caches
+                got[direct] = (out, step, session.route, session.node_bytes, received, dict(session.compute_s))
+            finally:
+                client.loop.run(session.close())
+        frame = 2 * 48 * 576 * 4  # one fp32 hidden-state frame (SmolLM2: hidden size 576)
+        for direct, (out, step, route, node_bytes, received, compute_s) in got.items():
+            assert len(route) == 3, route
+            assert set(compute_s) == {h.peer_id for h in route}  # every hop's compute reaches the client
+            assert frame <= received < 1.05 * frame  # the answer crossed the client's link once
+        print(f"node->node bytes: relayed {got[False][3]}, direct {got[True][3]} (one frame {frame})")
+        assert got[False][3] >= 4 * frame  # relayed: hidden states forward twice and the answer back twice
+        assert got[True][3] < 2.2 * frame  # direct: forward only (plus the second, one-position step)
+        assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
+    finally:
+        for client in clients.values():
+            client.close()

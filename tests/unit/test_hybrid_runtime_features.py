@@ -130,29 +130,58 @@ def test_backward_blocks_do_not_nest(tiny):
 
 
 def test_logit_lens_on_a_later_executor_calls_norm_and_head_once_with_per_layer_values(tiny):
-    """The lens pattern: ``lm_head(norm(h_k))`` of layers carried to the executor holding the head runs as one batched
-    norm call and one batched head call there, equal to per-layer calls of plain transformers within 1e-5."""
+    """The lens pattern: ``lm_head(norm(h_k))`` of every layer runs as one batched norm call and one batched head call
+    on the executor holding the head, both for the layers carried there and for the layers it runs itself (their calls
+    wait for the last one), equal to per-layer calls of plain transformers within 1e-5; the top-k after the head too."""
     from hybrid.interpreter import Interpreter
     from hybrid.placements import run_local_stage
     from hybrid.planner import Executor, plan_graph
     path, lm = tiny
-    with lm.trace(IDS) as tracer:  # layers 0 and 1 on the first executor, the head on the second
-        lens = [lm.lm_head(lm.model.norm(lm.model.layers[k].output[:, -1])).save() for k in range(2)]
-        node_ids = [x.node_id for x in lens]
+    with lm.trace(IDS) as tracer:  # layers 0 and 1 on the first executor; layers 2, 3 and the head on the second
+        lens = [lm.lm_head(lm.model.norm(lm.model.layers[k].output[:, -1])) for k in range(4)]
+        saved = [x.save() for x in lens]
+        tops = [x.topk(3, dim=-1)[1].save() for x in lens]
+        node_ids, top_ids = [x.node_id for x in saved], [x.node_id for x in tops]
     graph, model = tracer.graph, lm.local_model
     plan = plan_graph(graph, lm.skeleton.shapes(IDS, None).events, 4, [Executor("a", 0, 2), Executor("b", 3, 5)])
     first = Interpreter(graph, plan, 0, {}, modules=dict(model.named_modules()))
-    run_local_stage(model, first, IDS, start=0, end=2, embed=True)
+    hidden = run_local_stage(model, first, IDS, start=0, end=2, embed=True)
     second = Interpreter(graph, plan, 1, first.finish(), modules=dict(model.named_modules()))
-    assert second.module_calls == 2  # one norm, one head: the carried lens inputs were decoded together
+    run_local_stage(model, second, hidden, start=2, end=4, head=True)
     values = second.finish()
+    assert second.module_calls == 2  # one norm, one head for the four layers, carried or run here
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hidden = {}  # each layer's output (hidden_states[-1] would be after the final norm)
+    for k in range(4):
+        reference.model.layers[k].register_forward_hook(lambda m, a, o, k=k: hidden.__setitem__(k, o))
     with torch.no_grad():
-        hidden = reference(IDS, output_hidden_states=True).hidden_states
-        for k in range(2):
-            want = reference.lm_head(reference.model.norm(hidden[k + 1][:, -1]))
+        reference(IDS)
+        for k in range(4):
+            want = reference.lm_head(reference.model.norm(hidden[k][:, -1]))  # one layer at a time
             assert (values[node_ids[k]] - want).abs().max() <= 1e-5
-            assert (lens[k] - want).abs().max() <= 1e-5  # the local (unbatched) run agrees too
+            assert (saved[k] - want).abs().max() <= 1e-5  # the local run agrees too
+            assert torch.equal(values[top_ids[k]], values[node_ids[k]].topk(3, dim=-1)[1])
+
+
+def test_a_waiting_module_call_runs_when_a_setter_needs_it(tiny):
+    """A position-wise call waiting for a sibling (the lens batching) still runs in time for a setter that reads it:
+    layer 3's post-attention norm input replaced by layer 3's MLP applied to layer 1's output, while the MLP's call on
+    its own later input is pending; equal to plain transformers with the same edit made by hooks."""
+    path, lm = tiny
+    with lm.trace(IDS):
+        mlp = lm.model.layers[3].mlp
+        lm.model.layers[3].post_attention_layernorm.input = mlp(lm.model.layers[1].output)
+        late = mlp(lm.model.layers[3].mlp.input).save()
+        logits = lm.lm_head.output.save()
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    layer, kept = reference.model.layers[3], {}
+    reference.model.layers[1].register_forward_hook(lambda m, a, o: kept.__setitem__(1, o))
+    layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: (layer.mlp(kept[1]),))
+    layer.mlp.register_forward_pre_hook(lambda m, a: kept.__setitem__(3, a[0]))
+    with torch.no_grad():
+        want = reference(IDS).logits
+        assert (late - layer.mlp(kept[3])).abs().max() <= 1e-5
+    assert (logits - want).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("index, positions", [((slice(None), -1), "last"), ((0, -1, slice(None, 5)), "last"),
