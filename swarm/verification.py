@@ -103,39 +103,8 @@ async def spot_check(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extra
     Raises:
         ResultMismatchError: the answers disagree and no third route exists, or all three disagree.
     """
-    stats = sequence.stats
-    stats.verify_checks += 1
-    for attempt in range(2):  # a second route that fails is retried once (a dead checker is excluded by then)
-        try:
-            second, second_peers = await recompute(sequence, hop, x, extras, embed=embed, head=head,
-                                                   avoid=frozenset({hop.peer_id}))
-            break
-        except MissingBlocksError:
-            stats.verify_skipped += 1
-            return y
-        except GIVE_UP:  # the second route failed (dead, full, refusing): the check is given up, not the answer
-            if attempt == 1:
-                stats.verify_skipped += 1
-                return y
-    if agree(y, second):
-        return y
-    stats.verify_mismatches += 1
-    where = f"layers {hop.start}:{hop.end}: {hop.peer_id} vs {', '.join(second_peers)}"
-    try:
-        third, _ = await recompute(sequence, hop, x, extras, embed=embed, head=head,
-                                   avoid=frozenset({hop.peer_id, *second_peers}))
-    except MissingBlocksError:
-        raise ResultMismatchError(f"Nodes disagree on {where}, and no third node serves those layers to settle it; "
-                                  "no result is returned. Retry when more nodes serve them.") from None
-    why = f"its output for layers {hop.start}:{hop.end} was outvoted by two other routes"
-    if agree(third, second):
-        await _outvoted(sequence, hop.peer_id, why)
-        return second
-    if agree(third, y):
-        if len(second_peers) == 1:
-            await _outvoted(sequence, second_peers[0], why)
-        return y
-    raise ResultMismatchError(f"Three routes disagree on {where}; no result is returned.")
+    output, _ = await _vote(sequence, hop, x, y, extras, embed=embed, head=head, last=None, what="")
+    return output
 
 
 async def spot_check_step(sequence, hop: Hop, history: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -151,13 +120,29 @@ async def spot_check_step(sequence, hop: Hop, history: list[torch.Tensor], x: to
     Raises:
         ResultMismatchError: the answers disagree and no third route exists, or all three disagree.
     """
+    return await _vote(sequence, hop, torch.cat([*history, x], dim=1), y, extras, embed=embed, head=head,
+                       last=x.shape[1], what="session step ")
+
+
+async def _vote(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extras: dict, *, embed: bool, head: bool,
+                last: int | None, what: str) -> tuple[torch.Tensor, bool]:
+    """Recompute ``hop`` on ``x`` on a route avoiding its node (its ``last`` positions compared, all when None) and,
+    on a disagreement with ``y``, on a third route avoiding both. Returns the output two routes agree on and
+    whether ``hop``'s node was outvoted (it is then distrusted and reported).
+
+    A second route that fails (dead, full, refusing) is retried once (a dead checker is excluded by then), then the
+    check is given up, not the answer; so is a check no other route can make (counted in ``verify_skipped``).
+    """
     stats = sequence.stats
     stats.verify_checks += 1
-    inputs, length = torch.cat([*history, x], dim=1), x.shape[1]
+
+    async def elsewhere(avoid: frozenset[str]) -> tuple[torch.Tensor, list[str]]:
+        out, peers = await recompute(sequence, hop, x, extras, embed=embed, head=head, avoid=avoid)
+        return (out if last is None else out[:, -last:]), peers
+
     for attempt in range(2):
         try:
-            second, second_peers = await recompute(sequence, hop, inputs, extras, embed=embed, head=head,
-                                                   avoid=frozenset({hop.peer_id}))
+            second, second_peers = await elsewhere(frozenset({hop.peer_id}))
             break
         except MissingBlocksError:
             stats.verify_skipped += 1
@@ -166,19 +151,16 @@ async def spot_check_step(sequence, hop: Hop, history: list[torch.Tensor], x: to
             if attempt == 1:
                 stats.verify_skipped += 1
                 return y, False
-    second = second[:, -length:]
     if agree(y, second):
         return y, False
     stats.verify_mismatches += 1
-    where = f"session step, layers {hop.start}:{hop.end}: {hop.peer_id} vs {', '.join(second_peers)}"
+    where = f"{what}layers {hop.start}:{hop.end}: {hop.peer_id} vs {', '.join(second_peers)}"
     try:
-        third, _ = await recompute(sequence, hop, inputs, extras, embed=embed, head=head,
-                                   avoid=frozenset({hop.peer_id, *second_peers}))
+        third, _ = await elsewhere(frozenset({hop.peer_id, *second_peers}))
     except MissingBlocksError:
-        raise ResultMismatchError(f"Nodes disagree on a {where}, and no third node serves those layers to settle "
-                                  "it; no result is returned. Retry when more nodes serve them.") from None
-    third = third[:, -length:]
-    why = f"its session step output for layers {hop.start}:{hop.end} was outvoted by two other routes"
+        raise ResultMismatchError(f"Nodes disagree on {where}, and no third node serves those layers to settle it; "
+                                  "no result is returned. Retry when more nodes serve them.") from None
+    why = f"its {what}output for layers {hop.start}:{hop.end} was outvoted by two other routes"
     if agree(third, second):
         await _outvoted(sequence, hop.peer_id, why)
         return second, True
@@ -186,7 +168,7 @@ async def spot_check_step(sequence, hop: Hop, history: list[torch.Tensor], x: to
         if len(second_peers) == 1:
             await _outvoted(sequence, second_peers[0], why)
         return y, False
-    raise ResultMismatchError(f"Three routes disagree on a {where}; no result is returned.")
+    raise ResultMismatchError(f"Three routes disagree on {where}; no result is returned.")
 
 
 def _answers_agree(a: tuple, b: tuple, same_result: Callable[[bytes, bytes], bool]) -> bool:
