@@ -24,6 +24,7 @@ there is routed around (the session rebuilt) when all its earlier answers were c
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -112,10 +113,13 @@ class ChainedSession:
         if position_ids is None:
             position_ids = torch.arange(self.length, self.length + length).unsqueeze(0)
         step = _Step(inputs, _extras(attention_mask, position_ids.expand(inputs.shape[0], -1)), hook, carry)
-        retries, failed_at = 0, None
+        retries, failed_at, recover = 0, None, None
         while True:
             t0 = time.perf_counter()
             try:
+                if recover is not None:  # inside the try: a replay refused or cut off is retried like the step
+                    await recover()
+                    recover = None
                 outputs, result = await self._send(step, last_only, argmax)
                 break
             except OverloadedError as e:
@@ -123,14 +127,14 @@ class ChainedSession:
                 if retries > self.sequence.config.max_retries:
                     raise
                 failed_at = failed_at or t0
-                await self._after_overload(e, retries)
+                recover = functools.partial(self._after_overload, e, retries)
             except PeerUnreachableError as e:
                 retries += 1
                 if retries > self.sequence.config.max_retries:
                     raise
                 failed_at = failed_at or t0
                 logger.warning("Chained inference step failed (%s); rebuilding the session on a new route", e)
-                await self._rebuild()
+                recover = self._rebuild
         if failed_at is not None:
             self.sequence.stats.reroutes += 1
             self.sequence.stats.reroute_s.append(time.perf_counter() - failed_at)
