@@ -171,6 +171,13 @@ async def _vote(sequence, hop: Hop, x: torch.Tensor, y: torch.Tensor, extras: di
     raise ResultMismatchError(f"Three routes disagree on {where}; no result is returned.")
 
 
+def _differing(a: tuple, b: tuple) -> tuple[set[str], set[str], str]:
+    """The peers only chained answer ``a``'s route has, those only ``b``'s has, and a phrase naming them."""
+    only_a = {h.peer_id for h in a[2]} - {h.peer_id for h in b[2]}
+    only_b = {h.peer_id for h in b[2]} - {h.peer_id for h in a[2]}
+    return only_a, only_b, f"chained routes differing in {sorted(only_a)} vs {sorted(only_b)}"
+
+
 def _answers_agree(a: tuple, b: tuple, same_result: Callable[[bytes, bytes], bool]) -> bool:
     """Two chained answers ``(outputs, hook_result, route, meta)`` agree: outputs within tolerance, and the hook's
     results by ``same_result`` (the hook's own comparison; byte for byte when it has none: the swarm cannot read
@@ -196,18 +203,13 @@ async def spot_check_chain(sequence, answer: tuple, run,
         stats.verify_checks += 1
         try:
             second = await run(avoid=frozenset({hop.peer_id}))
-        except MissingBlocksError:
-            stats.verify_skipped += 1
-            continue
-        except GIVE_UP:
+        except (MissingBlocksError, *GIVE_UP):
             stats.verify_skipped += 1
             continue
         if _answers_agree(answer, second, same_result):
             continue
         stats.verify_mismatches += 1
-        only_first = {h.peer_id for h in answer[2]} - {h.peer_id for h in second[2]}
-        only_second = {h.peer_id for h in second[2]} - {h.peer_id for h in answer[2]}
-        where = f"chained routes differing in {sorted(only_first)} vs {sorted(only_second)}"
+        only_first, only_second, where = _differing(answer, second)
         try:
             third = await run(avoid=frozenset(only_first | only_second))
         except MissingBlocksError:
@@ -266,9 +268,8 @@ async def check_chained_step(session, outputs: torch.Tensor, result: bytes, *, l
         if _answers_agree(answer, second, same):
             continue
         stats.verify_mismatches += 1
-        only_first = {h.peer_id for h in answer[2]} - {h.peer_id for h in second[2]}
-        only_second = {h.peer_id for h in second[2]} - {h.peer_id for h in answer[2]}
-        where = f"a generation step, chained routes differing in {sorted(only_first)} vs {sorted(only_second)}"
+        only_first, only_second, where = _differing(answer, second)
+        where = f"a generation step, {where}"
         try:
             third = await _replay(session, frozenset(only_first | only_second), last_only, argmax)
         except MissingBlocksError:
