@@ -130,6 +130,19 @@ def assert_typos_are_clear(got: dict) -> None:
 
 # ---- the client process ---------------------------------------------------------------------------------------------
 
+def remote_errors(lm, experiments: dict) -> dict[str, str]:
+    """Each experiment's remote error text (``"no error"`` when it ran): what the client was told."""
+    from nnsight.intervention.backends.remote import RemoteError
+    told = {}
+    for name, experiment in experiments.items():
+        try:
+            experiment(lm)
+            told[name] = "no error"
+        except RemoteError as e:
+            told[name] = str(e)
+    return told
+
+
 def _client(url: str, scenario: str, out: str) -> None:
     """Run ``scenario`` with the real nnsight client against ``url``; torch.save what came back to ``out``."""
     global PWNED
@@ -166,22 +179,12 @@ def _client(url: str, scenario: str, out: str) -> None:
             return await backend
         got["async"] = {"h5": asyncio.run(run_async())["h"]}
     if "correctness" in scenario:  # typos in a module path: our typed error, before anything runs
-        for name, experiment in TYPOS.items():
-            try:
-                experiment(lm)
-                got[name] = "no error"
-            except RemoteError as e:
-                got[name] = str(e)
+        got.update(remote_errors(lm, TYPOS))
     if "parity" in scenario:  # issue 14's features, checked by tests/integration/test_gateway_parity.py
         from tests.integration import test_gateway_parity
         got["parity"] = test_gateway_parity.run(lm)
     if "unsafe" in scenario:
-        for name, experiment in UNSAFE.items():
-            try:
-                experiment(lm)
-                got[name] = "no error"
-            except RemoteError as e:
-                got[name] = str(e)
+        got.update(remote_errors(lm, UNSAFE))
         got["after"] = read(lm, remote=True)[0]
     if "concurrent" in scenario:
         def one(i: int):

@@ -188,6 +188,7 @@ def _client(out: str) -> None:
     from nnsight.intervention.backends.remote import RemoteError
     from transformers import AutoTokenizer
 
+    from tests.integration import test_gateway
     lm = LanguageModel("smollm2-135m", tokenizer=AutoTokenizer.from_pretrained("smollm2-135m"))
     got: dict = {"meta": {}, "wall_s": {"attribution": [], "forward_only": []}}
     for _ in range(3):                                   # interleaved, so load drifts hit both alike
@@ -200,12 +201,7 @@ def _client(out: str) -> None:
             got[name], got["meta"][name] = experiment(lm, remote=True)
         except RemoteError as e:
             got[name] = str(e)
-    for name, experiment in BAD.items():
-        try:
-            experiment(lm)
-            got[name] = "no error"
-        except RemoteError as e:
-            got[name] = str(e)
+    got.update(test_gateway.remote_errors(lm, BAD))
     got["after"], got["meta"]["after"] = forward_only(lm, remote=True)
     got["weights"] = weights(lm, remote=True)
     torch.save(got, out)
