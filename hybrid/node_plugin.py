@@ -120,7 +120,7 @@ class InterpreterHook:
                     if grad.shape != outputs.shape:
                         raise InvalidGraphError(f"the next hop's gradient is {tuple(grad.shape)}; this span's output "
                                                 f"is {tuple(outputs.shape)}")
-                    interpreter.backward(node.call, [outputs], [grad.to(outputs.dtype)],
+                    interpreter.backward(node.call, [outputs], [grad.to(outputs.device, outputs.dtype)],
                                          bool(node.kwargs.get("retain_graph")))
             values.update(interpreter.finish_backward())
             return dict(interpreter.input_grads), pack_values(values)

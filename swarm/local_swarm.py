@@ -78,7 +78,9 @@ class LocalSwarm:
                "--num-threads", str(threads), "--ready-file", str(ready), "--announce-period", "2",
                "--record-ttl", "6", *args]
         cmd += ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), **(env or {})}
+        # the repo first, then whatever PYTHONPATH the caller runs with (an environment installed with --target)
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads), **(env or {})}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                     start_new_session=True)
