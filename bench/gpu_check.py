@@ -97,6 +97,26 @@ class Reference:
 
         self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        self.path, self.dtype = path, dtype
+
+    def attention_and_lens(self, ids, mask, layer: int, lens_layers) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s attention weights (eager attention, ``output_attentions``) and the logit lens
+        (final norm + head on each of ``lens_layers``' outputs, last position): ``(weights, (L, B, V) logits)``."""
+        from transformers import AutoModelForCausalLM
+
+        eager = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.dtype,
+                                                     attn_implementation="eager").to(self.device).eval()
+        outputs = {}  # layer outputs through hooks (output_hidden_states' last entry is after the final norm)
+        handles = [eager.model.layers[i].register_forward_hook(
+            lambda m, a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o)) for i in lens_layers]
+        with torch.no_grad():
+            out = eager(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_attentions=True)
+            lens = torch.stack([eager.lm_head(eager.model.norm(outputs[i]))[:, -1] for i in lens_layers])
+        for h in handles:
+            h.remove()
+        weights = out.attentions[layer]
+        del eager
+        return weights, lens
 
     def run(self, ids, mask, save_layers=(), zero_layer: int | None = None, grad_layer: int | None = None,
             metric_tokens: tuple[int, int] | None = None):
@@ -155,10 +175,17 @@ def check_dtype(args, path: Path, dtype_name: str, record: ResultLog) -> None:
                 ref_saved, ref_logits, _ = ref.run(ids, mask, save_layers)
                 _, ref_patched, _ = ref.run(ids, mask, zero_layer=patch_layer)
                 _, _, ref_grad = ref.run(ids, mask, grad_layer=grad_layer, metric_tokens=(a, b))
+                lens_layers = list(range(0, n_layers, max(1, n_layers // 6)))
+                ref_attn, ref_lens = ref.attention_and_lens(ids, mask, patch_layer, lens_layers)
                 for placement in args.placements.split(","):
                     section(record, f"{dtype_name}/{placement}", lambda: exactness(
                         lm, placement, texts, save_layers, patch_layer, grad_layer, (a, b),
                         ref_saved, ref_logits, ref_patched, ref_grad, record, f"{dtype_name}/{placement}"))
+                    if placement == "swarm":
+                        continue  # Petals-style reaches layer boundaries only (a typed refusal, tested elsewhere)
+                    section(record, f"{dtype_name}/{placement}/attention", lambda: attention_and_lens(
+                        lm, placement, texts, patch_layer, lens_layers, ref_attn, ref_lens, record,
+                        f"{dtype_name}/{placement}"))
                 section(record, f"{dtype_name}/generation", lambda: generation(
                     lm, ref, texts[:args.gen_batch], ids[:args.gen_batch], mask[:args.gen_batch], args, record,
                     dtype_name))
@@ -201,6 +228,18 @@ def exactness(lm, placement, texts, save_layers, patch_layer, grad_layer, tokens
         with metric.backward():
             grad = h.grad.save()
     record(f"{name}/gradient", grad_diff=maxdiff(grad, ref_grad), grad_absmax=ref_grad.abs().max().item())
+
+
+def attention_and_lens(lm, placement, texts, layer, lens_layers, ref_attn, ref_lens, record, name) -> None:
+    import hybrid
+
+    with lm.trace(texts, placement=placement):
+        weights = lm.model.layers[layer].self_attn.output[1].save()
+    with lm.trace(texts, placement=placement) as tracer:
+        lens = hybrid.save([lm.lm_head(lm.model.norm(lm.model.layers[i].output))[:, -1] for i in lens_layers])
+    record(f"{name}/attention", weights_diff=maxdiff(weights, ref_attn),
+           lens_diff=maxdiff(torch.stack(list(lens)), ref_lens), lens_absmax=ref_lens.abs().max().item(),
+           lens_client_bytes=tracer.stats["client_bytes_sent"] + tracer.stats["client_bytes_received"])
 
 
 def generation(lm, ref, texts, ids, mask, args, record, dtype_name) -> None:
