@@ -416,3 +416,18 @@ class SourceOp:
 
     def __repr__(self) -> str:
         return f"SourceOp({self.path!r})"
+
+
+def graph_ops(graph: Any) -> set[tuple[str, str]]:
+    """``(module path, op)`` of every operation a graph's getters and setters name."""
+    return {parts for node in graph.nodes if node.op in ("getter", "setter") and isinstance(node.module, str)
+            for parts in [split_op_path(node.module)] if parts}
+
+
+def instrument_for(skeleton: Any, graph: Any) -> None:
+    """Make ``skeleton`` (a :class:`hybrid.envoy.ModelSkeleton`) instrument the modules whose operations ``graph``
+    names, so its events (which the planner orders the graph by) have them: a graph recorded by another process (a
+    gateway's request worker) or trace. Raises UnknownModuleError / UnknownSourceOpError for a name it lacks."""
+    for module_path, op in sorted(graph_ops(graph)):
+        check_op(module_path, skeleton.module(module_path), op)
+        skeleton.sourced.add(module_path)

@@ -102,6 +102,16 @@ def attention(lm, **remote):
     return {"weights": weights, "late": late}, _meta(tracer)
 
 
+def source(lm, **remote):
+    """``module.source``: the attention call inside layer 4's attention read, its output projection halved."""
+    with lm.trace(PROMPT, **remote) as tracer:
+        attn = lm.model.layers[4].self_attn.source
+        call = attn.attention_interface_1.output[0].save()
+        attn.self_o_proj_0.output = attn.self_o_proj_0.output * 0.5
+        h = lm.model.layers[10].output[:, -1].save()
+    return {"call": call, "h": h}, _meta(tracer)
+
+
 def cache_with_inputs(lm, **remote):
     """nnsight's entries hold every argument (``.inputs``); the nodes record the first only: refused, not partial."""
     with lm.trace(PROMPT, **remote) as tracer:
@@ -127,7 +137,7 @@ def reads_inputs(lm, **remote):
 
 PUSHED = {"logits": logits, "skip_and_stop": skip_and_stop, "barrier_patch": barrier_patch,
           "steps_block": steps_block, "session_ops": session_ops, "gradient": gradient, "cache": cache,
-          "attention": attention}
+          "attention": attention, "source": source}
 FALLBACK = {"reads_inputs": reads_inputs}
 REFUSED = {"cache_with_inputs": cache_with_inputs, "cache_on_gateway_path": cache_on_gateway_path}
 EAGER = {"attention"}
