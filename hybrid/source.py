@@ -197,19 +197,20 @@ def _function_like(function: FunctionType, code: CodeType, closure: tuple | None
     return new
 
 
-_cache: dict[CodeType, Instrumented] = {}
+_cache: dict[FunctionType, Instrumented] = {}
+"""Per forward function (not per code object: a decorator's wrapper shares one code object across classes)."""
 _cache_lock = threading.Lock()
 _active = threading.local()
 
 
 def instrumented(cls: type) -> Instrumented:
-    """The instrumented forward of ``cls`` (cached per code object of its forward). Raises DisallowedOpError when
+    """The instrumented forward of ``cls`` (cached per forward function). Raises DisallowedOpError when
     the forward has no Python source."""
     forward = getattr(cls, "forward", None)
     if not isinstance(forward, FunctionType):
         raise DisallowedOpError(f"{cls.__name__}.forward is not a Python function; it has no source operations")
     with _cache_lock:
-        found = _cache.get(forward.__code__)
+        found = _cache.get(forward)
         if found is None:
             inner, chain = _innermost(forward)
             names, function = _compile(inner, _dispatch)
@@ -217,7 +218,7 @@ def instrumented(cls: type) -> Instrumented:
                 cells = list(wrapper.__closure__)
                 cells[index] = CellType(function)
                 function = _function_like(wrapper, wrapper.__code__, tuple(cells), {})
-            found = _cache[forward.__code__] = Instrumented(names, function)
+            found = _cache[forward] = Instrumented(names, function)
         return found
 
 
@@ -291,17 +292,20 @@ def recording(model: torch.nn.Module, paths: Iterator[str] | set[str], events: l
             return value
         return report
 
-    installed = []
+    installed: list[tuple[torch.nn.Module, Any]] = []
     try:
         for path in sorted(paths):
             module = model.get_submodule(path)
             report = recorder(path)
+            installed.append((module, module.__dict__.get("forward")))
             module.forward = MethodType(lambda self, *a, _r=report, **k: run_instrumented(self, a, k, _r), module)
-            installed.append(module)
         yield
     finally:
-        for module in installed:
-            del module.forward
+        for module, before in installed:
+            if before is None:
+                del module.forward
+            else:
+                module.forward = before
 
 
 def check_readable(name: str, fake: Any) -> None:

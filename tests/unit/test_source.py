@@ -17,7 +17,8 @@ from hybrid.source import op_names, run_instrumented
 from tests.fuzz_node import InProcessNode
 from tests.tiny_checkpoints import tiny_config
 
-PATHS = ["model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.0", "model.norm", "lm_head"]
+PATHS = ["model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.0", "model.norm", "lm_head", "model",
+         "model.embed_tokens"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
