@@ -1,8 +1,8 @@
 """The gateway's routing: the real nnsight 0.8 client (``remote=True``) against ``swarm-gateway --initial-peers`` sends
 every request the hybrid tracer supports down the hybrid path (pushed to the nodes) — the root model's logits, skip
 and early stop, ``tracer.barrier``, the deprecated ``with tracer.iter[...]:`` block, operations on an earlier trace's
-value in a session, gradients, ``tracer.cache(...)``, attention weights (``self_attn.output[1]``) — and the response
-metadata names the path, and for a fallback its reason. Every saved value equals the same program run by local
+value in a session, gradients, ``tracer.cache(...)``, attention weights (``self_attn.output[1]``), operations inside
+a module's forward (``module.source``) — and the response metadata names the path, and for a fallback its reason. Every saved value equals the same program run by local
 nnsight (fp32, one torch thread, max abs diff <= 1e-5; attention weights: nnsight with eager attention, as the nodes
 run that call). What neither path can answer exactly is refused with a typed error, never an empty cache.
 
