@@ -30,16 +30,23 @@ def experiment(lm, **placement):
     return (call, o_in, act, logits), tracer
 
 
+@pytest.fixture(scope="module")
+def reference(ns, one_thread):
+    """The experiment's values in real nnsight, and the logits without the setter."""
+    want, _ = experiment(ns)
+    with ns.trace(PROMPT):
+        clean = ns.lm_head.output[:, -1].save()
+    return want, clean
+
+
 @pytest.mark.parametrize("placement", ["local", "hybrid", "centralized"])
-def test_source_equals_nnsight(placement, lm_for, ns):
+def test_source_equals_nnsight(placement, lm_for, reference):
     lm = lm_for(placement)
     got, tracer = experiment(lm, placement=placement)
-    want, _ = experiment(ns)
+    want, clean = reference
     for name, g, w in zip(("attention_interface_1[0]", "self_o_proj_0.input", "mlp act_fn", "logits"), got, want):
         assert g.shape == w.shape, f"{name}: {tuple(g.shape)} != {tuple(w.shape)}"
         assert (g - w).abs().max().item() <= TOL, name
-    with ns.trace(PROMPT):
-        clean = ns.lm_head.output[:, -1].save()
     assert (got[3] - clean).abs().max() > 1e-3  # the setter inside layer 5's attention changed the logits
     if placement == "hybrid":  # inputs, graph and saves over the client's link: no hidden states
         saved = sum(4 * v.numel() for v in got)
