@@ -25,7 +25,8 @@ import transformers
 
 from .errors import DisallowedOpError, TraceError, UnknownModuleError
 from .proxy import Proxy, at_user_line, describe
-from .source import SourceView, recording, source_order, split_op_path
+from .source import split_op_path
+from .source_view import SourceView, recording, source_order
 
 KINDS = ("input", "output")
 

@@ -37,7 +37,7 @@ from .generation import GenerateOptions, SwarmSteps, generate, local_stepper
 from .session import Session
 from .ir import Graph
 from .placements import PLACEMENTS, LocalRunner, SwarmRunner
-from .source import instrument_for
+from .source_view import instrument_for
 from .request import NO_LINKS, SessionLinks
 from .tracing import ModelSkeleton, Tracer, nnsight_position_ids, root_envoy
 

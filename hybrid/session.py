@@ -29,7 +29,7 @@ import torch
 from .errors import OrderError, TraceError
 from .planner import Executor, plan_graph
 from .request import SessionLinks
-from .source import instrument_for
+from .source_view import instrument_for
 from .tracing import Tracer, _bind_locals, _user_frame
 
 if TYPE_CHECKING:
