@@ -4,13 +4,15 @@ nnsight 0.8.1 run locally on the same SmolLM2 (fp32, <= 1e-5).
 The experiment reads the attention call (``attention_interface_1``) and the output projection's input inside layer 5's
 attention (node 1 of the hybrid swarm), halves that projection's output (a setter inside the forward), and reads the
 MLP's activation inside layer 25 (node 3) and the logits downstream, so both reading and setting are checked and the
-setter's effect travels on. In ``hybrid`` only the inputs, the graph and the saved values cross the client's link."""
+setter's effect travels on. In ``hybrid`` only the inputs, the graph and the saved values cross the client's link.
+A greedy generation does the same in every step (later steps run with the nodes' KV cache)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import hybrid
 from hybrid.errors import DisallowedOpError, UnknownModuleError, UnknownSourceOpError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -68,3 +70,24 @@ def test_source_names_and_refusals(lm_for):
     with pytest.raises(Exception, match="function"):  # the attention function itself is no value
         with lm.trace(PROMPT, placement="hybrid"):
             lm.model.layers[5].self_attn.source.attention_interface_0.output.save()
+
+
+def generation(lm, **placement):
+    """Every step of a greedy generation: the attention call's last position read, the output projection scaled."""
+    with lm.generate(PROMPT, max_new_tokens=3, do_sample=False, **placement) as tracer:
+        calls = list().save() if not placement else hybrid.save([])
+        for step in tracer.iter[:3]:
+            attn = lm.model.layers[7].self_attn.source
+            calls.append(attn.attention_interface_1.output[0][:, -1])
+            attn.self_o_proj_0.output = attn.self_o_proj_0.output * 0.9
+        ids = tracer.result.save()
+    return calls, ids
+
+
+def test_source_in_generation_steps_equals_nnsight(lm_for, ns):
+    """Steps after the first run with the node's KV cache (one new position): the same operations, the same values."""
+    got, ids = generation(lm_for("hybrid"), placement="hybrid")
+    want, want_ids = generation(ns)
+    assert ids.tolist() == want_ids.tolist() and len(got) == len(want) == 3
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and (g - w).abs().max().item() <= TOL, f"step {step}"
