@@ -25,6 +25,8 @@ import transformers
 
 from .errors import DisallowedOpError, TraceError, UnknownModuleError
 from .proxy import Proxy, at_user_line, describe
+from .source import split_op_path
+from .source_view import SourceView, recording, source_order
 
 KINDS = ("input", "output")
 
@@ -40,7 +42,7 @@ class ShapeInfo:
     ``.input``) for ``"input"``, the return value for ``"output"`` (a tensor, a tuple, or a ``ModelOutput``)."""
 
     def __post_init__(self) -> None:
-        self._order = {event: i for i, event in enumerate(self.events)}
+        self._order = source_order(self.events)
 
     def index(self, path: str, kind: str) -> int:
         """Position of the event in forward order.
@@ -79,13 +81,19 @@ class ModelSkeleton:
             self.model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
                                                                        attn_implementation="eager", **kwargs).eval()
         self._cache: dict[tuple, ShapeInfo] = {}
+        self.sourced: set[str] = set()
+        """Paths of the modules whose operations a trace used (``module.source``): their forward runs instrumented
+        here, so the operations have events and fake values (:mod:`hybrid.source`)."""
 
     def module_paths(self) -> list[str]:
         """HF names of every submodule, root excluded (``model.embed_tokens``, ``model.layers.7.mlp``, ``lm_head``)."""
         return [name for name, _ in self.model.named_modules() if name]
 
     def module(self, path: str) -> torch.nn.Module:
-        """The meta submodule at ``path`` (``""`` is the root). Raises UnknownModuleError."""
+        """The meta submodule at ``path`` (``""`` is the root); None for an operation inside a forward
+        (``<module>.source.<op>``). Raises UnknownModuleError."""
+        if split_op_path(path):
+            return None
         try:
             return self.model.get_submodule(path)
         except AttributeError:
@@ -104,7 +112,7 @@ class ModelSkeleton:
         """
         if input_ids.ndim != 2:
             raise TraceError(f"input_ids must be (batch, tokens); got shape {tuple(input_ids.shape)}")
-        key = (tuple(input_ids.shape), attention_mask is not None, logits_to_keep)
+        key = (tuple(input_ids.shape), attention_mask is not None, logits_to_keep, frozenset(self.sourced))
         if key not in self._cache:
             self._cache[key] = self._run(*input_ids.shape, logits_to_keep)
         return self._cache[key]
@@ -135,7 +143,7 @@ class ModelSkeleton:
                     handles.append(module.register_forward_hook(on_return(path), with_kwargs=True))
             ids = torch.zeros((batch, tokens), dtype=torch.long, device="meta")
             mask = torch.ones((batch, 1, tokens, tokens), dtype=torch.bool, device="meta")
-            with torch.no_grad():
+            with torch.no_grad(), recording(self.model, self.sourced, events, values, first_input):
                 self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=logits_to_keep)
         finally:
             for handle in handles:
@@ -215,6 +223,12 @@ class Envoy:
                                           f"so it must be a {describe(want)} like the module's output; got "
                                           f"{describe(got)}"))
         tracer.write_module(self._path, "output", replacement, skip=True)
+
+    @property
+    def source(self) -> SourceView:
+        """nnsight's ``module.source``: the operations of this module's forward (``.source.self_o_proj_0.output``);
+        they run on the node that owns the module (see :mod:`hybrid.source`)."""
+        return SourceView(self._path, self._module, self._tracer_getter)
 
     @property
     def inputs(self) -> Any:

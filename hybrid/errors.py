@@ -59,3 +59,9 @@ class BlobMissingError(SessionValueError):
     or the node restarted); the client sends it again inline, once."""
 
     code = "blob_missing"
+
+
+class UnknownSourceOpError(UnknownModuleError, AttributeError):
+    """``module.source.<name>`` names no operation of the module's forward (an AttributeError too, as in nnsight)."""
+
+    code = "unknown_source_op"

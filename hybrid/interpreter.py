@@ -39,6 +39,7 @@ from .ir import Attachment, Graph, Node, Ref
 from .gradients import BackwardPasses
 from .meta import UNKNOWN, has_unknown, meta_params, run_on_fakes, to_fake
 from .planner import Plan, is_inplace
+from .source import owner_path, split_op_path
 from .values import conform, to_device
 
 _INPLACE_RESULT = {("operator", "setitem"), ("method", "__setitem__")}
@@ -105,6 +106,10 @@ class Interpreter(BackwardPasses):
             elif node.op == "setter":
                 self._setters.setdefault((node.module, node.kind, node.call), []).append(node)
         self._pending = [n for n in self.mine if n.op not in ("getter", "setter", "load", "grad", "grad_set")]
+        self.sourced = {(owner_path(key[0]), key[2]) for key in (*self._getters, *self._setters)
+                        if split_op_path(key[0])}
+        """``(path, call)`` of the module calls here whose forward runs instrumented: the graph uses operations inside
+        it (``module.source``, :mod:`hybrid.source`)."""
         self.skips = {key for key, nodes in self._setters.items() if any(n.kwargs.get("skip") for n in nodes)}
         """``(path, "output", call)`` of the module calls the graph skips here (``module.skip(value)``)."""
         self.attention_weights = weight_reads(graph, lambda path: is_attention(self.modules.get(path))) & {

@@ -37,6 +37,7 @@ from .generation import GenerateOptions, SwarmSteps, generate, local_stepper
 from .session import Session
 from .ir import Graph
 from .placements import PLACEMENTS, LocalRunner, SwarmRunner
+from .source_view import instrument_for
 from .request import NO_LINKS, SessionLinks
 from .tracing import ModelSkeleton, Tracer, nnsight_position_ids, root_envoy
 
@@ -216,6 +217,7 @@ class LanguageModel:
     def run_generation(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        options: GenerateOptions, *, placement: str = "hybrid", links: SessionLinks = NO_LINKS):
         """Generate with a recorded graph in ``placement``; returns ``(tokens, values by node id, TraceStats)``."""
+        instrument_for(self.skeleton, graph)  # module.source: the graph may come from another process
         events = self.skeleton.shapes(input_ids, attention_mask).events
         if placement == "local":
             t0 = time.perf_counter()
@@ -239,6 +241,7 @@ class LanguageModel:
     def run_graph(self, graph: Graph, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
                   placement: str = "hybrid", links: SessionLinks = NO_LINKS):
         """Run a recorded graph on a batch in ``placement``; returns ``(saved values by node id, TraceStats)``."""
+        instrument_for(self.skeleton, graph)  # module.source: the graph may come from another process
         events = self.skeleton.shapes(input_ids, attention_mask).events
         positions = nnsight_position_ids(attention_mask) if attention_mask is not None else None
         if placement == "local":

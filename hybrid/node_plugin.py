@@ -21,6 +21,7 @@ from .ir import JSON_BYTES_PER_OP, Limits
 from .request import HOOK_KIND, HOOK_VERSION, decode_request
 from .blobs import resolve as resolve_blobs
 from .session_store import STORE
+from .source import call_op, check_op, op_path, run_instrumented, split_op_path
 from .values import pack_values, unpack_values
 from .watchdog import WATCHDOG
 
@@ -174,6 +175,32 @@ class InterpreterHook:
                 _check_skip(path, self.interpreter.modules.get(path), self._skip_inputs.get(path), replaced[0])
             return replaced
 
+    def run(self, path: str, args: tuple, kwargs: dict) -> tuple | None:
+        """``(output,)`` of ``path``'s call when the graph uses operations inside its forward (``module.source``):
+        the module runs its own class's forward, instrumented here (:mod:`hybrid.source`), and each operation the
+        graph names passes its first argument and its value through the interpreter. None: the forward runs as is."""
+        if (path, self.call) not in self.interpreter.sourced:
+            return None
+        interpreter, fired = self.interpreter, set()
+
+        def event(where: str, kind: str):
+            def handle(value: Any) -> Any:
+                with self._guard():
+                    return interpreter.on_event(where, kind, self.call, value)
+            return handle
+
+        def report(label: str, callee, op_args: tuple, op_kwargs: dict) -> Any:
+            where = op_path(path, label)
+            if not interpreter.wants(where):
+                return callee(*op_args, **op_kwargs)
+            if where in fired:
+                raise InvalidGraphError(f"{where} runs more than once in one call of {path} (inside a loop); its "
+                                        "calls cannot be told apart, so it cannot be read or set")
+            fired.add(where)
+            return call_op(callee, op_args, op_kwargs, event(where, "input"), event(where, "output"))
+
+        return (run_instrumented(interpreter.modules[path], args, kwargs, report),)
+
     def after(self, path: str, output: Any) -> Any:
         if path == "lm_head" and self._trimmed is not None:
             output, self._trimmed = output[:self._trimmed], None  # the padding rows (see last_rows_padded) go
@@ -240,7 +267,13 @@ def _build(graph, plan, hop_offset: int, call: int, keep: dict[int, str], contex
         raise InvalidGraphError(f"plan has no executor for chain position {context.hop}")
     modules = dict(context.model.named_modules())
     for node in graph.nodes:
-        if plan.assignment[node.id] == me and node.op in ("getter", "setter") and node.module not in modules:
+        if plan.assignment[node.id] == me and node.op in ("getter", "setter") and split_op_path(node.module):
+            owner, op = split_op_path(node.module)  # an operation inside the forward of a module held here
+            if owner not in modules:
+                raise UnknownModuleError(f"Module {owner!r} is not served by this node (span {context.start}:"
+                                         f"{context.end}); the plan does not match the route.")
+            check_op(owner, modules[owner], op)
+        elif plan.assignment[node.id] == me and node.op in ("getter", "setter") and node.module not in modules:
             raise UnknownModuleError(f"Module {node.module!r} is not served by this node (span "
                                      f"{context.start}:{context.end}); the plan does not match the route.")
     device = next(context.model.parameters()).device

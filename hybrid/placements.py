@@ -30,6 +30,7 @@ from .interpreter import Interpreter
 from .ir import Graph
 from .node_plugin import TRIM_MIN_ROWS, InterpreterHook, trims_head
 from .planner import Executor, Plan, plan_graph, reads_last_logits_only, saves_last_logits
+from .source import split_op_path
 from .request import HOOK_KIND, HOOK_VERSION, NO_LINKS, SessionLinks, encode_request
 from .values import pack_values, results_agree, unpack_values
 
@@ -270,6 +271,11 @@ def layer_boundaries(graph: Graph) -> set[int]:
     boundaries = set()
     for node in graph.nodes:
         if node.op in ("getter", "setter"):
+            if split_op_path(node.module):
+                raise DisallowedOpError(
+                    f"placement='swarm' (Petals-style) runs the graph on the client, outside the modules' forwards; "
+                    f"{node.module!r} is an operation inside one (module.source), which only the executor running "
+                    f"that module can reach. Use placement='hybrid'.")
             match = _LAYER_BOUNDARY.match(node.module)
             if match:
                 layer = int(match.group(1))

@@ -29,6 +29,7 @@ import torch
 from .errors import OrderError, TraceError
 from .planner import Executor, plan_graph
 from .request import SessionLinks
+from .source_view import instrument_for
 from .tracing import Tracer, _bind_locals, _user_frame
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ class Session:
         trace's links (``keep`` and ``held``) and, per trace, its ``load`` nodes the client fills (with the proxies
         whose values they take, once those traces have run)."""
         n = self.lm.config.num_hidden_layers
+        for trace, _ in traces:
+            instrument_for(self.lm.skeleton, trace.graph)
         events = self.lm.skeleton.shapes(torch.zeros((1, 1), dtype=torch.long), None).events
         whole = [Executor("all", 0, n + 1)]
         stages = [plan_graph(t.graph, events, n, whole).stages for t, _ in traces]

@@ -63,6 +63,9 @@ class SpanHook(Protocol):
     # Optional: ``skip(path) -> (output,) | None``, asked just before ``path``'s forward runs (after ``before``):
     # a 1-tuple is used as the module's output without running it (its submodules then never run; ``after`` still
     # sees the output), None runs the module.
+    # Optional: ``run(path, args, kwargs) -> (output,) | None``, asked next: a 1-tuple is the module's output as the
+    # hook computed it from these arguments with the node's own module (e.g. its forward instrumented to report the
+    # operations inside it); None runs the module's forward as usual.
 
 
 HookFactory = Callable[[bytes, HookContext], SpanHook]
@@ -139,11 +142,17 @@ def _skippable(path: str, forward: Callable) -> Callable:
     """``forward``, unless the active hook's optional ``skip(path)`` gives the output to use instead (torch runs the
     pre-hooks before and the forward hooks after this, so the hook sees the module's events either way)."""
     def call(*args: Any, **kwargs: Any) -> Any:
-        skip = getattr(getattr(_active, "hook", None), "skip", None)
+        hook = getattr(_active, "hook", None)
+        skip = getattr(hook, "skip", None)
         if skip is not None:
             replaced = _guard(path, lambda: skip(path))
             if replaced is not None:
                 return replaced[0]
+        run = getattr(hook, "run", None)
+        if run is not None:  # not guarded: what fails in there is the forward itself (or the hook's typed errors)
+            ran = run(path, args, kwargs)
+            if ran is not None:
+                return ran[0]
         return forward(*args, **kwargs)
     return call
 

@@ -88,6 +88,9 @@ class _Spy:
     def after(self, path, output):
         return self._call(self.hook.after, path, output)
 
+    def run(self, path, args, kwargs):  # operations inside a module's forward (module.source)
+        return self._call(self.hook.run, path, args, kwargs)
+
 
 class InProcessNode:
     """A node's hybrid path without the network, for a tiny Llama served whole (stages 0..5).

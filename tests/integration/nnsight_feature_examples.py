@@ -164,6 +164,12 @@ def edit(lm, placement):
 def source(lm, placement):
     with lm.trace(PROMPT, placement=placement):
         attn = lm.model.layers[2].self_attn.source
+        call = attn.attention_interface_1.output[0].save()
+        o_in = attn.self_o_proj_0.input.save()
+        attn.self_o_proj_0.output = attn.self_o_proj_0.output * 0.5
+    heads = lm.config.num_attention_heads
+    assert call.shape == (1, 10, heads, lm.config.hidden_size // heads)
+    assert torch.equal(o_in, call.reshape(1, 10, -1))
 
 
 EXAMPLES = {f.__name__: f for f in (

@@ -1,8 +1,8 @@
 """The gateway's routing: the real nnsight 0.8 client (``remote=True``) against ``swarm-gateway --initial-peers`` sends
 every request the hybrid tracer supports down the hybrid path (pushed to the nodes) — the root model's logits, skip
 and early stop, ``tracer.barrier``, the deprecated ``with tracer.iter[...]:`` block, operations on an earlier trace's
-value in a session, gradients, ``tracer.cache(...)``, attention weights (``self_attn.output[1]``) — and the response
-metadata names the path, and for a fallback its reason. Every saved value equals the same program run by local
+value in a session, gradients, ``tracer.cache(...)``, attention weights (``self_attn.output[1]``), operations inside
+a module's forward (``module.source``) — and the response metadata names the path, and for a fallback its reason. Every saved value equals the same program run by local
 nnsight (fp32, one torch thread, max abs diff <= 1e-5; attention weights: nnsight with eager attention, as the nodes
 run that call). What neither path can answer exactly is refused with a typed error, never an empty cache.
 
@@ -102,6 +102,16 @@ def attention(lm, **remote):
     return {"weights": weights, "late": late}, _meta(tracer)
 
 
+def source(lm, **remote):
+    """``module.source``: the attention call inside layer 4's attention read, its output projection halved."""
+    with lm.trace(PROMPT, **remote) as tracer:
+        attn = lm.model.layers[4].self_attn.source
+        call = attn.attention_interface_1.output[0].save()
+        attn.self_o_proj_0.output = attn.self_o_proj_0.output * 0.5
+        h = lm.model.layers[10].output[:, -1].save()
+    return {"call": call, "h": h}, _meta(tracer)
+
+
 def cache_with_inputs(lm, **remote):
     """nnsight's entries hold every argument (``.inputs``); the nodes record the first only: refused, not partial."""
     with lm.trace(PROMPT, **remote) as tracer:
@@ -127,7 +137,7 @@ def reads_inputs(lm, **remote):
 
 PUSHED = {"logits": logits, "skip_and_stop": skip_and_stop, "barrier_patch": barrier_patch,
           "steps_block": steps_block, "session_ops": session_ops, "gradient": gradient, "cache": cache,
-          "attention": attention}
+          "attention": attention, "source": source}
 FALLBACK = {"reads_inputs": reads_inputs}
 REFUSED = {"cache_with_inputs": cache_with_inputs, "cache_on_gateway_path": cache_on_gateway_path}
 EAGER = {"attention"}
