@@ -38,7 +38,8 @@ from .session import Session
 from .ir import Graph
 from .placements import PLACEMENTS, LocalRunner, SwarmRunner
 from .request import NO_LINKS, SessionLinks
-from .tracing import ModelSkeleton, Tracer, nnsight_position_ids, root_envoy
+from .steps import Generator
+from .tracing import ModelSkeleton, Tracer, current_tracer, nnsight_position_ids, root_envoy
 
 
 class LanguageModel:
@@ -68,6 +69,11 @@ class LanguageModel:
         """The model an edited copy (``lm.edit()``) shares its connection and weights with; None for the model."""
         self._edits: list[Edit] = []
         """Edit blocks every later trace starts with (``lm.edit()``, :mod:`hybrid.edits`)."""
+
+    @property
+    def generator(self) -> Generator:
+        """nnsight's ``lm.generator``: ``lm.generator.output`` in ``lm.generate(...)`` is ``tracer.result``."""
+        return Generator(lambda: current_tracer(self.skeleton))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

@@ -169,6 +169,21 @@ def _run_in_frame(code: CodeType, frame: FrameType) -> None:
         ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
 
 
+class Generator:
+    """nnsight's ``lm.generator``: its ``.output`` is the generated ids, as :attr:`hybrid.tracing.Tracer.result`
+    (nnsight 0.8.1 deprecates it for ``tracer.result`` and gives the same tensor)."""
+
+    def __init__(self, tracer_getter: Any) -> None:
+        self._tracer_getter = tracer_getter
+
+    @property
+    def output(self) -> "GeneratedTokens":
+        tracer = self._tracer_getter()
+        if tracer is None:
+            raise TraceError("lm.generator.output can only be used inside `with lm.generate(...)`")
+        return tracer.generator_output()
+
+
 class GeneratedTokens:
     """``tracer.result``: the generated token ids ``(B, T + N)``; ``.save()`` it to use it after the block. Read in
     an invoke, it is that invoke's ``rows`` of the ``whole`` result."""
