@@ -8,7 +8,7 @@
     p            # a plain tensor;  tracer.stats: bytes, round trips, compute seconds per node
 
     with lm.generate(prompt, max_new_tokens=5) as tracer:     # per-step interventions
-        for step in tracer.all():
+        for step in tracer.iter[:5]:                            # tracer.all() would end the block (as nnsight)
             lm.model.layers[8].output[:, -1] += steer
         ids = tracer.result.save()
 
