@@ -74,8 +74,8 @@ class Steps:
                 yield step
         finally:
             self._tracer.call = previous
-        if cut:
-            _refuse_statements_after(frame)
+        if cut and not _refuse_statements_after(frame):  # no source to read: refuse the next use of this invoke
+            self._tracer.ended_by_loop(frame.f_lineno if frame is not None else None)
 
     # ---- the deprecated block form ----------------------------------------------------------------------------
 
@@ -113,18 +113,22 @@ class Steps:
         return list(self.steps if self.steps is not None else range(self.start, self.stop or self._tracer.steps))
 
 
-def _refuse_statements_after(frame: FrameType | None) -> None:
+def _refuse_statements_after(frame: FrameType | None) -> bool:
     """The ``for`` loop ``frame`` runs asked for steps to the end of the generation (or past it): nnsight 0.8.1 ends
     that invoke's code there, never running what follows the loop in its block (it warns that the loop "was cut
-    short"). Raise TraceError naming the first such statement, so nothing is silently skipped or run unlike nnsight."""
+    short"). Raise TraceError naming the first such statement, so nothing is silently skipped or run unlike nnsight.
+    Returns False where the source cannot be read (nothing checked)."""
     if frame is None:
-        return
+        return False
     filename, line = frame.f_code.co_filename, frame.f_lineno
+    source = "".join(linecache.getlines(filename, frame.f_globals))
     try:
-        tree = ast.parse("".join(linecache.getlines(filename, frame.f_globals)))
+        tree = ast.parse(source)
     except (SyntaxError, ValueError):
-        return
-    after = _first_statement_after(tree, line)
+        return False
+    if not source:
+        return False
+    after, whole = _first_statement_after(tree, line)
     if after is not None:
         raise TraceError(
             f"{filename}:{after}: this statement follows a loop over every remaining generation step "
@@ -133,20 +137,22 @@ def _refuse_statements_after(frame: FrameType | None) -> None:
             "so it is refused here. Loop over the steps the generation makes, `tracer.iter[:max_new_tokens]`, to run "
             "code after the loop; or move the code before the loop or into its body; or put it in a separate "
             "`with tracer.invoke():` after this one")
+    return whole
 
 
-def _first_statement_after(tree: ast.AST, line: int) -> int | None:
-    """The line of the first statement after the ``for`` loop at ``line`` in the block that ends with it: the
-    innermost enclosing ``with ....trace/generate/invoke(...)`` or function."""
-    def search(node: ast.AST, scopes: list[ast.AST]) -> int | None:
+def _first_statement_after(tree: ast.AST, line: int) -> tuple[int | None, bool]:
+    """The line of the first statement after the ``for`` loop at ``line`` in the block that ends with it (the
+    innermost enclosing ``with ....trace/generate/invoke(...)`` or function), or None; and whether that block is the
+    invoke's whole (a ``with``: False for a function, whose caller may go on in the invoke, or no loop found)."""
+    def search(node: ast.AST, scopes: list[ast.AST]) -> tuple[int | None, bool] | None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.For) and line in (child.lineno, child.iter.lineno):
                 if not scopes:
-                    return None
+                    return None, False
                 end = scopes[-1].end_lineno
                 later = [n.lineno for n in ast.walk(scopes[-1]) if isinstance(n, ast.stmt)
                          and child.end_lineno < n.lineno <= end]
-                return min(later) if later else None
+                return (min(later) if later else None), isinstance(scopes[-1], ast.With)
             scope = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) or isinstance(child, ast.With) and any(
                 isinstance(i.context_expr, ast.Call) and isinstance(i.context_expr.func, ast.Attribute)
                 and i.context_expr.func.attr in ("trace", "generate", "invoke") for i in child.items)
@@ -154,7 +160,7 @@ def _first_statement_after(tree: ast.AST, line: int) -> int | None:
             if found is not None:
                 return found
         return None
-    return search(tree, [])
+    return search(tree, []) or (None, False)
 
 
 class _SkipBody(Exception):

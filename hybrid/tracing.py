@@ -124,6 +124,8 @@ class _Invoke:
     """``tracer.result`` read in this invoke: its rows of the generated ids."""
     inputs: RootInputs | None = None
     """``lm.inputs`` read in this invoke: its rows of the root model's inputs."""
+    ended: int | None = None
+    """The line of a loop over every remaining step that ended this invoke, where its source could not be checked."""
 
 
 class Tracer:
@@ -266,9 +268,23 @@ class Tracer:
         self._after_generation(self._current, "lm.generator.output")
         return self.result
 
+    def ended_by_loop(self, line: int | None) -> None:
+        """A loop over every remaining step ended the current invoke (:mod:`hybrid.steps`) where its source could not
+        be read to check what follows: nnsight runs nothing after it there, so its next use is refused."""
+        if self._current is not None:
+            self._current.ended = line or 0
+
+    def _check_not_ended(self, invoke: "_Invoke | None", name: str) -> None:
+        if invoke is not None and invoke.ended is not None:
+            raise TraceError(at_user_line(
+                f"{name} follows a loop over every remaining generation step (line {invoke.ended}); nnsight 0.8.1 "
+                "never runs what follows such a loop in its invoke, so it is refused here. Loop over "
+                "`tracer.iter[:max_new_tokens]` to run code after the loop, or put it in another `tracer.invoke()`"))
+
     def _after_generation(self, invoke: "_Invoke | None", name: str) -> None:
         """``name`` is known only when the generation has ended, as in nnsight: modules this invoke uses after it are
         out of order (:meth:`_use`)."""
+        self._check_not_ended(invoke, name)
         if invoke is not None:
             after = (self.steps, -1)
             if invoke.last is None or invoke.last[0] < after:
@@ -461,6 +477,7 @@ class Tracer:
         if invoke is None:
             raise TraceError(at_user_line(f"{path}.{kind} is used outside any invoke: in `lm.trace()` without "
                                           "inputs, use modules inside `with tracer.invoke(prompts):`"))
+        self._check_not_ended(invoke, f"{path}.{kind}")
         index = (call, self._shape_info(call).index(path, kind))
         name = f"{path}.{kind}" + (f" (step {call})" if self.steps > 1 else "")
         if invoke.last is not None and index < invoke.last[0]:
