@@ -229,7 +229,9 @@ class Tracer:
     def iter(self) -> Steps:
         """Select generation steps: ``for step in tracer.iter[:3]:`` binds module reads and writes in the loop body
         to steps 0, 1, 2 (``[a:b]``, ``[i]`` and ``[[i, j]]`` work as in nnsight; steps past the last are left out
-        with a warning). nnsight's deprecated block form ``with tracer.iter[...]:`` runs its body once per step."""
+        with a warning). nnsight's deprecated block form ``with tracer.iter[...]:`` runs its body once per step.
+        A ``for`` over every remaining step (``[a:]``, or steps past the last) ends its invoke, as in nnsight: a
+        statement after it in the invoke is refused (``TraceError``), since nnsight never runs it."""
         return Steps(self)
 
     def all(self) -> Steps:
