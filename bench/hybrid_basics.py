@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             def steered(placement: str):
                 with lm.generate(prompts, max_new_tokens=args.gen_tokens, eos_token_id=None,
                                  placement=placement) as tracer:
-                    for _ in tracer.all():
+                    for _ in tracer.iter[:args.gen_tokens]:
                         lm.model.layers[args.layer].output[:, -1] += steer
                     ids = tracer.result.save()
                 return ids, tracer.stats

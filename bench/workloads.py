@@ -163,7 +163,7 @@ class Experiment:
         lm, layer, vector = self.lm, self.layer, self.steering
         with lm.generate(self.ids, max_new_tokens=self.config.new_tokens, eos_token_id=None,
                          placement=placement) as tracer:
-            for _ in tracer.all():
+            for _ in tracer.iter[:self.config.new_tokens]:
                 lm.model.layers[layer].output[:, -1] += vector
             ids = tracer.result.save()
         tokens = _value(ids)[:, self.seq_len:]

@@ -100,24 +100,27 @@ class ModelSkeleton:
             raise UnknownModuleError(f"the model has no module {path!r}; see ModelSkeleton.module_paths()") from None
 
     def shapes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               logits_to_keep: int = 0) -> ShapeInfo:
+               logits_to_keep: int = 0, past: int = 0) -> ShapeInfo:
         """Run the meta model once on inputs of this shape and report every module event (cached per shape, mask
-        presence and ``logits_to_keep``).
+        presence, ``logits_to_keep`` and ``past``).
 
         Args:
             input_ids: ``(B, T)`` token ids (any device; only the shape is used).
             attention_mask: ``(B, T)`` or None; only its presence keys the cache (see the module docstring).
             logits_to_keep: ``lm_head`` sees the last this many positions (0: all). Generation keeps 1, as
                 transformers' ``generate`` (and so nnsight) does: ``lm_head.output`` is ``(B, 1, V)`` at every step.
+            past: tokens already in the KV cache (a generation step after the first: ``T + step - 1``). The meta
+                forward then runs on a meta cache of that length, so values whose size is the key length (attention
+                weights ``(B, H, 1, past + 1)``) have the step's real shape.
         """
         if input_ids.ndim != 2:
             raise TraceError(f"input_ids must be (batch, tokens); got shape {tuple(input_ids.shape)}")
-        key = (tuple(input_ids.shape), attention_mask is not None, logits_to_keep, frozenset(self.sourced))
+        key = (tuple(input_ids.shape), attention_mask is not None, logits_to_keep, past, frozenset(self.sourced))
         if key not in self._cache:
-            self._cache[key] = self._run(*input_ids.shape, logits_to_keep)
+            self._cache[key] = self._run(*input_ids.shape, logits_to_keep, past)
         return self._cache[key]
 
-    def _run(self, batch: int, tokens: int, logits_to_keep: int) -> ShapeInfo:
+    def _run(self, batch: int, tokens: int, logits_to_keep: int, past: int = 0) -> ShapeInfo:
         events: list[tuple[str, str]] = []
         values: dict[tuple[str, str], Any] = {}
 
@@ -142,13 +145,28 @@ class ModelSkeleton:
                     handles.append(module.register_forward_pre_hook(on_enter(path), with_kwargs=True))
                     handles.append(module.register_forward_hook(on_return(path), with_kwargs=True))
             ids = torch.zeros((batch, tokens), dtype=torch.long, device="meta")
-            mask = torch.ones((batch, 1, tokens, tokens), dtype=torch.bool, device="meta")
+            mask = torch.ones((batch, 1, tokens, past + tokens), dtype=torch.bool, device="meta")
+            cache = self._meta_cache(batch, past) if past else None
             with torch.no_grad(), recording(self.model, self.sourced, events, values, first_input):
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=logits_to_keep)
+                self.model(input_ids=ids, attention_mask=mask, use_cache=cache is not None, past_key_values=cache,
+                           logits_to_keep=logits_to_keep)
         finally:
             for handle in handles:
                 handle.remove()
         return ShapeInfo(events=events, values=values)
+
+    def _meta_cache(self, batch: int, past: int) -> transformers.DynamicCache:
+        """A KV cache of ``past`` positions on the meta device (every layer's keys and values ``(B, kv_heads, past,
+        head_dim)``), so a meta forward sees a later generation step's key length."""
+        config = self.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next(self.model.parameters()).dtype
+        cache = transformers.DynamicCache(config=config)
+        for layer in range(config.num_hidden_layers):
+            kv = torch.empty((batch, heads, past, head_dim), dtype=dtype, device="meta")
+            cache.update(kv, kv, layer)
+        return cache
 
 
 def first_input(args: tuple, kwargs: dict) -> Any:
@@ -232,6 +250,13 @@ class Envoy:
 
     @property
     def inputs(self) -> Any:
+        """For the root model (``lm.inputs``): its ``(args, kwargs)`` as nnsight gives them, see
+        :mod:`hybrid.root_inputs`. Other modules' full arguments are not addressable (use ``.input``)."""
+        if not self._path:
+            tracer = self._tracer_getter()
+            if tracer is None:
+                raise TraceError("lm.inputs can only be used inside `with lm.trace(...)`")
+            return tracer.root_inputs()
         raise DisallowedOpError(f"{self._name('inputs')}: the full (args, kwargs) of a module is not addressable "
                                 "in a graph; use .input (its first argument)")
 

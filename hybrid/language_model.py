@@ -8,7 +8,7 @@
     p            # a plain tensor;  tracer.stats: bytes, round trips, compute seconds per node
 
     with lm.generate(prompt, max_new_tokens=5) as tracer:     # per-step interventions
-        for step in tracer.all():
+        for step in tracer.iter[:5]:                            # tracer.all() would end the block (as nnsight)
             lm.model.layers[8].output[:, -1] += steer
         ids = tracer.result.save()
 
@@ -39,7 +39,8 @@ from .ir import Graph
 from .placements import PLACEMENTS, LocalRunner, SwarmRunner
 from .source_view import instrument_for
 from .request import NO_LINKS, SessionLinks
-from .tracing import ModelSkeleton, Tracer, nnsight_position_ids, root_envoy
+from .steps import Generator
+from .tracing import ModelSkeleton, Tracer, current_tracer, nnsight_position_ids, root_envoy
 
 
 class LanguageModel:
@@ -69,6 +70,11 @@ class LanguageModel:
         """The model an edited copy (``lm.edit()``) shares its connection and weights with; None for the model."""
         self._edits: list[Edit] = []
         """Edit blocks every later trace starts with (``lm.edit()``, :mod:`hybrid.edits`)."""
+
+    @property
+    def generator(self) -> Generator:
+        """nnsight's ``lm.generator``: ``lm.generator.output`` in ``lm.generate(...)`` is ``tracer.result``."""
+        return Generator(lambda: current_tracer(self.skeleton))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

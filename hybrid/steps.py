@@ -62,13 +62,20 @@ class Steps:
         return made
 
     def __iter__(self) -> Iterator[int]:
+        from .tracing import _user_frame
+
         previous = self._tracer.call
+        made = self.indices()
+        cut = self.stop is None and self.steps is None or len(made) < len(self._wanted())
+        frame = _user_frame() if cut else None
         try:
-            for step in self.indices():
+            for step in made:
                 self._tracer.call = step
                 yield step
         finally:
             self._tracer.call = previous
+        if cut and not _refuse_statements_after(frame):  # no source to read: refuse the next use of this invoke
+            self._tracer.ended_by_loop(frame.f_lineno if frame is not None else None)
 
     # ---- the deprecated block form ----------------------------------------------------------------------------
 
@@ -104,6 +111,56 @@ class Steps:
 
     def _wanted(self) -> list[int]:
         return list(self.steps if self.steps is not None else range(self.start, self.stop or self._tracer.steps))
+
+
+def _refuse_statements_after(frame: FrameType | None) -> bool:
+    """The ``for`` loop ``frame`` runs asked for steps to the end of the generation (or past it): nnsight 0.8.1 ends
+    that invoke's code there, never running what follows the loop in its block (it warns that the loop "was cut
+    short"). Raise TraceError naming the first such statement, so nothing is silently skipped or run unlike nnsight.
+    Returns False where the source cannot be read (nothing checked)."""
+    if frame is None:
+        return False
+    filename, line = frame.f_code.co_filename, frame.f_lineno
+    source = "".join(linecache.getlines(filename, frame.f_globals))
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    if not source:
+        return False
+    after, whole = _first_statement_after(tree, line)
+    if after is not None:
+        raise TraceError(
+            f"{filename}:{after}: this statement follows a loop over every remaining generation step "
+            f"(`for step in tracer.all():`, `tracer.iter[a:]`, or steps past max_new_tokens, at line {line}); nnsight "
+            "0.8.1 never runs what follows such a loop in its invoke (it warns the loop was cut short and skips it), "
+            "so it is refused here. Loop over the steps the generation makes, `tracer.iter[:max_new_tokens]`, to run "
+            "code after the loop; or move the code before the loop or into its body; or put it in a separate "
+            "`with tracer.invoke():` after this one")
+    return whole
+
+
+def _first_statement_after(tree: ast.AST, line: int) -> tuple[int | None, bool]:
+    """The line of the first statement after the ``for`` loop at ``line`` in the block that ends with it (the
+    innermost enclosing ``with ....trace/generate/invoke(...)`` or function), or None; and whether that block is the
+    invoke's whole (a ``with``: False for a function, whose caller may go on in the invoke, or no loop found)."""
+    def search(node: ast.AST, scopes: list[ast.AST]) -> tuple[int | None, bool] | None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.For) and line in (child.lineno, child.iter.lineno):
+                if not scopes:
+                    return None, False
+                end = scopes[-1].end_lineno
+                later = [n.lineno for n in ast.walk(scopes[-1]) if isinstance(n, ast.stmt)
+                         and child.end_lineno < n.lineno <= end]
+                return (min(later) if later else None), isinstance(scopes[-1], ast.With)
+            scope = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) or isinstance(child, ast.With) and any(
+                isinstance(i.context_expr, ast.Call) and isinstance(i.context_expr.func, ast.Attribute)
+                and i.context_expr.func.attr in ("trace", "generate", "invoke") for i in child.items)
+            found = search(child, scopes + [child] if scope else scopes)
+            if found is not None:
+                return found
+        return None
+    return search(tree, []) or (None, False)
 
 
 class _SkipBody(Exception):
@@ -167,6 +224,21 @@ def _run_in_frame(code: CodeType, frame: FrameType) -> None:
             f_locals[name] = scope[name]
     if sys.version_info < (3, 13):
         ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+class Generator:
+    """nnsight's ``lm.generator``: its ``.output`` is the generated ids, as :attr:`hybrid.tracing.Tracer.result`
+    (nnsight 0.8.1 deprecates it for ``tracer.result`` and gives the same tensor)."""
+
+    def __init__(self, tracer_getter: Any) -> None:
+        self._tracer_getter = tracer_getter
+
+    @property
+    def output(self) -> "GeneratedTokens":
+        tracer = self._tracer_getter()
+        if tracer is None:
+            raise TraceError("lm.generator.output can only be used inside `with lm.generate(...)`")
+        return tracer.generator_output()
 
 
 class GeneratedTokens:

@@ -50,8 +50,9 @@ import torch
 
 from .barrier import Barrier
 from .envoy import Envoy, ModelSkeleton, ShapeInfo, first_input, root_envoy
+from .root_inputs import RootInputs
 from .steps import GeneratedTokens, Steps
-from .errors import HybridError, OrderError, TraceError
+from .errors import DisallowedOpError, HybridError, OrderError, TraceError
 from .planner import Executor, plan_graph
 from .ir import Graph
 from .graph_builder import GraphBuilder
@@ -88,7 +89,7 @@ def save(value: Any) -> Any:
 
 
 def _save_items(value: Any) -> Any:
-    if isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
+    if isinstance(value, (Proxy, TupleProxy, GeneratedTokens, RootInputs)):
         return value.save()
     if isinstance(value, (list, tuple, dict)):
         for item in (value.values() if isinstance(value, dict) else value):
@@ -121,6 +122,10 @@ class _Invoke:
     views: dict = field(default_factory=dict)
     result: GeneratedTokens | None = None
     """``tracer.result`` read in this invoke: its rows of the generated ids."""
+    inputs: RootInputs | None = None
+    """``lm.inputs`` read in this invoke: its rows of the root model's inputs."""
+    ended: int | None = None
+    """The line of a loop over every remaining step that ended this invoke, where its source could not be checked."""
 
 
 class Tracer:
@@ -150,6 +155,7 @@ class Tracer:
         self.call = 0
         """The forward call (generation step) module reads and writes bind to now."""
         self._result = GeneratedTokens()
+        self._root_inputs = RootInputs()
         self._containers: list = []
         self._finalizers: list[Callable[[], None]] = []
         """Called when the block ends, before the graph runs (``tracer.cache()`` records its getters then)."""
@@ -223,7 +229,9 @@ class Tracer:
     def iter(self) -> Steps:
         """Select generation steps: ``for step in tracer.iter[:3]:`` binds module reads and writes in the loop body
         to steps 0, 1, 2 (``[a:b]``, ``[i]`` and ``[[i, j]]`` work as in nnsight; steps past the last are left out
-        with a warning). nnsight's deprecated block form ``with tracer.iter[...]:`` runs its body once per step."""
+        with a warning). nnsight's deprecated block form ``with tracer.iter[...]:`` runs its body once per step.
+        A ``for`` over every remaining step (``[a:]``, or steps past the last) ends its invoke, as in nnsight: a
+        statement after it in the invoke is refused (``TraceError``), since nnsight never runs it."""
         return Steps(self)
 
     def all(self) -> Steps:
@@ -241,11 +249,70 @@ class Tracer:
             raise TraceError(at_user_line("tracer.result is the token ids of lm.generate(...); in lm.trace(...) read "
                                           "the logits as lm.lm_head.output"))
         invoke = self._current
+        self._after_generation(invoke, "tracer.result")
         if invoke is None or not invoke.narrow:
             return self._result
         if invoke.result is None:
             invoke.result = GeneratedTokens(self._result, slice(invoke.start, invoke.stop))
         return invoke.result
+
+    def generator_output(self) -> GeneratedTokens:
+        """nnsight's ``lm.generator.output`` (deprecated there in favour of ``tracer.result``, which it equals):
+        the prompt and new token ids ``(B, T + N)``, an invoke's rows inside ``tracer.invoke(...)``."""
+        if self._state != "tracing":
+            raise TraceError(at_user_line("lm.generator.output can only be used inside its `with lm.generate(...)` "
+                                          "block"))
+        if not self.generation:
+            raise TraceError(at_user_line("lm.generator.output is the token ids of lm.generate(...); lm.trace(...) "
+                                          "generates nothing (read the logits as lm.output.logits)"))
+        warnings.warn("model.generator.output is deprecated; use tracer.result instead", DeprecationWarning,
+                      stacklevel=3)
+        self._after_generation(self._current, "lm.generator.output")
+        return self.result
+
+    def ended_by_loop(self, line: int | None) -> None:
+        """A loop over every remaining step ended the current invoke (:mod:`hybrid.steps`) where its source could not
+        be read to check what follows: nnsight runs nothing after it there, so its next use is refused."""
+        if self._current is not None:
+            self._current.ended = line or 0
+
+    def _check_not_ended(self, invoke: "_Invoke | None", name: str) -> None:
+        if invoke is not None and invoke.ended is not None:
+            raise TraceError(at_user_line(
+                f"{name} follows a loop over every remaining generation step (line {invoke.ended}); nnsight 0.8.1 "
+                "never runs what follows such a loop in its invoke, so it is refused here. Loop over "
+                "`tracer.iter[:max_new_tokens]` to run code after the loop, or put it in another `tracer.invoke()`"))
+
+    def _after_generation(self, invoke: "_Invoke | None", name: str) -> None:
+        """``name`` is known only when the generation has ended, as in nnsight: modules this invoke uses after it are
+        out of order (:meth:`_use`)."""
+        self._check_not_ended(invoke, name)
+        if invoke is not None:
+            after = (self.steps, -1)
+            if invoke.last is None or invoke.last[0] < after:
+                invoke.last = (after, name)
+
+    def root_inputs(self) -> RootInputs:
+        """``lm.inputs``: the root model's ``(args, kwargs)`` in this invoke (see :mod:`hybrid.root_inputs`)."""
+        if self._state != "tracing":
+            raise TraceError(at_user_line("lm.inputs can only be used inside `with lm.trace(...)`"))
+        if self.generation:
+            raise DisallowedOpError(at_user_line(
+                "lm.inputs in lm.generate(...): nnsight gives each step's forward arguments there, which hold the KV "
+                "cache, and that stays on the nodes; read the prompt's inputs as lm.inputs in lm.trace(...), the "
+                "generated ids as tracer.result, or a step's token ids as lm.model.embed_tokens.input"))
+        invoke = self._current
+        if invoke is None:
+            raise TraceError(at_user_line("lm.inputs is used outside any invoke: in `lm.trace()` without inputs, "
+                                          "use it inside `with tracer.invoke(prompts):`"))
+        if invoke.last is not None and invoke.last[0] > (0, -1):  # the root's inputs come before every module
+            raise TraceError(at_user_line(f"lm.inputs (the root model's inputs) come before {invoke.last[1]}, which "
+                                          "this invoke already used; read lm.inputs first (or in another invoke)"))
+        if not invoke.narrow:
+            return self._root_inputs
+        if invoke.inputs is None:
+            invoke.inputs = RootInputs(self._root_inputs, slice(invoke.start, invoke.stop))
+        return invoke.inputs
 
     def cache(self, modules: list | None = None, **options: Any) -> Any:
         """nnsight's ``tracer.cache(modules=None, device=cpu, dtype=None, include_output=True,
@@ -317,7 +384,8 @@ class Tracer:
         if self._batch == 0:
             raise TraceError(at_user_line("no inputs yet: modules can be used once an invoke with inputs has started"))
         ids = torch.empty((self._batch, self._tokens if call == 0 else 1), dtype=torch.long, device="meta")
-        return self.skeleton.shapes(ids, ids, logits_to_keep=1 if self.generation else 0)
+        past = self._tokens + call - 1 if call else 0  # the prompt and the tokens of the steps before, in the cache
+        return self.skeleton.shapes(ids, ids, logits_to_keep=1 if self.generation else 0, past=past)
 
     def _check_order(self) -> None:
         """Apply the planner's order rules to the graph so far (after a write into a gradient), at the user's line."""
@@ -344,6 +412,7 @@ class Tracer:
             finalize()
         for container in self._containers:
             _save_items(container)
+        self._root_inputs.bind(ids, mask, nnsight_position_ids(mask))
         values = self._execute(self.graph, ids, mask)
         if values is not None:  # None: deferred to the end of its lm.session(), which calls bind_values
             self.bind_values(values)
@@ -410,6 +479,7 @@ class Tracer:
         if invoke is None:
             raise TraceError(at_user_line(f"{path}.{kind} is used outside any invoke: in `lm.trace()` without "
                                           "inputs, use modules inside `with tracer.invoke(prompts):`"))
+        self._check_not_ended(invoke, f"{path}.{kind}")
         index = (call, self._shape_info(call).index(path, kind))
         name = f"{path}.{kind}" + (f" (step {call})" if self.steps > 1 else "")
         if invoke.last is not None and index < invoke.last[0]:
@@ -550,7 +620,7 @@ def _bind_locals(frame: Any) -> None:
 
 
 def _bound(value: Any, depth: int) -> Any:
-    if isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
+    if isinstance(value, (Proxy, TupleProxy, GeneratedTokens, RootInputs)):
         return value.value if value.saved and value.bound else value
     if depth >= 3:
         return value

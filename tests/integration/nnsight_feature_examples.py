@@ -37,11 +37,13 @@ def root_output(lm, placement):
 def root_inputs(lm, placement):
     with lm.trace(PROMPT, placement=placement):
         inputs = lm.inputs.save()
+    assert inputs[0] == () and inputs[1]["input_ids"].shape == (1, 10)
 
 
 def generator_output(lm, placement):
     with lm.generate(PROMPT, max_new_tokens=2, placement=placement):
         ids = lm.generator.output.save()
+    assert ids.shape == (1, 12)
 
 
 def generation_loop(lm, placement):

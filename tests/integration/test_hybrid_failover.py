@@ -20,7 +20,7 @@ def steered_generation(lm, prompt: torch.Tensor, **placement):
     with lm.generate(prompt, max_new_tokens=6, eos_token_id=None, **placement) as tracer:
         first = lm.model.layers[1].output[:, -1]
         seen = hybrid.save([])
-        for step in tracer.all():
+        for step in tracer.iter[:6]:
             lm.model.layers[4].output[:, -1] += first * 3
             seen.append(lm.model.layers[4].output[:, -1])
         ids = tracer.result.save()

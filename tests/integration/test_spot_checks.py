@@ -238,7 +238,7 @@ def test_hybrid_generation_steps_are_checked_and_a_caught_node_is_replaced(fault
         steer_to(lm.client, noisy, others)
         with lm.generate(prompt, max_new_tokens=steps, eos_token_id=None, placement="hybrid") as tracer:
             seen = hybrid.save([])
-            for _ in tracer.all():
+            for _ in tracer.iter[:steps]:
                 seen.append(lm.model.layers[3].output[:, -1])  # on the noisy node's span: in the hook result
             ids = tracer.result.save()
         assert torch.equal(ids, want)
@@ -259,7 +259,7 @@ def test_hybrid_generation_steps_are_checked_and_a_caught_node_is_replaced(fault
         with model.generate(prompt, max_new_tokens=steps, eos_token_id=None, **placement) as tracer:
             first = model.model.layers[1].output[:, -1]
             seen = hybrid.save([])
-            for _ in tracer.all():
+            for _ in tracer.iter[:steps]:
                 model.model.layers[3].output[:, -1] += first * 3
                 seen.append(model.lm_head.output[:, -1])
             ids = tracer.result.save()
