@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 
 from .commitments import parse as parse_commitments
-from .errors import BadRequestError, OverloadedError, PeerBusyError
+from .errors import BadRequestError, MailboxFullError, OverloadedError, PeerBusyError
 from .wire import MAX_STRIPES
 
 logger = logging.getLogger(__name__)
@@ -56,27 +56,51 @@ class Mailbox:
     """Answers waiting for their collectors, and collectors waiting for their answer, by ``(peer, request_id)``.
 
     The client may read one answer striped over several collect streams (``index`` of ``count``,
-    :func:`swarm.wire.stripe`); the answer is kept until each has taken it, or for ``hold_s``."""
+    :func:`swarm.wire.stripe`); the answer is kept until each has taken it, or for ``hold_s``. At most ``max_bytes``
+    are held: an answer past it is refused with :class:`MailboxFullError`, which travels back along the chain to the
+    client as that type (relaying it instead would put the bytes the cap keeps off this node on every node of the
+    chain, and hide the cap from the client)."""
 
     max_bytes: int = 1 << 30
-    """Most answer bytes held at once; past it an answer is relayed through the chain instead."""
+    """Most answer bytes held at once (``--max-mailbox-bytes``); an answer that does not fit is refused."""
     hold_s: float = 30.0
-    """An answer not fully collected is dropped after this long."""
+    """An answer not fully collected is dropped after this long (``--mailbox-hold-s``)."""
     max_waiting_per_peer: int = 16
     """Most answers one peer may be waiting for here at once."""
     _slots: dict[tuple[str, str], _Slot] = field(default_factory=dict)
     held_bytes: int = 0
 
-    def deliver(self, peer: str, request_id: str, messages: list, nbytes: int) -> bool:
-        """Hand an answer's ``messages`` to ``peer``'s collectors of ``request_id`` (now, or when they come).
-        Returns False when it cannot be held (the caller then relays the answer)."""
+    def room_for(self, nbytes: int) -> None:
+        """Refuse early (before the answer is encoded) an answer of at least ``nbytes`` that cannot fit.
+
+        Raises:
+            MailboxFullError: ``nbytes`` does not fit next to the answers held now.
+        """
+        if self.held_bytes + nbytes > self.max_bytes:
+            raise self._full(nbytes)
+
+    def deliver(self, peer: str, request_id: str, messages: list, nbytes: int) -> None:
+        """Hand an answer's ``messages`` (``nbytes`` in all) to ``peer``'s collectors of ``request_id``, now or when
+        they come.
+
+        Raises:
+            BadRequestError: ``request_id`` was answered here already (a request id names one request).
+            MailboxFullError: the answer does not fit in :attr:`max_bytes` next to the answers held; collectors
+                already waiting for it get the same error at once (never a wait until their timeout).
+        """
         key = (peer, request_id)
         slot = self._slots.get(key)
         if slot is not None and slot.future.done():
-            return False  # answered twice: keep the first
+            raise BadRequestError(f"Request {request_id!r} was answered on this node already; a request id names one "
+                                  f"request.")
         if self.held_bytes + nbytes > self.max_bytes:
-            logger.warning("Mailbox full (%d bytes held); relaying the answer to %s instead", self.held_bytes, peer)
-            return False
+            error = self._full(nbytes)
+            if slot is not None:
+                self._forget(key, slot)
+                slot.future.set_exception(error)
+                slot.future.exception()  # retrieved: no "never retrieved" log when nobody waits any more
+            logger.warning("Refused a direct answer of %d bytes to %s: %s", nbytes, peer, error)
+            raise error
         loop = asyncio.get_running_loop()
         if slot is None:
             slot = self._slots[key] = _Slot(loop.create_future())
@@ -84,7 +108,17 @@ class Mailbox:
         slot.nbytes = nbytes
         self.held_bytes += nbytes
         slot.expiry = loop.call_later(self.hold_s, self._drop, key, slot)
-        return True
+
+    def _full(self, nbytes: int) -> MailboxFullError:
+        if nbytes > self.max_bytes:
+            why = f"an answer of {nbytes} bytes is larger than this node's mailbox ({self.max_bytes} bytes, " \
+                  f"--max-mailbox-bytes)"
+        else:
+            why = f"this node's mailbox holds {self.held_bytes} of its {self.max_bytes} bytes (--max-mailbox-bytes) " \
+                  f"in answers not yet collected, and this answer needs {nbytes}"
+        return MailboxFullError(f"Cannot hold the direct answer: {why}. Retry later, ask for fewer outputs "
+                                f"(return_outputs='last'), or relay answers through the chain "
+                                f"(ClientConfig(direct_reply=False)).")
 
     async def collect(self, peer: str, request_id: str, index: int, count: int, timeout_s: float) -> list:
         """The answer's messages for ``peer``'s ``request_id`` (collect stream ``index`` of ``count``), waiting up

@@ -427,7 +427,7 @@ class RemoteSequence(PeerHealth):
                 out, reply = await chain  # the chain's error, typed, wins over the collect stream's
                 if reply.get("direct"):
                     out, reply = await collect
-                else:  # relayed: requests with gradients, or a node that could not hold the answer
+                else:  # relayed: requests with gradients (their backward runs on the way back)
                     return out, {**reply, "direct": False}
             return out, {**reply, "direct": True}
         finally:

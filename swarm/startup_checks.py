@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -163,3 +164,13 @@ def check_device(device: str) -> None:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise StartupError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible "
                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+
+
+def check_mailbox(max_mailbox_bytes: int, mailbox_hold_s: float) -> None:
+    """The direct-answer mailbox (:mod:`swarm.direct_reply`) must be able to hold something, for a finite time."""
+    if max_mailbox_bytes < 1:
+        raise StartupError(f"--max-mailbox-bytes must be at least 1 (got {max_mailbox_bytes}); a node whose mailbox "
+                           "holds nothing refuses every direct answer (the default is 1073741824, 1 GiB).")
+    if not (math.isfinite(mailbox_hold_s) and mailbox_hold_s > 0):
+        raise StartupError(f"--mailbox-hold-s must be a positive number of seconds (got {mailbox_hold_s}); an answer "
+                           "not collected within it is dropped (the default is 30).")
