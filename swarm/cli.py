@@ -230,7 +230,7 @@ def _startup_checks(args) -> StopSignals:
             raise StartupError(f"{flag} must be at least 1 (got {value}); a node that may queue no work refuses "
                                "every request." if "queued" in flag else f"{flag} must be at least 1 (got "
                                f"{value}); a node that admits no session serves no generation.")
-    check_mailbox(args.max_mailbox_bytes, args.mailbox_hold_s)
+    check_mailbox(args.max_mailbox_bytes, args.max_client_mailbox_bytes, args.mailbox_hold_s)
     if not args.new_swarm and not args.initial_peers:
         raise StartupError("Give --initial-peers of a running swarm (the address its first node printed), or "
                            "--new-swarm to start one.")

@@ -111,6 +111,9 @@ class ServerLimits:
     max_mailbox_bytes: int = 1 << 30
     """Most bytes of direct answers (swarm.direct_reply) this node holds at once for clients to collect; an answer that
     does not fit is refused with MailboxFullError (the client may retry, or relay it with direct_reply=False)."""
+    max_client_mailbox_bytes: int = 256 << 20
+    """Most bytes of direct answers this node holds at once for one client; more are refused with MailboxFullError,
+    so one client that never collects cannot take the whole mailbox."""
     mailbox_hold_s: float = 30.0
     """A direct answer not collected within this long is dropped (its bytes freed)."""
 
@@ -149,7 +152,8 @@ class SpanServer:
         self._weights = weight_storages(model)
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
-        self.mailbox = Mailbox(max_bytes=limits.max_mailbox_bytes, hold_s=limits.mailbox_hold_s)
+        self.mailbox = Mailbox(max_bytes=limits.max_mailbox_bytes, max_peer_bytes=limits.max_client_mailbox_bytes,
+                               hold_s=limits.mailbox_hold_s)
         """Answers of chained forwards waiting for the client's collect stream (swarm.direct_reply)."""
         self.stripes = StripeBoard(wait_s=limits.chain_timeout_s)
         """The extra streams of striped requests, waiting for their first stream's reader (swarm.stripes)."""
@@ -316,7 +320,7 @@ class SpanServer:
 
     async def _forward(self, tensors, meta, client: str, received: int = 0):
         chain = parse_chain(meta.get("next", []), self.limits.max_chain)
-        reply_to = reply_to_of(meta)
+        reply_to = reply_to_of(meta, client)
         keep_outputs = meta.get("return_outputs", True)
         if not isinstance(keep_outputs, bool) and keep_outputs != "last":
             raise BadRequestError("meta['return_outputs'] must be a boolean or \"last\" (the last position only).")
@@ -366,7 +370,7 @@ class SpanServer:
                 on its encoded size after); the error travels back along the chain to the client.
         """
         tensors, meta = reply
-        self.mailbox.room_for(sum(t.numel() * t.element_size() for t in tensors))
+        self.mailbox.room_for(reply_to, sum(t.numel() * t.element_size() for t in tensors))
         messages = await self._compute(lambda: list(encode_frame(tensors, meta, runtime_pb2.ExpertResponse)), client)
         self.mailbox.deliver(reply_to, request_id, messages, sum(m.ByteSize() for m in messages))
         return [], {"names": [], "direct": True}
@@ -421,7 +425,7 @@ class SpanServer:
         if meta.get("close"):
             self.sessions.close(session_id)
             return [], {"names": [], "closed": True}
-        reply_to, request_id = reply_to_of(meta), request_id_of(meta)  # swarm.direct_reply, as in _forward
+        reply_to, request_id = reply_to_of(meta, client), request_id_of(meta)  # swarm.direct_reply, as in _forward
         session = self.sessions.sessions.get(session_id)
         step = session.steps if session is not None else 0
         request = await self._parsed(tensors, meta, client, step=step,
