@@ -155,6 +155,7 @@ class ChainedSession:
             # Hops that ran this step (or a rebuild's replay, half done) hold it in their caches while the session
             # does not count it: the next step rebuilds the session from its history before running.
             self._stale = True
+            self._opened = [True] * len(self._hops)  # may be open: the rebuild closes them (closing is idempotent)
             raise
 
     async def _send(self, step: _Step, last_only: bool, argmax: bool = False) -> tuple[torch.Tensor, bytes]:

@@ -525,7 +525,7 @@ class SpanServer:
             if reply_to is not None:  # straight to the client's collect stream (swarm.direct_reply)
                 try:
                     reply = await self._deliver(reply_to, request_id, reply, client)
-                except SwarmError:  # the step grew the cache but its answer is lost: never reuse the session
+                except BaseException:  # the step grew the cache but its answer is lost: never reuse the session
                     self.sessions.close(session_id)
                     raise
             return reply
