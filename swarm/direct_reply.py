@@ -11,7 +11,10 @@ for a client that cannot be dialled (NAT, ``client_mode``) and its bytes cross t
 
 Why a mailbox rather than a push: the collect stream and the answer may arrive in either order; the mailbox holds
 whichever comes first. Only the peer named in ``reply_to`` may collect (the collect stream's authenticated caller
-must be that peer), and only with the request id the answer was computed for.
+must be that peer), and only with the request id the answer was computed for; ``reply_to`` must name the client the
+request is from. The mailbox is bounded in bytes (in all and per client: ``--max-mailbox-bytes``,
+``--max-client-mailbox-bytes``), in entries and in time (``--mailbox-hold-s``); an answer that does not fit is refused
+with :class:`~swarm.errors.MailboxFullError`, which reaches the client as that type.
 
 The answer must carry what the relay used to add on its way back (each hop's ``compute_s``, its commitment, the
 node → node bytes): each chained hop passes them *forward* in ``meta['upstream']`` and the last hop merges them into
