@@ -262,7 +262,7 @@ class InferenceSession:
             await self._close_state(state)
 
     async def _close_state(self, state: _HopState) -> None:
-        if state.opened:
+        if state.opened and state.hop.peer_id not in self.sequence.excluded():  # a dead node's cache expires
             try:
                 await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {}, {"session_id": state.session_id,
                            "close": True}, timeout_s=self.sequence.config.ping_timeout_s)

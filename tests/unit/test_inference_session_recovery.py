@@ -28,11 +28,12 @@ class FakeSwarm:
 
     def __init__(self, replicas=REPLICAS):
         self.replicas, self.caches, self.fail = replicas, {}, {}
-        self.busy, self.excluded = set(), set()
+        self.busy, self.excluded, self.closed = set(), set(), []
 
     async def call(self, p2p, peer, handle, tensors, meta, **_):
         caches = self.caches.setdefault(peer, {})
         if meta.get("close"):
+            self.closed.append(peer)
             caches.pop(meta["session_id"], None)
             return {}, {}
         if self.fail.get(peer):
@@ -54,7 +55,8 @@ class FakeSwarm:
             pass
         return SimpleNamespace(config=ClientConfig(max_retries=max_retries, verify=0.0), stats=RouteStats(),
                                traffic=None, p2p=None, num_layers=4, route=self.route, mark_busy=self.busy.add,
-                               note_failure=lambda peer, e: self.excluded.add(peer), overload_backoff=no_wait)
+                               note_failure=lambda peer, e: self.excluded.add(peer), overload_backoff=no_wait,
+                               excluded=lambda: set(self.excluded))
 
 
 @pytest.fixture
@@ -85,6 +87,7 @@ def test_a_replay_refused_or_cut_off_is_retried_within_the_step(nodes):
     assert torch.allclose(out, reference(first, second))
     assert [h.peer_id for h in s.route] == ["A1", "B3"] and nodes.caches["B3"][s._hops[1].session_id].shape[1] == 5
     assert nodes.excluded == {"B1"} and "B2" in nodes.busy  # each failure noted against its own node
+    assert "B1" not in nodes.closed  # no close call waits on the dead node
     assert s.length == 5 and s.sequence.stats.reroutes == 1
 
 
