@@ -16,6 +16,9 @@ A hop that refuses the step as overloaded (:class:`OverloadedError`, naming itse
 counts as busy and the session is rebuilt on a route around it where a replica exists. When the first hop refused
 (nothing ran) and no other route exists, the step is retried on the same sessions after a backoff; when a later hop
 refused, the earlier hops already ran the step, so the session is rebuilt (on the same nodes if need be) after it.
+A step that fails anyway (any error past the retries, e.g. a hop's CapacityError or MailboxFullError) may have run on
+the hops before the failing one: the session counts as stale and the next step rebuilds it first, so no cache is
+silently a step ahead.
 
 Spot checks (``ClientConfig.verify``): each hop of a step is checked with that probability by replaying the session
 on fresh sessions along a route avoiding its node (:func:`swarm.verification.check_chained_step`); a node outvoted
@@ -61,6 +64,8 @@ class ChainedSession:
         self._session_ids = [uuid.uuid4().hex for _ in hops]
         self._opened = [False] * len(hops)
         self._history: list[_Step] = []
+        self._stale = False
+        """A step failed after some hops may have run it: rebuild from the history before the next step."""
         self.length = 0
         self.compute_s: dict[str, float] = {}
         """Seconds of compute per node (peer id), over every step so far."""
@@ -113,37 +118,45 @@ class ChainedSession:
         if position_ids is None:
             position_ids = torch.arange(self.length, self.length + length).unsqueeze(0)
         step = _Step(inputs, _extras(attention_mask, position_ids.expand(inputs.shape[0], -1)), hook, carry)
-        retries, failed_at, recover = 0, None, None
-        while True:
-            t0 = time.perf_counter()
-            try:
-                if recover is not None:  # inside the try: a replay refused or cut off is retried like the step
-                    await recover()
-                    recover = None
-                outputs, result = await self._send(step, last_only, argmax)
-                break
-            except OverloadedError as e:
-                retries += 1
-                if retries > self.sequence.config.max_retries:
-                    raise
-                failed_at = failed_at or t0
-                recover = functools.partial(self._after_overload, e, retries)
-            except PeerUnreachableError as e:
-                retries += 1
-                if retries > self.sequence.config.max_retries:
-                    raise
-                failed_at = failed_at or t0
-                logger.warning("Chained inference step failed (%s); rebuilding the session on a new route", e)
-                recover = self._rebuild
-        if failed_at is not None:
-            self.sequence.stats.reroutes += 1
-            self.sequence.stats.reroute_s.append(time.perf_counter() - failed_at)
-        self._history.append(step)
-        self.length += length
-        if self.sequence.config.verify > 0:
-            outputs, result = await check_chained_step(self, outputs, result, last_only=last_only, argmax=argmax,
-                                                       checkable=checkable)
-        return outputs, result
+        retries, failed_at = 0, None
+        recover = self._renew if self._stale else None  # an earlier step failed midway: rebuild first
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    if recover is not None:  # inside the try: a replay refused or cut off is retried like the step
+                        await recover()
+                        recover = None
+                    outputs, result = await self._send(step, last_only, argmax)
+                    break
+                except OverloadedError as e:
+                    retries += 1
+                    if retries > self.sequence.config.max_retries:
+                        raise
+                    failed_at = failed_at or t0
+                    recover = functools.partial(self._after_overload, e, retries)
+                except PeerUnreachableError as e:
+                    retries += 1
+                    if retries > self.sequence.config.max_retries:
+                        raise
+                    failed_at = failed_at or t0
+                    logger.warning("Chained inference step failed (%s); rebuilding the session on a new route", e)
+                    recover = self._rebuild
+            if failed_at is not None:
+                self.sequence.stats.reroutes += 1
+                self.sequence.stats.reroute_s.append(time.perf_counter() - failed_at)
+            self._history.append(step)
+            self.length += length
+            if self.sequence.config.verify > 0:
+                outputs, result = await check_chained_step(self, outputs, result, last_only=last_only, argmax=argmax,
+                                                           checkable=checkable)
+            return outputs, result
+        except BaseException:
+            # Hops that ran this step (or a rebuild's replay, half done) hold it in their caches while the session
+            # does not count it: the next step rebuilds the session from its history before running.
+            self._stale = True
+            self._opened = [True] * len(self._hops)  # may be open: the rebuild closes them (closing is idempotent)
+            raise
 
     async def _send(self, step: _Step, last_only: bool, argmax: bool = False) -> tuple[torch.Tensor, bytes]:
         n = self.sequence.num_layers
@@ -202,6 +215,11 @@ class ChainedSession:
         self._opened = [False] * len(self._hops)
         for step in self._history:
             await self._send(step, last_only=True)
+        self._stale = False
+
+    async def _renew(self) -> None:
+        """Rebuild the stale session (fresh sessions, history replayed) on the route the client would pick now."""
+        await self._rebuild(await self.sequence.route(self.start, self.end, embed=self.embed, head=self.head))
 
     async def close(self) -> None:
         """Free the caches on the nodes (best effort: they also expire when idle)."""

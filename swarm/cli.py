@@ -221,8 +221,8 @@ def _serve(args, cache_dir: Path | None) -> int:
 def _startup_checks(args) -> StopSignals:
     """Every check that can fail before heavy work, cheapest first; installs the stop-signal handlers on the way
     (after the instant checks, before the slow ones) and returns them."""
-    from .startup_checks import (StartupError, check_device, check_initial_peers, check_model_dir, check_port_free,
-                                 looks_like_path)
+    from .startup_checks import (StartupError, check_device, check_initial_peers, check_mailbox, check_model_dir,
+                                 check_port_free, looks_like_path)
     for flag, value in (("--max-queued-compute", args.max_queued_compute),
                         ("--max-client-queued-compute", args.max_client_queued_compute),
                         ("--max-client-sessions", args.max_client_sessions)):
@@ -230,6 +230,7 @@ def _startup_checks(args) -> StopSignals:
             raise StartupError(f"{flag} must be at least 1 (got {value}); a node that may queue no work refuses "
                                "every request." if "queued" in flag else f"{flag} must be at least 1 (got "
                                f"{value}); a node that admits no session serves no generation.")
+    check_mailbox(args.max_mailbox_bytes, args.max_client_mailbox_bytes, args.mailbox_hold_s)
     if not args.new_swarm and not args.initial_peers:
         raise StartupError("Give --initial-peers of a running swarm (the address its first node printed), or "
                            "--new-swarm to start one.")

@@ -11,7 +11,10 @@ for a client that cannot be dialled (NAT, ``client_mode``) and its bytes cross t
 
 Why a mailbox rather than a push: the collect stream and the answer may arrive in either order; the mailbox holds
 whichever comes first. Only the peer named in ``reply_to`` may collect (the collect stream's authenticated caller
-must be that peer), and only with the request id the answer was computed for.
+must be that peer), and only with the request id the answer was computed for; ``reply_to`` must name the client the
+request is from. The mailbox is bounded in bytes (in all and per client: ``--max-mailbox-bytes``,
+``--max-client-mailbox-bytes``), in entries and in time (``--mailbox-hold-s``); an answer that does not fit is refused
+with :class:`~swarm.errors.MailboxFullError`, which reaches the client as that type.
 
 The answer must carry what the relay used to add on its way back (each hop's ``compute_s``, its commitment, the
 node → node bytes): each chained hop passes them *forward* in ``meta['upstream']`` and the last hop merges them into
@@ -31,8 +34,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from .commitments import parse as parse_commitments
-from .errors import BadRequestError, OverloadedError, PeerBusyError
+from .commitments import parse as parse_commitments, request_id_of
+from .errors import BadRequestError, MailboxFullError, OverloadedError, PeerBusyError
 from .wire import MAX_STRIPES
 
 logger = logging.getLogger(__name__)
@@ -56,35 +59,70 @@ class Mailbox:
     """Answers waiting for their collectors, and collectors waiting for their answer, by ``(peer, request_id)``.
 
     The client may read one answer striped over several collect streams (``index`` of ``count``,
-    :func:`swarm.wire.stripe`); the answer is kept until each has taken it, or for ``hold_s``."""
+    :func:`swarm.wire.stripe`); the answer is kept until each has taken it, or for ``hold_s``.
+
+    Bounded before anything is held, against clients that send answers nobody collects or open collect streams
+    for answers that never come: answer bytes in all (``max_bytes``) and per peer (``max_peer_bytes``), answers
+    and collectors waiting per peer (``max_per_peer``) and in all (``max_slots``). An answer past a bound is refused
+    with :class:`MailboxFullError`, which travels back along the chain to the client as that type (not relayed in
+    silence: the client learns why its answer took the slow path, or sets ``direct_reply=False`` itself); a collector
+    past one with :class:`OverloadedError`. A collector waits at most its ``timeout_s``, an answer ``hold_s``."""
 
     max_bytes: int = 1 << 30
-    """Most answer bytes held at once; past it an answer is relayed through the chain instead."""
+    """Most answer bytes held at once (``--max-mailbox-bytes``)."""
+    max_peer_bytes: int = 256 << 20
+    """Most answer bytes held at once for one peer (``--max-client-mailbox-bytes``)."""
     hold_s: float = 30.0
-    """An answer not fully collected is dropped after this long."""
-    max_waiting_per_peer: int = 16
-    """Most answers one peer may be waiting for here at once."""
+    """An answer not fully collected is dropped after this long (``--mailbox-hold-s``)."""
+    max_per_peer: int = 16
+    """Most answers (held, or awaited by a collector) one peer may have here at once."""
+    max_slots: int = 4096
+    """Most answers (held or awaited) for all peers together: peer ids are free to mint."""
     _slots: dict[tuple[str, str], _Slot] = field(default_factory=dict)
+    _peers: dict[str, list[int]] = field(default_factory=dict)
+    """Peer -> [slots, bytes held]."""
     held_bytes: int = 0
 
-    def deliver(self, peer: str, request_id: str, messages: list, nbytes: int) -> bool:
-        """Hand an answer's ``messages`` to ``peer``'s collectors of ``request_id`` (now, or when they come).
-        Returns False when it cannot be held (the caller then relays the answer)."""
+    def room_for(self, peer: str, nbytes: int) -> None:
+        """Refuse early (before the answer is encoded) an answer of at least ``nbytes`` for ``peer`` that cannot fit.
+
+        Raises:
+            MailboxFullError: ``nbytes`` does not fit next to the answers held now.
+        """
+        error = self._no_room(peer, nbytes, (peer, None))
+        if error is not None:
+            raise error
+
+    def deliver(self, peer: str, request_id: str, messages: list, nbytes: int) -> None:
+        """Hand an answer's ``messages`` (``nbytes`` in all) to ``peer``'s collectors of ``request_id``, now or when
+        they come.
+
+        Raises:
+            BadRequestError: ``request_id`` was answered here already (a request id names one request).
+            MailboxFullError: the answer does not fit (see the class); collectors already waiting for it get the
+                same error at once (never a wait until their timeout).
+        """
         key = (peer, request_id)
         slot = self._slots.get(key)
         if slot is not None and slot.future.done():
-            return False  # answered twice: keep the first
-        if self.held_bytes + nbytes > self.max_bytes:
-            logger.warning("Mailbox full (%d bytes held); relaying the answer to %s instead", self.held_bytes, peer)
-            return False
+            raise BadRequestError(f"Request {request_id!r} was answered on this node already; a request id names one "
+                                  f"request.")
+        error = self._no_room(peer, nbytes, key)
+        if error is not None:
+            if slot is not None:
+                self._forget(key, slot)
+                slot.future.set_exception(error)
+                slot.future.exception()  # retrieved: no "never retrieved" log when nobody waits any more
+            logger.warning("Refused a direct answer of %d bytes to %s: %s", nbytes, peer, error)
+            raise error
         loop = asyncio.get_running_loop()
         if slot is None:
-            slot = self._slots[key] = _Slot(loop.create_future())
+            slot = self._open(key)
         slot.future.set_result(messages)
         slot.nbytes = nbytes
         self.held_bytes += nbytes
+        self._peers[peer][1] += nbytes
         slot.expiry = loop.call_later(self.hold_s, self._drop, key, slot)
-        return True
 
     async def collect(self, peer: str, request_id: str, index: int, count: int, timeout_s: float) -> list:
         """The answer's messages for ``peer``'s ``request_id`` (collect stream ``index`` of ``count``), waiting up
@@ -92,7 +130,8 @@ class Mailbox:
 
         Raises:
             BadRequestError: no request id, or a second collector of the same stripe.
-            OverloadedError: ``peer`` already waits for :attr:`max_waiting_per_peer` answers here.
+            OverloadedError: ``peer`` already has :attr:`max_per_peer` answers here, or all peers :attr:`max_slots`.
+            MailboxFullError: the answer came but could not be held.
             PeerBusyError: no answer within ``timeout_s``.
         """
         if not request_id:
@@ -100,11 +139,14 @@ class Mailbox:
         key = (peer, request_id)
         slot = self._slots.get(key)
         if slot is None:
-            waiting = sum(1 for (p, _) in self._slots if p == peer)
-            if waiting >= self.max_waiting_per_peer:
-                raise OverloadedError(f"This client already waits for {waiting} answers on this node (at most "
-                                      f"{self.max_waiting_per_peer}); collect those first.")
-            slot = self._slots[key] = _Slot(asyncio.get_running_loop().create_future(), count)
+            waiting = self._peers.get(peer, [0, 0])[0]
+            if waiting >= self.max_per_peer:
+                raise OverloadedError(f"This client already has {waiting} answers waiting or awaited on this node (at "
+                                      f"most {self.max_per_peer}); collect those first.")
+            if len(self._slots) >= self.max_slots:
+                raise OverloadedError(f"This node already holds {len(self._slots)} answers waiting or awaited (at most "
+                                      f"{self.max_slots}); retry later.")
+            slot = self._open(key, count)
         if slot.count is None:
             slot.count = count
         if index in slot.served or count != slot.count:
@@ -125,10 +167,40 @@ class Mailbox:
             self._forget(key, slot)
         return messages
 
+    def _no_room(self, peer: str, nbytes: int, key) -> MailboxFullError | None:
+        slots, peer_bytes = self._peers.get(peer, [0, 0])
+        if nbytes > min(self.max_bytes, self.max_peer_bytes):
+            why = (f"an answer of {nbytes} bytes is larger than this node's mailbox ({self.max_bytes} bytes, "
+                   f"--max-mailbox-bytes; {self.max_peer_bytes} per client, --max-client-mailbox-bytes)")
+        elif self.held_bytes + nbytes > self.max_bytes:
+            why = (f"this node's mailbox holds {self.held_bytes} of its {self.max_bytes} bytes (--max-mailbox-bytes) "
+                   f"in answers not yet collected, and this answer needs {nbytes}")
+        elif peer_bytes + nbytes > self.max_peer_bytes:
+            why = (f"this client's answers not yet collected hold {peer_bytes} of its {self.max_peer_bytes} bytes "
+                   f"here (--max-client-mailbox-bytes), and this answer needs {nbytes}; collect them first")
+        elif key not in self._slots and (slots >= self.max_per_peer or len(self._slots) >= self.max_slots):
+            why = (f"this client has {slots} answers waiting here (at most {self.max_per_peer}), or all clients "
+                   f"{len(self._slots)} (at most {self.max_slots})")
+        else:
+            return None
+        return MailboxFullError(f"Cannot hold the direct answer: {why}. Retry later, ask for fewer outputs "
+                                f"(return_outputs='last'), or relay answers through the chain "
+                                f"(ClientConfig(direct_reply=False)).")
+
+    def _open(self, key, count: int | None = None) -> _Slot:
+        slot = self._slots[key] = _Slot(asyncio.get_running_loop().create_future(), count)
+        self._peers.setdefault(key[0], [0, 0])[0] += 1
+        return slot
+
     def _forget(self, key, slot: _Slot) -> None:
         if self._slots.get(key) is slot:
             del self._slots[key]
             self.held_bytes -= slot.nbytes
+            peer = self._peers[key[0]]
+            peer[0] -= 1
+            peer[1] -= slot.nbytes
+            if peer[0] == 0:
+                del self._peers[key[0]]
             if slot.expiry is not None:
                 slot.expiry.cancel()
 
@@ -147,14 +219,26 @@ def stripe_of(meta: dict) -> tuple[int, int]:
     return index, count
 
 
-def reply_to_of(meta: dict) -> str | None:
-    """The peer id a chained forward's answer goes to (None: relay it). Raises BadRequestError when malformed."""
+def reply_to_of(meta: dict, client: str) -> str | None:
+    """The peer id a chained forward's answer goes to (None: relay it), checked before any work: it must be the
+    client the request is from (``client``, :func:`swarm.quotas.client_identity`: the caller, or the first origin a
+    chain names), so nobody can park answers under another peer's share of the mailbox, and it needs a request id
+    (the collect stream's key).
+
+    Raises:
+        BadRequestError: malformed, not the request's client, or without ``meta['request_id']``.
+    """
     value = meta.get("reply_to")
     if value is None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_ID_CHARS:
         raise BadRequestError(f"meta['reply_to'] must be a peer id (a string of at most {MAX_PEER_ID_CHARS} "
                               f"characters).")
+    if value != client.split("<", 1)[0]:
+        raise BadRequestError("meta['reply_to'] must be the peer id of the client that sends the request (it collects "
+                              "the answer itself).")
+    if not request_id_of(meta):
+        raise BadRequestError("meta['reply_to'] needs meta['request_id'] (the collect stream asks for the answer by it).")
     return value
 
 

@@ -93,6 +93,14 @@ class OverloadedError(CapacityError):
         return {**super().to_wire(), **({"peer_id": self.peer_id} if self.peer_id else {})}
 
 
+class MailboxFullError(CapacityError):
+    """The last node of a chain cannot hold a direct answer for the client's collect stream (:mod:`swarm.direct_reply`):
+    its mailbox is full (answers not yet collected), or the answer alone is larger than the mailbox. Retry later, ask
+    for fewer outputs, or relay the answer through the chain (``ClientConfig(direct_reply=False)``)."""
+
+    code = "mailbox_full"
+
+
 class MissingBlocksError(SwarmError):
     """No online node serves some blocks of the model."""
 

@@ -12,6 +12,11 @@ does so before doing any work, and is not dead: it counts as busy, and the hop m
 (its session there closed). With no replica to go to, an overloaded node is retried, session kept, after a backoff
 (:meth:`RemoteSequence.overload_backoff`); a full node's CapacityError is raised.
 
+The recovery (re-route and replay) runs inside the step's retry loop: a replay refused or cut off is noted against
+its own node and retried within ``max_retries`` like the step, never raised past it. A step that fails anyway leaves
+the hops that ran it (and the one it failed on) stale: their nodes' caches hold a step the session does not count,
+so the next step rebuilds them from their history first (exact, never a silently shifted cache).
+
 Spot checks (``ClientConfig.verify``): a drawn step of a hop is recomputed statelessly on another route (the hop's
 history and the step in one forward) and compared (:func:`swarm.verification.spot_check_step`). A node outvoted
 there is replaced like a dead one when all its earlier steps were checked; otherwise ResultMismatchError (its
@@ -20,6 +25,7 @@ unchecked answers may already sit in later hops' caches).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -48,6 +54,17 @@ class _HopState:
     opened: bool = False
     unchecked: int = 0
     """Steps of this hop no spot check covered (``ClientConfig.verify``): its node's answers to them are unverified."""
+    stale: bool = False
+    """A step that failed after this hop ran it (or while it ran) left the node's cache ahead of ``history``: rebuild
+    before the next step."""
+
+
+class _NoReplica(Exception):
+    """A refusing node (full, not overloaded) has no replica to move to: its ``error`` is raised, not retried."""
+
+    def __init__(self, error: CapacityError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class InferenceSession:
@@ -90,42 +107,66 @@ class InferenceSession:
             position_ids = torch.arange(self.length, self.length + length).unsqueeze(0)
         position_ids = position_ids.expand(inputs.shape[0], -1)
         extras = _extras(attention_mask, position_ids)
-        x, i, retries, failed_at = inputs, 0, 0, None
-        while i < len(self._hops):
-            state = self._hops[i]
-            t0 = time.perf_counter()
-            try:
-                out = await self._send(state, x, extras)
-            except (PeerUnreachableError, CapacityError) as e:
-                retries += 1
-                if retries > self.sequence.config.max_retries:
-                    raise
-                failed_at = failed_at or t0
-                if isinstance(e, CapacityError):  # full or overloaded: busy, not dead
-                    self.sequence.mark_busy(state.hop.peer_id)
-                    await self._after_refusal(i, attention_mask, e, retries)
+        x, i, retries, failed_at, recover = inputs, 0, 0, None, None
+        try:
+            while i < len(self._hops):
+                if recover is None and self._hops[i].stale:  # an earlier step failed after this hop ran it
+                    recover = functools.partial(self._renew, i, attention_mask)
+                t0 = time.perf_counter()
+                try:
+                    if recover is not None:  # inside the try: a replay refused or cut off is retried like the step
+                        await recover()
+                        recover = None
+                    state = self._hops[i]
+                    out = await self._send(state, x, extras)
+                except _NoReplica as e:
+                    raise e.error from None
+                except (PeerUnreachableError, CapacityError) as e:
+                    retries += 1
+                    if retries > self.sequence.config.max_retries:
+                        raise
+                    failed_at = failed_at or t0
+                    if recover is None:  # the step failed on hop i's node (a failed replay noted its own node)
+                        self._note(self._hops[i].hop.peer_id, e)
+                    if isinstance(e, CapacityError):  # full or overloaded: busy, not dead
+                        recover = functools.partial(self._after_refusal, i, attention_mask, e, retries)
+                    else:
+                        logger.warning("%s; rebuilding layers %d:%d elsewhere", e, self._hops[i].hop.start,
+                                       self._hops[i].hop.end)
+                        recover = functools.partial(self._replace, i, attention_mask)
                     continue
-                self.sequence.note_failure(state.hop.peer_id, e)  # slow: busy; dead: excluded
-                logger.warning("%s; rebuilding layers %d:%d elsewhere", e, state.hop.start, state.hop.end)
-                await self._replace(i, attention_mask)
-                continue
-            if should_check(self.sequence.config.verify):
-                out, outvoted = await self._check(state, x, out, extras, attention_mask, position_ids)
-                if outvoted:  # the node is excluded now: rebuild the hop elsewhere from its history, resend the step
-                    await self._replace(i, attention_mask)
-                    await self._close_state(state)
-                    continue
-            else:
-                state.unchecked += 1
-            state.history.append(x)
-            x = out
-            i += 1
+                if should_check(self.sequence.config.verify):
+                    out, outvoted = await self._check(state, x, out, extras, attention_mask, position_ids)
+                    if outvoted:  # the node is excluded now: rebuild the hop elsewhere from its history, resend
+                        recover = functools.partial(self._move, i, attention_mask)
+                        continue
+                else:
+                    state.unchecked += 1
+                state.history.append(x)
+                x = out
+                i += 1
+        except BaseException:
+            # Hops before ``i`` ran this step and hop ``i`` may have: their caches hold a step the session does not
+            # count. The next step rebuilds them from their history (without this step) before using them.
+            for state in self._hops[:i]:
+                state.history.pop()
+                state.stale = True
+            if i < len(self._hops):
+                self._hops[i].stale = True
+            raise
         if failed_at is not None:
             self.sequence.stats.reroutes += 1
             self.sequence.stats.reroute_s.append(time.perf_counter() - failed_at)
         self._positions.append(position_ids)
         self.length += length
         return x
+
+    def _note(self, peer_id: str, error: PeerUnreachableError | CapacityError) -> None:
+        """``peer_id`` failed a step or a replay: full or overloaded counts as busy; slow as busy; dead as excluded."""
+        if isinstance(error, CapacityError):
+            self.sequence.mark_busy(peer_id)
+        else:
+            self.sequence.note_failure(peer_id, error)
 
     async def _check(self, state: _HopState, x: torch.Tensor, out: torch.Tensor, extras: dict,
                      attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -169,14 +210,24 @@ class InferenceSession:
         hops = await self.sequence.route(old.hop.start, old.hop.end, embed=old.embed, head=old.head)
         if [(h.peer_id, h.start, h.end) for h in hops] == [(old.hop.peer_id, old.hop.start, old.hop.end)]:
             if not isinstance(error, OverloadedError):
-                raise error
+                raise _NoReplica(error)
             logger.info("%s; no idle replica for layers %d:%d, retrying after a backoff", error, old.hop.start,
                         old.hop.end)
             await self.sequence.overload_backoff(error, old.hop.peer_id, retries)
             return
         logger.warning("%s; moving layers %d:%d to a replica", error, old.hop.start, old.hop.end)
+        await self._move(index, attention_mask, hops)
+
+    async def _move(self, index: int, attention_mask: torch.Tensor | None, hops: list[Hop] | None = None) -> None:
+        """:meth:`_replace` hop ``index``, then close its session on the old node (alive: refused or outvoted)."""
+        old = self._hops[index]
         await self._replace(index, attention_mask, hops)
         await self._close_state(old)
+
+    async def _renew(self, index: int, attention_mask: torch.Tensor | None) -> None:
+        """Rebuild a stale hop (a failed step left its node's cache holding that step) from its history, on the route
+        the client would pick now (usually the same node; never an excluded one)."""
+        await self._move(index, attention_mask)
 
     async def _replace(self, index: int, attention_mask: torch.Tensor | None, hops: list[Hop] | None = None) -> None:
         """Reroute hop ``index``'s layers (onto ``hops`` if given) and replay its history through the new hops."""
@@ -190,8 +241,14 @@ class InferenceSession:
             extras = _extras(past_mask, torch.cat(self._positions, dim=1))
             chunks = [h.shape[1] for h in old.history]
             x = torch.cat(old.history, dim=1)
-            for state in new:
-                out = await self._send(state, x, extras, chunks=chunks)
+            for k, state in enumerate(new):
+                try:
+                    out = await self._send(state, x, extras, chunks=chunks)
+                except (PeerUnreachableError, CapacityError) as e:  # the step's retry loop tries again
+                    self._note(state.hop.peer_id, e)
+                    for opened in new[:k]:
+                        await self._close_state(opened)
+                    raise
                 state.history.extend(x.split(chunks, dim=1))
                 x = out
         self._hops[index:index + 1] = new
@@ -205,7 +262,7 @@ class InferenceSession:
             await self._close_state(state)
 
     async def _close_state(self, state: _HopState) -> None:
-        if state.opened:
+        if state.opened and state.hop.peer_id not in self.sequence.excluded():  # a dead node's cache expires
             try:
                 await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {}, {"session_id": state.session_id,
                            "close": True}, timeout_s=self.sequence.config.ping_timeout_s)

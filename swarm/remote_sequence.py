@@ -427,7 +427,7 @@ class RemoteSequence(PeerHealth):
                 out, reply = await chain  # the chain's error, typed, wins over the collect stream's
                 if reply.get("direct"):
                     out, reply = await collect
-                else:  # relayed: requests with gradients, or a node that could not hold the answer
+                else:  # relayed: requests with gradients (their backward runs on the way back)
                     return out, {**reply, "direct": False}
             return out, {**reply, "direct": True}
         finally:
@@ -457,41 +457,50 @@ class RemoteSequence(PeerHealth):
         extras = _extras(attention_mask, position_ids)
         grad = grad_outputs
         for hop, x in reversed(trail):
+            rerouted = False
             for attempt in range(self.config.max_retries + 1):
                 try:
-                    out, _ = await call(self.p2p, hop.peer_id, BACKWARD,
-                                        {"inputs": x, "grad_outputs": grad, **extras},
-                                        {"start": hop.start, "end": hop.end},
-                                        timeout_s=self.config.request_timeout_s,
-                                    **self._call_options)
-                    grad = out["outputs"]
+                    if rerouted:  # inside the try: a reroute refused or cut off is retried like the call itself
+                        grad_in = await self._backward_rerouted(hop, x, grad, extras)
+                    else:
+                        out, _ = await call(self.p2p, hop.peer_id, BACKWARD,
+                                            {"inputs": x, "grad_outputs": grad, **extras},
+                                            {"start": hop.start, "end": hop.end},
+                                            timeout_s=self.config.request_timeout_s, **self._call_options)
+                        grad_in = out["outputs"]
                     break
                 except (PeerUnreachableError, OverloadedError) as e:
                     if attempt == self.config.max_retries:
                         raise
-                    self.note_failure(hop.peer_id, e)
+                    if not rerouted:  # a failed reroute noted its own node
+                        self.note_failure(hop.peer_id, e)
                     if isinstance(e, OverloadedError):
                         await asyncio.sleep(min(self.config.overload_backoff_s * 2 ** attempt, 4.0))
-                    grad = await self._backward_rerouted(hop, x, grad, extras)
-                    break
+                    rerouted = True
+            grad = grad_in
         return grad
 
     async def _backward_rerouted(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, extras: dict) -> torch.Tensor:
-        """Backward through ``hop``'s layers on other nodes: re-run their forward to get each sub-hop's input."""
+        """Backward through ``hop``'s layers on other nodes: re-run their forward to get each sub-hop's input. A node
+        that fails here is noted (excluded or busy) before the error is raised, so a retry routes around it."""
         self.stats.reroutes += 1
         sub = await self.route(hop.start, hop.end)
+
+        async def run(h: Hop, handle: str, tensors: dict) -> torch.Tensor:
+            try:
+                out, _ = await call(self.p2p, h.peer_id, handle, {**tensors, **extras},
+                                    {"start": h.start, "end": h.end}, timeout_s=self.config.request_timeout_s,
+                                    **self._call_options)
+            except (PeerUnreachableError, OverloadedError) as e:
+                self.note_failure(h.peer_id, e)
+                raise
+            return out["outputs"]
         inputs = []
         for h in sub:
             inputs.append(x)
-            out, _ = await call(self.p2p, h.peer_id, FORWARD, {"inputs": x, **extras}, {"start": h.start, "end": h.end},
-                                timeout_s=self.config.request_timeout_s,
-                                    **self._call_options)
-            x = out["outputs"]
+            x = await run(h, FORWARD, {"inputs": x})
         for h, xi in zip(reversed(sub), reversed(inputs)):
-            out, _ = await call(self.p2p, h.peer_id, BACKWARD, {"inputs": xi, "grad_outputs": grad, **extras},
-                                {"start": h.start, "end": h.end}, timeout_s=self.config.request_timeout_s,
-                                    **self._call_options)
-            grad = out["outputs"]
+            grad = await run(h, BACKWARD, {"inputs": xi, "grad_outputs": grad})
         return grad
 
 

@@ -108,6 +108,14 @@ class ServerLimits:
     max_client_queued_compute: int = 4
     """Most requests of one client running or queued on this node; more are refused with OverloadedError, so one
     client cannot fill the whole compute queue and others are still admitted."""
+    max_mailbox_bytes: int = 1 << 30
+    """Most bytes of direct answers (swarm.direct_reply) this node holds at once for clients to collect; an answer that
+    does not fit is refused with MailboxFullError (the client may retry, or relay it with direct_reply=False)."""
+    max_client_mailbox_bytes: int = 256 << 20
+    """Most bytes of direct answers this node holds at once for one client; more are refused with MailboxFullError,
+    so one client that never collects cannot take the whole mailbox."""
+    mailbox_hold_s: float = 30.0
+    """A direct answer not collected within this long is dropped (its bytes freed)."""
 
 
 class SpanServer:
@@ -144,7 +152,8 @@ class SpanServer:
         self._weights = weight_storages(model)
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
-        self.mailbox = Mailbox(max_bytes=limits.max_request_bytes, hold_s=limits.linger_s)
+        self.mailbox = Mailbox(max_bytes=limits.max_mailbox_bytes, max_peer_bytes=limits.max_client_mailbox_bytes,
+                               hold_s=limits.mailbox_hold_s)
         """Answers of chained forwards waiting for the client's collect stream (swarm.direct_reply)."""
         self.stripes = StripeBoard(wait_s=limits.chain_timeout_s)
         """The extra streams of striped requests, waiting for their first stream's reader (swarm.stripes)."""
@@ -177,7 +186,8 @@ class SpanServer:
 
     async def _info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return runtime_pb2.ExpertResponse(metadata=msgpack.packb({**self.info, "load": self.load,
-                                                                  "computing": self.computing}))
+                                                                  "computing": self.computing,
+                                                                  "mailbox_bytes": self.mailbox.held_bytes}))
 
     def _framed(self, handler):
         async def serve(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
@@ -310,7 +320,7 @@ class SpanServer:
 
     async def _forward(self, tensors, meta, client: str, received: int = 0):
         chain = parse_chain(meta.get("next", []), self.limits.max_chain)
-        reply_to = reply_to_of(meta)
+        reply_to = reply_to_of(meta, client)
         keep_outputs = meta.get("return_outputs", True)
         if not isinstance(keep_outputs, bool) and keep_outputs != "last":
             raise BadRequestError("meta['return_outputs'] must be a boolean or \"last\" (the last position only).")
@@ -353,12 +363,17 @@ class SpanServer:
 
     async def _deliver(self, reply_to: str, request_id: str, reply, client: str):
         """Put the answer in the mailbox for ``reply_to``'s collect stream and answer the caller with an
-        acknowledgement; relay the answer instead when the mailbox cannot hold it."""
+        acknowledgement.
+
+        Raises:
+            MailboxFullError: the mailbox cannot hold the answer (checked on its tensor bytes before encoding it, and
+                on its encoded size after); the error travels back along the chain to the client.
+        """
         tensors, meta = reply
+        self.mailbox.room_for(reply_to, sum(t.numel() * t.element_size() for t in tensors))
         messages = await self._compute(lambda: list(encode_frame(tensors, meta, runtime_pb2.ExpertResponse)), client)
-        if self.mailbox.deliver(reply_to, request_id, messages, sum(m.ByteSize() for m in messages)):
-            return [], {"names": [], "direct": True}
-        return reply
+        self.mailbox.deliver(reply_to, request_id, messages, sum(m.ByteSize() for m in messages))
+        return [], {"names": [], "direct": True}
 
     async def _pass_on(self, handle: str, peer: str, output: torch.Tensor, hook_result: bytes | None,
                        onward_meta: dict, request: SpanRequest, tensors, meta: dict, stats: dict):
@@ -410,7 +425,7 @@ class SpanServer:
         if meta.get("close"):
             self.sessions.close(session_id)
             return [], {"names": [], "closed": True}
-        reply_to, request_id = reply_to_of(meta), request_id_of(meta)  # swarm.direct_reply, as in _forward
+        reply_to, request_id = reply_to_of(meta, client), request_id_of(meta)  # swarm.direct_reply, as in _forward
         session = self.sessions.sessions.get(session_id)
         step = session.steps if session is not None else 0
         request = await self._parsed(tensors, meta, client, step=step,
@@ -508,7 +523,11 @@ class SpanServer:
                 output = output[:, -1:].float().argmax(-1)
             reply = self._reply(output[:, -1:] if last_only else output, result, {"length": session.length, **stats})
             if reply_to is not None:  # straight to the client's collect stream (swarm.direct_reply)
-                reply = await self._deliver(reply_to, request_id, reply, client)
+                try:
+                    reply = await self._deliver(reply_to, request_id, reply, client)
+                except BaseException:  # the step grew the cache but its answer is lost: never reuse the session
+                    self.sessions.close(session_id)
+                    raise
             return reply
         hop, rest = chain[0], chain[1:]
         onward_meta = {"session_id": hop["session_id"], "start": hop["start"], "end": hop["end"], "embed": False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -163,3 +164,15 @@ def check_device(device: str) -> None:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise StartupError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible "
                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+
+
+def check_mailbox(max_mailbox_bytes: int, max_client_mailbox_bytes: int, mailbox_hold_s: float) -> None:
+    """The direct-answer mailbox (:mod:`swarm.direct_reply`) must be able to hold something, for a finite time."""
+    for flag, value in (("--max-mailbox-bytes", max_mailbox_bytes),
+                        ("--max-client-mailbox-bytes", max_client_mailbox_bytes)):
+        if value < 1:
+            raise StartupError(f"{flag} must be at least 1 (got {value}); a node whose mailbox holds nothing refuses "
+                               "every direct answer (the defaults are 1073741824 in all, 268435456 per client).")
+    if not (math.isfinite(mailbox_hold_s) and mailbox_hold_s > 0):
+        raise StartupError(f"--mailbox-hold-s must be a positive number of seconds (got {mailbox_hold_s}); an answer "
+                           "not collected within it is dropped (the default is 30).")

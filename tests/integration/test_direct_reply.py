@@ -8,11 +8,12 @@ states' size); direct, only the two forward frames, and the client's link carrie
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from swarm.model import SwarmModel
 from swarm.remote_sequence import ClientConfig
-from tests.integration.conftest import local_model
+from tests.integration.conftest import local_model, start_split
 
 
 def test_the_answer_of_a_chained_forward_comes_straight_from_the_last_node(smollm2_dir, smollm2_swarm):
@@ -84,3 +85,29 @@ def test_a_chained_generation_step_answers_straight_from_the_last_node(smollm2_d
     finally:
         for client in clients.values():
             client.close()
+
+
+def test_an_answer_too_large_for_the_mailbox_is_refused_typed_and_the_node_keeps_serving(
+        tiny_checkpoint_factory, swarm_factory, client_factory):
+    """``--max-mailbox-bytes``: a direct answer the node cannot hold reaches the client as MailboxFullError, never
+    relayed or dropped in silence; the next request that fits is answered directly and equals the local model; no
+    bytes stay held (the node's info RPC reports them). One node: its mailbox is the one a chain's last node uses
+    (the chained session's rebuild after such a refusal: tests/unit/test_chained_session_stale.py)."""
+    from swarm.errors import MailboxFullError
+    from swarm.transport import ping
+
+    path = tiny_checkpoint_factory("llama", num_layers=2)
+    swarm = start_split(swarm_factory(), path, [(0, 2)], "--max-mailbox-bytes", "16384")
+    client = client_factory(path, swarm)
+    ref = local_model(path)
+    seq = client.sequence
+    big = torch.randint(3, 128, (4, 32))  # (4, 32, 64) fp32 hidden states: 32 KiB, twice the mailbox
+    with pytest.raises(MailboxFullError, match=r"larger than this node's mailbox \(16384 bytes, --max-mailbox-bytes"):
+        client.loop.run(seq.forward_chain(client.local(big, start=0, end=0, embed=True)))
+    small = big[:1, :8]  # 2 KiB: fits
+    with torch.no_grad():
+        want = ref(small, output_hidden_states=True).hidden_states[-1]
+    out, _, route, reply = client.loop.run(seq.forward_chain(client.local(small, start=0, end=0, embed=True)))
+    assert reply["direct"] and (ref.model.norm(out) - want).abs().max().item() <= 1e-5
+    _, info = client.loop.run(ping(seq.p2p, route[-1].peer_id))
+    assert info["mailbox_bytes"] == 0

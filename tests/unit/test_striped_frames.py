@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from swarm.direct_reply import Mailbox
-from swarm.errors import BadRequestError, PayloadTooLargeError, PeerBusyError
+from swarm.errors import BadRequestError, MailboxFullError, PayloadTooLargeError, PeerBusyError
 from swarm.wire import CHUNK_BYTES, MAX_STRIPES, encode_frame, read_frame, stripe, stripe_count, stripe_header
 
 
@@ -63,21 +63,23 @@ def test_mailbox_pairs_answers_and_collectors_in_either_order():
         # collectors first (the usual order: the client opens them when it sends the request)
         waiting = [asyncio.ensure_future(box.collect("client", "r1", i, 2, 5)) for i in range(2)]
         await asyncio.sleep(0)
-        assert box.deliver("client", "r1", ["answer"], 6)
+        box.deliver("client", "r1", ["answer"], 6)
         assert [await w for w in waiting] == [["answer"], ["answer"]]
         assert box.held_bytes == 0 and not box._slots  # collected by both: forgotten
         # the answer first: held until its collectors come
-        assert box.deliver("client", "r2", ["later"], 5) and box.held_bytes == 5
+        box.deliver("client", "r2", ["later"], 5)
+        assert box.held_bytes == 5
         assert await box.collect("client", "r2", 0, 1, 5) == ["later"]
         assert box.held_bytes == 0
         # only the peer the answer names gets it; a second collector of one stripe is refused
-        assert box.deliver("client", "r3", ["mine"], 4)
+        box.deliver("client", "r3", ["mine"], 4)
         with pytest.raises(PeerBusyError):
             await box.collect("someone-else", "r3", 0, 1, 0.05)
         first = await box.collect("client", "r3", 0, 2, 5)
         with pytest.raises(BadRequestError):
             await box.collect("client", "r3", 0, 2, 5)
         assert first == ["mine"]
-        # a full mailbox refuses to hold (the node then relays the answer)
-        assert not Mailbox(max_bytes=3).deliver("client", "r4", ["big"], 4)
+        # a full mailbox refuses to hold, typed (tests/unit/test_mailbox_limits.py)
+        with pytest.raises(MailboxFullError):
+            Mailbox(max_bytes=3).deliver("client", "r4", ["big"], 4)
     asyncio.run(run())
