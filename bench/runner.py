@@ -266,6 +266,7 @@ async def measure_interleaved(harness: Harness, deployment: Deployment, measurem
 
     try:
         error = await _gather(open_one, range(len(measurements)))
+        broken: dict[int, DeploymentError] = {i: error for i in range(len(measurements)) if error is not None}
         total = max(m.warmup + m.n for m in measurements)
         for rep in range(total):
             order = list(range(len(measurements)))
@@ -273,14 +274,21 @@ async def measure_interleaved(harness: Harness, deployment: Deployment, measurem
                 m = measurements[i]
                 if rep >= m.warmup + m.n:
                     continue
-                if error is not None:
-                    emits[i](_partial(m, rep, {}, {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}))
+                if i in broken:  # its worker failed: the others go on, as separate measurements would
+                    failed = broken[i]
+                    emits[i](_partial(m, rep, {}, {"ok": False, "error": f"{type(failed).__name__}: {failed}"[:2000]}))
                     continue
                 worker, ready = opened[i]
                 meter = CpuMeter(deployment, worker)
                 meter.start()
-                await worker.go()
-                answer = await worker.read_event(timeout_s)
+                try:
+                    await worker.go()
+                    answer = await worker.read_event(timeout_s)
+                except (DeploymentError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    broken[i] = e if isinstance(e, DeploymentError) else DeploymentError(
+                        f"worker {worker.child.name} stopped taking work: {type(e).__name__}")
+                    emits[i](_partial(m, rep, {}, {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}))
+                    continue
                 emits[i](_partial(m, rep, ready, answer, **meter.stop()))
     finally:
         with trio.CancelScope(shield=True):
