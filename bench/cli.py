@@ -184,7 +184,7 @@ async def run_jobs(jobs: list[Job], run_dir: Path, config: dict, progress) -> in
     """Run every job; returns the number of records written."""
     from .deployments import deploy
     from .harness import open_harness
-    from .runner import measure
+    from .runner import interleavable, measure, measure_interleaved
     context = record_context(config)
     written = 0
     # One log directory per invocation: several invocations may append to one run (bench/paper_run.sh).
@@ -193,11 +193,8 @@ async def run_jobs(jobs: list[Job], run_dir: Path, config: dict, progress) -> in
             d = job.deployment
             progress.set_description(f"{d.kind} {job.model_name}: starting")
             async with deploy(harness, d) as deployment:
-                for m in job.measurements:
-                    progress.set_description(f"{m.workload} {m.placement} {job.model_name}"
-                                             + (f" x{m.users}" if m.users > 1 else ""))
-
-                    def emit(partial: dict, m=m) -> None:
+                def emitter(m):
+                    def emit(partial: dict) -> None:
                         nonlocal written
                         record = {"schema": SCHEMA, "run_id": run_dir.name, "workload": m.workload,
                                   "placement": m.placement, "model": job.model_name, "params": m.params,
@@ -209,8 +206,20 @@ async def run_jobs(jobs: list[Job], run_dir: Path, config: dict, progress) -> in
                             f.write(dump_record(record))
                         written += 1
                         progress.update(1)
+                    return emit
 
-                    await measure(harness, deployment, m, emit)
+                # placements of one workload on this deployment run interleaved (bench.runner.measure_interleaved)
+                groups: dict[str, list] = {}
+                for m in job.measurements:
+                    groups.setdefault(m.workload if interleavable(m) else f"{m.workload}/{m.placement}/{m.users}",
+                                      []).append(m)
+                for group in groups.values():
+                    progress.set_description(f"{group[0].workload} {'+'.join(m.placement for m in group)} "
+                                             f"{job.model_name}" + (f" x{group[0].users}" if group[0].users > 1 else ""))
+                    if len(group) > 1:
+                        await measure_interleaved(harness, deployment, group, [emitter(m) for m in group])
+                    else:
+                        await measure(harness, deployment, group[0], emitter(group[0]))
     return written
 
 

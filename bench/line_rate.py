@@ -8,10 +8,14 @@ the link alone needs: ``bytes / bandwidth`` plus one round trip (the request out
 
     python -m bench.line_rate --link 20MB/s,20ms --sizes 100KB,1MB,20MB,100MB --out results/line_rate.jsonl
 
-One JSON object per line: ``{"direction", "bytes", "seconds", "line_s", "ratio", "MBps", "link", "shaper_bytes"}``;
-``shaper_bytes`` is what the shaper counted on the link for that call (its counters, not a clock). Exits 1 when a
-frame of ``--check-bytes`` (default 20 MB), striped as the swarm sends it, took more than ``--max-ratio`` (default
-1.25) × its line time (``"check"``; the one-stream rows are the comparison, unchecked).
+One JSON object per call: ``{"direction", "bytes", "streams", "seconds", "line_s", "ratio", "MBps", "link",
+"shaper_bytes"}``; ``shaper_bytes`` is what the shaper counted on the link for that call (its counters, not a clock).
+Then one ``"summary"`` object per frame size and stream count (medians over ``--repeats``) with the CPU's own ceiling
+measured in the same run (``cpu_MBps``: frame bytes / the process CPU seconds one frame's encode + serialize + parse +
+decode took here, no network; the link cannot be driven faster than the two ends' CPU moves bytes), and a table of
+the ratios side by side on stderr. ``ratio ≤ 1.25`` is 80% of the link: the frame took at most 1.25 × what the link
+alone needs. Exits 1 when a frame of ``--check-bytes`` (default 20 MB), striped as the swarm sends it, took more than
+``--max-ratio`` (default 1.25) × its line time (``"check"``; the one-stream rows are the comparison, unchecked).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import itertools
 import json
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,6 +94,70 @@ async def _serve(p2p: P2P) -> None:
                                        stream_output=True)
 
 
+async def _one_frame(messages):
+    for message in messages:
+        yield message
+
+
+def cpu_ceiling_MBps(nbytes: int, repeats: int = 3) -> float:
+    """Frame bytes per CPU second of one frame's whole codec path in this process, no network: encode and serialize
+    each message (the sender), parse and decode them (the receiver); the median of ``repeats``. Both ends run on
+    this machine's cores, so the link cannot be driven faster than this."""
+    payload = torch.zeros(nbytes, dtype=torch.uint8)
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        wire = [m.SerializeToString() for m in encode_frame([payload], {"names": ["payload"]})]
+        parsed = []
+        for data in wire:
+            message = runtime_pb2.ExpertRequest()
+            message.ParseFromString(data)
+            parsed.append(message)
+        del wire
+        asyncio.run(read_frame(_one_frame(parsed)))
+        seconds.append(time.process_time() - t0)
+    return nbytes / max(statistics.median(seconds), 1e-6) / 1e6
+
+
+def summarize(rows: list[dict], link: LinkSpec, cpu: dict[int, float]) -> list[dict]:
+    """Median ratio per (bytes, streams, direction), one ``summary`` row per (bytes, streams)."""
+    out = []
+    for (size, k) in sorted({(r["bytes"], r["streams"]) for r in rows}):
+        row = {"summary": True, "bytes": size, "streams": k, "link": str(link),
+               "link_MBps": round(link.bandwidth_Bps / 1e6, 2), "cpu_MBps": round(cpu.get(size, 0.0), 1)}
+        for direction in ("up", "down"):
+            mine = [r for r in rows if (r["bytes"], r["streams"], r["direction"]) == (size, k, direction)]
+            if mine:
+                row[f"{direction}_ratio"] = round(statistics.median(r["ratio"] for r in mine), 3)
+                row[f"{direction}_MBps"] = round(statistics.median(r["MBps"] for r in mine), 2)
+        out.append(row)
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    """The summary as text: per frame size, up/down ratio per stream count, and the CPU's ceiling."""
+    counts = sorted({r["streams"] for r in summary})
+    head = f"{'frame':>10} " + " ".join(f"{f'up x{k}':>8} {f'down x{k}':>8}" for k in counts) + \
+        f" {'link MB/s':>10} {'CPU MB/s':>9}"
+    lines = [head, "(seconds / line time; <= 1.25 is >= 80% of the link)"]
+    for size in sorted({r["bytes"] for r in summary}):
+        cells = []
+        for k in counts:
+            row = next((r for r in summary if (r["bytes"], r["streams"]) == (size, k)), {})
+            cells.append(f"{row.get('up_ratio', float('nan')):8.3f} {row.get('down_ratio', float('nan')):8.3f}")
+        any_row = next(r for r in summary if r["bytes"] == size)
+        lines.append(f"{_human(size):>10} " + " ".join(cells) + f" {any_row['link_MBps']:10.1f} "
+                     f"{any_row['cpu_MBps']:9.0f}")
+    return "\n".join(lines)
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("GB", "MB", "KB"):
+        if nbytes >= _UNITS[unit]:
+            return f"{nbytes / _UNITS[unit]:g}{unit}"
+    return f"{nbytes}B"
+
+
 def _shaper_bytes(stats_file: Path) -> dict:
     try:
         return json.loads(stats_file.read_text())["bytes"]
@@ -119,7 +188,8 @@ async def measure(link: LinkSpec, sizes: list[int], workdir: Path, repeats: int 
         peer = server.peer_id.to_base58()
         await call(client, peer, SINK, {"x": torch.zeros(1000, dtype=torch.uint8)}, {}, timeout_s=30)  # connect
         rows = []
-        for size, direction, k, _ in itertools.product(sizes, ("up", "down"), streams, range(repeats)):
+        # repeats outermost, so a burst of load from other jobs falls on every size and stream count alike
+        for _, size, direction, k in itertools.product(range(repeats), sizes, ("up", "down"), streams):
             await asyncio.sleep(2.5 * stats_period_s)  # the shaper rewrites its counters every period
             before = _shaper_bytes(stats_file)
             t0 = time.perf_counter()
@@ -151,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.line_rate", description=__doc__.split("\n")[0])
     parser.add_argument("--link", default="20MB/s,20ms", help="the shaped link, e.g. 20MB/s,20ms")
     parser.add_argument("--sizes", default="100KB,1MB,20MB,100MB", help="comma-separated frame sizes")
-    parser.add_argument("--repeats", type=int, default=1, help="calls per size and direction")
+    parser.add_argument("--repeats", type=int, default=1, help="calls per size, direction and stream count "
+                        "(the summary takes medians)")
+    parser.add_argument("--streams", default=f"1,{MAX_STRIPES}",
+                        help=f"stream counts to compare, comma-separated (at most {MAX_STRIPES}; default 1,{MAX_STRIPES})")
     parser.add_argument("--out", type=Path, default=None, help="append JSONL here (default: stdout only)")
     parser.add_argument("--check-bytes", default="20MB", help="the frame size the check applies to")
     parser.add_argument("--max-ratio", type=float, default=1.25, help="most seconds / line time at --check-bytes")
@@ -160,23 +233,35 @@ def main(argv: list[str] | None = None) -> int:
         link = LinkSpec.parse(args.link)
         sizes = [parse_size(s) for s in args.sizes.split(",") if s]
         check = parse_size(args.check_bytes)
+        try:
+            streams = tuple(int(k) for k in args.streams.split(",") if k)
+        except ValueError:
+            streams = ()
+        if not streams or not all(1 <= k <= MAX_STRIPES for k in streams):
+            raise BenchConfigError(f"--streams takes stream counts from 1 to {MAX_STRIPES}, e.g. 1,{MAX_STRIPES}.")
         if link is None or not link.bandwidth_Bps:
             raise BenchConfigError("--link needs a bandwidth, e.g. 20MB/s,20ms.")
     except BenchConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="line-rate-") as workdir:
-        rows = asyncio.run(measure(link, sizes, Path(workdir), args.repeats))
+        rows = asyncio.run(measure(link, sizes, Path(workdir), args.repeats, streams))
+    cpu = {size: cpu_ceiling_MBps(size) for size in sizes}
+    summary = summarize(rows, link, cpu)
     failed = False
-    for row in rows:
+    for row in rows + summary:
         # the check is on the transport as the swarm runs it (striped); one stream is the comparison
-        row["check"] = None if row["bytes"] != check or row["streams"] == 1 else row["ratio"] <= args.max_ratio
+        if "summary" in row:
+            row["check"] = None
+        else:
+            row["check"] = None if row["bytes"] != check or row["streams"] == 1 else row["ratio"] <= args.max_ratio
         failed |= row["check"] is False
         print(json.dumps(row), flush=True)
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+    print(table(summary), file=sys.stderr)
     return 1 if failed else 0
 
 

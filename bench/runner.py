@@ -4,13 +4,23 @@ One *measurement* = one workload × placement × model × users on one deploymen
 measured ones. ``hpc`` and ``setup_time`` start a fresh worker per repetition (its load / connect time is the
 point); the others reuse one worker per user. With ``users > 1`` every user runs one request per round and all
 start together (the worker waits for ``go``); ``extra.round_wall_s`` is the round's duration.
+
+Measurements of one workload on one deployment (``swarm`` and ``hybrid`` share the swarm's nodes) run *interleaved*
+(:func:`measure_interleaved`): one worker per placement, and each repetition runs every placement once, in an order
+that alternates, so load from other jobs on a shared machine falls on all placements alike instead of on whichever
+ran during it. Each single-user repetition also records the CPU seconds it cost (``extra.node_cpu_s``: the
+deployment's processes, p2p daemons included; ``extra.worker_cpu_s``: the worker's, its daemon included), which a
+busy machine inflates far less than wall time. A worker's reference timings (the logit lens's floor) run after its
+clock stops but before the CPU is read, so they count in its CPU seconds.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -87,6 +97,56 @@ async def _open_worker(harness: Harness, deployment: Deployment, measurement: Me
     return worker, ready
 
 
+def tree_cpu_s(pids: list[int]) -> float | None:
+    """User + system CPU seconds of the processes ``pids`` and all their live descendants (Linux ``/proc``; None
+    elsewhere). Counts what the processes have used so far; take the difference of two readings."""
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        stats = list(Path("/proc").glob("[0-9]*/stat"))
+    except OSError:
+        return None
+    if not stats:
+        return None
+    for stat in stats:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue                      # the process ended while we looked
+        pid = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo, seen = 0.0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += cpu.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+class CpuMeter:
+    """CPU seconds of the deployment's processes and of one worker between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, deployment: Deployment | None, worker: "WorkerProcess"):
+        nodes = [] if deployment is None else [c.pid for c in deployment.nodes]
+        if deployment is not None and deployment.relay is not None:
+            nodes.append(deployment.relay.pid)
+        self.nodes, self.worker = nodes, [worker.child.pid] if hasattr(worker, "child") else []
+        self.before: tuple = (None, None)
+
+    def start(self) -> None:
+        self.before = (tree_cpu_s(self.nodes) if self.nodes else None, tree_cpu_s(self.worker) if self.worker else None)
+
+    def stop(self) -> dict:
+        after = (tree_cpu_s(self.nodes) if self.nodes else None, tree_cpu_s(self.worker) if self.worker else None)
+        return {key: round(b - a, 3) for key, a, b in zip(("node_cpu_s", "worker_cpu_s"), self.before, after)
+                if a is not None and b is not None}
+
+
 async def _close_worker(harness: Harness, worker: WorkerProcess) -> None:
     try:
         await worker.child.process.stdin.aclose()
@@ -95,6 +155,23 @@ async def _close_worker(harness: Harness, worker: WorkerProcess) -> None:
     with trio.move_on_after(10):
         await worker.child.process.wait()
     await harness.stop(worker.child)
+
+
+def _partial(m: Measurement, rep: int, ready: dict, answer: dict, **extra) -> dict:
+    """One repetition's per-repetition record fields (see :func:`measure`)."""
+    stats = answer.get("stats") or {}
+    load_s = ready.get("load_s")
+    out = {"rep": rep, "warmup": rep < m.warmup, "users": m.users, "batch": ready.get("batch"),
+           "seq_len": ready.get("seq_len"), "wall_s": answer.get("wall_s") if answer.get("ok") else None,
+           "load_s": load_s, "ok": bool(answer.get("ok")), "error": answer.get("error"),
+           "compute_s": stats.get("compute_s") or None,
+           "extra": {**(answer.get("extra") or {}), **extra}}
+    for key in ("client_bytes_sent", "client_bytes_received", "node_bytes", "round_trips"):
+        out[key] = int(stats[key]) if stats.get(key) is not None else None
+    if m.workload == "setup_time" and answer.get("ok"):
+        out["wall_s"] = ready.get("setup_s", 0.0) + answer["wall_s"]   # connect/load + first forward
+        out["extra"]["first_forward_s"] = answer["wall_s"]
+    return out
 
 
 async def measure(harness: Harness, deployment: Deployment, m: Measurement, emit: Callable[[dict], None], *,
@@ -110,19 +187,7 @@ async def measure(harness: Harness, deployment: Deployment, m: Measurement, emit
     name = f"{m.workload}-{m.placement}-u{m.users}"
 
     def record(rep: int, ready: dict, answer: dict, **extra) -> dict:
-        stats = answer.get("stats") or {}
-        load_s = ready.get("load_s")
-        out = {"rep": rep, "warmup": rep < m.warmup, "users": m.users, "batch": ready.get("batch"),
-               "seq_len": ready.get("seq_len"), "wall_s": answer.get("wall_s") if answer.get("ok") else None,
-               "load_s": load_s, "ok": bool(answer.get("ok")), "error": answer.get("error"),
-               "compute_s": stats.get("compute_s") or None,
-               "extra": {**(answer.get("extra") or {}), **extra}}
-        for key in ("client_bytes_sent", "client_bytes_received", "node_bytes", "round_trips"):
-            out[key] = int(stats[key]) if stats.get(key) is not None else None
-        if m.workload == "setup_time" and answer.get("ok"):
-            out["wall_s"] = ready.get("setup_s", 0.0) + answer["wall_s"]   # connect/load + first forward
-            out["extra"]["first_forward_s"] = answer["wall_s"]
-        return out
+        return _partial(m, rep, ready, answer, **extra)
 
     def failure(rep: int, error: Exception) -> dict:
         return record(rep, {}, {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]})
@@ -162,6 +227,9 @@ async def measure(harness: Harness, deployment: Deployment, m: Measurement, emit
                 await worker.go()
                 answers[u] = await worker.read_event(timeout_s)
 
+            meter = CpuMeter(deployment, workers[0][0]) if m.users == 1 else None
+            if meter is not None:
+                meter.start()
             error = await _gather(one, range(len(workers)))
             if error is not None:
                 for _ in range(m.users):
@@ -169,8 +237,59 @@ async def measure(harness: Harness, deployment: Deployment, m: Measurement, emit
                 return
             round_wall_s = time.perf_counter() - t0
             for u, ((_, ready), answer) in enumerate(zip(workers, answers)):
-                extra = {"user": u, "round_wall_s": round_wall_s} if m.users > 1 else {}
+                extra = {"user": u, "round_wall_s": round_wall_s} if m.users > 1 else meter.stop()
                 emit(record(rep, ready, answer, **extra))
+    finally:
+        with trio.CancelScope(shield=True):
+            for worker, _ in opened.values():
+                await _close_worker(harness, worker)
+
+
+def interleavable(m: Measurement) -> bool:
+    """Whether ``m`` can share repetitions with other placements (:func:`measure_interleaved`): one user, and a worker
+    kept across repetitions."""
+    return m.users == 1 and m.placement != "hpc" and m.workload != "setup_time"
+
+
+async def measure_interleaved(harness: Harness, deployment: Deployment, measurements: list[Measurement],
+                              emits: list[Callable[[dict], None]], *, timeout_s: float = 600.0) -> None:
+    """Run several single-user measurements on one deployment repetition by repetition: repetition ``r`` runs each
+    placement once, in list order for even ``r`` and reversed for odd ``r`` (so neither always goes first), one at a
+    time. ``emits[i]`` gets ``measurements[i]``'s records, as :func:`measure` would give them."""
+    if not all(interleavable(m) for m in measurements):
+        raise ValueError("measure_interleaved takes single-user measurements on kept workers only")
+    opened: dict[int, tuple[WorkerProcess, dict]] = {}
+
+    async def open_one(i: int) -> None:
+        m = measurements[i]
+        opened[i] = await _open_worker(harness, deployment, m, f"{m.workload}-{m.placement}-u1", timeout_s)
+
+    try:
+        error = await _gather(open_one, range(len(measurements)))
+        broken: dict[int, DeploymentError] = {i: error for i in range(len(measurements)) if error is not None}
+        total = max(m.warmup + m.n for m in measurements)
+        for rep in range(total):
+            order = list(range(len(measurements)))
+            for i in (order if rep % 2 == 0 else order[::-1]):
+                m = measurements[i]
+                if rep >= m.warmup + m.n:
+                    continue
+                if i in broken:  # its worker failed: the others go on, as separate measurements would
+                    failed = broken[i]
+                    emits[i](_partial(m, rep, {}, {"ok": False, "error": f"{type(failed).__name__}: {failed}"[:2000]}))
+                    continue
+                worker, ready = opened[i]
+                meter = CpuMeter(deployment, worker)
+                meter.start()
+                try:
+                    await worker.go()
+                    answer = await worker.read_event(timeout_s)
+                except (DeploymentError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    broken[i] = e if isinstance(e, DeploymentError) else DeploymentError(
+                        f"worker {worker.child.name} stopped taking work: {type(e).__name__}")
+                    emits[i](_partial(m, rep, {}, {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}))
+                    continue
+                emits[i](_partial(m, rep, ready, answer, **meter.stop()))
     finally:
         with trio.CancelScope(shield=True):
             for worker, _ in opened.values():

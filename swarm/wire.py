@@ -24,11 +24,12 @@ raises it again as the same :class:`~swarm.errors.SwarmError` subclass. Nothing 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Sequence, Type
 
 import msgpack
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
 from .errors import BadRequestError, PayloadTooLargeError, SwarmError, error_from_wire
@@ -51,20 +52,17 @@ def encode_frame(tensors: Sequence[torch.Tensor], meta: dict,
     """Yield the messages of one frame. ``meta`` must be msgpack-serializable (dicts, lists, str, numbers)."""
     plain = [t.detach().cpu().contiguous() for t in tensors]
     bf16 = [i for i, t in enumerate(plain) if t.dtype == torch.bfloat16]
-    serialized = [serialize_torch_tensor(t.view(torch.int16) if t.dtype == torch.bfloat16 else t) for t in plain]
-    chunked = [_split(s) for s in serialized]
-    header = {"v": WIRE_VERSION, "meta": meta, "parts": [len(c) for c in chunked]}
+    header = {"v": WIRE_VERSION, "meta": meta, "parts": [_chunk_count(t) for t in plain]}
     if bf16:
         header["bf16"] = bf16
     yield message_type(metadata=msgpack.packb(header, use_bin_type=True))
-    for chunks in chunked:
-        for chunk in chunks:
-            yield message_type(tensors=[chunk])
+    for t in plain:
+        yield from _chunks(t.view(torch.int16) if t.dtype == torch.bfloat16 else t, message_type)
 
 
 def stripe_count(messages: Sequence[Message], limit: int = MAX_STRIPES) -> int:
     """How many streams a frame's ``messages`` should travel on: one per :data:`STRIPE_BYTES`, at most ``limit``."""
-    nbytes = sum(len(t.buffer) for m in messages[1:] for t in m.tensors)
+    nbytes = sum(m.ByteSize() for m in messages[1:])
     return max(1, min(limit, len(messages) - 1, -(-nbytes // STRIPE_BYTES)))
 
 
@@ -103,13 +101,28 @@ def encode_error(error: SwarmError, message_type: Type[Message] = runtime_pb2.Ex
     return encode_frame([], {"error": error.to_wire()}, message_type)
 
 
-def _split(tensor: runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
-    buffer = memoryview(tensor.buffer)
-    count = max(1, -(-len(buffer) // CHUNK_BYTES))
-    first = runtime_pb2.Tensor(compression=tensor.compression, buffer=buffer[:CHUNK_BYTES].tobytes(), chunks=count,
-                               size=tensor.size, dtype=tensor.dtype, requires_grad=tensor.requires_grad)
-    rest = [runtime_pb2.Tensor(buffer=buffer[i:i + CHUNK_BYTES].tobytes()) for i in range(CHUNK_BYTES, len(buffer), CHUNK_BYTES)]
-    return [first] + rest
+def _chunk_count(tensor: torch.Tensor) -> int:
+    return max(1, -(-tensor.numel() * tensor.element_size() // CHUNK_BYTES))
+
+
+def _chunks(tensor: torch.Tensor, message_type: Type[Message]) -> Iterator[Message]:
+    """One message per :data:`CHUNK_BYTES` of ``tensor``'s bytes (a contiguous CPU tensor), the first with its shape
+    and dtype (the layout of hivemind's ``runtime_pb2.Tensor``, uncompressed). Each chunk's bytes are copied once
+    out of the tensor and once into its message, not through a whole-tensor ``bytes`` first: a copy of a large
+    frame costs page faults on fresh memory, and a 100 MB frame's copies used to take longer than its link time's
+    margin."""
+    data = memoryview(tensor.numpy()).cast("B") if tensor.numel() else memoryview(b"")
+    count = _chunk_count(tensor)
+    for i in range(count):
+        message = message_type()
+        part = message.tensors.add()
+        part.buffer = bytes(data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])
+        if i == 0:
+            part.compression = runtime_pb2.CompressionType.NONE
+            part.chunks = count
+            part.size.extend(tensor.shape)
+            part.dtype = str(tensor.dtype).replace("torch.", "")
+        yield message
 
 
 async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None = None, max_tensors: int = 64,
@@ -160,11 +173,14 @@ async def read_frame(messages: AsyncIterator[Message], *, max_bytes: int | None 
                 raise BadRequestError("Frame ended early: fewer tensor chunks than its header announced.") from None
             if len(message.tensors) != 1:
                 raise BadRequestError("Each tensor chunk message must carry exactly one tensor part.")
-            total[0] += len(message.tensors[0].buffer)
+            part = message.tensors[0]
+            buffer = part.buffer  # a copy out of the message, which can then go (a chunk is held once, not twice)
+            total[0] += len(buffer)
             if max_bytes is not None and total[0] > max_bytes:
                 raise PayloadTooLargeError(f"Request tensors exceed this node's limit of {max_bytes} bytes; "
                                            f"send a smaller batch or sequence.")
-            chunks.append(message.tensors[0])
+            chunks.append((_Part(part.compression, part.chunks, tuple(part.size), part.dtype, part.requires_grad),
+                           buffer))
         return chunks
 
     n = sum(parts)
@@ -208,8 +224,19 @@ async def gather_or_cancel(coroutines: list) -> list:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _combine(chunks: list[runtime_pb2.Tensor], *, bf16: bool = False) -> torch.Tensor:
-    head = chunks[0]
+@dataclass(frozen=True)
+class _Part:
+    """A chunk's tensor fields (only the first chunk of a tensor sets them), without its bytes."""
+
+    compression: int
+    chunks: int
+    size: tuple
+    dtype: str
+    requires_grad: bool
+
+
+def _combine(chunks: list[tuple[_Part, bytes]], *, bf16: bool = False) -> torch.Tensor:
+    head = chunks[0][0]
     if head.compression != runtime_pb2.CompressionType.NONE:
         raise BadRequestError("Only uncompressed tensors are accepted.")
     if bf16 and head.dtype != "int16":
@@ -218,19 +245,26 @@ def _combine(chunks: list[runtime_pb2.Tensor], *, bf16: bool = False) -> torch.T
         raise BadRequestError(f"Tensor dtype {head.dtype!r} is not accepted; use one of {sorted(ALLOWED_DTYPES)}.")
     if head.chunks != len(chunks):
         raise BadRequestError(f"Tensor announced {head.chunks} chunks but {len(chunks)} arrived.")
-    whole = runtime_pb2.Tensor()
-    whole.CopyFrom(head)
-    whole.buffer = b"".join(c.buffer for c in chunks)
     numel = 1
-    for s in whole.size:
+    for s in head.size:
         numel *= s
+    nbytes = sum(len(buffer) for _, buffer in chunks)
     # hivemind carries bfloat16 as float32 bytes (ours travel as int16 bits, see the module docstring)
-    itemsize = 4 if whole.dtype == "bfloat16" else torch.empty((), dtype=getattr(torch, whole.dtype)).element_size()
-    if numel * itemsize != len(whole.buffer):
-        raise BadRequestError(f"Tensor of shape {list(whole.size)} and dtype {whole.dtype} needs {numel * itemsize} "
-                              f"bytes but {len(whole.buffer)} arrived.")
+    itemsize = 4 if head.dtype == "bfloat16" else torch.empty((), dtype=getattr(torch, head.dtype)).element_size()
+    if numel * itemsize != nbytes:
+        raise BadRequestError(f"Tensor of shape {list(head.size)} and dtype {head.dtype} needs {numel * itemsize} "
+                              f"bytes but {nbytes} arrived.")
     try:
-        tensor = deserialize_torch_tensor(whole)
+        if head.dtype == "bfloat16":  # hivemind's widened form: its own decoder converts it back
+            whole = runtime_pb2.Tensor(compression=head.compression, buffer=b"".join(b for _, b in chunks),
+                                       size=head.size, dtype=head.dtype, requires_grad=head.requires_grad)
+            return deserialize_torch_tensor(whole)
+        dtype = getattr(torch, head.dtype)
+        # one copy into a writable buffer the tensor then shares (torch.frombuffer copies nothing)
+        tensor = (torch.frombuffer(bytearray().join(b for _, b in chunks), dtype=dtype) if nbytes
+                  else torch.empty(0, dtype=dtype)).reshape(head.size)
+        if head.requires_grad:
+            tensor.requires_grad_(True)
         return tensor.view(torch.bfloat16) if bf16 else tensor
     except Exception as e:
         raise BadRequestError(f"Could not decode tensor: {type(e).__name__}: {e}") from None

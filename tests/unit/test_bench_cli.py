@@ -87,3 +87,17 @@ def test_a_case_confusable_link_stops_the_command(flag, capsys):
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert "'Mb/s'" in err and "Mbit/s" in err and "MB/s" in err
+
+
+def test_line_rate_summary_takes_medians_side_by_side():
+    from bench.line_rate import cpu_ceiling_MBps, summarize, table
+    from bench.link_spec import LinkSpec
+    link = LinkSpec.parse("20MB/s,20ms")
+    rows = [{"bytes": 100_000, "streams": k, "direction": d, "ratio": r, "MBps": 1.0}
+            for k in (1, 8) for d in ("up", "down") for r in ((1.1, 1.3, 9.0) if k == 1 else (1.0, 1.2, 1.1))]
+    summary = summarize(rows, link, {100_000: 500.0})
+    assert [(s["streams"], s["up_ratio"], s["down_ratio"]) for s in summary] == [(1, 1.3, 1.3), (8, 1.1, 1.1)]
+    assert summary[0]["link_MBps"] == 20.0 and summary[0]["cpu_MBps"] == 500.0
+    text = table(summary)
+    assert "100KB" in text and "up x8" in text and "1.300" in text
+    assert cpu_ceiling_MBps(300_000, repeats=1) > 0

@@ -62,3 +62,48 @@ def test_median_s_warms_up_once_then_times_n_calls():
     calls = []
     assert median_s(lambda: calls.append(1), 5) >= 0.0
     assert len(calls) == 6
+
+
+def test_interleaved_placements_alternate_which_goes_first(monkeypatch):
+    """Each repetition runs every placement once, the order alternating, and each record lands in its own stream."""
+    calls: list[str] = []
+
+    class Worker:
+        def __init__(self, placement: str):
+            self.placement = placement
+
+        async def go(self) -> None:
+            calls.append(self.placement)
+
+        async def read_event(self, timeout_s: float) -> dict:
+            return {"ok": True, "wall_s": 0.1, "extra": {"who": self.placement}, "stats": {"round_trips": 1}}
+
+    async def fake_open(harness, deployment, m, tag, timeout_s):
+        return Worker(m.placement), {"batch": 8, "seq_len": 16}
+
+    async def fake_close(harness, worker):
+        pass
+
+    monkeypatch.setattr(runner, "_open_worker", fake_open)
+    monkeypatch.setattr(runner, "_close_worker", fake_close)
+    ms = [Measurement(workload="patching", placement=p, experiment=ExperimentConfig("patching"), n=3, warmup=1)
+          for p in ("swarm", "hybrid")]
+    out: dict[str, list[dict]] = {"swarm": [], "hybrid": []}
+    trio.run(runner.measure_interleaved, None, None, ms, [out["swarm"].append, out["hybrid"].append])
+    assert calls == ["swarm", "hybrid", "hybrid", "swarm", "swarm", "hybrid", "hybrid", "swarm"]
+    for placement, records in out.items():
+        assert [r["extra"]["who"] for r in records] == [placement] * 4
+        assert [r["rep"] for r in records] == [0, 1, 2, 3]
+        assert [r["warmup"] for r in records] == [True, False, False, False]
+        assert all(r["round_trips"] == 1 for r in records)
+
+
+def test_tree_cpu_counts_this_process():
+    import os
+    import time as _time
+    before = runner.tree_cpu_s([os.getpid()])
+    t0 = _time.process_time()
+    while _time.process_time() - t0 < 0.05:
+        pass
+    after = runner.tree_cpu_s([os.getpid()])
+    assert before is not None and after - before >= 0.03

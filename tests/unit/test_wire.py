@@ -79,3 +79,27 @@ def test_a_bfloat16_claim_on_another_dtype_is_refused():
     messages[0] = runtime_pb2.ExpertRequest(metadata=msgpack.packb(header))
     with pytest.raises(BadRequestError, match="bfloat16 bits"):
         roundtrip(messages)
+
+
+def test_frames_laid_out_by_hiveminds_serializer_read_the_same():
+    """The chunk layout is hivemind's ``runtime_pb2.Tensor`` (our encoder copies the bytes itself, without a whole-
+    tensor ``bytes`` first): tensors serialized by hivemind, bfloat16 widened to float32 bytes included, decode to
+    the same values, and ours decode to what hivemind's deserializer makes of them."""
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+    tensors = [torch.tensor(3.5), torch.randn(5, 7), torch.randn(3, 4).to(torch.bfloat16), torch.arange(6).view(2, 3)]
+    header = msgpack.packb({"v": 1, "meta": {}, "parts": [1] * len(tensors)})
+    theirs = [runtime_pb2.ExpertRequest(metadata=header)]
+    for t in tensors:
+        part = serialize_torch_tensor(t)
+        part.chunks = 1
+        theirs.append(runtime_pb2.ExpertRequest(tensors=[part]))
+    out, _ = roundtrip(theirs)
+    for a, b in zip(tensors, out):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    odd = torch.randn(CHUNK_BYTES // 4 + 3)   # two chunks, the second short
+    ours = list(encode_frame([odd], {}))
+    assert [m.tensors[0].chunks for m in ours[1:]] == [2, 0]
+    whole = runtime_pb2.Tensor()
+    whole.CopyFrom(ours[1].tensors[0])
+    whole.buffer = b"".join(m.tensors[0].buffer for m in ours[1:])
+    assert torch.equal(deserialize_torch_tensor(whole), odd)
