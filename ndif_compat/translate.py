@@ -34,6 +34,7 @@ import torch
 
 from hybrid import cache as hybrid_cache  # imported here: the request's audit guard refuses imports while it runs
 
+from .cache_roots import add_root_entries
 from .errors import BadRequestError, UnknownModuleError
 
 logger = logging.getLogger(__name__)
@@ -269,4 +270,6 @@ def nnsight_cache(view: "hybrid_cache.CacheView") -> Any:
     out.entries = {f"{hybrid_cache.ROOT}.{path}".rstrip("."): [Entry(output=cache._moved(hybrid_cache._value(e.output)))
                                                               for e in entries]
                    for path, entries in cache.entries.items()}
+    if cache.everything and cache.include_output:  # nnsight's full cache also holds the root, model.model, rotary_emb
+        out.entries = add_root_entries(out.entries, cache.tracer.skeleton, Entry)
     return CacheView(out, None)

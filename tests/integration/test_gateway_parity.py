@@ -102,6 +102,35 @@ def attention(lm, **remote):
     return {"weights": weights, "late": late}, _meta(tracer)
 
 
+def cache_full(lm, **remote):
+    """Every module, after an intervention: nnsight's keys in its order, the root's, ``model.model``'s and
+    ``rotary_emb``'s entries included (the swarm backend builds those on the gateway from the nodes' entries)."""
+    with lm.trace(PROMPT, **remote) as tracer:
+        cached = tracer.cache()
+        lm.model.layers[3].output[:, -1] *= 0.5
+    return {"cache": cached}, _meta(tracer)
+
+
+def edit(lm, **remote):
+    """``lm.edit()``: the edit rides with the edited model in the request; the unedited model stays clean."""
+    with lm.edit() as (tracer, edited):
+        edited.model.layers[2].output[:, -1] = 0
+    with edited.trace(PROMPT, **remote) as tracer:
+        zeroed = edited.model.layers[2].output.save()
+        probs = edited.lm_head.output[:, -1].softmax(-1).save()
+    with lm.trace(PROMPT, **remote):
+        clean = lm.model.layers[2].output.save()
+    return {"zeroed": zeroed, "probs": probs, "clean": clean}, _meta(tracer)
+
+
+def scan(lm, **remote):
+    """``lm.scan`` takes no ``remote``: nnsight runs it on the client's fake values, nothing reaches the gateway (a
+    value read in the block is kept only when saved, as in nnsight locally)."""
+    with lm.scan(PROMPT):
+        shape = lm.model.layers[2].output.shape.save()
+    return {"shape": tuple(shape)}, {"path": "client"}
+
+
 def cache_with_inputs(lm, **remote):
     """nnsight's entries hold every argument (``.inputs``); the nodes record the first only: refused, not partial."""
     with lm.trace(PROMPT, **remote) as tracer:
@@ -127,9 +156,11 @@ def reads_inputs(lm, **remote):
 
 PUSHED = {"logits": logits, "skip_and_stop": skip_and_stop, "barrier_patch": barrier_patch,
           "steps_block": steps_block, "session_ops": session_ops, "gradient": gradient, "cache": cache,
-          "attention": attention}
-FALLBACK = {"reads_inputs": reads_inputs}
+          "attention": attention, "cache_full": cache_full}
+FALLBACK = {"reads_inputs": reads_inputs, "edit": edit}
+CLIENT = {"scan": scan}
 REFUSED = {"cache_with_inputs": cache_with_inputs, "cache_on_gateway_path": cache_on_gateway_path}
+"""Refused by the swarm backend (neither path answers them exactly); the local backend runs them with nnsight."""
 EAGER = {"attention"}
 """Compared with nnsight loaded with ``attn_implementation="eager"`` (SDPA returns no weights)."""
 
@@ -139,7 +170,7 @@ def run(lm) -> dict:
     from nnsight.intervention.backends.remote import RemoteError
 
     got: dict = {"meta": {}}
-    for name, experiment in {**PUSHED, **FALLBACK, **REFUSED}.items():
+    for name, experiment in {**PUSHED, **FALLBACK, **CLIENT, **REFUSED}.items():
         try:
             got[name], got["meta"][name] = experiment(lm, remote=True)
         except RemoteError as e:
@@ -149,27 +180,74 @@ def run(lm) -> dict:
 
 # ---- the check (called by tests/integration/test_gateway.py's hybrid swarm-backend test) -------------------------
 
-def check(got: dict, ns, checkpoint) -> None:
+def _flat(value, where: str) -> list[tuple[str, object]]:
+    """``(where, tensor or None or plain value)`` leaves of a saved value: cache entries, transformers' output objects
+    and KV caches included, so two of them compare leaf by leaf."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.utils import ModelOutput
+
+    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (int, float, str)):
+        return [(where, value)]
+    if type(value).__name__ == "CacheView":
+        entries = value._cache.entries
+        leaves = [(f"{where}.keys", tuple(entries))]
+        for key, calls in entries.items():
+            for i, entry in enumerate(calls):
+                leaves += _flat(entry.output, f"{where}[{key}][{i}].output")
+                if entry.inputs is not None:
+                    leaves += _flat(entry.inputs, f"{where}[{key}][{i}].inputs")
+        return leaves
+    if isinstance(value, ModelOutput):
+        return [leaf for k, v in value.items() for leaf in _flat(v, f"{where}.{k}")]
+    if isinstance(value, DynamicCache):
+        return [leaf for i, layer in enumerate(value.layers)
+                for leaf in _flat(layer.keys, f"{where}.layers[{i}].keys") + _flat(layer.values, f"{where}[{i}].values")]
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _flat(v, f"{where}[{k!r}]")]
+    if isinstance(value, (tuple, list)):
+        return [(f"{where}.len", len(value))] + [leaf for i, v in enumerate(value) for leaf in _flat(v, f"{where}[{i}]")]
+    raise AssertionError(f"{where}: cannot compare a {type(value).__name__}")
+
+
+def assert_same(have, want, where: str) -> None:
+    """Leaf by leaf: the same structure, keys and plain values; tensors of one shape within :data:`TOL`."""
+    have, want = _flat(have, where), _flat(want, where)
+    assert [w for w, _ in have] == [w for w, _ in want], f"{where}: {[w for w, _ in have][:8]} vs {[w for w, _ in want][:8]}"
+    for (at, a), (_, b) in zip(have, want):
+        if isinstance(b, torch.Tensor):
+            assert isinstance(a, torch.Tensor) and a.shape == b.shape, f"{at}: {a!r:.80} vs shape {tuple(b.shape)}"
+            assert (a.detach().double() - b.detach().double()).abs().max().item() <= TOL, at
+        else:
+            assert a == b, f"{at}: {a!r:.200} vs {b!r:.200}"
+
+
+def check(got: dict, ns, checkpoint, backend: str = "swarm") -> None:
+    """``backend``: ``"swarm"`` (the hybrid swarm gateway: PUSHED pushed to the nodes, FALLBACK on the gateway with
+    its reason, REFUSED refused) or ``"local"`` (``--local``: everything runs with nnsight on the gateway's model, and
+    equals local nnsight, REFUSED included)."""
     import nnsight
 
     eager = nnsight.LanguageModel(str(checkpoint), dispatch=True, dtype=torch.float32, attn_implementation="eager")
-    references = {name: experiment(eager if name in EAGER else ns)[0]
-                  for name, experiment in {**PUSHED, **FALLBACK}.items()}
+    compared = {**PUSHED, **FALLBACK, **CLIENT, **(REFUSED if backend == "local" else {})}
+    references = {name: experiment(eager if name in EAGER else ns)[0] for name, experiment in compared.items()}
     for name, values in references.items():
         assert isinstance(got[name], dict), f"{name}: {got[name]}"
         for key, want in values.items():
-            if key == "keys":
-                assert got[name][key] == want, f"{name}.{key}: {got[name][key]} vs {want}"
-                continue
-            have, want = got[name][key].detach(), want.detach()
-            assert have.shape == want.shape, f"{name}.{key}: {tuple(have.shape)} vs {tuple(want.shape)}"
-            assert (have.double() - want.double()).abs().max().item() <= TOL, f"{name}.{key}"
+            assert_same(got[name][key], want, f"{name}.{key}")
     assert got["cache"]["layer"][:, -1].abs().max() == 0  # recorded after the intervention, as nnsight records it
+    assert got["edit"]["zeroed"][:, -1].abs().max() == 0 and got["edit"]["clean"][:, -1].abs().max() > 0
     paths = {name: (meta.get("path"), meta.get("reason")) for name, meta in got["meta"].items()}
+    assert paths["scan"] == ("client", None)
+    if backend == "local":
+        assert all(path == "gateway" and "--local" in reason for name, (path, reason) in paths.items()
+                   if name != "scan"), paths
+        return
     assert {name: path for name, (path, _) in paths.items() if name in PUSHED} == dict.fromkeys(PUSHED, "hybrid"), paths
     assert all(reason == "" for name, (_, reason) in paths.items() if name in PUSHED), paths
     path, reason = paths["reads_inputs"]
     assert path == "gateway" and "not expressible as an intervention graph" in reason and "inputs" in reason, paths
+    path, reason = paths["edit"]
+    assert path == "gateway" and "lm.edit()" in reason, paths
     refused = got["cache_with_inputs"]
     assert isinstance(refused, str) and "BadRequestError" in refused and "include_inputs=True" in refused, refused
     refused = got["cache_on_gateway_path"]
