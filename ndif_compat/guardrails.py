@@ -282,6 +282,7 @@ def _edit_class():
             SHIPPED_SOURCES.get([]).append(reduced[0])
             SHIPPED_EDITS.get([]).append(reduced[0])
             super().__setstate__(state)
+            self.source = reduced[0]  # the gateway's hybrid translation records the edit from it
             self.glbls["__builtins__"] = SAFE_BUILTINS
             dict.__setitem__(self.lcls, "__builtins__", SAFE_BUILTINS)  # exec's globals: the scope itself
 

@@ -201,12 +201,8 @@ class Runtime:
             check_module_paths(sources, {**frame.f_globals, **frame.f_locals})
             saves, reason = None, ("this gateway runs every request there (--no-hybrid)" if self.stack is not None
                                    else "the --local backend runs every request there, on its own copy of the model")
-            if self.hybrid_lm is not None and edits:
-                reason = ("the model carries lm.edit() edits, which are not translated into intervention graphs "
-                          "(the gateway runs them; an edit inside a decoder layer is out of its reach)")
-                log(f"execution path: gateway ({reason})")
-            elif self.hybrid_lm is not None:  # gradients too: the nodes run backward passes (hybrid.backward)
-                saves, path, reason = self._try_hybrid(tracer, source, log)
+            if self.hybrid_lm is not None:  # gradients and lm.edit() too (hybrid.backward, hybrid.edits)
+                saves, path, reason = self._try_hybrid(tracer, source, log, edits)
             if saves is None:
                 saves = self._run_gateway(data, tracer, sources, request_id, log, reason, gradients)
         finally:
@@ -276,7 +272,7 @@ class Runtime:
         finally:
             forget(again.info.frame.f_code.co_filename)
 
-    def _try_hybrid(self, tracer, source: str, log) -> tuple[dict | None, str, str]:
+    def _try_hybrid(self, tracer, source: str, log, edits: list[str]) -> tuple[dict | None, str, str]:
         """``(saves, "hybrid", "")``, or ``(None, "gateway", why it cannot be pushed to the nodes)``."""
         from .translate import NotTranslatable, translate_and_run
 
@@ -284,7 +280,7 @@ class Runtime:
         builtins = {**SAFE_BUILTINS, "print": _Printer(logs.append)}
         try:
             with AuditGuard.install():
-                saves, stats = translate_and_run(tracer, source, self.hybrid_lm, builtins)
+                saves, stats = translate_and_run(tracer, source, self.hybrid_lm, builtins, edits)
         except NotTranslatable as e:
             logger.info("request runs on the gateway: %s", e)
             log(f"execution path: gateway (not expressible as an intervention graph: {e})")

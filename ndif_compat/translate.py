@@ -118,8 +118,9 @@ def rewrite(source: str, filename: str) -> Any:
 
 # ---- the names the block uses -----------------------------------------------------------------------------------
 
-def _hybrid_value(value: Any, hybrid_lm, tracer) -> Any:
-    """The hybrid counterpart of a value shipped with the request (model, envoy, tracer), or the value itself."""
+def _hybrid_value(value: Any, hybrid_lm, tracer, edited: dict | None = None) -> Any:
+    """The hybrid counterpart of a value shipped with the request (model, envoy, tracer), or the value itself.
+    ``edited``: ``{id(root envoy): hybrid copy carrying its edits}`` (:func:`_edited_models`)."""
     from nnsight.intervention.envoy import Envoy
     from nnsight.intervention.tracer import InterleavingTracer
 
@@ -127,6 +128,8 @@ def _hybrid_value(value: Any, hybrid_lm, tracer) -> Any:
         if tracer is None:
             raise NotTranslatable("the block names a tracer outside its own trace")
         return tracer
+    if edited and id(value) in edited:
+        return edited[id(value)]
     if isinstance(value, Envoy):
         path = value.path.removeprefix("model")
         target = hybrid_lm
@@ -140,6 +143,40 @@ def _hybrid_value(value: Any, hybrid_lm, tracer) -> Any:
     if type(value).__name__ == "module" and value.__name__.split(".")[0] in ("torch", "math"):
         return value
     raise NotTranslatable(f"the block uses {type(value).__name__}, which the hybrid tracer does not know")
+
+
+def _edited_models(tracer, hybrid_lm, builtins: dict, edits: list, run_block) -> dict:
+    """``{id(envoy): hybrid copy}`` for each ``lm.edit()``ed root model the request carries: each edit block (its
+    source, checked when it was loaded) is recorded once more, in our tracer's spelling, by
+    ``hybrid_lm.edit()`` (:mod:`hybrid.edits`), so the edit heads every trace of the copy and runs on the nodes.
+
+    Raises:
+        NotTranslatable: an edit the request carries is not on a root model (nnsight replays an edit stored on a
+            submodule's envoy only when that submodule is traced), or the hybrid tracer cannot record it.
+    """
+    from nnsight.intervention.envoy import Envoy
+
+    frame = tracer.info.frame
+    roots = {id(v): v for v in [getattr(tracer, "envoy", None), *frame.f_globals.values(), *frame.f_locals.values()]
+             if isinstance(v, Envoy) and v.__dict__.get("_edits") and v.path == "model"}
+    if sum(len(v._edits) for v in roots.values()) != len(edits):
+        raise NotTranslatable("an lm.edit() stored on a submodule's envoy (or not on a model the block names) is not "
+                              "translated")
+    models = {}
+    for key, envoy in roots.items():
+        target = None
+        for mediator in envoy._edits:
+            source = getattr(mediator, "source", None)
+            if source is None:
+                raise NotTranslatable("an edit without its source")
+            context = hybrid_lm.edit() if target is None else target.edit(inplace=True)
+            with context as bound:
+                edit_tracer, target = bound if target is None else (bound, target)
+                scope = {name: _hybrid_value(v, target, edit_tracer)
+                         for name, v in {**mediator.glbls, **dict(mediator.lcls)}.items() if name != "__builtins__"}
+                run_block(source, f"<lm.edit() block {len(models)}>", scope)
+        models[key] = target
+    return models
 
 
 def _context(tracer, hybrid_lm):
@@ -178,9 +215,12 @@ def _context(tracer, hybrid_lm):
     raise NotTranslatable(f"{fn_name or 'this call'} is not translated")
 
 
-def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[dict[str, Any], dict]:
+def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict,
+                      edits: list | None = None) -> tuple[dict[str, Any], dict]:
     """Run the request's block as hybrid graphs. Returns ``(saved values by variable name, stats)``: the stats of
-    the trace, or for a session ``{"route": ..., "traces": [stats of each trace]}``.
+    the trace, or for a session ``{"route": ..., "traces": [stats of each trace]}``. ``edits``: the sources of the
+    ``lm.edit()`` blocks the request carries (:data:`~ndif_compat.guardrails.SHIPPED_EDITS`); each is recorded into
+    a hybrid copy of the model that the block's traces of the edited model use.
 
     Raises:
         NotTranslatable: the block cannot be expressed as hybrid graphs (refused while recording, before anything
@@ -211,14 +251,29 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
             raise NotTranslatable("print() of a traced value (its value exists only on the nodes while they run)")
         builtins["print"](*args, **kwargs)
 
-    context = _context(tracer, hybrid_lm)
+    def run_block(text: str, filename: str, scope: dict) -> None:
+        try:
+            block = rewrite(text, filename)
+        except SyntaxError as e:
+            raise NotTranslatable(f"the edit block does not parse on its own ({e.msg})") from None
+        scope.update({"__builtins__": {**builtins, "print": printer}, SAVE: save})
+        exec(block, scope)
+
+    try:
+        edited = _edited_models(tracer, hybrid_lm, builtins, edits, run_block) if edits else {}
+    except NotTranslatable:
+        raise
+    except Exception as e:  # the hybrid tracer refused the edit block
+        raise NotTranslatable(f"lm.edit() block: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
+            from None
+    context = _context(tracer, edited.get(id(getattr(tracer, "envoy", None)), hybrid_lm))
     session = isinstance(context, Session)
     # The scope lives in a namespace object: hybrid binds saved values into the caller's variables, and we want to
     # read the proxies themselves.
     box = SimpleNamespace(scope={})
     try:
         with context:
-            box.scope = {name: _hybrid_value(v, hybrid_lm, None if session else context)
+            box.scope = {name: _hybrid_value(v, hybrid_lm, None if session else context, edited)
                          for name, v in {**frame.f_globals, **frame.f_locals}.items() if name != "__builtins__"}
             box.scope.update({"__builtins__": {**builtins, "print": printer}, SAVE: save})
             exec(code, box.scope)
