@@ -7,16 +7,21 @@ runs on every node, outside any stage), the inner model's ``BaseModelOutputWithP
 gateway builds them exactly as transformers does, and ships no extra hidden state:
 
 - ``rotary_emb``: the model family's rotary module, built from the config, applied to the embedding's output at
-  positions ``0..T-1`` (what the stages and transformers use in a forward without past);
+  nnsight's positions (below);
 - ``past_key_values`` (a ``DynamicCache(config=...)``, the one object both outputs hold, as in transformers): per
   layer, the keys are ``k_proj``'s output (``k_norm``'s, where the family has one) in ``(B, heads, T, head_dim)`` with
   the family's ``apply_rotary_pos_emb``, the values ``v_proj``'s output; all recorded after the interventions, as the
   forward used them;
 - ``model.model``: ``last_hidden_state`` = ``model.norm``'s output; ``model``: ``logits`` = ``lm_head``'s output.
 
-What cannot be built exactly is refused (:class:`~ndif_compat.errors.BadRequestError`), never left out: a cache over a
-generation (each step's positions and the growing KV cache would have to be reproduced from the node's generation
-state), and a cache where a module these entries need did not run (a skipped layer).
+Positions are nnsight's: ``0..T-1``, or for a left-padded batch each row counted from its first real token
+(:func:`hybrid.tracing.nnsight_position_ids`).
+
+What cannot be built exactly is refused (:class:`~ndif_compat.errors.BadRequestError`), never left out: a cache
+declared inside one of several invokes (the root's output objects would have to be cut to that invoke's rows, which
+is not done here), a cache over ``lm.generate`` (nnsight's then also holds ``model.generator`` and its streamer: the
+ids the generation loop made, which no node records), and a cache where a module these entries need did not run (a
+skipped layer).
 """
 
 from __future__ import annotations
@@ -31,31 +36,43 @@ from .errors import BadRequestError
 ROTARY, INNER, ROOT = "model.model.rotary_emb", "model.model", "model"
 
 
-def add_root_entries(entries: dict[str, list], skeleton: Any, entry_type: type) -> dict[str, list]:
-    """``entries`` (nnsight's keys, in call order) with the three root entries inserted where nnsight puts them:
-    ``rotary_emb`` after ``embed_tokens``, ``model.model`` after ``norm``, ``model`` last."""
+def add_root_entries(entries: dict[str, list], cache: Any, entry_type: type) -> dict[str, list]:
+    """``entries`` (nnsight's keys, in call order) with the three root entries inserted
+    where nnsight puts them: ``rotary_emb`` after ``embed_tokens``, ``model.model`` before ``lm_head``, ``model``
+    last. ``cache``: the hybrid cache (:class:`hybrid.cache.Cache`) the entries came from."""
     from transformers.cache_utils import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-    if any(len(calls) != 1 for calls in entries.values()):
+    from hybrid.tracing import nnsight_position_ids
+
+    tracer, invoke = cache.tracer, cache.invoke
+    if invoke.narrow or invoke.encoded is None or sum(bool(i.rows) for i in tracer._invokes) != 1:
         raise BadRequestError(
-            "a full tracer.cache() over a generation is not served by the swarm backend: its model.model.rotary_emb, "
-            "model.model and model entries (each step's positions and the KV cache of the whole generation) cannot be "
-            "rebuilt exactly from what the nodes record. Pass the modules you need: "
+            "a full tracer.cache() inside one of several invokes is not served whole by the swarm backend: the "
+            "model's and model.model's output objects (their KV cache) would have to be cut to that invoke's rows, "
+            "which the gateway does not do. Declare the cache in a trace of one invoke, or pass the modules you need: "
             "tracer.cache(modules=[lm.model.layers[3], ...]).")
+    if tracer.generation:
+        raise BadRequestError(
+            "a full tracer.cache() over lm.generate is not served by the swarm backend: nnsight's cache then also "
+            "holds model.generator and model.generator.streamer (the ids the generation loop made and streamed), "
+            "which no node records. Pass the modules you need: tracer.cache(modules=[lm.model.layers[3], ...]), "
+            "and save tracer.result for the ids.")
+    mask = invoke.encoded[1]                                                   # (B, T)
+    skeleton = tracer.skeleton
     config, inner = skeleton.config, skeleton.module("model")
-    embedded = _output(entries, "model.model.embed_tokens")
-    rotary_module = type(inner.rotary_emb)(config=config)
-    positions = torch.arange(embedded.shape[1]).unsqueeze(0)
+    positions = nnsight_position_ids(mask)
+    positions = torch.arange(mask.shape[1]).unsqueeze(0) if positions is None else positions  # (B or 1, T)
     with torch.no_grad():
-        cos, sin = rotary_module(embedded, positions)  # (1, T, head_dim) each
+        cos, sin = type(inner.rotary_emb)(config=config)(_output(entries, "model.model.embed_tokens"), positions)
     past = DynamicCache(config=config)
     for i in range(config.num_hidden_layers):
         attention = skeleton.module(f"model.layers.{i}.self_attn")
         head_dim = attention.head_dim
         prefix = f"model.model.layers.{i}.self_attn"
-        keys = _output(entries, f"{prefix}.k_norm") if hasattr(attention, "k_norm") else None
-        if keys is None:
+        if hasattr(attention, "k_norm"):  # (B, T, kv_heads, head_dim) already
+            keys = _output(entries, f"{prefix}.k_norm")
+        else:
             keys = _output(entries, f"{prefix}.k_proj")
             keys = keys.view(*keys.shape[:-1], -1, head_dim)
         keys = keys.transpose(1, 2)                                            # (B, kv_heads, T, head_dim)
@@ -64,18 +81,19 @@ def add_root_entries(entries: dict[str, list], skeleton: Any, entry_type: type) 
         rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         _, keys = rotate(keys, keys, cos, sin)
         past.update(keys, values, i)
-    built = {ROTARY: (cos, sin),
-             INNER: BaseModelOutputWithPast(last_hidden_state=_output(entries, "model.model.norm"),
-                                            past_key_values=past),
-             ROOT: CausalLMOutputWithPast(logits=_output(entries, "model.lm_head"), past_key_values=past)}
+    built = {ROTARY: entry_type(output=(cos, sin)),
+             INNER: entry_type(output=BaseModelOutputWithPast(last_hidden_state=_output(entries, "model.model.norm"),
+                                                              past_key_values=past)),
+             ROOT: entry_type(output=CausalLMOutputWithPast(logits=_output(entries, "model.lm_head"),
+                                                            past_key_values=past))}
     out: dict[str, list] = {}
     for key, calls in entries.items():
         if key == "model.lm_head":
-            out[INNER] = [entry_type(output=built[INNER])]
+            out[INNER] = [built[INNER]]
         out[key] = calls
         if key == "model.model.embed_tokens":
-            out[ROTARY] = [entry_type(output=built[ROTARY])]
-    out[ROOT] = [entry_type(output=built[ROOT])]
+            out[ROTARY] = [built[ROTARY]]
+    out[ROOT] = [built[ROOT]]
     return out
 
 

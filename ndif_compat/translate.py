@@ -326,5 +326,5 @@ def nnsight_cache(view: "hybrid_cache.CacheView") -> Any:
                                                               for e in entries]
                    for path, entries in cache.entries.items()}
     if cache.everything and cache.include_output:  # nnsight's full cache also holds the root, model.model, rotary_emb
-        out.entries = add_root_entries(out.entries, cache.tracer.skeleton, Entry)
+        out.entries = add_root_entries(out.entries, cache, Entry)
     return CacheView(out, None)

@@ -105,9 +105,17 @@ def attention(lm, **remote):
 def cache_full(lm, **remote):
     """Every module, after an intervention: nnsight's keys in its order, the root's, ``model.model``'s and
     ``rotary_emb``'s entries included (the swarm backend builds those on the gateway from the nodes' entries)."""
-    with lm.trace(PROMPT, **remote) as tracer:
+    with lm.trace([PROMPT, "The Louvre is in"], **remote) as tracer:  # left-padded: nnsight's positions per row
         cached = tracer.cache()
         lm.model.layers[3].output[:, -1] *= 0.5
+    return {"cache": cached}, _meta(tracer)
+
+
+def cache_generation(lm, **remote):
+    """A full cache over a generation: nnsight's also holds ``model.generator`` and its streamer (the loop's ids),
+    which no node records: the swarm backend refuses it, the local backend is nnsight."""
+    with lm.generate(PROMPT, max_new_tokens=2, do_sample=False, **remote) as tracer:
+        cached = tracer.cache()
     return {"cache": cached}, _meta(tracer)
 
 
@@ -159,7 +167,8 @@ PUSHED = {"logits": logits, "skip_and_stop": skip_and_stop, "barrier_patch": bar
           "attention": attention, "cache_full": cache_full, "edit": edit}
 FALLBACK = {"reads_inputs": reads_inputs}
 CLIENT = {"scan": scan}
-REFUSED = {"cache_with_inputs": cache_with_inputs, "cache_on_gateway_path": cache_on_gateway_path}
+REFUSED = {"cache_with_inputs": cache_with_inputs, "cache_on_gateway_path": cache_on_gateway_path,
+           "cache_generation": cache_generation}
 """Refused by the swarm backend (neither path answers them exactly); the local backend runs them with nnsight."""
 EAGER = {"attention"}
 """Compared with nnsight loaded with ``attn_implementation="eager"`` (SDPA returns no weights)."""
@@ -249,6 +258,8 @@ def check(got: dict, ns, checkpoint, backend: str = "swarm") -> None:
     assert path == "gateway" and "not expressible as an intervention graph" in reason and "inputs" in reason, paths
     refused = got["cache_with_inputs"]
     assert isinstance(refused, str) and "BadRequestError" in refused and "include_inputs=True" in refused, refused
+    refused = got["cache_generation"]
+    assert isinstance(refused, str) and "BadRequestError" in refused and "model.generator" in refused, refused
     refused = got["cache_on_gateway_path"]
     assert isinstance(refused, str) and "UnreachableModuleError" in refused and "tracer.cache()" in refused \
         and "inputs" in refused, refused
