@@ -280,7 +280,8 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict,
     except NotTranslatable:
         raise
     except (AttributeError, IndexError) as e:
-        if _MISSING_MODULE.match(str(e)):  # a path the model lacks: nnsight would fail too, only less clearly
+        if _MISSING_MODULE.match(str(e)) and not _nnsight_only(str(e), tracer):
+            # a path the model lacks: nnsight would fail too, only less clearly
             raise UnknownModuleError(f"{e}. Check the module path against the model (print the model to see its "
                                      "modules).") from None
         logger.info("hybrid translation ended with %s: %s", type(e).__name__, e)
@@ -301,6 +302,20 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict,
         return saves, dict(context.stats)
     traces = [dict(t.stats) for t in context.traces]
     return saves, {"route": traces[0].get("route") if traces else [], "traces": traces}
+
+
+def _nnsight_only(message: str, tracer) -> bool:
+    """Whether the name our envoy refused is one nnsight's model envoy has that is not a module (``lm.generator``): not
+    a typo, only a name the hybrid tracer has no counterpart for (the gateway runs the request)."""
+    from nnsight.intervention.envoy import Envoy
+
+    missing = re.search(r"has no submodule '(\w+)'", message)
+    if missing is None:
+        return False
+    frame = tracer.info.frame
+    roots = [v for v in [getattr(tracer, "envoy", None), *frame.f_globals.values(), *frame.f_locals.values()]
+             if isinstance(v, Envoy) and v.path == "model"]
+    return any(hasattr(root, missing.group(1)) for root in roots)
 
 
 def nnsight_cache(view: "hybrid_cache.CacheView") -> Any:

@@ -12,6 +12,8 @@ No gateway of its own (the test-time budget): :func:`run` is called by the clien
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -154,6 +156,31 @@ def cache_on_gateway_path(lm, **remote):
     return {"cache": cached}, _meta(tracer)
 
 
+def generator_output(lm, **remote):
+    """``lm.generator.output`` (deprecated for ``tracer.result``, still nnsight 0.8.1's): the generated ids."""
+    with lm.generate(PROMPT, max_new_tokens=2, do_sample=False, **remote) as tracer:
+        ids = lm.generator.output.save()
+    return {"ids": ids}, _meta(tracer)
+
+
+class Sae(torch.nn.Module):
+    """A user ``nn.Module`` in a trace: its class would have to be loaded by the gateway."""
+
+    def __init__(self, d: int = 576) -> None:
+        super().__init__()
+        self.enc = torch.nn.Linear(d, 4 * d)
+
+    def forward(self, x):
+        return torch.relu(self.enc(x))
+
+
+def user_module(lm, **remote):
+    sae = Sae()
+    with lm.trace(PROMPT, **remote) as tracer:
+        codes = sae(lm.model.layers[4].output).save()
+    return {"codes": codes}, _meta(tracer)
+
+
 def reads_inputs(lm, **remote):
     """``lm.inputs`` has no node to run on (the hybrid tracer refuses it): the gateway runs it and says why."""
     with lm.trace(PROMPT, **remote) as tracer:
@@ -170,6 +197,11 @@ CLIENT = {"scan": scan}
 REFUSED = {"cache_with_inputs": cache_with_inputs, "cache_on_gateway_path": cache_on_gateway_path,
            "cache_generation": cache_generation}
 """Refused by the swarm backend (neither path answers them exactly); the local backend runs them with nnsight."""
+EITHER = {"generator_output": generator_output}
+"""Equal to local nnsight on both backends, on whichever path the swarm backend takes (the hybrid tracer may record
+it, or the gateway runs it with its reason)."""
+REFUSED_EVERYWHERE = {"user_module": user_module}
+"""A user ``nn.Module`` class is refused by the gateway's loader (it loads no classes from the request)."""
 EAGER = {"attention"}
 """Compared with nnsight loaded with ``attn_implementation="eager"`` (SDPA returns no weights)."""
 
@@ -179,7 +211,7 @@ def run(lm) -> dict:
     from nnsight.intervention.backends.remote import RemoteError
 
     got: dict = {"meta": {}}
-    for name, experiment in {**PUSHED, **FALLBACK, **CLIENT, **REFUSED}.items():
+    for name, experiment in {**PUSHED, **FALLBACK, **CLIENT, **REFUSED, **EITHER, **REFUSED_EVERYWHERE}.items():
         try:
             got[name], got["meta"][name] = experiment(lm, remote=True)
         except RemoteError as e:
@@ -230,15 +262,30 @@ def assert_same(have, want, where: str) -> None:
             assert a == b, f"{at}: {a!r:.200} vs {b!r:.200}"
 
 
+_REFERENCES: dict[str, dict] = {}
+"""Local nnsight's values per experiment, computed once for both backends' checks (the test-time budget)."""
+
+
+def _reference(name: str, experiment, ns, checkpoint) -> dict:
+    if name not in _REFERENCES:
+        _REFERENCES[name] = experiment(_eager(str(checkpoint)) if name in EAGER else ns)[0]
+    return _REFERENCES[name]
+
+
+@functools.cache
+def _eager(checkpoint: str):
+    import nnsight
+
+    return nnsight.LanguageModel(checkpoint, dispatch=True, dtype=torch.float32, attn_implementation="eager")
+
+
 def check(got: dict, ns, checkpoint, backend: str = "swarm") -> None:
     """``backend``: ``"swarm"`` (the hybrid swarm gateway: PUSHED pushed to the nodes, FALLBACK on the gateway with
     its reason, REFUSED refused) or ``"local"`` (``--local``: everything runs with nnsight on the gateway's model, and
     equals local nnsight, REFUSED included)."""
-    import nnsight
-
-    eager = nnsight.LanguageModel(str(checkpoint), dispatch=True, dtype=torch.float32, attn_implementation="eager")
-    compared = {**PUSHED, **FALLBACK, **CLIENT, **(REFUSED if backend == "local" else {})}
-    references = {name: experiment(eager if name in EAGER else ns)[0] for name, experiment in compared.items()}
+    compared = {**PUSHED, **FALLBACK, **CLIENT, **EITHER,
+                **(REFUSED if backend == "local" else {})}
+    references = {name: _reference(name, experiment, ns, checkpoint) for name, experiment in compared.items()}
     for name, values in references.items():
         assert isinstance(got[name], dict), f"{name}: {got[name]}"
         for key, want in values.items():
@@ -247,6 +294,8 @@ def check(got: dict, ns, checkpoint, backend: str = "swarm") -> None:
     assert got["edit"]["zeroed"][:, -1].abs().max() == 0 and got["edit"]["clean"][:, -1].abs().max() > 0
     paths = {name: (meta.get("path"), meta.get("reason")) for name, meta in got["meta"].items()}
     assert paths["scan"] == ("client", None)
+    refused = got["user_module"]
+    assert isinstance(refused, str) and "UnsafeRequestError" in refused, refused
     if backend == "local":
         assert all(path == "gateway" and "--local" in reason for name, (path, reason) in paths.items()
                    if name != "scan"), paths
@@ -254,6 +303,7 @@ def check(got: dict, ns, checkpoint, backend: str = "swarm") -> None:
     assert {name: path for name, (path, _) in paths.items() if name in PUSHED} == dict.fromkeys(PUSHED, "hybrid"), \
         {name: reason for name, (_, reason) in paths.items() if name in PUSHED and reason}
     assert all(reason == "" for name, (_, reason) in paths.items() if name in PUSHED), paths
+    assert all(paths[name][0] == "hybrid" or paths[name][0] == "gateway" and paths[name][1] for name in EITHER), paths
     path, reason = paths["reads_inputs"]
     assert path == "gateway" and "not expressible as an intervention graph" in reason and "inputs" in reason, paths
     refused = got["cache_with_inputs"]
