@@ -179,6 +179,29 @@ def _edited_models(tracer, hybrid_lm, builtins: dict, edits: list, run_block) ->
     return models
 
 
+def _inputs(inputs: Any) -> Any:
+    """The trace's inputs in a form :class:`hybrid.LanguageModel` batches as nnsight does: prompts, token ids
+    (``list[int]``, ``list[list[int]]``, left-padded as nnsight pads them, or an integer tensor), or nnsight's dict form
+    ``{"input_ids": ..., "attention_mask": ...}`` whose mask has no padding (a padded mask the caller wrote may differ
+    from the one our tokenizer would make: not translated)."""
+    if isinstance(inputs, dict) and "input_ids" in inputs and set(inputs) <= {"input_ids", "attention_mask"}:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids) if isinstance(ids, list) else None
+        if ids is None or ids.is_floating_point() or ids.ndim not in (1, 2):
+            raise NotTranslatable("input_ids that are not an integer tensor or list are not translated")
+        if mask is not None and not bool(torch.as_tensor(mask).all()):
+            raise NotTranslatable("inputs with a padded attention_mask of the caller's are not translated")
+        return ids
+    if inputs is None or isinstance(inputs, (str, torch.Tensor)):
+        return inputs
+    if isinstance(inputs, list) and inputs and (
+            all(isinstance(x, str) for x in inputs)
+            or all(type(x) is int for x in inputs)
+            or all(isinstance(x, list) and x and all(type(t) is int for t in x) for x in inputs)):
+        return inputs
+    raise NotTranslatable(f"inputs of type {type(inputs).__name__} are not translated")
+
+
 def _context(tracer, hybrid_lm):
     """The hybrid context for the request's outer nnsight tracer."""
     from nnsight.intervention.tracer import InterleavingTracer
@@ -194,9 +217,7 @@ def _context(tracer, hybrid_lm):
     inputs = tracer.args[0] if tracer.args else None
     if len(tracer.args) > 1:
         raise NotTranslatable("trace arguments beyond the inputs are not translated")
-    if not (inputs is None or isinstance(inputs, str) or isinstance(inputs, torch.Tensor)
-            or isinstance(inputs, list) and all(isinstance(x, str) for x in inputs)):
-        raise NotTranslatable(f"inputs of type {type(inputs).__name__} are not translated")
+    inputs = _inputs(inputs)
     if fn_name == "_call":
         if tracer.kwargs:
             raise NotTranslatable(f"trace arguments {sorted(tracer.kwargs)} are not translated")

@@ -88,6 +88,16 @@ def gradient(lm, **remote):
     return {"g": g, "metric": value.detach()}, _meta(tracer)
 
 
+def token_ids(lm, **remote):
+    """Inputs as token ids: nnsight's dict form and a batch of id lists of two lengths (left-padded)."""
+    ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with lm.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, **remote) as tracer:
+        first = lm.lm_head.output[:, -1].save()
+    with lm.trace([ids[0].tolist(), ids[0, 3:].tolist()], **remote):
+        rows = lm.model.layers[6].output[:, -1].save()
+    return {"first": first, "rows": rows}, _meta(tracer)
+
+
 def cache(lm, **remote):
     """nnsight's ``tracer.cache``: a layer and a submodule inside one, after an intervention on the layer."""
     with lm.trace(PROMPT, **remote) as tracer:
@@ -190,7 +200,8 @@ def reads_inputs(lm, **remote):
 
 
 PUSHED = {"logits": logits, "skip_and_stop": skip_and_stop, "barrier_patch": barrier_patch,
-          "steps_block": steps_block, "session_ops": session_ops, "gradient": gradient, "cache": cache,
+          "steps_block": steps_block, "session_ops": session_ops, "gradient": gradient, "token_ids": token_ids,
+          "cache": cache,
           "attention": attention, "cache_full": cache_full, "edit": edit}
 FALLBACK = {"reads_inputs": reads_inputs}
 CLIENT = {"scan": scan}
