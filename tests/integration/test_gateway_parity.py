@@ -214,6 +214,26 @@ it, or the gateway runs it with its reason)."""
 REFUSED_EVERYWHERE = {"user_module": user_module}
 """A user ``nn.Module`` class is refused by the gateway's loader (it loads no classes from the request)."""
 EAGER = {"attention"}
+
+ROWS = {"submodule": "cache", "root_output": "logits", "root_inputs": "reads_inputs",
+        "generator_output": "generator_output", "block_forms": "steps_block", "session_values": "session_ops",
+        "barrier": "barrier_patch", "early_stop": "skip_and_stop", "skip": "skip_and_stop",
+        "user_module": "user_module", "attention_weights": "attention", "cache": "cache_full", "scan": "scan",
+        "edit": "edit"}
+"""The experiment here that backs each ``[p]`` cell of docs/nnsight_features.md (by the row's example name); checked
+against the cells by tests/integration/test_nnsight_features.py."""
+
+
+def expected_cell(experiment: str, backend: str) -> tuple[str, ...]:
+    """How a ``[p]`` cell of ``backend``'s column may read, given where :func:`check` requires the experiment to run."""
+    if experiment in REFUSED_EVERYWHERE:
+        return ("✗ UnsafeRequestError",)
+    if experiment in CLIENT:
+        return ("✓ client",)
+    if backend == "local":
+        return ("✓",)
+    return {**dict.fromkeys(PUSHED, ("✓ hybrid",)), **dict.fromkeys(FALLBACK, ("✓ gateway",)),
+            **dict.fromkeys(EITHER, ("✓ hybrid", "✓ gateway"))}[experiment]
 """Compared with nnsight loaded with ``attn_implementation="eager"`` (SDPA returns no weights)."""
 
 
