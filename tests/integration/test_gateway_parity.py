@@ -1,13 +1,19 @@
-"""The gateway's routing: the real nnsight 0.8 client (``remote=True``) against ``swarm-gateway --initial-peers`` sends
-every request the hybrid tracer supports down the hybrid path (pushed to the nodes) — the root model's logits, skip
-and early stop, ``tracer.barrier``, the deprecated ``with tracer.iter[...]:`` block, operations on an earlier trace's
-value in a session, gradients, ``tracer.cache(...)``, attention weights (``self_attn.output[1]``) — and the response
-metadata names the path, and for a fallback its reason. Every saved value equals the same program run by local
-nnsight (fp32, one torch thread, max abs diff <= 1e-5; attention weights: nnsight with eager attention, as the nodes
-run that call). What neither path can answer exactly is refused with a typed error, never an empty cache.
+"""The gateway's routing and parity: the real nnsight 0.8 client (``remote=True``) against ``swarm-gateway``.
 
-No gateway of its own (the test-time budget): :func:`run` is called by the client process of
-``tests/integration/test_gateway.py``'s hybrid swarm-backend run, and :func:`check` by that test.
+Swarm backend (``--initial-peers``): every request the hybrid tracer supports goes down the hybrid path (pushed to the
+nodes) — the root model's logits, skip and early stop, ``tracer.barrier``, the deprecated ``with tracer.iter[...]:``
+block, operations on an earlier trace's value in a session, gradients, token-id inputs, ``tracer.cache(...)`` (a full
+cache with nnsight's every key), attention weights (``self_attn.output[1]``), an ``lm.edit()``ed model — and the
+response metadata names the path, and for a fallback its reason. What neither path can answer exactly is refused
+with a typed error, never an empty or partial cache.
+
+Local backend (``--local``): the same experiments, and the ones the swarm backend refuses, all run by nnsight on the
+gateway's model; attention weights with eager attention for the request that names the attention module.
+
+Every saved value equals the same program run by local nnsight (fp32, one torch thread, max abs diff <= 1e-5;
+attention weights: nnsight with eager attention). No gateway of its own (the test-time budget): :func:`run` is
+called by the client process of ``tests/integration/test_gateway.py``'s ``--local`` run and hybrid swarm-backend
+run, and :func:`check` by those tests.
 """
 
 from __future__ import annotations
