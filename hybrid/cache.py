@@ -143,6 +143,7 @@ def declare(tracer: Any, modules: list | None, *, device: Any = torch.device("cp
         paths = [p for p in called if p in wanted]
     cache = Cache(tracer, paths, device=device, dtype=dtype, include_output=include_output,
                   include_inputs=include_inputs)
+    cache.everything = modules is None  # the gateway adds nnsight's root entries to a full cache (ndif_compat)
     tracer._finalizers.append(cache.finalize)
     return CacheView(cache, None)
 

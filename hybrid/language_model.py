@@ -190,7 +190,7 @@ class LanguageModel:
         self._edits = []
 
     def _edited_copy(self) -> "LanguageModel":
-        copy = object.__new__(LanguageModel)
+        copy = object.__new__(type(self))  # a subclass (the gateway's brokered model) keeps its methods
         copy.__dict__.update(self.__dict__)
         copy._edits = list(self._edits)
         copy._shared = self  # the lazily opened connection and weights are this model's

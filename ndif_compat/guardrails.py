@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import builtins
 import contextvars
+import functools
 import io
 import os
 import pickle
@@ -215,6 +216,8 @@ def _builtin_type(name: str):
 
 SHIPPED_SOURCES: contextvars.ContextVar[list[str]] = contextvars.ContextVar("shipped_sources")
 """Sources of the functions shipped with the request being unpickled (set a list before unpickling)."""
+SHIPPED_EDITS: contextvars.ContextVar[list[str]] = contextvars.ContextVar("shipped_edits")
+"""Sources of the ``lm.edit()`` blocks shipped with the request being unpickled (set a list before unpickling)."""
 
 
 def _is_nnsight_own(source: str, origin_filename: str, origin_line: int) -> bool:
@@ -259,6 +262,34 @@ def _checked_load_function(source, name, defaults, kwdefaults, annotations, orig
     return func
 
 
+@functools.cache
+def _edit_class():
+    """nnsight's ``Mediator`` as it arrives in a request: the stored block of an ``lm.edit()``, which rides in the
+    edited envoy's ``_edits``. It is reduced to source + the values it names (as the traced block is), so its source is
+    checked like the block's and recorded among the request's sources (the gateway's source analysis reads it), and it
+    runs with the restricted builtins (``exec`` would otherwise fill in the real ones)."""
+    from nnsight.intervention.interleaver import Mediator
+
+    class CheckedEdit(Mediator):
+        def __setstate__(self, state: dict) -> None:
+            reduced = state.get("reduced") if isinstance(state, dict) else None
+            if not (isinstance(reduced, tuple) and len(reduced) == 3 and isinstance(reduced[0], str)
+                    and isinstance(reduced[1], dict) and isinstance(reduced[2], dict)
+                    and set(state) <= {"reduced", "copy", "presaved"}):
+                raise UnsafeRequestError("the request carries an edit (lm.edit()) that is not an nnsight 0.8 stored "
+                                         "block; refused.")
+            check_source(reduced[0], "the lm.edit() block")
+            SHIPPED_SOURCES.get([]).append(reduced[0])
+            SHIPPED_EDITS.get([]).append(reduced[0])
+            super().__setstate__(state)
+            self.source = reduced[0]  # the gateway's hybrid translation records the edit from it
+            self.glbls["__builtins__"] = SAFE_BUILTINS
+            dict.__setitem__(self.lcls, "__builtins__", SAFE_BUILTINS)  # exec's globals: the scope itself
+
+    CheckedEdit.__name__ = CheckedEdit.__qualname__ = "Mediator"
+    return CheckedEdit
+
+
 def _load_storage_bytes(data: bytes):
     """A tensor storage pickled by ``Tensor.__reduce_ex__`` (``torch.storage._load_from_bytes``, i.e. a full
     ``torch.load``), read with torch's ``weights_only`` unpickler instead: storages, tensors and plain data only."""
@@ -298,6 +329,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _checked_load_function
         if module == "torch.storage" and name == "_load_from_bytes":
             return _load_storage_bytes
+        if module == "nnsight.intervention.interleaver" and name == "Mediator":
+            return _edit_class()
         if module == "builtins" and name in ("getattr", "eval", "exec", "__import__", "open", "compile"):
             raise UnsafeRequestError(f"the request's payload calls builtins.{name}; refused.")
         raise UnsafeRequestError(f"the request's payload needs {module}.{name}, which the gateway does not load "

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import Any, Callable
@@ -16,6 +17,7 @@ import torch
 import zstandard
 
 from .config import BackendSpec
+from .eager_attention import attention_names, eager_attention, names_attention
 from .errors import ExecutionError, FusedSegmentError, ParametersModifiedError, UnreachableModuleError
 from .execution import Outcome, _Printer, encode_result, forget, load_request, run_tracer
 from .gradients import check_tensor_class, needs_gradients
@@ -60,6 +62,8 @@ class Runtime:
         """Set by :meth:`warm_up` (after the warm-up traces, which must not count as writes)."""
         self._objects: dict | None = None
         """The model's persistent objects payloads resolve to; built once, by :meth:`warm_up`."""
+        self._attention_names = attention_names(lm._module)
+        """The attribute names of the model's attention modules: a request that names one runs eagerly (local)."""
 
     @classmethod
     def load(cls, spec: BackendSpec, threads: int | None = None, brokered: bool = False) -> "Runtime":
@@ -186,6 +190,8 @@ class Runtime:
         before = self.traffic()
         sources: list[str] = []
         guardrails.SHIPPED_SOURCES.set(sources)
+        edits: list[str] = []
+        guardrails.SHIPPED_EDITS.set(edits)
         tracer, source = load_request(data, request_id, self._objects)
         sources.insert(0, source)
         gradients = needs_gradients(sources)
@@ -193,9 +199,10 @@ class Runtime:
         try:
             frame = tracer.info.frame  # a typo in a module path: our typed error, before anything runs
             check_module_paths(sources, {**frame.f_globals, **frame.f_locals})
-            saves, reason = None, "this gateway runs every request there (--no-hybrid)"
-            if self.hybrid_lm is not None:  # gradients too: the nodes run backward passes (hybrid.backward)
-                saves, path, reason = self._try_hybrid(tracer, source, log)
+            saves, reason = None, ("this gateway runs every request there (--no-hybrid)" if self.stack is not None
+                                   else "the --local backend runs every request there, on its own copy of the model")
+            if self.hybrid_lm is not None:  # gradients and lm.edit() too (hybrid.backward, hybrid.edits)
+                saves, path, reason = self._try_hybrid(tracer, source, log, edits)
             if saves is None:
                 saves = self._run_gateway(data, tracer, sources, request_id, log, reason, gradients)
         finally:
@@ -221,8 +228,10 @@ class Runtime:
         model = self.lm._module if gradients else None
         tracking = ", with gradient tracking" if gradients else ""
         if self.stack is None:
-            log(f"execution path: gateway (local model{tracking})")
-            return run_tracer(tracer, log, model)
+            eager = names_attention(sources, self._attention_names)
+            log(f"execution path: gateway (local model{tracking}{', eager attention' if eager else ''})")
+            with eager_attention(self.lm._module) if eager else contextlib.nullcontext():
+                return run_tracer(tracer, log, model)
         if any(CACHE_CALL.search(s) for s in sources):
             raise UnreachableModuleError(
                 "tracer.cache() on the swarm backend is served only pushed to the nodes as an intervention graph: on "
@@ -263,7 +272,7 @@ class Runtime:
         finally:
             forget(again.info.frame.f_code.co_filename)
 
-    def _try_hybrid(self, tracer, source: str, log) -> tuple[dict | None, str, str]:
+    def _try_hybrid(self, tracer, source: str, log, edits: list[str]) -> tuple[dict | None, str, str]:
         """``(saves, "hybrid", "")``, or ``(None, "gateway", why it cannot be pushed to the nodes)``."""
         from .translate import NotTranslatable, translate_and_run
 
@@ -271,7 +280,7 @@ class Runtime:
         builtins = {**SAFE_BUILTINS, "print": _Printer(logs.append)}
         try:
             with AuditGuard.install():
-                saves, stats = translate_and_run(tracer, source, self.hybrid_lm, builtins)
+                saves, stats = translate_and_run(tracer, source, self.hybrid_lm, builtins, edits)
         except NotTranslatable as e:
             logger.info("request runs on the gateway: %s", e)
             log(f"execution path: gateway (not expressible as an intervention graph: {e})")

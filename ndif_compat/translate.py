@@ -34,6 +34,7 @@ import torch
 
 from hybrid import cache as hybrid_cache  # imported here: the request's audit guard refuses imports while it runs
 
+from .cache_roots import add_root_entries
 from .errors import BadRequestError, UnknownModuleError
 
 logger = logging.getLogger(__name__)
@@ -117,8 +118,9 @@ def rewrite(source: str, filename: str) -> Any:
 
 # ---- the names the block uses -----------------------------------------------------------------------------------
 
-def _hybrid_value(value: Any, hybrid_lm, tracer) -> Any:
-    """The hybrid counterpart of a value shipped with the request (model, envoy, tracer), or the value itself."""
+def _hybrid_value(value: Any, hybrid_lm, tracer, edited: dict | None = None) -> Any:
+    """The hybrid counterpart of a value shipped with the request (model, envoy, tracer), or the value itself.
+    ``edited``: ``{id(root envoy): hybrid copy carrying its edits}`` (:func:`_edited_models`)."""
     from nnsight.intervention.envoy import Envoy
     from nnsight.intervention.tracer import InterleavingTracer
 
@@ -126,6 +128,8 @@ def _hybrid_value(value: Any, hybrid_lm, tracer) -> Any:
         if tracer is None:
             raise NotTranslatable("the block names a tracer outside its own trace")
         return tracer
+    if edited and id(value) in edited:
+        return edited[id(value)]
     if isinstance(value, Envoy):
         path = value.path.removeprefix("model")
         target = hybrid_lm
@@ -139,6 +143,63 @@ def _hybrid_value(value: Any, hybrid_lm, tracer) -> Any:
     if type(value).__name__ == "module" and value.__name__.split(".")[0] in ("torch", "math"):
         return value
     raise NotTranslatable(f"the block uses {type(value).__name__}, which the hybrid tracer does not know")
+
+
+def _edited_models(tracer, hybrid_lm, builtins: dict, edits: list, run_block) -> dict:
+    """``{id(envoy): hybrid copy}`` for each ``lm.edit()``ed root model the request carries: each edit block (its
+    source, checked when it was loaded) is recorded once more, in our tracer's spelling, by
+    ``hybrid_lm.edit()`` (:mod:`hybrid.edits`), so the edit heads every trace of the copy and runs on the nodes.
+
+    Raises:
+        NotTranslatable: an edit the request carries is not on a root model (nnsight replays an edit stored on a
+            submodule's envoy only when that submodule is traced), or the hybrid tracer cannot record it.
+    """
+    from nnsight.intervention.envoy import Envoy
+
+    frame = tracer.info.frame
+    roots = {id(v): v for v in [getattr(tracer, "envoy", None), *frame.f_globals.values(), *frame.f_locals.values()]
+             if isinstance(v, Envoy) and v.__dict__.get("_edits") and v.path == "model"}
+    if sum(len(v._edits) for v in roots.values()) != len(edits):
+        raise NotTranslatable("an lm.edit() stored on a submodule's envoy (or not on a model the block names) is not "
+                              "translated")
+    models = {}
+    for key, envoy in roots.items():
+        target = None
+        for mediator in envoy._edits:
+            source = getattr(mediator, "source", None)
+            if source is None:
+                raise NotTranslatable("an edit without its source")
+            context = hybrid_lm.edit() if target is None else target.edit(inplace=True)
+            with context as bound:
+                edit_tracer, target = bound if target is None else (bound, target)
+                scope = {name: _hybrid_value(v, target, edit_tracer)
+                         for name, v in {**mediator.glbls, **dict(mediator.lcls)}.items() if name != "__builtins__"}
+                run_block(source, f"<lm.edit() block {len(models)}>", scope)
+        models[key] = target
+    return models
+
+
+def _inputs(inputs: Any) -> Any:
+    """The trace's inputs in a form :class:`hybrid.LanguageModel` batches as nnsight does: prompts, token ids
+    (``list[int]``, ``list[list[int]]``, left-padded as nnsight pads them, or an integer tensor), or nnsight's dict form
+    ``{"input_ids": ..., "attention_mask": ...}`` whose mask has no padding (a padded mask the caller wrote may differ
+    from the one our tokenizer would make: not translated)."""
+    if isinstance(inputs, dict) and "input_ids" in inputs and set(inputs) <= {"input_ids", "attention_mask"}:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids) if isinstance(ids, list) else None
+        if ids is None or ids.is_floating_point() or ids.ndim not in (1, 2):
+            raise NotTranslatable("input_ids that are not an integer tensor or list are not translated")
+        if mask is not None and not bool(torch.as_tensor(mask).all()):
+            raise NotTranslatable("inputs with a padded attention_mask of the caller's are not translated")
+        return ids
+    if inputs is None or isinstance(inputs, (str, torch.Tensor)):
+        return inputs
+    if isinstance(inputs, list) and inputs and (
+            all(isinstance(x, str) for x in inputs)
+            or all(type(x) is int for x in inputs)
+            or all(isinstance(x, list) and x and all(type(t) is int for t in x) for x in inputs)):
+        return inputs
+    raise NotTranslatable(f"inputs of type {type(inputs).__name__} are not translated")
 
 
 def _context(tracer, hybrid_lm):
@@ -156,9 +217,7 @@ def _context(tracer, hybrid_lm):
     inputs = tracer.args[0] if tracer.args else None
     if len(tracer.args) > 1:
         raise NotTranslatable("trace arguments beyond the inputs are not translated")
-    if not (inputs is None or isinstance(inputs, str) or isinstance(inputs, torch.Tensor)
-            or isinstance(inputs, list) and all(isinstance(x, str) for x in inputs)):
-        raise NotTranslatable(f"inputs of type {type(inputs).__name__} are not translated")
+    inputs = _inputs(inputs)
     if fn_name == "_call":
         if tracer.kwargs:
             raise NotTranslatable(f"trace arguments {sorted(tracer.kwargs)} are not translated")
@@ -177,9 +236,12 @@ def _context(tracer, hybrid_lm):
     raise NotTranslatable(f"{fn_name or 'this call'} is not translated")
 
 
-def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[dict[str, Any], dict]:
+def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict,
+                      edits: list | None = None) -> tuple[dict[str, Any], dict]:
     """Run the request's block as hybrid graphs. Returns ``(saved values by variable name, stats)``: the stats of
-    the trace, or for a session ``{"route": ..., "traces": [stats of each trace]}``.
+    the trace, or for a session ``{"route": ..., "traces": [stats of each trace]}``. ``edits``: the sources of the
+    ``lm.edit()`` blocks the request carries (:data:`~ndif_compat.guardrails.SHIPPED_EDITS`); each is recorded into
+    a hybrid copy of the model that the block's traces of the edited model use.
 
     Raises:
         NotTranslatable: the block cannot be expressed as hybrid graphs (refused while recording, before anything
@@ -187,6 +249,7 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
     """
     from hybrid import save as hybrid_save
     from hybrid.proxy import Proxy, TupleProxy
+    from hybrid.root_inputs import RootInputs
     from hybrid.session import Session
     from hybrid.steps import GeneratedTokens
     from hybrid.tracing import _bound
@@ -201,7 +264,7 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
     def save(value: Any) -> Any:
         if type(value) in (list, dict):
             containers.add(id(value))
-        elif not isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
+        elif not isinstance(value, (Proxy, TupleProxy, GeneratedTokens, RootInputs)):
             raise NotTranslatable(f"{type(value).__name__}.save() is not translated")
         return hybrid_save(value)
 
@@ -210,21 +273,37 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
             raise NotTranslatable("print() of a traced value (its value exists only on the nodes while they run)")
         builtins["print"](*args, **kwargs)
 
-    context = _context(tracer, hybrid_lm)
+    def run_block(text: str, filename: str, scope: dict) -> None:
+        try:
+            block = rewrite(text, filename)
+        except SyntaxError as e:
+            raise NotTranslatable(f"the edit block does not parse on its own ({e.msg})") from None
+        scope.update({"__builtins__": {**builtins, "print": printer}, SAVE: save})
+        exec(block, scope)
+
+    try:
+        edited = _edited_models(tracer, hybrid_lm, builtins, edits, run_block) if edits else {}
+    except NotTranslatable:
+        raise
+    except Exception as e:  # the hybrid tracer refused the edit block
+        raise NotTranslatable(f"lm.edit() block: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
+            from None
+    context = _context(tracer, edited.get(id(getattr(tracer, "envoy", None)), hybrid_lm))
     session = isinstance(context, Session)
     # The scope lives in a namespace object: hybrid binds saved values into the caller's variables, and we want to
     # read the proxies themselves.
     box = SimpleNamespace(scope={})
     try:
         with context:
-            box.scope = {name: _hybrid_value(v, hybrid_lm, None if session else context)
+            box.scope = {name: _hybrid_value(v, hybrid_lm, None if session else context, edited)
                          for name, v in {**frame.f_globals, **frame.f_locals}.items() if name != "__builtins__"}
             box.scope.update({"__builtins__": {**builtins, "print": printer}, SAVE: save})
             exec(code, box.scope)
     except NotTranslatable:
         raise
     except (AttributeError, IndexError) as e:
-        if _MISSING_MODULE.match(str(e)):  # a path the model lacks: nnsight would fail too, only less clearly
+        if _MISSING_MODULE.match(str(e)) and not _nnsight_only(str(e), tracer):
+            # a path the model lacks: nnsight would fail too, only less clearly
             raise UnknownModuleError(f"{e}. Check the module path against the model (print the model to see its "
                                      "modules).") from None
         logger.info("hybrid translation ended with %s: %s", type(e).__name__, e)
@@ -236,7 +315,7 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
     for name, value in box.scope.items():
         if isinstance(value, hybrid_cache.CacheView):
             saves[name] = nnsight_cache(value)
-        elif isinstance(value, (Proxy, TupleProxy, GeneratedTokens)):
+        elif isinstance(value, (Proxy, TupleProxy, GeneratedTokens, RootInputs)):
             if value.saved and value.bound:
                 saves[name] = value.value
         elif id(value) in containers:
@@ -245,6 +324,20 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict) -> tuple[d
         return saves, dict(context.stats)
     traces = [dict(t.stats) for t in context.traces]
     return saves, {"route": traces[0].get("route") if traces else [], "traces": traces}
+
+
+def _nnsight_only(message: str, tracer) -> bool:
+    """Whether the name our envoy refused is one nnsight's model envoy has that is not a module (``lm.generator``): not
+    a typo, only a name the hybrid tracer has no counterpart for (the gateway runs the request)."""
+    from nnsight.intervention.envoy import Envoy
+
+    missing = re.search(r"has no submodule '(\w+)'", message)
+    if missing is None:
+        return False
+    frame = tracer.info.frame
+    roots = [v for v in [getattr(tracer, "envoy", None), *frame.f_globals.values(), *frame.f_locals.values()]
+             if isinstance(v, Envoy) and v.path == "model"]
+    return any(hasattr(root, missing.group(1)) for root in roots)
 
 
 def nnsight_cache(view: "hybrid_cache.CacheView") -> Any:
@@ -269,4 +362,6 @@ def nnsight_cache(view: "hybrid_cache.CacheView") -> Any:
     out.entries = {f"{hybrid_cache.ROOT}.{path}".rstrip("."): [Entry(output=cache._moved(hybrid_cache._value(e.output)))
                                                               for e in entries]
                    for path, entries in cache.entries.items()}
+    if cache.everything and cache.include_output:  # nnsight's full cache also holds the root, model.model, rotary_emb
+        out.entries = add_root_entries(out.entries, cache, Entry)
     return CacheView(out, None)

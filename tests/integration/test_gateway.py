@@ -343,8 +343,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_run(local_gateway, workdir):
-    """One client process: the correctness experiments, then 20 concurrent clients."""
-    return run_client(local_gateway, "correctness+concurrent", workdir)
+    """One client process: the correctness experiments, issue 14's features, then 20 concurrent clients."""
+    return run_client(local_gateway, "correctness+parity+concurrent", workdir)
 
 
 def test_local_backend_equals_local_nnsight(local_run, references):
@@ -353,6 +353,14 @@ def test_local_backend_equals_local_nnsight(local_run, references):
     assert_equal_to_local(got, references)
     assert {m["path"] for m in got["meta"].values()} == {"gateway"}
     assert got["meta"]["patch"]["swarm_bytes_sent"] == 0
+
+
+def test_local_backend_serves_nnsight_features_as_local_nnsight(local_run, ns, smollm2_dir):
+    """Issue 14's features through ``--local``: attention weights (eager for the request that names the attention
+    module), a full cache with every key, ``lm.edit()``, the cache forms the swarm backend refuses; equal to local
+    nnsight."""
+    from tests.integration import test_gateway_parity
+    test_gateway_parity.check(dict(local_run["parity"]), ns, smollm2_dir, backend="local")
 
 
 def test_operators_get_one_log_line_per_request(local_run, local_gateway):

@@ -44,6 +44,40 @@ def table() -> dict[str, dict[str, str]]:
 ROWS = table()
 
 
+GATEWAYS = {"gateway local": "local", "gateway swarm": "swarm"}
+
+
+def gateway_cells() -> dict[str, dict[str, str]]:
+    """``{example: {"local" | "swarm": cell}}`` of the gateway columns."""
+    rows: dict[str, dict[str, str]] = {}
+    header: list[str] | None = None
+    for line in DOC.read_text().splitlines():
+        if not line.startswith("|") or line.startswith("|---"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            header = cells
+            continue
+        rows[cells[header.index("example")].strip("`")] = {b: cells[header.index(c)] for c, b in GATEWAYS.items()}
+    return rows
+
+
+def test_gateway_cells_say_what_their_tests_check():
+    """A gateway cell names the test backing it (or says ``untested``); a ``[p]`` cell reads as
+    tests/integration/test_gateway_parity.py requires that row's experiment to run on that backend (pushed, on the
+    gateway, on the client, refused)."""
+    from tests.integration import test_gateway_parity as parity
+
+    for example, cells in gateway_cells().items():
+        for backend, cell in cells.items():
+            assert cell == "untested" or re.search(r"\[(g|p|gr|d)\]$", cell), (example, backend, cell)
+            if cell.endswith("[p]"):
+                experiment = parity.ROWS.get(example)
+                assert experiment is not None, f"{example}: a [p] cell without an experiment in test_gateway_parity"
+                said = cell.removesuffix("[p]").strip()
+                assert said in parity.expected_cell(experiment, backend), (example, backend, cell)
+
+
 def test_every_example_has_a_row_and_back():
     assert set(ROWS) == set(EXAMPLES)
 

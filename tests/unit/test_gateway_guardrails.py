@@ -229,3 +229,34 @@ def test_api_keys_from_the_environment_and_flags_are_stored_stripped(monkeypatch
     config = build_config(args, " k1 , k2\n,, ")
     assert config.api_keys == frozenset({"k1", "k2", "k3"})
     KeyRing(config.api_keys, rate_per_minute=60.0, burst=1).identify("k2", "1.2.3.4")
+
+
+class _ShippedEdit:
+    """Pickles as nnsight's ``Mediator`` with ``state`` (what an ``lm.edit()``ed model carries in a request)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce_ex__(self, protocol):
+        import copyreg
+
+        from nnsight.intervention.interleaver import Mediator
+        return copyreg._reconstructor, (Mediator, object, None), self.state
+
+
+def test_edit_blocks_are_source_checked_and_run_with_the_restricted_builtins():
+    from ndif_compat.guardrails import SAFE_BUILTINS, SHIPPED_EDITS, SHIPPED_SOURCES
+
+    edits, sources = [], []
+    SHIPPED_EDITS.set(edits), SHIPPED_SOURCES.set(sources)
+    source = "edited.model.layers[2].output[:] = 0\n"
+    edit = _load(pickle.dumps(_ShippedEdit({"reduced": (source, {}, {"edited": 1}), "copy": True,
+                                            "presaved": set()}), protocol=4))
+    assert edit.source == source and edits == [source] and sources == [source]
+    assert edit.glbls["__builtins__"] is SAFE_BUILTINS and dict.__getitem__(edit.lcls, "__builtins__") is SAFE_BUILTINS
+    with pytest.raises(UnsafeRequestError, match="'open' is not allowed"):
+        _load(pickle.dumps(_ShippedEdit({"reduced": ("secret = open('/etc/passwd')\n", {}, {}), "copy": True,
+                                         "presaved": set()}), protocol=4))
+    for state in ({"reduced": "x = 1"}, {"reduced": ("x = 1\n", {}, {}), "code": b"\x00"}, ["not", "a", "dict"]):
+        with pytest.raises(UnsafeRequestError, match="not an nnsight 0.8 stored block"):
+            _load(pickle.dumps(_ShippedEdit(state), protocol=4))
