@@ -71,12 +71,13 @@ EXPERIMENTS = {"read": read, "patch": patch, "session": session, "generation": g
 
 
 def lens_bound_outside(lm, **remote):
-    """A tutorial-style logit lens: the layer list bound before the block and looped with ``enumerate``, and
-    ``lm.inputs`` read (so the swarm backend runs it on the gateway path). The source analysis cannot see which
-    layers it reads; the answer must still be every layer's own lens."""
+    """A tutorial-style logit lens: the layer list bound before the block and looped with ``enumerate``, ``lm.inputs``
+    read, and a traced value printed (so the swarm backend runs it on the gateway path). The source analysis cannot
+    see which layers it reads; the answer must still be every layer's own lens."""
     layers = lm.model.layers
     with lm.trace(PROMPT, **remote) as tracer:
         inputs = lm.inputs.save()
+        print(lm.model.embed_tokens.output)
         probs = list().save()
         for i, layer in enumerate(layers):
             logits = lm.lm_head(lm.model.norm(layer.output))[:, -1]
@@ -93,10 +94,10 @@ def large_matrix(lm, **remote):
 
 
 def submodule_with_inputs(lm, **remote):
-    """A submodule inside a decoder layer, in a request that also reads ``lm.inputs`` (not translated, so the swarm
+    """A submodule inside a decoder layer, in a request that also prints a traced value (not translated, so the swarm
     backend runs it on the gateway path, where submodules inside layers are out of reach)."""
     with lm.trace(PROMPT, **remote) as tracer:
-        inputs = lm.inputs.save()
+        print(lm.model.embed_tokens.output)
         mlp = lm.model.layers[3].mlp.output[:, -1].save()
     return {"mlp": mlp}, _meta(tracer)
 

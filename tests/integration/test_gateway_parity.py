@@ -180,7 +180,7 @@ def cache_on_gateway_path(lm, **remote):
     inside a layer."""
     with lm.trace(PROMPT, **remote) as tracer:
         cached = tracer.cache(modules=[lm.model.layers[4].mlp])
-        print(lm.model.layers[1].output.shape)
+        print(lm.model.layers[1].output)
     return {"cache": cached}, _meta(tracer)
 
 
