@@ -18,25 +18,17 @@ from typing import Any
 
 import torch
 
+from .client_values import ClientValue
 from .errors import TraceError
 
 
-class RootInputs:
+class RootInputs(ClientValue):
     """``lm.inputs`` (or a part of it, ``keys`` applied in order) for the rows ``rows`` of the batch; a plain value
     once the trace ran (:meth:`bind` on the whole, with the batch's final tokens and mask)."""
 
     def __init__(self, whole: "RootInputs | None" = None, rows: slice | None = None, keys: tuple = ()) -> None:
-        self.saved = False
-        self._value: tuple | None = None
-        self._whole, self._rows, self._keys = whole, rows, keys
-
-    def save(self) -> "RootInputs":
-        self.saved = True
-        return self
-
-    @property
-    def bound(self) -> bool:
-        return self._whole.bound if self._whole is not None else self._value is not None
+        super().__init__(whole, rows)
+        self._keys = keys
 
     @property
     def value(self) -> Any:

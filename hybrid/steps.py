@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from .client_values import ClientValue
 from .errors import TraceError
 
 if TYPE_CHECKING:
@@ -241,22 +242,9 @@ class Generator:
         return tracer.generator_output()
 
 
-class GeneratedTokens:
+class GeneratedTokens(ClientValue):
     """``tracer.result``: the generated token ids ``(B, T + N)``; ``.save()`` it to use it after the block. Read in
     an invoke, it is that invoke's ``rows`` of the ``whole`` result."""
-
-    def __init__(self, whole: "GeneratedTokens | None" = None, rows: slice | None = None) -> None:
-        self.saved = False
-        self._value: torch.Tensor | None = None
-        self._whole, self._rows = whole, rows
-
-    def save(self) -> "GeneratedTokens":
-        self.saved = True
-        return self
-
-    @property
-    def bound(self) -> bool:
-        return self._whole.bound if self._whole is not None else self._value is not None
 
     @property
     def value(self) -> torch.Tensor:

@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 
 from .barrier import Barrier
+from .client_values import ClientValue
 from .envoy import Envoy, ModelSkeleton, ShapeInfo, first_input, root_envoy
 from .root_inputs import RootInputs
 from .steps import GeneratedTokens, Steps
@@ -89,7 +90,7 @@ def save(value: Any) -> Any:
 
 
 def _save_items(value: Any) -> Any:
-    if isinstance(value, (Proxy, TupleProxy, GeneratedTokens, RootInputs)):
+    if isinstance(value, (Proxy, TupleProxy, ClientValue)):
         return value.save()
     if isinstance(value, (list, tuple, dict)):
         for item in (value.values() if isinstance(value, dict) else value):
@@ -620,7 +621,7 @@ def _bind_locals(frame: Any) -> None:
 
 
 def _bound(value: Any, depth: int) -> Any:
-    if isinstance(value, (Proxy, TupleProxy, GeneratedTokens, RootInputs)):
+    if isinstance(value, (Proxy, TupleProxy, ClientValue)):
         return value.value if value.saved and value.bound else value
     if depth >= 3:
         return value

@@ -249,9 +249,8 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict,
     """
     from hybrid import save as hybrid_save
     from hybrid.proxy import Proxy, TupleProxy
-    from hybrid.root_inputs import RootInputs
+    from hybrid.client_values import ClientValue
     from hybrid.session import Session
-    from hybrid.steps import GeneratedTokens
     from hybrid.tracing import _bound
 
     frame = tracer.info.frame
@@ -264,7 +263,7 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict,
     def save(value: Any) -> Any:
         if type(value) in (list, dict):
             containers.add(id(value))
-        elif not isinstance(value, (Proxy, TupleProxy, GeneratedTokens, RootInputs)):
+        elif not isinstance(value, (Proxy, TupleProxy, ClientValue)):
             raise NotTranslatable(f"{type(value).__name__}.save() is not translated")
         return hybrid_save(value)
 
@@ -315,7 +314,7 @@ def translate_and_run(tracer, source: str, hybrid_lm, builtins: dict,
     for name, value in box.scope.items():
         if isinstance(value, hybrid_cache.CacheView):
             saves[name] = nnsight_cache(value)
-        elif isinstance(value, (Proxy, TupleProxy, GeneratedTokens, RootInputs)):
+        elif isinstance(value, (Proxy, TupleProxy, ClientValue)):
             if value.saved and value.bound:
                 saves[name] = value.value
         elif id(value) in containers:

@@ -25,8 +25,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "nnsight_features.md"
 PLACEMENTS = ("local", "hybrid", "centralized", "swarm")
 
 
-def table() -> dict[str, dict[str, str]]:
-    """``{example: {placement: cell}}`` from the document's table."""
+def _table(columns: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``{example: {key: cell}}`` from the document's table, for ``columns`` = ``{column header: key}``."""
     rows: dict[str, dict[str, str]] = {}
     header: list[str] | None = None
     for line in DOC.read_text().splitlines():
@@ -36,9 +36,13 @@ def table() -> dict[str, dict[str, str]]:
         if header is None:
             header = cells
             continue
-        example = cells[header.index("example")].strip("`")
-        rows[example] = {p: cells[header.index(p)] for p in PLACEMENTS}
+        rows[cells[header.index("example")].strip("`")] = {k: cells[header.index(c)] for c, k in columns.items()}
     return rows
+
+
+def table() -> dict[str, dict[str, str]]:
+    """``{example: {placement: cell}}`` from the document's table."""
+    return _table({p: p for p in PLACEMENTS})
 
 
 ROWS = table()
@@ -49,17 +53,7 @@ GATEWAYS = {"gateway local": "local", "gateway swarm": "swarm"}
 
 def gateway_cells() -> dict[str, dict[str, str]]:
     """``{example: {"local" | "swarm": cell}}`` of the gateway columns."""
-    rows: dict[str, dict[str, str]] = {}
-    header: list[str] | None = None
-    for line in DOC.read_text().splitlines():
-        if not line.startswith("|") or line.startswith("|---"):
-            continue
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if header is None:
-            header = cells
-            continue
-        rows[cells[header.index("example")].strip("`")] = {b: cells[header.index(c)] for c, b in GATEWAYS.items()}
-    return rows
+    return _table(GATEWAYS)
 
 
 def test_gateway_cells_say_what_their_tests_check():
