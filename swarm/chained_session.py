@@ -198,8 +198,8 @@ class ChainedSession:
         hops = await self.sequence.route(self.start, self.end, embed=self.embed, head=self.head)
         if not refuser or refuser in [h.peer_id for h in hops]:  # jittered, doubling; only while it counts busy
             await self.sequence.overload_backoff(error, refuser or old[0][0], retries)
-        if refuser == old[0][0] and [(h.peer_id, h.start, h.end) for h in hops] == old:
-            return  # nothing ran anywhere: the same sessions take the step again
+        if refuser == old[0][0] and [(h.peer_id, h.start, h.end) for h in hops] == old and not self._stale:
+            return  # nothing ran anywhere and the sessions hold the whole history: they take the step again
         logger.warning("Chained step refused (%s); rebuilding the session on a route around it", error)
         await self._rebuild(hops)
 
@@ -208,6 +208,7 @@ class ChainedSession:
         step."""
         if hops is None:
             await self.sequence.ban_unreachable(self._hops)
+        self._stale = True  # until the whole history is replayed: a replay cut short leaves the sessions partial
         await self._close_sessions()
         self._hops = hops if hops is not None else await self.sequence.route(self.start, self.end, embed=self.embed,
                                                                               head=self.head)

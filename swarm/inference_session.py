@@ -214,6 +214,8 @@ class InferenceSession:
             logger.info("%s; no idle replica for layers %d:%d, retrying after a backoff", error, old.hop.start,
                         old.hop.end)
             await self.sequence.overload_backoff(error, old.hop.peer_id, retries)
+            if old.stale:  # its cache holds a failed step (its rebuild was the refused call): rebuild it again
+                await self._move(index, attention_mask, hops)
             return
         logger.warning("%s; moving layers %d:%d to a replica", error, old.hop.start, old.hop.end)
         await self._move(index, attention_mask, hops)

@@ -126,3 +126,21 @@ def test_a_step_that_fails_midway_leaves_no_cache_ahead_of_the_session(nodes):
     assert torch.allclose(out, reference(first, second))
     third = torch.rand(1, 1, 2)
     assert torch.allclose(asyncio.run(s.step(third)), reference(first, second, third))
+
+
+def test_a_stale_hop_whose_rebuild_is_refused_is_never_reused(monkeypatch):
+    """A stale hop (its cache holds a failed step) is rebuilt before the next step; when its only node refuses that
+    rebuild's replay as overloaded, the retry must rebuild again after the backoff, not send the step to the stale
+    session as if it were the overloaded node's intact one."""
+    fake = FakeSwarm({(0, 2): ["A1"], (2, 4): ["B1", "B2"]})
+    monkeypatch.setattr(inference_session, "call", fake.call)
+    s = InferenceSession(fake.sequence(), [asyncio.run(fake.route(*span))[0] for span in REPLICAS], batch_size=1,
+                         max_length=16, embed=False, head=False)
+    first, second = torch.rand(1, 3, 2), torch.rand(1, 2, 2)
+    asyncio.run(s.step(first))
+    fake.fail["B1"] = [BadRequestError("B1 refuses this step")]  # A1 ran it: A1's session is stale now
+    with pytest.raises(BadRequestError):
+        asyncio.run(s.step(second))
+    fake.fail["A1"] = [OverloadedError("A1 refuses the replay", "A1")]  # the rebuild on A1, its only node
+    out = asyncio.run(s.step(second))
+    assert torch.allclose(out, reference(first, second))
