@@ -221,15 +221,14 @@ def reads_inputs(lm, **remote):
 PUSHED = {"logits": logits, "skip_and_stop": skip_and_stop, "barrier_patch": barrier_patch,
           "steps_block": steps_block, "session_ops": session_ops, "gradient": gradient, "token_ids": token_ids,
           "cache": cache, "attention": attention, "cache_full": cache_full, "edit": edit, "source": source,
-          "reads_inputs": reads_inputs}
+          "reads_inputs": reads_inputs, "generator_output": generator_output}
 FALLBACK: dict = {}
+"""Run on the gateway path by the swarm backend, with a reason: none of these experiments since lm.inputs and
+lm.generator.output are pushed too (the gateway tests keep the path itself covered)."""
 CLIENT = {"scan": scan}
 REFUSED = {"cache_with_inputs": cache_with_inputs, "cache_on_gateway_path": cache_on_gateway_path,
            "cache_generation": cache_generation}
 """Refused by the swarm backend (neither path answers them exactly); the local backend runs them with nnsight."""
-EITHER = {"generator_output": generator_output}
-"""Equal to local nnsight on both backends, on whichever path the swarm backend takes (the hybrid tracer may record
-it, or the gateway runs it with its reason)."""
 REFUSED_EVERYWHERE = {"user_module": user_module}
 """A user ``nn.Module`` class is refused by the gateway's loader (it loads no classes from the request)."""
 EAGER = {"attention"}
@@ -251,8 +250,7 @@ def expected_cell(experiment: str, backend: str) -> tuple[str, ...]:
         return ("✓ client",)
     if backend == "local":
         return ("✓",)
-    return {**dict.fromkeys(PUSHED, ("✓ hybrid",)), **dict.fromkeys(FALLBACK, ("✓ gateway",)),
-            **dict.fromkeys(EITHER, ("✓ hybrid", "✓ gateway"))}[experiment]
+    return {**dict.fromkeys(PUSHED, ("✓ hybrid",)), **dict.fromkeys(FALLBACK, ("✓ gateway",))}[experiment]
 """Compared with nnsight loaded with ``attn_implementation="eager"`` (SDPA returns no weights)."""
 
 
@@ -261,7 +259,7 @@ def run(lm) -> dict:
     from nnsight.intervention.backends.remote import RemoteError
 
     got: dict = {"meta": {}}
-    for name, experiment in {**PUSHED, **FALLBACK, **CLIENT, **REFUSED, **EITHER, **REFUSED_EVERYWHERE}.items():
+    for name, experiment in {**PUSHED, **FALLBACK, **CLIENT, **REFUSED, **REFUSED_EVERYWHERE}.items():
         try:
             got[name], got["meta"][name] = experiment(lm, remote=True)
         except RemoteError as e:
@@ -333,7 +331,7 @@ def check(got: dict, ns, checkpoint, backend: str = "swarm") -> None:
     """``backend``: ``"swarm"`` (the hybrid swarm gateway: PUSHED pushed to the nodes, FALLBACK on the gateway with
     its reason, REFUSED refused) or ``"local"`` (``--local``: everything runs with nnsight on the gateway's model, and
     equals local nnsight, REFUSED included)."""
-    compared = {**PUSHED, **FALLBACK, **CLIENT, **EITHER,
+    compared = {**PUSHED, **FALLBACK, **CLIENT,
                 **(REFUSED if backend == "local" else {})}
     references = {name: _reference(name, experiment, ns, checkpoint) for name, experiment in compared.items()}
     for name, values in references.items():
@@ -353,7 +351,6 @@ def check(got: dict, ns, checkpoint, backend: str = "swarm") -> None:
     assert {name: path for name, (path, _) in paths.items() if name in PUSHED} == dict.fromkeys(PUSHED, "hybrid"), \
         {name: reason for name, (_, reason) in paths.items() if name in PUSHED and reason}
     assert all(reason == "" for name, (_, reason) in paths.items() if name in PUSHED), paths
-    assert all(paths[name][0] == "hybrid" or paths[name][0] == "gateway" and paths[name][1] for name in EITHER), paths
     refused = got["cache_with_inputs"]
     assert isinstance(refused, str) and "BadRequestError" in refused and "include_inputs=True" in refused, refused
     refused = got["cache_generation"]
