@@ -41,7 +41,11 @@ first chunk of every stripe goes out at once (a chunk just over the window would
 MAX_STRIPES = 8
 """Most streams one frame travels on."""
 STRIPE_BYTES = CHUNK_BYTES
-"""A frame gets one stream per this many bytes (up to :data:`MAX_STRIPES`)."""
+"""A frame gets at least one stream per this many bytes (up to :data:`MAX_STRIPES`; see :func:`stripe_count`)."""
+WINDOW_BYTES = 256 << 10
+"""A fresh yamux stream's flow-control window: what one stream sends before its first round trip."""
+MESSAGE_OVERHEAD = 64
+"""Bytes a message costs on a stream beyond its protobuf size (length prefixes, yamux frame headers), with margin."""
 ALLOWED_DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8"})
 
 Message = runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse
@@ -61,9 +65,23 @@ def encode_frame(tensors: Sequence[torch.Tensor], meta: dict,
 
 
 def stripe_count(messages: Sequence[Message], limit: int = MAX_STRIPES) -> int:
-    """How many streams a frame's ``messages`` should travel on: one per :data:`STRIPE_BYTES`, at most ``limit``."""
-    nbytes = sum(m.ByteSize() for m in messages[1:])
-    return max(1, min(limit, len(messages) - 1, -(-nbytes // STRIPE_BYTES)))
+    """How many streams a frame's ``messages`` should travel on (at most ``limit``): the fewest, from one per
+    :data:`STRIPE_BYTES`, for which every stream's share (chunk ``j`` on stream ``j mod k``) fits a fresh stream's
+    :data:`WINDOW_BYTES`, so that no stream waits a round trip for its window to grow. A frame of several tensors
+    has chunks of unequal sizes: with one stream per 240 KiB, two large chunks could share a stream (a logit lens's
+    carried values of 20 layers after the hidden state took 2 round trips instead of 1). Where no count up to
+    ``limit`` fits (frames of several MB), the count whose largest share is smallest."""
+    sizes = [m.ByteSize() + MESSAGE_OVERHEAD for m in messages]
+    chunks = sizes[1:]
+    most = max(1, min(limit, len(chunks)))
+    least = max(1, min(most, -(-sum(chunks) // STRIPE_BYTES)))
+    best = (float("inf"), least)
+    for k in range(least, most + 1):
+        share = max(sum(chunks[i::k]) + (sizes[0] if i == 0 else 0) for i in range(k))
+        if share <= WINDOW_BYTES:
+            return k
+        best = min(best, (share, k))
+    return best[1]
 
 
 def stripe(messages: Sequence[Message], count: int, stripe_id: str) -> list[list[Message]]:

@@ -8,7 +8,8 @@ import torch
 
 from swarm.direct_reply import Mailbox
 from swarm.errors import BadRequestError, MailboxFullError, PayloadTooLargeError, PeerBusyError
-from swarm.wire import CHUNK_BYTES, MAX_STRIPES, encode_frame, read_frame, stripe, stripe_count, stripe_header
+from swarm.wire import (CHUNK_BYTES, MAX_STRIPES, MESSAGE_OVERHEAD, WINDOW_BYTES, encode_frame, read_frame, stripe,
+                        stripe_count, stripe_header)
 
 
 async def _aiter(items):
@@ -45,6 +46,38 @@ def test_a_striped_frame_reads_back_bit_for_bit():
     assert meta == {"k": "v"}
     for got, want in zip(out, tensors, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _largest_share(streams) -> int:
+    """Bytes of the fullest stream of a striped frame, as :func:`stripe` cut it (what must fit a fresh window)."""
+    return max(sum(m.ByteSize() + MESSAGE_OVERHEAD for m in stream) for stream in streams)
+
+
+def test_no_stream_of_a_frame_of_several_tensors_waits_for_its_window():
+    """A chained hop's frame as a logit lens sends it (hidden states, masks, the graph, 20 layers' carried values):
+    one stream per 240 KiB put two large chunks on one stream, over a fresh stream's window (one round trip more).
+    The count chosen is the fewest whose every stream fits, found here by trying every count."""
+    frames = [[torch.zeros(8, 16, 576), torch.ones(8, 16, dtype=torch.int64), torch.arange(16).expand(8, 16),
+               torch.zeros(20_000, dtype=torch.uint8), torch.zeros(368_800, dtype=torch.uint8)],
+              [torch.zeros(8, 16, 576), torch.ones(8, 16, dtype=torch.int64), torch.zeros(20_000, dtype=torch.uint8),
+               torch.zeros(184_400, dtype=torch.uint8)],
+              [torch.zeros(8, 16, 576), torch.zeros(3_000, dtype=torch.uint8)],
+              *[[torch.zeros(int(n), dtype=torch.uint8) for n in torch.randint(1, 400_000, (int(k),),
+                                                                              generator=torch.Generator().manual_seed(k))]
+                for k in range(2, 7)]]
+    for tensors in frames:
+        messages = list(encode_frame(tensors, {"names": ["x"] * len(tensors)}))
+        fits = [k for k in range(1, min(MAX_STRIPES, len(messages) - 1) + 1)
+                if _largest_share(stripe(messages, k, "s" * 16)) <= WINDOW_BYTES]
+        count = stripe_count(messages)
+        assert fits and count == min(fits), (count, fits)
+        out, _ = _read_striped(stripe(messages, count, "s" * 16)) if count > 1 else \
+            asyncio.run(read_frame(_aiter(messages)))
+        assert all(torch.equal(a, b) for a, b in zip(out, tensors, strict=True))
+    lens = list(encode_frame(frames[0], {}))  # the old rule (one stream per 240 KiB) gave 3 streams here
+    old = -(-sum(m.ByteSize() for m in lens[1:]) // CHUNK_BYTES)
+    assert _largest_share(stripe(lens, old, "s" * 16)) > WINDOW_BYTES >= _largest_share(
+        stripe(lens, stripe_count(lens), "s" * 16))
 
 
 def test_a_small_frame_is_not_striped_and_a_striped_one_needs_its_stripes():
