@@ -14,7 +14,7 @@ from .errors import HybridError, TraceError
 from .attention_weights import weights_optional
 from .ir import Attachment, Graph, Node, Ref
 from .backward import BackwardRecorder, backward_fake, grad_fake
-from .meta import run_on_fakes
+from .meta import module_call_key, run_on_fakes
 from .planner import is_inplace
 from .proxy import Proxy, TupleProxy, at_user_line, describe, describe_node, user_site
 
@@ -93,6 +93,9 @@ class GraphBuilder:
         self._overrides: dict[tuple, Any] = {}
         self._attached: dict[int, tuple[torch.Tensor, Attachment]] = {}
         self._attachment_fakes: list[torch.Tensor] = []
+        self._module_fakes: dict[tuple, torch.Tensor] = {}
+        """:func:`hybrid.meta.module_call_key` -> the fake result of that module call (the logit lens's 30 ``norm`` and
+        ``lm_head`` calls on equal shapes run on fakes once each)."""
         self._reads: dict[tuple[int, int], tuple[int, str]] = {}
         self.importer: Callable[[Proxy], str] | None = None
         """The session's key for another trace's value used here (``lm.session()``); raises if it cannot be."""
@@ -214,8 +217,14 @@ class GraphBuilder:
             if node.op == "module":
                 if self._module_of is None:
                     raise TraceError("this trace cannot call modules")
+                key = module_call_key(node.module, args, kwargs)
+                if key in self._module_fakes:
+                    return _fresh(self._module_fakes[key])
                 with torch.no_grad():
-                    return self._module_of(node.module)(*args, **kwargs)
+                    result = self._module_of(node.module)(*args, **kwargs)
+                if key is not None and isinstance(result, torch.Tensor):
+                    self._module_fakes[key] = result
+                return result
             return run_on_fakes(node.op, node.target, args, kwargs)
         except HybridError:
             raise

@@ -37,7 +37,7 @@ from .errors import (DisallowedOpError, HybridError, InvalidGraphError, LimitExc
                      SessionValueError, UnknownModuleError)
 from .ir import Attachment, Graph, Node, Ref
 from .gradients import BackwardPasses
-from .meta import UNKNOWN, has_unknown, meta_params, run_on_fakes, to_fake
+from .meta import UNKNOWN, has_unknown, meta_params, module_call_key, run_on_fakes, to_fake
 from .planner import Plan, is_inplace
 from .source import owner_path, split_op_path
 from .values import conform, to_device
@@ -67,10 +67,13 @@ class Interpreter(BackwardPasses):
         self.modules = modules or {}
         self.mine = [n for n in graph.nodes if plan.assignment[n.id] == me]
         self._retain = set(plan.carry[me]) | set(retain) | set(plan.bcarry[me] if plan.bcarry else ())
+        self._refs: dict[int, tuple[int, ...]] = {n.id: tuple(n.refs()) for n in self.mine}
+        """Node id -> the ids it reads, for the nodes here (the graph does not change while it runs; the ready scans
+        read these on every event)."""
         self._readers: dict[int, int] = {}
         """Value id -> how many nodes here have yet to read it (nodes run when ready, not in graph order)."""
         for node in self.mine:
-            for ref in set(node.refs()):
+            for ref in set(self._refs[node.id]):
                 self._readers[ref] = self._readers.get(ref, 0) + 1
         self.values: dict[int, Any] = {}
         self.ledger = Ledger()
@@ -81,7 +84,7 @@ class Interpreter(BackwardPasses):
         """Node id -> (meta result, bytes it adds) from the check before this event's ops ran."""
         self._meta_modules: dict[str, dict[str, torch.Tensor]] = {}
         self._meta_results: dict[tuple, torch.Tensor] = {}
-        """(module, input shape, dtype) -> the meta result of a module called on one tensor."""
+        """:func:`hybrid.meta.module_call_key` -> the meta result of that module call."""
         for k, v in carried.items():
             value = to_device(v, self.device)
             self.values[k] = value
@@ -149,10 +152,10 @@ class Interpreter(BackwardPasses):
                 self._store(node, value)
             else:
                 self._run_ready()
-                if any(r not in self.values for r in node.refs()):
+                if any(r not in self.values for r in self._reads(node)):
                     self._run_ready(flush=True)  # a parked call feeds it
                 (arg,) = node.args
-                if any(r not in self.values for r in node.refs()):  # fed by a later module (the client's planner
+                if any(r not in self.values for r in self._reads(node)):  # fed by a later module (the client's planner
                     raise OrderError(f"Setter node {node.id} on {path}.{kind} needs a value not computed yet at "
                                      f"that point (it depends on a later module or call).")  # refuses this too)
                 value = conform(self._resolve(arg), value, f"{path}.{kind}")
@@ -169,9 +172,9 @@ class Interpreter(BackwardPasses):
             return None
         node = next(n for n in self._setters[key] if n.kwargs.get("skip"))
         self._run_ready()
-        if any(r not in self.values for r in node.refs()):
+        if any(r not in self.values for r in self._reads(node)):
             self._run_ready(flush=True)  # a parked call feeds it
-        if any(r not in self.values for r in node.refs()):
+        if any(r not in self.values for r in self._reads(node)):
             raise OrderError(f"Node {node.id} skips {path} with a value not computed before {path} runs (it depends "
                              "on that module's own output or on a later module); skip with a value computed earlier, "
                              "e.g. the module's own .input.")
@@ -205,7 +208,7 @@ class Interpreter(BackwardPasses):
         Parked nodes run at :meth:`finish` and before a setter or skip that needs them."""
         ready = []
         for node in self._pending:  # graph order: a node's inputs come before it, so one pass finds every chain
-            if all(r in self.done for r in node.refs()):
+            if all(r in self.done for r in self._reads(node)):
                 ready.append(node)
                 self.done.add(node.id)
         if ready and not flush and self._park:
@@ -236,7 +239,7 @@ class Interpreter(BackwardPasses):
             return ready
         parked: set[int] = set()
         for node in ready:  # graph order: a reader comes after what it reads
-            if (node.module in waiting and self._batchable(node)) or any(r in parked for r in node.refs()):
+            if (node.module in waiting and self._batchable(node)) or any(r in parked for r in self._reads(node)):
                 parked.add(node.id)
         self.done.difference_update(parked)
         return [n for n in ready if n.id not in parked]
@@ -256,14 +259,14 @@ class Interpreter(BackwardPasses):
         while remaining:
             progress = False
             for node in remaining:  # graph order: a chain of other ops runs in one pass
-                if not self._batchable(node) and all(r not in ids or r in made for r in node.refs()):
+                if not self._batchable(node) and all(r not in ids or r in made for r in self._reads(node)):
                     order.append([node])
                     made.add(node.id)
                     progress = True
             if not progress:  # only module calls can run now: each module's once, on all its ready inputs
                 groups: dict[str, list[Node]] = {}
                 for node in remaining:
-                    if self._batchable(node) and all(r not in ids or r in made for r in node.refs()):
+                    if self._batchable(node) and all(r not in ids or r in made for r in self._reads(node)):
                         groups.setdefault(node.module, []).append(node)
                 for group in groups.values():
                     order.append(group)
@@ -399,11 +402,9 @@ class Interpreter(BackwardPasses):
                 module = self.modules.get(node.module)
                 if module is None:
                     raise UnknownModuleError(f"Module {node.module!r} is not held here ({self.plan.executors[self.me].name}).")
-                key = None  # the lens applies one module to 30 equal-shape inputs: infer its result once
-                if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and not self.grad_mode:
-                    key = (node.module, tuple(args[0].shape), args[0].dtype)
-                    if key in self._meta_results:
-                        return torch.empty_like(self._meta_results[key])
+                key = None if self.grad_mode else module_call_key(node.module, args, kwargs)
+                if key is not None and key in self._meta_results:  # the lens: one module on 30 equal shapes
+                    return torch.empty_like(self._meta_results[key])
                 params = self._meta_modules.get(node.module)
                 if params is None:
                     params = self._meta_modules[node.module] = meta_params(module)
@@ -467,6 +468,11 @@ class Interpreter(BackwardPasses):
             raise refusal(node, f"saving its {mib(sent_bytes(value))} would bring the request's saves to "
                                 f"{mib(saved + sent_bytes(value))}; the limit is {mib(limits.max_save_bytes)}")
 
+    def _reads(self, node: Node) -> tuple[int, ...]:
+        """The ids ``node`` reads (cached for the nodes here)."""
+        refs = self._refs.get(node.id)
+        return refs if refs is not None else tuple(node.refs())
+
     def _store(self, node: Node, value: Any) -> None:
         self.values[node.id] = value
         self.ledger.add(node.id, value)
@@ -477,7 +483,7 @@ class Interpreter(BackwardPasses):
         """Values no longer needed here once ``node`` ran (counting down ``readers``): inputs it was the last to
         read, and itself if nothing reads it."""
         dead = []
-        for r in set(node.refs()):
+        for r in set(self._reads(node)):
             readers[r] = readers.get(r, 0) - 1
             if readers[r] == 0 and r not in self._retain:
                 dead.append(r)

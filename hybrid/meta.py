@@ -25,6 +25,16 @@ class Unknown:
 UNKNOWN = Unknown()
 
 
+def module_call_key(module: str, args: list | tuple, kwargs: dict) -> tuple | None:
+    """What the meta result of calling ``module`` depends on, when its arguments are tensors alone (their shape,
+    strides, dtype and grad flag): equal keys give equal-shape results, so a graph calling one module on many
+    equal-shape values (the logit lens's ``norm`` and ``lm_head`` of every layer) infers it once. None when kwargs or
+    other values may steer the module: such calls are always run."""
+    if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    return (module, *((tuple(a.shape), a.stride(), a.dtype, a.requires_grad) for a in args))
+
+
 def run_on_fakes(op: str, target: str, args: list, kwargs: dict) -> Any:
     """Run one whitelisted op on fake values. Ops whose result is a Python value at run time (``item``,
     ``torch.allclose``) give a 0-dim meta placeholder after checking what they can."""

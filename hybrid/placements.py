@@ -196,9 +196,14 @@ class SwarmRunner:
             check_one_hop(hops, self.num_layers)
         n = self.num_layers
 
-        def plan_for(route) -> Plan:
-            return plan_graph(graph, events, n, self.executors(route, remote_embed, remote_head), held=links.held,
-                              trim_head=self.trim_head)
+        plans: dict[tuple[Executor, ...], Plan] = {}
+
+        def plan_for(route) -> Plan:  # once per route: the request is encoded, and the answer read, with its plan
+            executors = tuple(self.executors(route, remote_embed, remote_head))
+            if executors not in plans:
+                plans[executors] = plan_graph(graph, events, n, list(executors), held=links.held,
+                                              trim_head=self.trim_head)
+            return plans[executors]
 
         plan = plan_for(hops)
         offset = 0 if remote_embed else 1
