@@ -166,6 +166,8 @@ def _partial(m: Measurement, rep: int, ready: dict, answer: dict, **extra) -> di
            "load_s": load_s, "ok": bool(answer.get("ok")), "error": answer.get("error"),
            "compute_s": stats.get("compute_s") or None,
            "extra": {**(answer.get("extra") or {}), **extra}}
+    if stats.get("read_s"):  # per node: its request frame's read time (a flow-control stall shows as a round trip)
+        out["extra"]["read_s"] = stats["read_s"]
     for key in ("client_bytes_sent", "client_bytes_received", "node_bytes", "round_trips"):
         out[key] = int(stats[key]) if stats.get(key) is not None else None
     if m.workload == "setup_time" and answer.get("ok"):

@@ -53,6 +53,10 @@ class TraceStats:
     """Calls the client made."""
     compute_s: dict[str, float] = field(default_factory=dict)
     """Seconds of span compute per node (peer id)."""
+    read_s: dict[str, float] = field(default_factory=dict)
+    """Seconds per node (peer id) from its request stream opening to the whole request frame read, every stripe
+    included (pushed runs): about its bytes over the link's bandwidth; a stream that waits for its flow-control window
+    shows as a round trip more."""
     wall_s: float = 0.0
     route: list[str] = field(default_factory=list)
     """Executors in order: ``client`` or peer ids."""
@@ -241,7 +245,7 @@ class SwarmRunner:
             values = head_interp.finish()
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
         stats = TraceStats("hybrid", head_on="node" if remote_head else "client", node_bytes=int(reply.get("node_bytes", 0)),
-                           compute_s=dict(reply.get("compute_s", {})), route=[e.name for e in plan.executors],
+                           compute_s=dict(reply.get("compute_s", {})), read_s=dict(reply.get("read_s", {})), route=[e.name for e in plan.executors],
                            commitments=list(reply.get("commitments", [])),
                            head_positions="last" if trims_head(plan, input_ids) else "all")
         return saves, stats

@@ -243,27 +243,34 @@ def reply_to_of(meta: dict, client: str) -> str | None:
 
 
 def upstream_of(meta: dict, max_chain: int) -> dict:
-    """The earlier hops' stats passed forward (``compute_s``, ``commitments``, ``node_bytes``), checked field by field:
-    anything malformed is dropped, never trusted (they are statistics for the client, nothing computes on them)."""
+    """The earlier hops' stats passed forward (``compute_s``, ``read_s``, ``commitments``, ``node_bytes``), checked
+    field by field: anything malformed is dropped, never trusted (they are statistics for the client, nothing computes
+    on them)."""
     value = meta.get("upstream")
     if not isinstance(value, dict):
-        return {"compute_s": {}, "commitments": [], "node_bytes": 0}
-    times = value.get("compute_s")
-    compute_s = {}
-    if isinstance(times, dict):
-        for peer, seconds in list(times.items())[:max_chain + 1]:
-            if isinstance(peer, str) and len(peer) <= MAX_PEER_ID_CHARS and isinstance(seconds, (int, float)) \
-                    and not isinstance(seconds, bool) and math.isfinite(seconds):
-                compute_s[peer] = float(seconds)
+        return {"compute_s": {}, "read_s": {}, "commitments": [], "node_bytes": 0}
     node_bytes = value.get("node_bytes")
     if not isinstance(node_bytes, int) or isinstance(node_bytes, bool) or node_bytes < 0:
         node_bytes = 0
-    return {"compute_s": compute_s, "commitments": parse_commitments(value.get("commitments"), max_chain + 1),
-            "node_bytes": node_bytes}
+    return {"compute_s": seconds_by_peer(value.get("compute_s"), max_chain + 1),
+            "read_s": seconds_by_peer(value.get("read_s"), max_chain + 1),
+            "commitments": parse_commitments(value.get("commitments"), max_chain + 1), "node_bytes": node_bytes}
+
+
+def seconds_by_peer(value, limit: int) -> dict[str, float]:
+    """A ``{peer id: seconds}`` statistic from another node, its first ``limit`` well-formed entries (else empty)."""
+    out: dict[str, float] = {}
+    if isinstance(value, dict):
+        for peer, seconds in list(value.items())[:limit]:
+            if isinstance(peer, str) and len(peer) <= MAX_PEER_ID_CHARS and isinstance(seconds, (int, float)) \
+                    and not isinstance(seconds, bool) and math.isfinite(seconds):
+                out[peer] = float(seconds)
+    return out
 
 
 def merged(upstream: dict, stats: dict, received: int) -> dict:
     """This hop's stats after the earlier hops' (``received``: node → node bytes of this hop's own request)."""
     return {"compute_s": {**upstream["compute_s"], **stats["compute_s"]},
+            "read_s": {**upstream.get("read_s", {}), **stats.get("read_s", {})},
             "commitments": upstream["commitments"] + stats.get("commitments", []),
             "node_bytes": upstream["node_bytes"] + received}

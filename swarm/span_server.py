@@ -49,7 +49,7 @@ from .errors import (BadRequestError, CapacityError, InternalNodeError, Overload
 from .commitments import commit, request_id_of
 from .commitments import parse as parse_commitments
 from .compute_slot import ComputeSlot
-from .direct_reply import Mailbox, merged, reply_to_of, stripe_of, upstream_of
+from .direct_reply import Mailbox, merged, reply_to_of, seconds_by_peer, stripe_of, upstream_of
 from .quotas import ClientQueue, client_identity
 from .sessions import SessionManager
 from .span_grad import SavedTensorBudget, backward_reply, forward_with_grad, wants_grad, weight_storages
@@ -194,6 +194,7 @@ class SpanServer:
             self.inflight += 1
             try:
                 received, caller = [0], context.remote_id.to_base58()
+                opened = time.perf_counter()
 
                 async def stripes(stripe_id: str, count: int):  # a striped request's other streams (swarm.wire)
                     return [_counted(s, received) for s in await self.stripes.take(caller, stripe_id, count)]
@@ -204,7 +205,8 @@ class SpanServer:
                 client = client_identity(context.remote_id.to_base58(), frame[1].get("origin"))
                 counted = self._admit(frame[1], client)
                 try:
-                    tensors, meta = await handler(*frame, client, received=received[0])
+                    tensors, meta = await handler(*frame, client, received=received[0],
+                                                  read_s=time.perf_counter() - opened)
                     # Serialising a large answer is work too: it runs in the compute executor, not on the event loop.
                     messages = await self._compute(
                         lambda: list(encode_frame(tensors, meta, runtime_pb2.ExpertResponse)), client)
@@ -318,7 +320,7 @@ class SpanServer:
 
     # ---- handlers ---------------------------------------------------------------------------------------
 
-    async def _forward(self, tensors, meta, client: str, received: int = 0):
+    async def _forward(self, tensors, meta, client: str, received: int = 0, read_s: float = 0.0):
         chain = parse_chain(meta.get("next", []), self.limits.max_chain)
         reply_to = reply_to_of(meta, client)
         keep_outputs = meta.get("return_outputs", True)
@@ -340,7 +342,7 @@ class SpanServer:
             return output, hook_result(request.hook) if request.hook is not None else None
         output, result = await self._compute(work, client)
         me = self._p2p.peer_id.to_base58()
-        stats = {"compute_s": {me: time.perf_counter() - t0}, "node_bytes": 0,
+        stats = {"compute_s": {me: time.perf_counter() - t0}, "read_s": {me: read_s}, "node_bytes": 0,
                  "commitments": [commit(output, request_id, me, self.signer)]}
         if reply_to is not None and not grad:  # the answer goes straight to the client (swarm.direct_reply)
             stats = merged(upstream_of(meta, self.limits.max_chain), stats, received if "origin" in meta else 0)
@@ -390,8 +392,8 @@ class SpanServer:
         out, reply = await call(self._p2p, peer, handle, onward, onward_meta,
                                 timeout_s=self.limits.chain_timeout_s, traffic=traffic, liveness_s=self.limits.liveness_s)
         names = reply.get("names", list(out))
-        downstream = reply.get("compute_s", {}) if isinstance(reply.get("compute_s"), dict) else {}
-        stats["compute_s"].update(downstream)
+        for key in ("compute_s", "read_s"):
+            stats.setdefault(key, {}).update(seconds_by_peer(reply.get(key), self.limits.max_chain + 1))
         stats["node_bytes"] = int(reply.get("node_bytes", 0)) + traffic.bytes_sent + traffic.bytes_received
         if "commitments" in stats:  # this hop's, then the later hops' in route order
             stats["commitments"] = stats["commitments"] + parse_commitments(reply.get("commitments"),
@@ -399,7 +401,7 @@ class SpanServer:
         return [out[n] for n in names], {"names": names, **{k: v for k, v in reply.items() if k not in ("names",)},
                                          **stats}
 
-    async def _backward(self, tensors, meta, client: str, received: int = 0):
+    async def _backward(self, tensors, meta, client: str, received: int = 0, read_s: float = 0.0):
         request = await self._parsed(tensors, meta, client)
         if request.embed:
             raise BadRequestError("Backward through the embedding is not served; send hidden states.")
@@ -418,7 +420,7 @@ class SpanServer:
             return grad_inputs, hook_result(request.hook) if request.hook is not None else None
         return self._reply(*await self._compute(work, client))
 
-    async def _inference(self, tensors, meta, client: str, received: int = 0):
+    async def _inference(self, tensors, meta, client: str, received: int = 0, read_s: float = 0.0):
         session_id = meta.get("session_id")
         if not isinstance(session_id, str) or not 0 < len(session_id) <= 128:
             raise BadRequestError("Inference needs meta['session_id'] as a non-empty string (≤128 chars).")
@@ -515,7 +517,8 @@ class SpanServer:
         session.last_used = time.monotonic()
         if hook_error is not None:
             raise hook_error
-        stats = {"compute_s": {self._p2p.peer_id.to_base58(): time.perf_counter() - t0}, "node_bytes": 0}
+        me = self._p2p.peer_id.to_base58()
+        stats = {"compute_s": {me: time.perf_counter() - t0}, "read_s": {me: read_s}, "node_bytes": 0}
         if reply_to is not None:
             stats = merged(upstream_of(meta, self.limits.max_chain), stats, received if "origin" in meta else 0)
         if not chain:

@@ -41,6 +41,8 @@ def test_the_answer_of_a_chained_forward_comes_straight_from_the_last_node(smoll
             assert frame <= received < 1.05 * frame  # the answer crossed the client's link once
             assert [c["peer"] for c in reply["commitments"]] == [h.peer_id for h in route]
             assert set(reply["compute_s"]) == {h.peer_id for h in route} and reply["direct"] is direct
+            assert set(reply["read_s"]) == {h.peer_id for h in route}  # each hop's request read time, relayed or not
+            assert all(0 <= s < reply["compute_s"][p] + 60 for p, s in reply["read_s"].items())
         direct_node, relayed_node = got[True][2]["node_bytes"], got[False][2]["node_bytes"]
         print(f"node->node bytes: relayed {relayed_node}, direct {direct_node} (one frame {frame})")
         assert 4 * frame <= relayed_node < 4.2 * frame  # hidden states forward twice, the answer back twice
