@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="where the nodes and the reference run (cuda, cuda:N, cpu)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
-    parser.add_argument("--placements", default="hybrid,swarm", help="comma-separated hybrid placements to check")
+    parser.add_argument("--placements", default="hybrid,swarm",
+                        help="comma-separated, of hybrid and swarm (the check's swarm has 3 nodes: no centralized)")
     parser.add_argument("--layers", type=int, default=30, help="model depth (SmolLM2-135M has 30)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per trace")
     parser.add_argument("--length", type=int, default=128, help="tokens per prompt")
@@ -292,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=5, help="repetitions per timing (median reported)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="directory for the JSONL results")
     args = parser.parse_args(argv)
+    unknown = set(args.placements.split(",")) - {"hybrid", "swarm"}
+    if unknown:
+        parser.error(f"--placements: {', '.join(sorted(unknown))} cannot run on the check's 3-node swarm; "
+                     "use hybrid and/or swarm")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here")
     record = ResultLog("gpu-check", args)
