@@ -41,12 +41,13 @@ from hivemind.p2p import P2P
 from ._loop import BackgroundLoop
 from .claims import claim_mismatch, find_refusing_hop
 from .commitments import parse as parse_commitments
-from .errors import BadRequestError, MissingBlocksError, OverloadedError, PeerUnreachableError
+from .errors import BadRequestError, MailboxFullError, MissingBlocksError, OverloadedError, PeerUnreachableError
 from .peer_health import PeerHealth
 from .records import SUSPECT_TTL_S, ServerRecord, records_with_expiration, suspect_reporters, suspects_key
 from .routing import Hop, plan_route
 from .handles import BACKWARD, COLLECT, FORWARD
 from .transport import Traffic, call, ping
+from .wire import STRIPE_BYTES
 from .verification import plan_avoiding, should_check, spot_check, spot_check_chain
 
 logger = logging.getLogger(__name__)
@@ -280,11 +281,10 @@ class RemoteSequence(PeerHealth):
             t0 = time.perf_counter()
             try:
                 request_id = secrets.token_hex(8)
-                out, reply = await call(self.p2p, hop.peer_id, FORWARD, {"inputs": x, **extras},
-                                        {"start": hop.start, "end": hop.end, "embed": first, "head": last,
-                                         "request_id": request_id},
-                                        timeout_s=self.config.request_timeout_s,
-                                        **self._call_options)
+                out, reply = await self._hop_call(hop, {"inputs": x, **extras},
+                                                  {"start": hop.start, "end": hop.end, "embed": first, "head": last,
+                                                   "request_id": request_id},
+                                                  answer_bytes=self._answer_bytes(x, first, last))
                 self.record_commitments(reply, request_id)
             except (PeerUnreachableError, OverloadedError, BadRequestError) as e:
                 retries += 1
@@ -402,10 +402,39 @@ class RemoteSequence(PeerHealth):
             return out["outputs"], hook_result(out), hops, reply
         raise AssertionError("unreachable")
 
+    def _answer_bytes(self, x: torch.Tensor, embed: bool, head: bool) -> int | None:
+        """About how many bytes a hop's answer to ``x`` has (None where unknown here: the head's logits)."""
+        if head:
+            return None
+        if embed:  # token ids in, hidden states out
+            return x.numel() * self.hidden_size * 4 if self.hidden_size else None
+        return x.numel() * x.element_size()
+
+    async def _hop_call(self, hop: Hop, tensors: dict, meta: dict, *, answer_bytes: int | None
+                        ) -> tuple[dict[str, torch.Tensor], dict]:
+        """One hop's forward (the hop-by-hop path: Petals-style traces, :meth:`forward`). With
+        ``ClientConfig.direct_reply`` its answer is collected like a chain's last hop (:meth:`_chain_call`), read
+        over one collect stream per 240 KiB of ``answer_bytes``: on the request's own stream, an answer over a
+        fresh stream's 256 KiB window waits a round trip per doubling of the window (a 1.1 MB answer, three).
+        A node that cannot hold the answer in its mailbox answers on the request's stream instead."""
+        if self.config.direct_reply:
+            streams = self.config.collect_streams if answer_bytes is None else \
+                max(1, min(self.config.collect_streams, -(-answer_bytes // STRIPE_BYTES)))
+            try:
+                out, reply = await self._chain_call([hop], tensors, {**meta, "reply_to": self.p2p.peer_id.to_base58()},
+                                                    timeout_s=self.config.request_timeout_s, pull=streams)
+                return out, reply
+            except MailboxFullError as e:
+                logger.info("%s; taking the answer on the request's stream", e)
+        return await call(self.p2p, hop.peer_id, FORWARD, tensors, meta, timeout_s=self.config.request_timeout_s,
+                          **self._call_options)
+
     async def _chain_call(self, hops: list[Hop], tensors: dict, meta: dict, *, timeout_s: float,
-                          checking: bool = False, handle: str = FORWARD) -> tuple[dict[str, torch.Tensor], dict]:
+                          checking: bool = False, handle: str = FORWARD,
+                          pull: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """Send a chained forward to the route's first node; with ``meta['reply_to']``, collect the answer from the
-        last node at the same time (swarm/direct_reply.py). An error any hop answered comes back on the chain and is
+        last node at the same time (swarm/direct_reply.py), over ``pull`` streams (default
+        ``ClientConfig.collect_streams``). An error any hop answered comes back on the chain and is
         raised as its own type; the collect stream is then dropped. The collect stream is part of the same round
         trip: its bytes count in :attr:`traffic`, not as a call. A spot check's re-run (``checking``) counts in
         :attr:`verify_traffic` instead. ``handle``: FORWARD, or INFERENCE for a chained generation step."""
@@ -418,7 +447,8 @@ class RemoteSequence(PeerHealth):
         side = Traffic()
         collect = asyncio.ensure_future(call(self.p2p, hops[-1].peer_id, COLLECT, {},
                                              {"request_id": meta["request_id"]}, timeout_s=timeout_s, traffic=side,
-                                             liveness_s=self.config.liveness_s, pull=self.config.collect_streams))
+                                             liveness_s=self.config.liveness_s,
+                                             pull=self.config.collect_streams if pull is None else pull))
         try:
             done, _ = await asyncio.wait({chain, collect}, return_when=asyncio.FIRST_COMPLETED)
             if collect in done and collect.exception() is None:

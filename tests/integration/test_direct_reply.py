@@ -113,3 +113,48 @@ def test_an_answer_too_large_for_the_mailbox_is_refused_typed_and_the_node_keeps
     assert reply["direct"] and (ref.model.norm(out) - want).abs().max().item() <= 1e-5
     _, info = client.loop.run(ping(seq.p2p, route[-1].peer_id))
     assert info["mailbox_bytes"] == 0
+    # hop by hop (the swarm placement), the same too-large answer is taken on the request's own stream instead
+    with torch.no_grad():
+        want = ref(big, output_hidden_states=True).hidden_states[-1]
+    out, _ = client.loop.run(seq.forward(client.local(big, start=0, end=0, embed=True)))
+    assert (ref.model.norm(out) - want).abs().max().item() <= 1e-5
+    _, info = client.loop.run(ping(seq.p2p, route[-1].peer_id))
+    assert info["mailbox_bytes"] == 0
+
+
+def test_hop_by_hop_answers_are_collected_striped_and_equal_the_relayed_ones(smollm2_dir, smollm2_swarm, monkeypatch):
+    """The swarm placement's hop-by-hop forward collects each hop's answer like a chain's last hop: a (4, 48, 576)
+    fp32 answer (432 KiB, over a fresh stream's 256 KiB window) over 2 collect streams, a small one over 1; the
+    hidden states equal the answers taken on the request's stream and the local model's."""
+    import swarm.remote_sequence as remote_sequence
+
+    pulls = []
+    real_call = remote_sequence.call
+
+    async def recording_call(p2p, peer_id, handle, tensors, meta, **kw):
+        if handle == remote_sequence.COLLECT:
+            pulls.append(kw.get("pull", 1))
+        return await real_call(p2p, peer_id, handle, tensors, meta, **kw)
+
+    monkeypatch.setattr(remote_sequence, "call", recording_call)
+    ref = local_model(smollm2_dir)
+    clients = {direct: SwarmModel.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers,
+                                                  client_config=ClientConfig(direct_reply=direct, verify=0.0))
+               for direct in (True, False)}
+    try:
+        got = {}
+        for rows, positions in ((4, 48), (1, 8)):
+            ids = torch.randint(3, 1000, (rows, positions))
+            with torch.no_grad():
+                want = ref(ids, output_hidden_states=True).hidden_states[-1]
+            for direct, client in clients.items():
+                pulls.clear()
+                out, _ = client.loop.run(client.sequence.forward(client.local(ids, start=0, end=0, embed=True)))
+                assert (ref.model.norm(out) - want).abs().max().item() <= 1e-5
+                got[direct] = (out, list(pulls))
+            assert torch.equal(got[True][0], got[False][0])
+            assert got[False][1] == []  # relayed: answers on the request's stream
+            assert got[True][1] == ([2, 2, 2] if rows == 4 else [1, 1, 1]), got[True][1]  # one per hop
+    finally:
+        for client in clients.values():
+            client.close()
