@@ -410,9 +410,10 @@ class RemoteSequence(PeerHealth):
             return x.numel() * self.hidden_size * 4 if self.hidden_size else None
         return x.numel() * x.element_size()
 
-    async def _hop_call(self, hop: Hop, tensors: dict, meta: dict, *, answer_bytes: int | None
-                        ) -> tuple[dict[str, torch.Tensor], dict]:
-        """One hop's forward (the hop-by-hop path: Petals-style traces, :meth:`forward`). With
+    async def _hop_call(self, hop: Hop, tensors: dict, meta: dict, *, answer_bytes: int | None,
+                        handle: str = FORWARD) -> tuple[dict[str, torch.Tensor], dict]:
+        """One hop's forward or backward (``handle``; the hop-by-hop path: Petals-style traces, :meth:`forward`,
+        :meth:`backward`). With
         ``ClientConfig.direct_reply`` its answer is collected like a chain's last hop (:meth:`_chain_call`), read
         over one collect stream per 240 KiB of ``answer_bytes``: on the request's own stream, an answer over a
         fresh stream's 256 KiB window waits a round trip per doubling of the window (a 1.1 MB answer, three).
@@ -421,12 +422,11 @@ class RemoteSequence(PeerHealth):
             streams = self.config.collect_streams if answer_bytes is None else \
                 max(1, min(self.config.collect_streams, -(-answer_bytes // STRIPE_BYTES)))
             try:
-                out, reply = await self._chain_call([hop], tensors, {**meta, "reply_to": self.p2p.peer_id.to_base58()},
-                                                    timeout_s=self.config.request_timeout_s, pull=streams)
-                return out, reply
+                return await self._chain_call([hop], tensors, {**meta, "reply_to": self.p2p.peer_id.to_base58()},
+                                              timeout_s=self.config.request_timeout_s, handle=handle, pull=streams)
             except MailboxFullError as e:
                 logger.info("%s; taking the answer on the request's stream", e)
-        return await call(self.p2p, hop.peer_id, FORWARD, tensors, meta, timeout_s=self.config.request_timeout_s,
+        return await call(self.p2p, hop.peer_id, handle, tensors, meta, timeout_s=self.config.request_timeout_s,
                           **self._call_options)
 
     async def _chain_call(self, hops: list[Hop], tensors: dict, meta: dict, *, timeout_s: float,
@@ -437,7 +437,8 @@ class RemoteSequence(PeerHealth):
         ``ClientConfig.collect_streams``). An error any hop answered comes back on the chain and is
         raised as its own type; the collect stream is then dropped. The collect stream is part of the same round
         trip: its bytes count in :attr:`traffic`, not as a call. A spot check's re-run (``checking``) counts in
-        :attr:`verify_traffic` instead. ``handle``: FORWARD, or INFERENCE for a chained generation step."""
+        :attr:`verify_traffic` instead. ``handle``: FORWARD, INFERENCE for a chained generation step, or BACKWARD
+        for one hop's backward (:meth:`_hop_call`)."""
         options = self._verify_options if checking else self._call_options
         chain = asyncio.ensure_future(call(self.p2p, hops[0].peer_id, handle, tensors, meta, timeout_s=timeout_s,
                                            **options))
@@ -493,10 +494,10 @@ class RemoteSequence(PeerHealth):
                     if rerouted:  # inside the try: a reroute refused or cut off is retried like the call itself
                         grad_in = await self._backward_rerouted(hop, x, grad, extras)
                     else:
-                        out, _ = await call(self.p2p, hop.peer_id, BACKWARD,
-                                            {"inputs": x, "grad_outputs": grad, **extras},
-                                            {"start": hop.start, "end": hop.end},
-                                            timeout_s=self.config.request_timeout_s, **self._call_options)
+                        out, _ = await self._hop_call(hop, {"inputs": x, "grad_outputs": grad, **extras},
+                                                      {"start": hop.start, "end": hop.end,
+                                                       "request_id": secrets.token_hex(8)},
+                                                      answer_bytes=x.numel() * x.element_size(), handle=BACKWARD)
                         grad_in = out["outputs"]
                     break
                 except (PeerUnreachableError, OverloadedError) as e:

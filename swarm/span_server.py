@@ -402,6 +402,7 @@ class SpanServer:
                                          **stats}
 
     async def _backward(self, tensors, meta, client: str, received: int = 0, read_s: float = 0.0):
+        reply_to, request_id = reply_to_of(meta, client), request_id_of(meta)  # swarm.direct_reply, as in _forward
         request = await self._parsed(tensors, meta, client)
         if request.embed:
             raise BadRequestError("Backward through the embedding is not served; send hidden states.")
@@ -418,7 +419,10 @@ class SpanServer:
                                           f"got {grad_outputs.dtype} {tuple(grad_outputs.shape)}.")
                 (grad_inputs,) = torch.autograd.grad(outputs, inputs, grad_outputs)
             return grad_inputs, hook_result(request.hook) if request.hook is not None else None
-        return self._reply(*await self._compute(work, client))
+        reply = self._reply(*await self._compute(work, client))
+        if reply_to is not None:  # the client collects it over as many streams as it opened
+            reply = await self._deliver(reply_to, request_id, reply, client)
+        return reply
 
     async def _inference(self, tensors, meta, client: str, received: int = 0, read_s: float = 0.0):
         session_id = meta.get("session_id")

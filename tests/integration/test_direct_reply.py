@@ -123,9 +123,9 @@ def test_an_answer_too_large_for_the_mailbox_is_refused_typed_and_the_node_keeps
 
 
 def test_hop_by_hop_answers_are_collected_striped_and_equal_the_relayed_ones(smollm2_dir, smollm2_swarm, monkeypatch):
-    """The swarm placement's hop-by-hop forward collects each hop's answer like a chain's last hop: a (4, 48, 576)
-    fp32 answer (432 KiB, over a fresh stream's 256 KiB window) over 2 collect streams, a small one over 1; the
-    hidden states equal the answers taken on the request's stream and the local model's."""
+    """The swarm placement's hop-by-hop forward and backward collect each hop's answer like a chain's last hop: a
+    (4, 48, 576) fp32 answer (432 KiB, over a fresh stream's 256 KiB window) over 2 collect streams, a small one over
+    1; hidden states and gradients equal the answers taken on the request's stream (and the local model's)."""
     import swarm.remote_sequence as remote_sequence
 
     pulls = []
@@ -147,14 +147,18 @@ def test_hop_by_hop_answers_are_collected_striped_and_equal_the_relayed_ones(smo
             ids = torch.randint(3, 1000, (rows, positions))
             with torch.no_grad():
                 want = ref(ids, output_hidden_states=True).hidden_states[-1]
+            grad = torch.randn(rows, positions, 576, generator=torch.Generator().manual_seed(rows))
             for direct, client in clients.items():
                 pulls.clear()
-                out, _ = client.loop.run(client.sequence.forward(client.local(ids, start=0, end=0, embed=True)))
+                out, trail = client.loop.run(client.sequence.forward(client.local(ids, start=0, end=0, embed=True),
+                                                                     keep_hop_inputs=True))
                 assert (ref.model.norm(out) - want).abs().max().item() <= 1e-5
-                got[direct] = (out, list(pulls))
-            assert torch.equal(got[True][0], got[False][0])
-            assert got[False][1] == []  # relayed: answers on the request's stream
-            assert got[True][1] == ([2, 2, 2] if rows == 4 else [1, 1, 1]), got[True][1]  # one per hop
+                grad_in = client.loop.run(client.sequence.backward(trail, grad))  # the backward's answers too
+                got[direct] = (out, grad_in, list(pulls))
+            assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
+            assert got[False][2] == []  # relayed: answers on the request's stream
+            per_hop = 2 if rows == 4 else 1  # one per hop, forward then backward
+            assert got[True][2] == [per_hop] * 6, got[True][2]
     finally:
         for client in clients.values():
             client.close()
