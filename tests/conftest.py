@@ -1,10 +1,17 @@
-"""Fixtures shared by unit and integration tests: tiny random checkpoints and the embedded SmolLM2 checkpoint."""
+"""Fixtures shared by unit and integration tests: tiny random checkpoints and the embedded SmolLM2 checkpoint.
+
+``hypothesis`` is imported here, on the main thread before any test starts a thread: otherwise its pytest plugin
+imports it in the terminal summary of a session that collected no hypothesis test, while our background event-loop
+threads still run, and CPython 3.11's AST recursion-depth bug (python/cpython#106905; pytest's assertion rewriting
+parses the module) failed that import once with ``SystemError: AST constructor recursion depth mismatch``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
 
 from swarm.checkpoint import resolve_checkpoint
