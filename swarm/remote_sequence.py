@@ -412,12 +412,11 @@ class RemoteSequence(PeerHealth):
 
     async def _hop_call(self, hop: Hop, tensors: dict, meta: dict, *, answer_bytes: int | None,
                         handle: str = FORWARD) -> tuple[dict[str, torch.Tensor], dict]:
-        """One hop's forward or backward (``handle``; the hop-by-hop path: Petals-style traces, :meth:`forward`,
-        :meth:`backward`). With
-        ``ClientConfig.direct_reply`` its answer is collected like a chain's last hop (:meth:`_chain_call`), read
-        over one collect stream per 240 KiB of ``answer_bytes``: on the request's own stream, an answer over a
-        fresh stream's 256 KiB window waits a round trip per doubling of the window (a 1.1 MB answer, three).
-        A node that cannot hold the answer in its mailbox answers on the request's stream instead."""
+        """One hop's forward or backward (``handle``) on the hop-by-hop path (Petals-style traces: :meth:`forward`,
+        :meth:`backward`). With ``ClientConfig.direct_reply`` its answer is collected like a chain's last hop
+        (:meth:`_chain_call`), over one collect stream per 240 KiB of ``answer_bytes``: on the request's own stream,
+        an answer over a fresh stream's 256 KiB window waits a round trip per doubling of the window (a 1.1 MB
+        answer, three). A node that cannot hold the answer in its mailbox answers on the request's stream instead."""
         if self.config.direct_reply:
             streams = self.config.collect_streams if answer_bytes is None else \
                 max(1, min(self.config.collect_streams, -(-answer_bytes // STRIPE_BYTES)))
