@@ -23,7 +23,8 @@ def hop(peer: str) -> Hop:
 
 def sequence(monkeypatch, fail: dict, max_retries: int = 3) -> RemoteSequence:
     seq = RemoteSequence(None, None, None, key="k", model_name="m", num_layers=2, checkpoint_hash="h",
-                         config=ClientConfig(max_retries=max_retries, overload_backoff_s=0.0))
+                         config=ClientConfig(max_retries=max_retries, overload_backoff_s=0.0,
+                                             direct_reply=False))  # the fake call answers on the request's stream
 
     async def call(p2p, peer, handle, tensors, meta, **_):
         if fail.get((peer, handle)):
