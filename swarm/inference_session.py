@@ -17,6 +17,11 @@ its own node and retried within ``max_retries`` like the step, never raised past
 the hops that ran it (and the one it failed on) stale: their nodes' caches hold a step the session does not count,
 so the next step rebuilds them from their history first (exact, never a silently shifted cache).
 
+A hop's opening step (the prompt, or a replayed history: an answer of many positions) is collected over striped
+streams like a chain's answer (:meth:`RemoteSequence.hop_call`, ``ClientConfig.direct_reply``); a node that cannot
+hold that answer in its mailbox closes the session, and the same opening step is sent again on one stream, reopening
+it. One-token steps answer on the request's stream.
+
 Spot checks (``ClientConfig.verify``): a drawn step of a hop is recomputed statelessly on another route (the hop's
 history and the step in one forward) and compared (:func:`swarm.verification.spot_check_step`). A node outvoted
 there is replaced like a dead one when all its earlier steps were checked; otherwise ResultMismatchError (its
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -193,9 +199,17 @@ class InferenceSession:
             meta["chunks"] = chunks
         if not state.opened:
             meta["open"] = {"max_length": self.max_length, "batch_size": self.batch_size}
-        out, reply = await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {"inputs": x, **extras}, meta,
-                                timeout_s=self.sequence.config.step_timeout_s, traffic=self.sequence.traffic,
-                                liveness_s=self.sequence.config.liveness_s)
+        if not state.opened and self.sequence.config.direct_reply:
+            # the prompt (or a replayed history): a large answer, collected striped (RemoteSequence.hop_call)
+            meta["request_id"] = secrets.token_hex(8)
+            out, reply = await self.sequence.hop_call(
+                state.hop, {"inputs": x, **extras}, meta, handle=INFERENCE,
+                answer_bytes=self.sequence.answer_bytes_of(x, state.embed, state.head),
+                timeout_s=self.sequence.config.step_timeout_s)
+        else:  # one new token's step: a small answer, on the request's stream
+            out, reply = await call(self.sequence.p2p, state.hop.peer_id, INFERENCE, {"inputs": x, **extras}, meta,
+                                    timeout_s=self.sequence.config.step_timeout_s, traffic=self.sequence.traffic,
+                                    liveness_s=self.sequence.config.liveness_s)
         state.opened = True
         for peer, seconds in (reply.get("compute_s") or {}).items():
             self.compute_s[peer] = self.compute_s.get(peer, 0.0) + float(seconds)

@@ -281,10 +281,10 @@ class RemoteSequence(PeerHealth):
             t0 = time.perf_counter()
             try:
                 request_id = secrets.token_hex(8)
-                out, reply = await self._hop_call(hop, {"inputs": x, **extras},
+                out, reply = await self.hop_call(hop, {"inputs": x, **extras},
                                                   {"start": hop.start, "end": hop.end, "embed": first, "head": last,
                                                    "request_id": request_id},
-                                                  answer_bytes=self._answer_bytes(x, first, last))
+                                                  answer_bytes=self.answer_bytes_of(x, first, last))
                 self.record_commitments(reply, request_id)
             except (PeerUnreachableError, OverloadedError, BadRequestError) as e:
                 retries += 1
@@ -402,7 +402,7 @@ class RemoteSequence(PeerHealth):
             return out["outputs"], hook_result(out), hops, reply
         raise AssertionError("unreachable")
 
-    def _answer_bytes(self, x: torch.Tensor, embed: bool, head: bool) -> int | None:
+    def answer_bytes_of(self, x: torch.Tensor, embed: bool, head: bool) -> int | None:
         """About how many bytes a hop's answer to ``x`` has (None where unknown here: the head's logits)."""
         if head:
             return None
@@ -410,23 +410,26 @@ class RemoteSequence(PeerHealth):
             return x.numel() * self.hidden_size * 4 if self.hidden_size else None
         return x.numel() * x.element_size()
 
-    async def _hop_call(self, hop: Hop, tensors: dict, meta: dict, *, answer_bytes: int | None,
-                        handle: str = FORWARD) -> tuple[dict[str, torch.Tensor], dict]:
-        """One hop's forward or backward (``handle``) on the hop-by-hop path (Petals-style traces: :meth:`forward`,
-        :meth:`backward`). With ``ClientConfig.direct_reply`` its answer is collected like a chain's last hop
-        (:meth:`_chain_call`), over one collect stream per 240 KiB of ``answer_bytes``: on the request's own stream,
-        an answer over a fresh stream's 256 KiB window waits a round trip per doubling of the window (a 1.1 MB
-        answer, three). A node that cannot hold the answer in its mailbox answers on the request's stream instead."""
+    async def hop_call(self, hop: Hop, tensors: dict, meta: dict, *, answer_bytes: int | None,
+                        handle: str = FORWARD, timeout_s: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """One hop's forward, backward or opening inference step (``handle``) on the hop-by-hop path (Petals-style
+        traces and generation: :meth:`forward`, :meth:`backward`, :class:`~swarm.inference_session.InferenceSession`).
+        With ``ClientConfig.direct_reply`` its answer is collected like a chain's last hop (:meth:`_chain_call`),
+        over one collect stream per 240 KiB of ``answer_bytes``: on the request's own stream, an answer over a
+        fresh stream's 256 KiB window waits a round trip per doubling of the window (a 1.1 MB answer, three).
+        A node that cannot hold the answer in its mailbox answers the same request again on the request's stream (it
+        closed an inference session whose answer it could not hold: only an opening step, which reopens it, may
+        come here). ``timeout_s``: default ``ClientConfig.request_timeout_s``."""
+        timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
         if self.config.direct_reply:
             streams = self.config.collect_streams if answer_bytes is None else \
                 max(1, min(self.config.collect_streams, -(-answer_bytes // STRIPE_BYTES)))
             try:
                 return await self._chain_call([hop], tensors, {**meta, "reply_to": self.p2p.peer_id.to_base58()},
-                                              timeout_s=self.config.request_timeout_s, handle=handle, pull=streams)
+                                              timeout_s=timeout_s, handle=handle, pull=streams)
             except MailboxFullError as e:
                 logger.info("%s; taking the answer on the request's stream", e)
-        return await call(self.p2p, hop.peer_id, handle, tensors, meta, timeout_s=self.config.request_timeout_s,
-                          **self._call_options)
+        return await call(self.p2p, hop.peer_id, handle, tensors, meta, timeout_s=timeout_s, **self._call_options)
 
     async def _chain_call(self, hops: list[Hop], tensors: dict, meta: dict, *, timeout_s: float,
                           checking: bool = False, handle: str = FORWARD,
@@ -437,7 +440,7 @@ class RemoteSequence(PeerHealth):
         raised as its own type; the collect stream is then dropped. The collect stream is part of the same round
         trip: its bytes count in :attr:`traffic`, not as a call. A spot check's re-run (``checking``) counts in
         :attr:`verify_traffic` instead. ``handle``: FORWARD, INFERENCE for a chained generation step, or BACKWARD
-        for one hop's backward (:meth:`_hop_call`)."""
+        for one hop's backward (:meth:`hop_call`)."""
         options = self._verify_options if checking else self._call_options
         chain = asyncio.ensure_future(call(self.p2p, hops[0].peer_id, handle, tensors, meta, timeout_s=timeout_s,
                                            **options))
@@ -493,7 +496,7 @@ class RemoteSequence(PeerHealth):
                     if rerouted:  # inside the try: a reroute refused or cut off is retried like the call itself
                         grad_in = await self._backward_rerouted(hop, x, grad, extras)
                     else:
-                        out, _ = await self._hop_call(hop, {"inputs": x, "grad_outputs": grad, **extras},
+                        out, _ = await self.hop_call(hop, {"inputs": x, "grad_outputs": grad, **extras},
                                                       {"start": hop.start, "end": hop.end,
                                                        "request_id": secrets.token_hex(8)},
                                                       answer_bytes=x.numel() * x.element_size(), handle=BACKWARD)

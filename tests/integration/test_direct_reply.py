@@ -118,6 +118,19 @@ def test_an_answer_too_large_for_the_mailbox_is_refused_typed_and_the_node_keeps
         want = ref(big, output_hidden_states=True).hidden_states[-1]
     out, _ = client.loop.run(seq.forward(client.local(big, start=0, end=0, embed=True)))
     assert (ref.model.norm(out) - want).abs().max().item() <= 1e-5
+    # and a hop-by-hop session's opening step: the node closed the session it could not answer; it is reopened
+    from swarm.inference_session import InferenceSession
+    session = client.loop.run(InferenceSession.create(seq, batch_size=4, max_length=64))
+    try:
+        first = client.loop.run(session.step(client.local(big, start=0, end=0, embed=True)))
+        token = torch.randint(3, 128, (4, 1))
+        second = client.loop.run(session.step(client.local(token, start=0, end=0, embed=True)))
+    finally:
+        client.loop.run(session.close())
+    with torch.no_grad():
+        want = ref(torch.cat([big, token], 1), output_hidden_states=True).hidden_states[-1]
+    assert (ref.model.norm(first) - want[:, :32]).abs().max().item() <= 1e-5
+    assert (ref.model.norm(second) - want[:, 32:]).abs().max().item() <= 1e-5
     _, info = client.loop.run(ping(seq.p2p, route[-1].peer_id))
     assert info["mailbox_bytes"] == 0
 
@@ -159,6 +172,47 @@ def test_hop_by_hop_answers_are_collected_striped_and_equal_the_relayed_ones(smo
             assert got[False][2] == []  # relayed: answers on the request's stream
             per_hop = 2 if rows == 4 else 1  # one per hop, forward then backward
             assert got[True][2] == [per_hop] * 6, got[True][2]
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def test_a_hop_by_hop_sessions_opening_step_is_collected_striped(smollm2_dir, smollm2_swarm, monkeypatch):
+    """Hop-by-hop generation (swarm.inference_session, the swarm placement's lm.generate): the opening step (the
+    prompt's hidden states, (4, 48, 576) fp32 = 432 KiB) is collected over 2 streams per hop; the one-token steps
+    after it answer on the request's stream. Outputs equal the relayed session's bit for bit."""
+    import swarm.remote_sequence as remote_sequence
+    from swarm.inference_session import InferenceSession
+
+    pulls = []
+    real_call = remote_sequence.call
+
+    async def recording_call(p2p, peer_id, handle, tensors, meta, **kw):
+        if handle == remote_sequence.COLLECT:
+            pulls.append(kw.get("pull", 1))
+        return await real_call(p2p, peer_id, handle, tensors, meta, **kw)
+
+    monkeypatch.setattr(remote_sequence, "call", recording_call)
+    clients = {direct: SwarmModel.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers,
+                                                  client_config=ClientConfig(direct_reply=direct, verify=0.0))
+               for direct in (True, False)}
+    try:
+        ids = torch.randint(3, 1000, (4, 48))
+        got = {}
+        for direct, client in clients.items():
+            pulls.clear()
+            hidden = client.local(ids, start=0, end=0, embed=True)
+            session = client.loop.run(InferenceSession.create(client.sequence, batch_size=4, max_length=64))
+            try:
+                first = client.loop.run(session.step(hidden))
+                opening = list(pulls)
+                second = client.loop.run(session.step(hidden[:, -1:]))
+            finally:
+                client.loop.run(session.close())
+            got[direct] = (first, second, opening, list(pulls))
+        assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
+        assert got[True][2] == [2, 2, 2] and got[True][3] == [2, 2, 2], got[True][2:]  # the opening step only
+        assert got[False][3] == []
     finally:
         for client in clients.values():
             client.close()

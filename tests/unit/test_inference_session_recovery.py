@@ -53,7 +53,9 @@ class FakeSwarm:
     def sequence(self, max_retries: int = 3):
         async def no_wait(*_):
             pass
-        return SimpleNamespace(config=ClientConfig(max_retries=max_retries, verify=0.0), stats=RouteStats(),
+        # the fake call answers on the request's stream: no collected answers (direct_reply)
+        return SimpleNamespace(config=ClientConfig(max_retries=max_retries, verify=0.0, direct_reply=False),
+                               stats=RouteStats(),
                                traffic=None, p2p=None, num_layers=4, route=self.route, mark_busy=self.busy.add,
                                note_failure=lambda peer, e: self.excluded.add(peer), overload_backoff=no_wait,
                                excluded=lambda: set(self.excluded))
