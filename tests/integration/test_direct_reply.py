@@ -135,21 +135,27 @@ def test_an_answer_too_large_for_the_mailbox_is_refused_typed_and_the_node_keeps
     assert info["mailbox_bytes"] == 0
 
 
-def test_hop_by_hop_answers_are_collected_striped_and_equal_the_relayed_ones(smollm2_dir, smollm2_swarm, monkeypatch):
-    """The swarm placement's hop-by-hop forward and backward collect each hop's answer like a chain's last hop: a
-    (4, 48, 576) fp32 answer (432 KiB, over a fresh stream's 256 KiB window) over 2 collect streams, a small one over
-    1; hidden states and gradients equal the answers taken on the request's stream (and the local model's)."""
+@pytest.fixture
+def pulls(monkeypatch) -> list[int]:
+    """The stream count of every collect call the client makes (``pull``), in order."""
     import swarm.remote_sequence as remote_sequence
 
-    pulls = []
+    made: list[int] = []
     real_call = remote_sequence.call
 
     async def recording_call(p2p, peer_id, handle, tensors, meta, **kw):
         if handle == remote_sequence.COLLECT:
-            pulls.append(kw.get("pull", 1))
+            made.append(kw.get("pull", 1))
         return await real_call(p2p, peer_id, handle, tensors, meta, **kw)
 
     monkeypatch.setattr(remote_sequence, "call", recording_call)
+    return made
+
+
+def test_hop_by_hop_answers_are_collected_striped_and_equal_the_relayed_ones(smollm2_dir, smollm2_swarm, pulls):
+    """The swarm placement's hop-by-hop forward and backward collect each hop's answer like a chain's last hop: a
+    (4, 48, 576) fp32 answer (432 KiB, over a fresh stream's 256 KiB window) over 2 collect streams, a small one over
+    1; hidden states and gradients equal the answers taken on the request's stream (and the local model's)."""
     ref = local_model(smollm2_dir)
     clients = {direct: SwarmModel.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers,
                                                   client_config=ClientConfig(direct_reply=direct, verify=0.0))
@@ -177,22 +183,12 @@ def test_hop_by_hop_answers_are_collected_striped_and_equal_the_relayed_ones(smo
             client.close()
 
 
-def test_a_hop_by_hop_sessions_opening_step_is_collected_striped(smollm2_dir, smollm2_swarm, monkeypatch):
+def test_a_hop_by_hop_sessions_opening_step_is_collected_striped(smollm2_dir, smollm2_swarm, pulls):
     """Hop-by-hop generation (swarm.inference_session, the swarm placement's lm.generate): the opening step (the
     prompt's hidden states, (4, 48, 576) fp32 = 432 KiB) is collected over 2 streams per hop; the one-token steps
     after it answer on the request's stream. Outputs equal the relayed session's bit for bit."""
-    import swarm.remote_sequence as remote_sequence
     from swarm.inference_session import InferenceSession
 
-    pulls = []
-    real_call = remote_sequence.call
-
-    async def recording_call(p2p, peer_id, handle, tensors, meta, **kw):
-        if handle == remote_sequence.COLLECT:
-            pulls.append(kw.get("pull", 1))
-        return await real_call(p2p, peer_id, handle, tensors, meta, **kw)
-
-    monkeypatch.setattr(remote_sequence, "call", recording_call)
     clients = {direct: SwarmModel.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers,
                                                   client_config=ClientConfig(direct_reply=direct, verify=0.0))
                for direct in (True, False)}
