@@ -245,8 +245,8 @@ class SwarmRunner:
             values = head_interp.finish()
         saves = {k: v for k, v in values.items() if graph.nodes[k].save}
         stats = TraceStats("hybrid", head_on="node" if remote_head else "client", node_bytes=int(reply.get("node_bytes", 0)),
-                           compute_s=dict(reply.get("compute_s", {})), read_s=dict(reply.get("read_s", {})), route=[e.name for e in plan.executors],
-                           commitments=list(reply.get("commitments", [])),
+                           compute_s=dict(reply.get("compute_s", {})), read_s=dict(reply.get("read_s", {})),
+                           route=[e.name for e in plan.executors], commitments=list(reply.get("commitments", [])),
                            head_positions="last" if trims_head(plan, input_ids) else "all")
         return saves, stats
 
