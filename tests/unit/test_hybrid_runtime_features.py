@@ -129,6 +129,37 @@ def test_backward_blocks_do_not_nest(tiny):
                     pass
 
 
+def test_the_tracer_runs_a_module_on_fakes_once_per_input_shape(tiny):
+    """While tracing, the lens's ``lm_head(norm(h_k[:, -1]))`` of every layer runs the skeleton's ``norm`` and
+    ``lm_head`` on fakes once (a module's output shape follows from its inputs'); a call on another input shape runs
+    them again, and every traced value keeps its own shape. The values are the interpreter's, unchanged."""
+    _, lm = tiny
+    calls = {"model.norm": 0, "lm_head": 0}
+    handles = [lm.skeleton.module(p).register_forward_hook(lambda m, a, o, p=p: calls.__setitem__(p, calls[p] + 1))
+               for p in calls]
+    try:
+        baseline = {}
+        for _ in range(2):  # a trace calling no module: what the skeleton's own shape pass calls (the first may fill
+            before = dict(calls)  # its cache), so that only the lens trace's own module calls are counted below
+            with lm.trace(IDS):
+                lm.model.layers[3].output.save()
+            baseline = {p: calls[p] - before[p] for p in calls}
+        before = dict(calls)
+        with lm.trace(IDS):
+            lens = [lm.lm_head(lm.model.norm(lm.model.layers[k].output[:, -1])) for k in range(4)]
+            full = lm.lm_head(lm.model.norm(lm.model.layers[3].output))  # (B, T, D): another shape
+            shapes = [tuple(x.shape) for x in (*lens, full)]
+            saved = [x.save() for x in (*lens, full)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {p: calls[p] - before[p] - baseline[p] for p in calls} == {"model.norm": 2, "lm_head": 2}
+    (b, t), v = IDS.shape, lm.config.vocab_size
+    assert shapes == [(b, v)] * 4 + [(b, t, v)]
+    assert [tuple(x.shape) for x in saved] == shapes
+    assert (saved[3] - saved[4][:, -1]).abs().max().item() <= 1e-5  # layer 3's lens, both ways (other GEMM shapes)
+
+
 def test_logit_lens_on_a_later_executor_calls_norm_and_head_once_with_per_layer_values(tiny):
     """The lens pattern: ``lm_head(norm(h_k))`` of every layer runs as one batched norm call and one batched head call
     on the executor holding the head, both for the layers carried there and for the layers it runs itself (their calls
